@@ -1,0 +1,260 @@
+"""The ``advguard`` command line: parse, build a config, call the library, render.
+
+Every user-facing error (bad images, unknown names, missing data, corrupt checkpoints) is printed
+as one ``error: …`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from advguard.errors import AdvguardError, InputError
+
+app = typer.Typer(help="Harden image classifiers against adversarial examples.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+reproduce_app = typer.Typer(help="Reproduce a paper's experiment end to end.",
+                            no_args_is_help=True)
+app.add_typer(reproduce_app, name="reproduce")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+DataDir = Annotated[str | None, typer.Option(help="Folder holding the dataset (MNIST: optional, "
+                                                  "a copy ships with advguard).")]
+
+
+def parse_strengths(text: str | None) -> list[float] | None:
+    """``"0.1,0.2"`` or ``"1/255,3/255"`` -> floats; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        return [float(Fraction(t.strip())) for t in text.split(",") if t.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
+                         "0.1,0.2,0.3 or 1/255,3/255") from None
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, console=None)], force=True)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+@reproduce_app.command("mat")
+def reproduce_mat(
+    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, cifar100, svhn")]
+    = "mnist",
+    setting: Annotated[str, typer.Option(help="transfer (the paper's) or white-box")]
+    = "transfer",
+    strengths: Annotated[str | None, typer.Option(help="MAT strengths, e.g. 0.1,0.2,0.3")] = None,
+    single_strength: Annotated[float | None, typer.Option(help="single-strength ε "
+                                                               "(default: median of MAT's)")]
+    = None,
+    grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's grid)")]
+    = None,
+    mixed_size: Annotated[str, typer.Option(help="full or reduced")] = "full",
+    epochs: int = 10,
+    crafter_epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    val_size: int = 5000,
+    train_limit: Annotated[int | None, typer.Option(help="first N training images only")] = None,
+    test_limit: Annotated[int | None, typer.Option(help="first N test images only")] = None,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    download: bool = False,
+    out: Annotated[Path | None, typer.Option(help="run directory (resumes if it exists)")]
+    = None,
+    quiet: Quiet = False,
+) -> None:
+    """Multi-strength adversarial training (MAT): original, single, mixed and parallel MAT,
+    their robustness curves and the paper's Table 1."""
+    from advguard.reproduce import MatConfig, run_mat
+
+    _setup_logging(quiet)
+    config = MatConfig(
+        dataset=dataset, setting=setting, strengths=parse_strengths(strengths),
+        single_strength=single_strength, grid=parse_strengths(grid), mixed_size=mixed_size,
+        epochs=epochs, crafter_epochs=crafter_epochs, batch_size=batch_size, lr=lr,
+        val_size=val_size, train_limit=train_limit, test_limit=test_limit, pgd_steps=pgd_steps,
+        pgd_restarts=pgd_restarts, seed=seed, device=device, data_dir=data_dir,
+        download=download)
+    out = out or Path("runs") / f"mat-{dataset}-{setting}"
+    run_mat(config, out, progress=not quiet)
+    typer.echo((out / "table.md").read_text(encoding="utf-8"))
+    typer.echo(f"run directory: {out}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Argument(help="where to write the model (.safetensors)")],
+    dataset: str = "mnist",
+    model: Annotated[str | None, typer.Option(help="architecture (default: the paper's victim)")]
+    = None,
+    strengths: Annotated[str | None, typer.Option(help="FGSM strengths mixed into each batch; "
+                                                       "none: clean training")] = None,
+    reduced: Annotated[bool, typer.Option(help="mixed MAT, reduced size")] = False,
+    crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
+                                                      "(default: white-box, online)")] = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    train_limit: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train one model: clean, single-strength or mixed MAT (transfer or white-box)."""
+    import torch
+
+    from advguard.attacks import fgsm_directions
+    from advguard.data import load_dataset
+    from advguard.models import build_model, load_model, model_for, save_model
+    from advguard.training import (
+        StrengthMix,
+        TrainConfig,
+        TransferDirections,
+        accuracy,
+    )
+    from advguard.training import train as train_model
+
+    _setup_logging(quiet)
+    data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
+    arch = model or model_for(dataset, "victim")
+    eps = tuple(parse_strengths(strengths) or ())
+    directions = None
+    if crafter is not None and eps:
+        crafting_model, _ = load_model(crafter)
+        directions = TransferDirections(fgsm_directions(crafting_model, data.x, data.y,
+                                                        device=device, progress=not quiet))
+    torch.manual_seed(seed)
+    net = build_model(arch, data.info)
+    result = train_model(net, data, StrengthMix(eps, reduced=reduced), directions,
+                         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                     device=device),
+                         state_path=out.with_suffix(".state.pt"), progress=not quiet)
+    test = load_dataset(dataset, "test", data_dir=data_dir)
+    acc = accuracy(net, test.x, test.y, device=device)
+    save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
+               train_seconds=result.seconds, history=result.history, test_accuracy=acc)
+    out.with_suffix(".state.pt").unlink(missing_ok=True)
+    typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    attack: Annotated[str, typer.Option(help="white-box-fgsm, white-box-pgd or transfer-fgsm")]
+    = "white-box-fgsm",
+    crafter: Annotated[Path | None, typer.Option(help="crafting model (transfer-fgsm)")] = None,
+    grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's)")]
+    = None,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    test_limit: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="write the curve as JSON here")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Accuracy vs. strength of a saved model under one attack."""
+    from advguard.attacks import PGD, fgsm_directions
+    from advguard.data import load_dataset
+    from advguard.evaluation import ThreatSetting, curve_from_directions, grid_mean, pgd_curve
+    from advguard.io import write_json
+    from advguard.reproduce import DEFAULTS
+
+    _setup_logging(quiet)
+    model, meta = _load_any(checkpoint)
+    try:
+        threat = ThreatSetting(attack)
+    except ValueError:
+        raise InputError(f"unknown attack {attack!r}; choose one of: "
+                         + ", ".join(t.value for t in ThreatSetting)) from None
+    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    strengths = parse_strengths(grid) or DEFAULTS[test.info.name]["grid"]
+    kw = {"device": device, "progress": not quiet}
+    if threat is ThreatSetting.WHITE_BOX_PGD:
+        curve = pgd_curve(model, test.x, test.y, strengths,
+                          PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed), **kw)
+    else:
+        source = model
+        if threat is ThreatSetting.TRANSFER_FGSM:
+            if crafter is None:
+                raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
+            source = _load_any(crafter)[0]
+        directions = fgsm_directions(source, test.x, test.y, **kw)
+        curve = curve_from_directions(model, test.x, test.y, directions, strengths, **kw)
+    result = {"checkpoint": str(checkpoint), "dataset": test.info.name, "attack": threat.value,
+              "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
+    if out is not None:
+        write_json(out, result)
+    for eps, acc in zip(strengths, curve, strict=True):
+        typer.echo(f"eps={eps:.4g}\taccuracy={acc:.4f}")
+    typer.echo(f"grid mean ({threat.value}): {result['mean']:.4f}")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    images: Annotated[Path, typer.Argument(help=".npy array (N, C, H, W) float in [0, 1]")],
+) -> None:
+    """Classify images stored as a NumPy array."""
+    import numpy as np
+    import torch
+
+    from advguard.data import check_images
+
+    model, meta = _load_any(checkpoint)
+    if not images.is_file():
+        raise InputError(f"image file not found: {images}")
+    try:
+        array = np.load(images, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot read {images} as a .npy array: {exc}") from None
+    x = torch.from_numpy(np.array(array))
+    from advguard.data import dataset_info
+
+    info = dataset_info(meta["dataset"])
+    check_images(x, channels=info.channels, size=info.size)
+    with torch.no_grad():
+        pred = model(x.float()).argmax(1)
+    for i, c in enumerate(pred.tolist()):
+        typer.echo(f"{i}\t{c}")
+
+
+def _load_any(path: Path):  # type: ignore[no-untyped-def]
+    from advguard.ensemble import load_ensemble
+    from advguard.io import load_tensors
+    from advguard.models import load_model
+
+    meta = load_tensors(path)[1]
+    return load_ensemble(path) if "members" in meta else load_model(path)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning advguard errors into one line."""
+    try:
+        app()
+    except AdvguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished stages are saved; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Validation of images and labels at the API boundary (SPEC conventions: float NCHW in [0, 1])."""
+
+from __future__ import annotations
+
+import torch
+
+from advguard.errors import InputError
+
+
+def check_images(x: torch.Tensor, *, channels: int | None = None,
+                 size: tuple[int, int] | None = None, name: str = "images") -> None:
+    """Raise :class:`InputError` unless ``x`` is a float tensor ``(N, C, H, W)`` in [0, 1].
+
+    ``channels`` and ``size`` (H, W), when given, must match too.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be floating point in [0, 1], got dtype {x.dtype} "
+                         "(convert uint8 images with x.float() / 255)")
+    if x.ndim != 4:
+        raise InputError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise InputError(f"{name} have {x.shape[1]} channels, the model expects {channels} "
+                         f"(shape {tuple(x.shape)})")
+    if size is not None and tuple(x.shape[2:]) != tuple(size):
+        raise InputError(f"{name} are {x.shape[2]}x{x.shape[3]}, the model expects "
+                         f"{size[0]}x{size[1]} (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise InputError(f"{name} are empty (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                         "(advguard expects un-normalised pixels; normalisation is in the model)")
+
+
+def check_labels(y: torch.Tensor, n: int, num_classes: int | None = None) -> None:
+    """Raise :class:`InputError` unless ``y`` is an integer tensor ``(n,)`` of valid classes."""
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise InputError(f"labels must be an integer tensor, got "
+                         f"{getattr(y, 'dtype', type(y).__name__)}")
+    if tuple(y.shape) != (n,):
+        raise InputError(f"labels must have shape ({n},) to match the images, got {tuple(y.shape)}")
+    if num_classes is not None and n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(f"labels must lie in [0, {num_classes - 1}], "
+                         f"got [{int(y.min())}, {int(y.max())}]")

@@ -1,0 +1,80 @@
+"""Robustness curves: accuracy under an attack at every strength of a grid (SPEC A6).
+
+Three threat settings, named as reports name them:
+
+* ``transfer-fgsm`` — FGSM directions crafted on a separate crafting model (the paper's setting);
+* ``white-box-fgsm`` — FGSM on the evaluated model itself (for an ensemble: the whole ensemble);
+* ``white-box-pgd`` — L∞ PGD with random start on the evaluated model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from advguard.attacks import PGD, check_strengths, eval_mode, fgsm_directions, perturb
+
+
+class ThreatSetting(str, Enum):
+    TRANSFER_FGSM = "transfer-fgsm"
+    WHITE_BOX_FGSM = "white-box-fgsm"
+    WHITE_BOX_PGD = "white-box-pgd"
+
+
+def strength_grid(stop: float, step: float, start: float = 0.0) -> list[float]:
+    """``start, start + step, …, stop`` with float noise rounded off (e.g. 0, 0.03, …, 0.3)."""
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 10) for i in range(n + 1)]
+
+
+def grid_mean(curve: Sequence[float]) -> float:
+    """The mean accuracy over the grid (the paper's Table 1 number)."""
+    return float(sum(curve) / len(curve))
+
+
+@torch.no_grad()
+def curve_from_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          directions: torch.Tensor, grid: Sequence[float], *,
+                          batch_size: int = 1000, device: str | torch.device = "cpu",
+                          progress: bool = False, desc: str = "curve") -> list[float]:
+    """Accuracy of ``model`` on ``perturb(x, directions, eps)`` for every ``eps`` of ``grid``."""
+    grid = check_strengths(grid)
+    correct = torch.zeros(len(grid), dtype=torch.float64)
+    with eval_mode(model):
+        for s in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+            xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+            db = directions[s:s + batch_size].to(device)
+            for j, eps in enumerate(grid):
+                correct[j] += (model(perturb(xb, db, eps)).argmax(1) == yb).sum().cpu()
+    return (correct / len(x)).tolist()
+
+
+def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float], *,
+               crafter: nn.Module | None = None, batch_size: int = 1000,
+               device: str | torch.device = "cpu", progress: bool = False) -> list[float]:
+    """FGSM curve: white-box (directions from ``model``) or transfer (from ``crafter``)."""
+    source = model if crafter is None else crafter
+    d = fgsm_directions(source, x, y, batch_size=batch_size, device=device, progress=progress)
+    return curve_from_directions(model, x, y, d, grid, batch_size=batch_size, device=device,
+                                 progress=progress)
+
+
+def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float],
+              attack: PGD = PGD(), *, batch_size: int = 1000,
+              device: str | torch.device = "cpu", progress: bool = False,
+              desc: str = "PGD") -> list[float]:
+    """Accuracy under white-box ``attack`` (one PGD run per strength) for every ``eps``."""
+    grid = check_strengths(grid)
+    correct = torch.zeros(len(grid), dtype=torch.float64)
+    model.to(device)
+    steps = [(j, s) for j in range(len(grid)) for s in range(0, len(x), batch_size)]
+    for j, s in tqdm(steps, desc=desc, disable=not progress, leave=False):
+        xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+        adv = attack.run(model, xb, yb, grid[j])
+        with torch.no_grad(), eval_mode(model):
+            correct[j] += (model(adv).argmax(1) == yb).sum().cpu()
+    return (correct / len(x)).tolist()

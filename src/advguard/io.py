@@ -1,0 +1,99 @@
+"""One way to write results and checkpoints: atomically, so a crash never leaves half a file.
+
+Model weights are stored as safetensors (loading executes no code); training state that holds
+optimizer moments is stored with ``torch.save`` and read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from advguard.errors import CheckpointError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt JSON file {path}: {exc.msg} (line {exc.lineno})") from None
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save tensors as safetensors; ``metadata`` values are stored JSON-encoded."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_tensors`: ``(tensors, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0]}"
+        ) from None
+    return tensors, meta
+
+
+def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Save a training state (model/optimizer state dicts, counters) for resuming."""
+    return atomic_write(path, lambda p: torch.save(dict(state), p))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Load a training state without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated zip files
+        raise CheckpointError(
+            f"corrupt or truncated training state {path}: {str(exc).splitlines()[0]}"
+        ) from None

@@ -1,0 +1,129 @@
+"""The papers' architectures (SPEC A2), each a plain ``nn.Sequential`` behind an input layer.
+
+Every model starts with :class:`InputNorm`, which checks the input's shape and channel count and
+applies the dataset's mean/std, so that callers always pass pixels in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from advguard.data import DatasetInfo, dataset_info
+from advguard.errors import InputError
+
+
+class InputNorm(nn.Module):
+    """Check ``(N, C, H, W)`` against the expected shape, then normalise per channel."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        super().__init__()
+        self.channels = info.channels
+        self.size = tuple(info.size)
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(info.std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels or tuple(x.shape[2:]) != self.size:
+            raise InputError(
+                f"model expects images of shape (N, {self.channels}, {self.size[0]}, "
+                f"{self.size[1]}), got {tuple(x.shape)}")
+        return (x - self.mean) / self.std
+
+
+def _conv_blocks(channels: list[int], bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+        layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
+        if bn:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    return layers
+
+
+def lenet5(info: DatasetInfo) -> nn.Sequential:
+    """LeNet-5 (LeCun et al. 1998): the MNIST crafting model. 2 conv + 3 FC."""
+    h, w = info.size
+    flat = 16 * ((h // 2 - 4) // 2) * ((w // 2 - 4) // 2)
+    return nn.Sequential(
+        InputNorm(info),
+        nn.Conv2d(info.channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120), nn.ReLU(inplace=True),
+        nn.Linear(120, 84), nn.ReLU(inplace=True),
+        nn.Linear(84, info.num_classes),
+    )
+
+
+def mlp3(info: DatasetInfo, hidden: int = 512) -> nn.Sequential:
+    """3-layer MLP (two hidden ReLU layers + output): the MNIST victim."""
+    d = info.channels * info.size[0] * info.size[1]
+    return nn.Sequential(
+        InputNorm(info), nn.Flatten(),
+        nn.Linear(d, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, info.num_classes),
+    )
+
+
+def cifar_crafter(info: DatasetInfo) -> nn.Sequential:
+    """CIFAR/SVHN crafting CNN: 3 × (conv + BN + max-pool) and 2 FC layers."""
+    h, w = info.size
+    return nn.Sequential(
+        InputNorm(info), *_conv_blocks([info.channels, 64, 128, 256], bn=True), nn.Flatten(),
+        nn.Linear(256 * (h // 8) * (w // 8), 256), nn.ReLU(inplace=True),
+        nn.Linear(256, info.num_classes),
+    )
+
+
+def cifar_victim(info: DatasetInfo) -> nn.Sequential:
+    """CIFAR victim CNN: 3 conv, 3 pool, 1 FC ("inner product") layer."""
+    h, w = info.size
+    return nn.Sequential(
+        InputNorm(info), *_conv_blocks([info.channels, 32, 64, 128], bn=False), nn.Flatten(),
+        nn.Linear(128 * (h // 8) * (w // 8), info.num_classes),
+    )
+
+
+def svhn_victim(info: DatasetInfo) -> nn.Sequential:
+    """SVHN victim CNN: 3 conv, 3 pool, 2 FC layers."""
+    h, w = info.size
+    return nn.Sequential(
+        InputNorm(info), *_conv_blocks([info.channels, 32, 64, 128], bn=False), nn.Flatten(),
+        nn.Linear(128 * (h // 8) * (w // 8), 256), nn.ReLU(inplace=True),
+        nn.Linear(256, info.num_classes),
+    )
+
+
+MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
+    "lenet5": lenet5,
+    "mlp3": mlp3,
+    "cifar-crafter": cifar_crafter,
+    "cifar-victim": cifar_victim,
+    "svhn-victim": svhn_victim,
+}
+
+# SPEC A2: which architecture plays which role on each dataset.
+ROLES: dict[str, dict[str, str]] = {
+    "mnist": {"crafter": "lenet5", "victim": "mlp3"},
+    "fashion-mnist": {"crafter": "lenet5", "victim": "mlp3"},
+    "cifar10": {"crafter": "cifar-crafter", "victim": "cifar-victim"},
+    "cifar100": {"crafter": "cifar-crafter", "victim": "cifar-victim"},
+    "svhn": {"crafter": "cifar-crafter", "victim": "svhn-victim"},
+}
+
+
+def build_model(name: str, dataset: str | DatasetInfo) -> nn.Sequential:
+    """Build architecture ``name`` for ``dataset`` (name or :class:`DatasetInfo`)."""
+    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
+    if name not in MODELS:
+        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](info)
+
+
+def model_for(dataset: str, role: str) -> str:
+    """The architecture name playing ``role`` ('crafter' or 'victim') on ``dataset``."""
+    return ROLES[dataset_info(dataset).name][role]

@@ -1,0 +1,15 @@
+"""Results as dataclasses, written as JSON, CSV, figures and Markdown tables."""
+
+from advguard.reports.mat import (
+    METHODS,
+    PAPER_TABLE1,
+    MatResults,
+    MethodResult,
+    curves_csv,
+    plot_curves,
+    table_markdown,
+    write_report,
+)
+
+__all__ = ["METHODS", "PAPER_TABLE1", "MatResults", "MethodResult", "curves_csv", "plot_curves",
+           "table_markdown", "write_report"]

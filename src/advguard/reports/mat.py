@@ -1,0 +1,145 @@
+"""MAT results: a dataclass -> ``results.json`` -> ``curves.csv``, ``curves.png``, ``table.md``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advguard.io import atomic_write, read_json, write_json, write_text
+
+METHODS = ("original", "single", "mixed", "parallel")
+
+# The paper's Table 1 (average test accuracy over the strength grid, its transfer setting), %.
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "cifar10": {"original": 53.73, "single": 65.86, "mixed": 65.81, "parallel": 75.35},
+    "cifar100": {"original": 5.77, "single": 45.27, "mixed": 57.12, "parallel": 61.94},
+    "mnist": {"original": 82.13, "single": 96.50, "mixed": 95.76, "parallel": 97.36},
+    "svhn": {"original": 44.04, "single": 90.21, "mixed": 91.31, "parallel": 91.84},
+}
+
+ATTACK_LABELS = {
+    "transfer-fgsm": "transfer FGSM (crafted on the crafting model)",
+    "white-box-fgsm": "white-box FGSM (on the evaluated model)",
+    "white-box-pgd": "white-box PGD (on the evaluated model)",
+}
+
+
+@dataclass
+class MethodResult:
+    """One training method: its curve under the run's primary attack and under every attack."""
+
+    curve: list[float]  # accuracy (fraction) at each grid strength, primary attack
+    mean: float  # grid mean of ``curve``
+    strengths: list[float]  # training strengths (empty for original)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # attack -> curve
+    means: dict[str, float] = field(default_factory=dict)  # attack -> grid mean
+    train_seconds: float = 0.0
+
+
+@dataclass
+class MatResults:
+    dataset: str
+    setting: str  # "transfer" or "white-box": how the adversarial training data was crafted
+    attack: str  # the primary evaluation attack (key of ``curves``)
+    grid: list[float]
+    methods: dict[str, MethodResult]
+    details: dict[str, Any] = field(default_factory=dict)  # models, crafter accuracy, config…
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> MatResults:
+        methods = {k: MethodResult(**v) for k, v in obj["methods"].items()}
+        return cls(obj["dataset"], obj["setting"], obj["attack"], list(obj["grid"]), methods,
+                   dict(obj.get("details", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MatResults:
+        return cls.from_json(read_json(path))
+
+
+def write_report(run_dir: str | Path, results: MatResults) -> list[Path]:
+    """Write ``results.json``, ``curves.csv``, ``curves.png`` and ``table.md`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    return [write_json(run_dir / "results.json", results.to_json()),
+            write_text(run_dir / "curves.csv", curves_csv(results)),
+            plot_curves(results, run_dir / "curves.png"),
+            write_text(run_dir / "table.md", table_markdown(results))]
+
+
+def _methods(results: MatResults) -> list[str]:
+    return [m for m in METHODS if m in results.methods]
+
+
+def _attacks(results: MatResults) -> list[str]:
+    first = next(iter(results.methods.values()))
+    return [results.attack] + [a for a in first.curves if a != results.attack]
+
+
+def curves_csv(results: MatResults) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    methods = _methods(results)
+    writer.writerow(["attack", "strength", *methods])
+    for attack in _attacks(results):
+        for j, eps in enumerate(results.grid):
+            writer.writerow([attack, f"{eps:.6g}",
+                             *(f"{results.methods[m].curves[attack][j]:.4f}" for m in methods)])
+    return buf.getvalue()
+
+
+def plot_curves(results: MatResults, path: str | Path) -> Path:
+    """The paper's Figure 4: accuracy vs. strength, one panel per attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = _attacks(results)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
+    scale = 255.0 if results.dataset not in ("mnist", "fashion-mnist") else 1.0
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        for m in _methods(results):
+            r = results.methods[m]
+            ax.plot([e * scale for e in results.grid], [100 * a for a in r.curves[attack]],
+                    marker="o", ms=3, label=f"{m} ({100 * r.means[attack]:.1f})")
+        ax.set_title(ATTACK_LABELS.get(attack, attack), fontsize=9)
+        ax.set_xlabel("test strength ε" + (" (×1/255)" if scale != 1.0 else ""))
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{results.dataset}: {results.setting} training setting", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def table_markdown(results: MatResults) -> str:
+    """The paper's Table 1 (grid-mean accuracy, %) with the paper's row beside ours."""
+    methods = _methods(results)
+    lines = [f"# {results.dataset}: grid-mean accuracy (%), {results.setting} training setting",
+             "",
+             f"Grid: {len(results.grid)} strengths from {results.grid[0]:g} to "
+             f"{results.grid[-1]:g}. Training strengths: "
+             + "; ".join(f"{m} {results.methods[m].strengths or '—'}" for m in methods) + ".",
+             "",
+             "| evaluation attack | " + " | ".join(methods) + " |",
+             "|---" * (len(methods) + 1) + "|"]
+    for attack in _attacks(results):
+        cells = [f"{100 * results.methods[m].means[attack]:.2f}" for m in methods]
+        lines.append(f"| advguard, {ATTACK_LABELS.get(attack, attack)} | " + " | ".join(cells)
+                     + " |")
+    paper = PAPER_TABLE1.get(results.dataset)
+    if paper:
+        lines.append("| paper (Table 1, transfer FGSM) | "
+                     + " | ".join(f"{paper[m]:.2f}" for m in methods) + " |")
+    lines += ["", "Training wall time (s): " + ", ".join(
+        f"{m} {results.methods[m].train_seconds:.0f}" for m in methods) + "."]
+    return "\n".join(lines) + "\n"

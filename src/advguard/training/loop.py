@@ -1,0 +1,117 @@
+"""The one training loop: Adam over in-memory tensors, parameterised by a :class:`StrengthMix`.
+
+Resumable: with ``state_path`` the model, optimiser and history are saved atomically after every
+epoch and a later call continues from there. Each epoch's shuffle comes from ``seed + epoch``, so
+a resumed run visits the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from advguard.data import ImageSet
+from advguard.errors import CheckpointError
+from advguard.io import load_state, save_state
+from advguard.training.mixing import DirectionSource, StrengthMix, WhiteBoxDirections
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # passes over the clean training set
+    batch_size: int = 128  # clean examples per step (the mixed batch holds (S+1)x as many)
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0
+    seed: int = 0  # shuffling (and reduced-size group assignment)
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    seconds: float = 0.0  # wall time spent training, summed over resumed sessions
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
+             device: str | torch.device = "cpu") -> float:
+    """Fraction of ``x`` that ``model`` (in eval mode) classifies as ``y``."""
+    was = model.training
+    model.eval()
+    try:
+        correct = 0
+        for s in range(0, len(x), batch_size):
+            pred = model(x[s:s + batch_size].to(device)).argmax(1).cpu()
+            correct += int((pred == y[s:s + batch_size]).sum())
+    finally:
+        model.train(was)
+    return correct / max(len(x), 1)
+
+
+def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
+          directions: DirectionSource | None = None, config: TrainConfig = TrainConfig(), *,
+          val: ImageSet | None = None, state_path: str | Path | None = None,
+          progress: bool = True, desc: str = "train") -> TrainResult:
+    """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
+
+    ``directions`` defaults to white-box FGSM on ``model`` itself.
+    """
+    directions = directions or WhiteBoxDirections()
+    device = torch.device(config.device)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    result, start_epoch = TrainResult(), 0
+    if state_path is not None and Path(state_path).exists():
+        state = load_state(state_path)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"training state {state_path} does not fit this model: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        start_epoch = int(state["epoch"])
+        result = TrainResult(list(state["history"]), float(state["seconds"]))
+        log.info("%s: resuming after epoch %d", desc, start_epoch)
+    groups = mix.groups(len(data), config.seed)
+    n = len(data)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(order.split(config.batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False)
+        for index in bar:
+            x, y = data.x[index].to(device), data.y[index].to(device)
+            xb, yb = mix.batch(model, x, y, index, directions, groups)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(index)
+            seen += len(index)
+        row: dict[str, float] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
+        if val is not None and len(val):
+            row["val_accuracy"] = accuracy(model, val.x, val.y, device=device)
+        result.seconds += time.perf_counter() - t0
+        row["seconds"] = result.seconds
+        result.history.append(row)
+        log.info("%s epoch %d/%d: loss %.4f, validation accuracy %s (%.1f s)", desc, epoch + 1,
+                 config.epochs, row["loss"], f"{row['val_accuracy']:.4f}" if val else "-",
+                 result.seconds)
+        if state_path is not None:
+            save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "epoch": epoch + 1, "history": result.history,
+                                    "seconds": result.seconds, "config": asdict(config)})
+    model.eval()
+    return result
+
