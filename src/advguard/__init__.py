@@ -1,4 +1,4 @@
-"""advguard: multi-strength adversarial training and adversarial-input detection for image classifiers.
+"""advguard: multi-strength adversarial training and adversarial-input detection.
 
 The package is laid out as its pipeline; imports only run down it::
 

@@ -10,7 +10,7 @@ import logging
 import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -39,10 +39,12 @@ def parse_strengths(text: str | None) -> list[float] | None:
 
 
 def _setup_logging(quiet: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    handler = RichHandler(show_path=False, console=Console(stderr=True))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, console=None)], force=True)
+                        handlers=[handler], force=True)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
@@ -60,7 +62,7 @@ def reproduce_mat(
     = None,
     mixed_size: Annotated[str, typer.Option(help="full or reduced")] = "full",
     epochs: int = 10,
-    crafter_epochs: int = 3,
+    crafter_epochs: int = 8,
     batch_size: int = 128,
     lr: float = 1e-3,
     val_size: int = 5000,
@@ -68,6 +70,8 @@ def reproduce_mat(
     test_limit: Annotated[int | None, typer.Option(help="first N test images only")] = None,
     pgd_steps: int = 20,
     pgd_restarts: int = 1,
+    pgd_limit: Annotated[int, typer.Option(help="PGD on the first N test images (0: all)")]
+    = 0,
     seed: int = 0,
     device: str = "cpu",
     data_dir: DataDir = None,
@@ -86,7 +90,8 @@ def reproduce_mat(
         single_strength=single_strength, grid=parse_strengths(grid), mixed_size=mixed_size,
         epochs=epochs, crafter_epochs=crafter_epochs, batch_size=batch_size, lr=lr,
         val_size=val_size, train_limit=train_limit, test_limit=test_limit, pgd_steps=pgd_steps,
-        pgd_restarts=pgd_restarts, seed=seed, device=device, data_dir=data_dir,
+        pgd_restarts=pgd_restarts, pgd_limit=pgd_limit or None, seed=seed, device=device,
+        data_dir=data_dir,
         download=download)
     out = out or Path("runs") / f"mat-{dataset}-{setting}"
     run_mat(config, out, progress=not quiet)
@@ -184,7 +189,7 @@ def evaluate(
                          + ", ".join(t.value for t in ThreatSetting)) from None
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
     strengths = parse_strengths(grid) or DEFAULTS[test.info.name]["grid"]
-    kw = {"device": device, "progress": not quiet}
+    kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
         curve = pgd_curve(model, test.x, test.y, strengths,
                           PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed), **kw)
@@ -234,7 +239,7 @@ def predict(
         typer.echo(f"{i}\t{c}")
 
 
-def _load_any(path: Path):  # type: ignore[no-untyped-def]
+def _load_any(path: Path) -> tuple[Any, dict[str, Any]]:
     from advguard.ensemble import load_ensemble
     from advguard.io import load_tensors
     from advguard.models import load_model

@@ -26,9 +26,11 @@ def gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def perturb(x: torch.Tensor, direction: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """``clip(x + eps · direction, 0, 1)``; ``eps`` may be a per-example tensor of shape (N,)."""
+    direction = direction.to(x.dtype)
     if isinstance(eps, torch.Tensor):
-        eps = eps.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return (x + eps * direction.to(x.dtype)).clamp_(0.0, 1.0)
+        return torch.addcmul(x, eps.to(x.dtype).view(-1, *([1] * (x.ndim - 1))),
+                             direction).clamp_(0.0, 1.0)
+    return torch.add(x, direction, alpha=float(eps)).clamp_(0.0, 1.0)
 
 
 @overload

@@ -147,7 +147,7 @@ def _load_mnist(split: Split, folder: Path | None) -> tuple[np.ndarray, np.ndarr
     arrays = []
     for fname in names:
         if folder is None:
-            blob = resources.files("advguard.data").joinpath("mnist", fname).read_bytes()
+            blob = resources.files("advguard.data").joinpath("mnist").joinpath(fname).read_bytes()
             where = f"the packaged copy ({fname})"
         else:
             path = _find_file(folder, [fname, f"MNIST/raw/{fname}"], "mnist",

@@ -15,7 +15,7 @@ from advguard.training import DirectionSource, StrengthMix, TrainConfig, TrainRe
 
 def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Sequence[float],
                    directions: Callable[[], DirectionSource] | None = None,
-                   config: TrainConfig = TrainConfig(), *, val: ImageSet | None = None,
+                   config: TrainConfig | None = None, *, val: ImageSet | None = None,
                    state_dir: str | Path | None = None, progress: bool = True,
                    rule: str = "mean") -> tuple[VotingEnsemble, list[TrainResult]]:
     """Train one member per strength with the shared loop, then combine them by ``rule``.
@@ -23,6 +23,7 @@ def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Se
     ``build`` makes a fresh member (seeded by ``config.seed + k``); ``directions`` makes each
     member's direction source (``None``: white-box on the member itself).
     """
+    config = config or TrainConfig()
     members, results = [], []
     for k, eps in enumerate(strengths):
         torch.manual_seed(config.seed + k)

@@ -18,6 +18,9 @@ from advguard.errors import InputError
 class InputNorm(nn.Module):
     """Check ``(N, C, H, W)`` against the expected shape, then normalise per channel."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, info: DatasetInfo) -> None:
         super().__init__()
         self.channels = info.channels

@@ -58,7 +58,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 
 
 def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
-          directions: DirectionSource | None = None, config: TrainConfig = TrainConfig(), *,
+          directions: DirectionSource | None = None, config: TrainConfig | None = None, *,
           val: ImageSet | None = None, state_path: str | Path | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
@@ -66,6 +66,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
     ``directions`` defaults to white-box FGSM on ``model`` itself.
     """
     directions = directions or WhiteBoxDirections()
+    config = config or TrainConfig()
     device = torch.device(config.device)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
