@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from advguard.attacks import PGD, fgsm, fgsm_directions, gradient_sign, perturb
+from advguard.errors import InputError
+from advguard.models import build_model
+from advguard.training import accuracy
+
+ATTACKS = {
+    "fgsm": lambda m, x, y, e: fgsm(m, x, y, e),
+    "pgd": lambda m, x, y, e: PGD(steps=5)(m, x, y, e),
+    "pgd-restarts-no-start": lambda m, x, y, e: PGD(steps=3, restarts=2, random_start=False)(
+        m, x, y, e),
+    "pgd-fixed-step": lambda m, x, y, e: PGD(steps=4, step_size=0.05)(m, x, y, e),
+}
+
+
+@pytest.fixture
+def batch(mnist_test):
+    return mnist_test.x[:64], mnist_test.y[:64]
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("arch", ["mlp3", "lenet5"])
+@pytest.mark.parametrize("training", [True, False])
+def test_attack_invariants(name, eps, arch, training, batch):
+    torch.manual_seed(0)
+    model = build_model(arch, "mnist").train(training)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batch
+    x_in = x.clone()
+    adv = ATTACKS[name](model, x, y, eps)
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert model.training is training
+    assert torch.equal(x, x_in)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    if eps == 0.0:
+        assert torch.equal(adv, x)
+
+
+def test_fgsm_many_strengths_equal_separate_runs(trained_mlp, batch):
+    x, y = batch
+    strengths = [0.0, 0.03, 0.1, 0.2, 0.3]
+    together = fgsm(trained_mlp, x, y, strengths)
+    assert isinstance(together, list) and len(together) == len(strengths)
+    for eps, adv in zip(strengths, together, strict=True):
+        assert torch.equal(adv, fgsm(trained_mlp, x, y, eps))
+
+
+def test_fgsm_many_strengths_use_one_gradient(trained_mlp, batch, monkeypatch):
+    import sys
+
+    mod = sys.modules["advguard.attacks.fgsm"]
+
+    calls = []
+    real = mod.input_gradient
+    monkeypatch.setattr(mod, "input_gradient", lambda *a: calls.append(1) or real(*a))
+    fgsm(trained_mlp, *batch, [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert len(calls) == 1
+
+
+def test_fgsm_is_gradient_sign_step(trained_mlp, batch):
+    x, y = batch
+    x = x.clamp(0.2, 0.8)  # no clipping at 0.1 from here
+    direction = gradient_sign(trained_mlp, x, y)
+    assert set(direction.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.allclose(fgsm(trained_mlp, x, y, 0.1), x + 0.1 * direction)
+
+
+def test_fgsm_directions_match_batches(trained_mlp, mnist_test):
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    d = fgsm_directions(trained_mlp, x, y, batch_size=128)
+    assert d.dtype == torch.int8 and d.shape == x.shape
+    assert torch.equal(perturb(x, d, 0.2), fgsm(trained_mlp, x, y, 0.2))
+
+
+def test_attacks_lower_accuracy_and_pgd_is_stronger(trained_mlp, mnist_test):
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    clean = accuracy(trained_mlp, x, y)
+    at_fgsm = accuracy(trained_mlp, fgsm(trained_mlp, x, y, 0.1), y)
+    at_pgd = accuracy(trained_mlp, PGD(steps=10)(trained_mlp, x, y, 0.1), y)
+    assert clean > 0.8
+    assert at_fgsm < clean - 0.2
+    assert at_pgd <= at_fgsm
+
+
+def test_pgd_restarts_never_weaker(trained_mlp, mnist_test):
+    x, y = mnist_test.x[:200], mnist_test.y[:200]
+    one = accuracy(trained_mlp, PGD(steps=3, restarts=1, seed=3)(trained_mlp, x, y, 0.08), y)
+    three = accuracy(trained_mlp, PGD(steps=3, restarts=3, seed=3)(trained_mlp, x, y, 0.08), y)
+    assert three <= one
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: x * 255, "must lie in [0, 1]"),
+    (lambda x: x.masked_fill(torch.zeros_like(x, dtype=torch.bool).index_fill_(0,
+        torch.tensor([0]), True), float("nan")), "NaN"),
+    (lambda x: (x * 255).to(torch.uint8), "floating point"),
+    (lambda x: x[:, 0], "shape (N, C, H, W)"),
+    (lambda x: x.repeat(1, 3, 1, 1), "expects images of shape"),
+])
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_attacks_reject_bad_images(bad, message, attack, trained_mlp, batch):
+    x, y = batch
+    with pytest.raises(InputError, match=re.escape(message)):
+        ATTACKS[attack](trained_mlp, bad(x), y, 0.1)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5, [], [0.1, 2.0], "0.1"])
+def test_attacks_reject_bad_strengths(eps, trained_mlp, batch):
+    with pytest.raises(InputError):
+        fgsm(trained_mlp, *batch, eps)
+
+
+def test_attacks_reject_mismatched_labels(trained_mlp, batch):
+    x, y = batch
+    with pytest.raises(InputError, match="labels must have shape"):
+        fgsm(trained_mlp, x, y[:10], 0.1)

@@ -1,0 +1,143 @@
+"""The command line as a user meets it: one-line errors, and a small end-to-end reproduction."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from advguard.models import build_model, save_model
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "advguard.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "mlp.safetensors"
+    torch.manual_seed(0)
+    save_model(path, build_model("mlp3", "mnist"), arch="mlp3", dataset="mnist")
+    return path
+
+
+def _npy(tmp_path: Path, array: np.ndarray) -> str:
+    path = tmp_path / "x.npy"
+    np.save(path, array)
+    return str(path)
+
+
+@pytest.mark.parametrize("array, needle", [
+    (np.random.rand(2, 28, 28).astype(np.float32), "shape (N, C, H, W)"),
+    (np.random.rand(2, 3, 28, 28).astype(np.float32), "3 channels"),
+    (np.random.rand(2, 1, 28, 28).astype(np.float32) * 255, "must lie in [0, 1]"),
+    (np.full((2, 1, 28, 28), np.nan, np.float32), "NaN"),
+    (np.zeros((2, 1, 28, 28), np.uint8), "floating point"),
+])
+def test_predict_rejects_bad_images(array, needle, model_file, tmp_path):
+    assert_one_line_error(run_cli("predict", str(model_file), _npy(tmp_path, array)), needle)
+
+
+def test_predict_classifies_good_images(model_file, tmp_path):
+    proc = run_cli("predict", str(model_file), _npy(tmp_path, np.zeros((3, 1, 28, 28),
+                                                                       np.float32)))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3
+
+
+def test_truncated_checkpoint(model_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(model_file.read_bytes()[:1000])
+    assert_one_line_error(run_cli("evaluate", str(cut)), "corrupt or truncated checkpoint")
+    assert_one_line_error(run_cli("evaluate", str(tmp_path / "missing.safetensors")),
+                          "checkpoint not found")
+
+
+def test_unknown_names_and_missing_data(tmp_path):
+    assert_one_line_error(run_cli("reproduce", "mat", "--dataset", "imagenet", "--out",
+                                  str(tmp_path / "r")), "unknown dataset 'imagenet'")
+    assert_one_line_error(run_cli("train", str(tmp_path / "m.safetensors"), "--model",
+                                  "resnet9", "--train-limit", "10"), "unknown model 'resnet9'")
+    assert_one_line_error(run_cli("reproduce", "mat", "--dataset", "cifar10", "--data-dir",
+                                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")),
+                          "CIFAR-10 not found")
+    assert_one_line_error(run_cli("reproduce", "mat", "--setting", "grey-box", "--out",
+                                  str(tmp_path / "r")), "unknown setting")
+    assert_one_line_error(run_cli("reproduce", "mat", "--strengths", "0.1,abc", "--out",
+                                  str(tmp_path / "r")), "cannot read strengths")
+    assert_one_line_error(run_cli("reproduce", "mat", "--strengths", "0.1,2", "--out",
+                                  str(tmp_path / "r")), "must be a number in [0, 1]")
+
+
+TINY = ["--train-limit", "1500", "--test-limit", "200", "--epochs", "1", "--crafter-epochs",
+        "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size", "300", "--quiet"]
+
+
+def test_reproduce_mat_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "paper (Table 1, transfer FGSM)" in proc.stdout
+    for name in ["config.json", "results.json", "curves.csv", "curves.png", "table.md"]:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["setting"] == "transfer" and results["attack"] == "transfer-fgsm"
+    assert len(results["grid"]) == 11 and results["grid"][-1] == 0.3
+    assert results["methods"]["mixed"]["strengths"] == [0.1, 0.3]
+    assert results["methods"]["single"]["strengths"] == [0.1]
+    for entry in results["methods"].values():
+        assert len(entry["curve"]) == 11 and entry["mean"] == pytest.approx(
+            sum(entry["curve"]) / 11)
+        assert set(entry["curves"]) == {"transfer-fgsm", "white-box-fgsm", "white-box-pgd"}
+    assert not list((out / "checkpoints").glob("*.state.pt"))
+
+    # resuming a finished run retrains nothing and reproduces the same numbers
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    again = run_cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == stamps
+    assert json.loads((out / "results.json").read_text()) == results
+
+    # another configuration in the same directory is refused, not mixed in
+    assert_one_line_error(run_cli("reproduce", "mat", "--out", str(out), *TINY),
+                          "different configuration (single_strength, strengths)")
+
+    # the saved models evaluate from the CLI
+    proc = run_cli("evaluate", str(out / "checkpoints" / "parallel.safetensors"), "--grid",
+                   "0,0.3", "--test-limit", "200", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "grid mean (white-box-fgsm)" in proc.stdout
+
+
+def test_interrupted_training_resumes_from_its_state(tmp_path):
+    out = tmp_path / "m.safetensors"
+    # a state left by an interrupted run: epoch 1 of 2 done
+    from advguard.data import load_dataset
+    from advguard.training import StrengthMix, TrainConfig, train
+
+    data = load_dataset("mnist", limit=500)
+    torch.manual_seed(0)
+    model = build_model("mlp3", "mnist")
+    train(model, data, StrengthMix(), None, TrainConfig(epochs=1, batch_size=100),
+          state_path=out.with_suffix(".state.pt"), progress=False)
+    proc = run_cli("train", str(out), "--train-limit", "500", "--epochs", "2", "--batch-size",
+                   "100")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stderr
+    assert out.is_file() and not out.with_suffix(".state.pt").exists()

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advguard.attacks import fgsm, perturb
+from advguard.errors import CheckpointError
+from advguard.models import build_model
+from advguard.training import (
+    StrengthMix,
+    TrainConfig,
+    TransferDirections,
+    WhiteBoxDirections,
+    accuracy,
+    train,
+)
+
+
+@pytest.fixture
+def batch(mnist_train):
+    index = torch.arange(10, 42)
+    return mnist_train.x[index], mnist_train.y[index], index
+
+
+@pytest.mark.parametrize("strengths", [(), (0.1,), (0.1, 0.2, 0.3)])
+def test_full_size_mix_is_clean_plus_one_copy_per_strength(strengths, batch, trained_mlp):
+    x, y, index = batch
+    xb, yb = StrengthMix(strengths).batch(trained_mlp, x, y, index, WhiteBoxDirections())
+    assert xb.shape[0] == (len(strengths) + 1) * len(x)
+    assert torch.equal(xb[: len(x)], x) and torch.equal(yb, y.repeat(len(strengths) + 1))
+    for s, eps in enumerate(strengths, start=1):
+        copy = xb[s * len(x):(s + 1) * len(x)]
+        assert torch.equal(copy, fgsm(trained_mlp, x, y, eps))
+
+
+def test_reduced_size_mix_keeps_n_and_assigns_balanced_groups(batch, trained_mlp):
+    x, y, index = batch
+    mix = StrengthMix((0.1, 0.2, 0.3), reduced=True)
+    groups = mix.groups(4000, seed=0)
+    assert torch.bincount(groups).tolist() == [1000] * 4
+    assert torch.equal(groups, mix.groups(4000, seed=0))
+    xb, yb = mix.batch(trained_mlp, x, y, index, WhiteBoxDirections(), groups)
+    assert xb.shape == x.shape and torch.equal(yb, y)
+    levels = torch.tensor([0.0, 0.1, 0.2, 0.3])
+    for i in range(len(x)):
+        eps = float(levels[groups[index[i]]])
+        want = x[i] if eps == 0 else fgsm(trained_mlp, x[i:i + 1], y[i:i + 1], eps)[0]
+        assert torch.allclose(xb[i], want, atol=1e-6)
+
+
+def test_transfer_directions_come_from_the_fixed_dataset(batch, trained_mlp, mnist_train):
+    x, y, index = batch
+    directions = torch.randint(-1, 2, mnist_train.x.shape, dtype=torch.int8,
+                               generator=torch.Generator().manual_seed(0))
+    xb, _ = StrengthMix((0.2,)).batch(trained_mlp, x, y, index, TransferDirections(directions))
+    assert torch.equal(xb[len(x):], perturb(x, directions[index], 0.2))
+
+
+def test_training_learns_real_mnist(mnist_train, mnist_test, trained_mlp):
+    assert accuracy(trained_mlp, mnist_test.x, mnist_test.y) > 0.85
+
+
+def test_resumed_training_equals_uninterrupted(mnist_train, tmp_path):
+    data = mnist_train.subset(slice(0, 600))
+    config = TrainConfig(epochs=2, batch_size=50, seed=5)
+    mix = StrengthMix((0.1, 0.2))
+
+    torch.manual_seed(0)
+    straight = build_model("mlp3", "mnist")
+    train(straight, data, mix, None, config, progress=False)
+
+    torch.manual_seed(0)
+    first = build_model("mlp3", "mnist")
+    state = tmp_path / "run.state.pt"
+    train(first, data, mix, None, TrainConfig(epochs=1, batch_size=50, seed=5),
+          state_path=state, progress=False)
+    resumed = build_model("mlp3", "mnist")  # fresh weights: everything comes from the state
+    result = train(resumed, data, mix, None, config, state_path=state, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_corrupt_training_state_is_reported(mnist_train, tmp_path):
+    state = tmp_path / "bad.state.pt"
+    state.write_bytes(b"PK\x03\x04 not a real zip")
+    with pytest.raises(CheckpointError, match="corrupt or truncated training state"):
+        train(build_model("mlp3", "mnist"), mnist_train.subset(slice(0, 50)),
+              state_path=state, progress=False)
+
+
+def test_white_box_adversarial_training_buys_fgsm_robustness(mnist_train, mnist_test):
+    data = mnist_train.subset(slice(0, 2000))
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    robust = {}
+    for strengths in [(), (0.1, 0.2)]:
+        torch.manual_seed(0)
+        model = build_model("mlp3", "mnist")
+        train(model, data, StrengthMix(strengths), None, TrainConfig(epochs=3, batch_size=64),
+              progress=False)
+        robust[strengths] = accuracy(model, fgsm(model, x, y, 0.1), y)
+    assert robust[(0.1, 0.2)] > robust[()] + 0.2
