@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmarks: interleaved repeated timing and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Run every function ``repeats`` times, interleaved (a, b, c, a, b, c, …) so that machine
+    noise hits them alike; returns the wall times in seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
+    base = statistics.median(times[baseline])
+    return {k: {"median_s": statistics.median(v), "min_s": min(v),
+                "ratio_to_" + baseline: statistics.median(v) / base} for k, v in times.items()}
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "python": platform.python_version()}, **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
