@@ -54,10 +54,22 @@ def reproduce_mat(
     = "mnist",
     setting: Annotated[str, typer.Option(help="transfer (the paper's) or white-box")]
     = "transfer",
-    strengths: Annotated[str | None, typer.Option(help="MAT strengths, e.g. 0.1,0.2,0.3")] = None,
-    single_strength: Annotated[float | None, typer.Option(help="single-strength ε "
-                                                               "(default: median of MAT's)")]
+    strengths: Annotated[str | None, typer.Option(
+        help="hand-picked MAT strengths, e.g. 0.1,0.2,0.3 (default: random-walk selection)")]
     = None,
+    single_strength: Annotated[float | None, typer.Option(
+        help="single-strength ε (default: the best row of the accuracy matrix)")] = None,
+    tau: Annotated[float, typer.Option(help="MSSIM threshold bounding the strengths")] = 0.5,
+    matrix_epochs: int = 3,
+    matrix_train_limit: Annotated[int | None, typer.Option(
+        help="train accuracy-matrix models on the first N images only")] = None,
+    walks: int = 200,
+    walk_steps: int = 8,
+    penalty: Annotated[float, typer.Option(help="a ≤ 0 in G = H + a·S")] = -0.005,
+    voting: Annotated[str, typer.Option(help="parallel MAT voting: mean, learned, gated")]
+    = "learned",
+    voting_epochs: int = 30,
+    workers: Annotated[int, typer.Option(help="processes training parallel members")] = 1,
     grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's grid)")]
     = None,
     mixed_size: Annotated[str, typer.Option(help="full or reduced")] = "full",
@@ -87,7 +99,10 @@ def reproduce_mat(
     _setup_logging(quiet)
     config = MatConfig(
         dataset=dataset, setting=setting, strengths=parse_strengths(strengths),
-        single_strength=single_strength, grid=parse_strengths(grid), mixed_size=mixed_size,
+        single_strength=single_strength, tau=tau, matrix_epochs=matrix_epochs,
+        matrix_train_limit=matrix_train_limit, walks=walks, walk_steps=walk_steps,
+        penalty=penalty, voting=voting, voting_epochs=voting_epochs, workers=workers,
+        grid=parse_strengths(grid), mixed_size=mixed_size,
         epochs=epochs, crafter_epochs=crafter_epochs, batch_size=batch_size, lr=lr,
         val_size=val_size, train_limit=train_limit, test_limit=test_limit, pgd_steps=pgd_steps,
         pgd_restarts=pgd_restarts, pgd_limit=pgd_limit or None, seed=seed, device=device,
@@ -178,7 +193,7 @@ def evaluate(
     from advguard.data import load_dataset
     from advguard.evaluation import ThreatSetting, curve_from_directions, grid_mean, pgd_curve
     from advguard.io import write_json
-    from advguard.reproduce import DEFAULTS
+    from advguard.reproduce import DEFAULT_GRIDS
 
     _setup_logging(quiet)
     model, meta = _load_any(checkpoint)
@@ -188,7 +203,7 @@ def evaluate(
         raise InputError(f"unknown attack {attack!r}; choose one of: "
                          + ", ".join(t.value for t in ThreatSetting)) from None
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
-    strengths = parse_strengths(grid) or DEFAULTS[test.info.name]["grid"]
+    strengths = parse_strengths(grid) or DEFAULT_GRIDS[test.info.name]
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
         curve = pgd_curve(model, test.x, test.y, strengths,
@@ -208,6 +223,53 @@ def evaluate(
     for eps, acc in zip(strengths, curve, strict=True):
         typer.echo(f"eps={eps:.4g}\taccuracy={acc:.4f}")
     typer.echo(f"grid mean ({threat.value}): {result['mean']:.4f}")
+
+
+@app.command("select-strengths")
+def select_strengths(
+    source: Annotated[Path, typer.Argument(
+        help="a run directory, or a JSON file {\"strengths\": [...], \"matrix\": [[...]]}")],
+    walks: int = 200,
+    walk_steps: int = 8,
+    penalty: float = -0.005,
+    combination: Annotated[str, typer.Option(help="parallel or mixed")] = "parallel",
+    seed: int = 0,
+    seeds: Annotated[int, typer.Option(help="seeds to measure agreement over")] = 100,
+) -> None:
+    """Random-walk strength selection on an accuracy matrix, checked against the exact
+    optimum of the same G (paper §4.3)."""
+    from advguard.io import read_json
+    from advguard.strengths import (
+        Combination,
+        agreement_rate,
+        exhaustive_select,
+        random_walk_select,
+    )
+
+    try:
+        combo = Combination(combination)
+    except ValueError:
+        raise InputError(f"unknown combination {combination!r}; choose parallel or mixed") \
+            from None
+    obj = read_json(source / "checkpoints" / "selection.json" if source.is_dir() else source)
+    if "matrix" not in obj:
+        raise InputError(f"{source} holds no accuracy matrix (hand-picked strengths?)")
+    strengths = obj.get("candidates") or obj.get("strengths")
+    matrix = obj["matrix"]
+    walk = random_walk_select(matrix, walks=walks, steps=walk_steps, penalty=penalty,
+                              combination=combo, seed=seed)
+    exact = exhaustive_select(matrix, penalty=penalty, combination=combo)
+    rate = agreement_rate(matrix, range(seeds), walks=walks, steps=walk_steps, penalty=penalty,
+                          combination=combo)
+
+    def names(subset: tuple[int, ...]) -> str:
+        return ", ".join(f"{strengths[i]:.4g}" for i in subset) if strengths else str(subset)
+
+    typer.echo(f"random walk ({walks} walks x {walk_steps} steps, seed {seed}): "
+               f"{{{names(walk.subset)}}}  G={walk.G:.5f}  H={walk.H:.5f}")
+    typer.echo(f"exact optimum: {{{names(exact.subset)}}}  G={exact.G:.5f}  H={exact.H:.5f}")
+    typer.echo(f"agree: {'yes' if walk.subset == exact.subset else 'no'}; "
+               f"the walk finds the optimum for {100 * rate:.0f}% of {seeds} seeds")
 
 
 @app.command()

@@ -1,6 +1,14 @@
 """Parallel MAT: members per strength and the voting unit that combines them."""
 
-from advguard.ensemble.parallel import train_parallel
-from advguard.ensemble.voting import VotingEnsemble, load_ensemble, save_ensemble
+from advguard.ensemble.parallel import ParallelResult, train_parallel
+from advguard.ensemble.voting import (
+    VotingEnsemble,
+    VotingRule,
+    fit_voting,
+    load_ensemble,
+    parse_rule,
+    save_ensemble,
+)
 
-__all__ = ["VotingEnsemble", "load_ensemble", "save_ensemble", "train_parallel"]
+__all__ = ["ParallelResult", "VotingEnsemble", "VotingRule", "fit_voting", "load_ensemble",
+           "parse_rule", "save_ensemble", "train_parallel"]

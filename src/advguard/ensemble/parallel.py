@@ -1,9 +1,18 @@
-"""Parallel MAT (SPEC A3, eq. 3): S copies, copy k trained on clean ∪ f_εk(clean)."""
+"""Parallel MAT (SPEC A3, eq. 3): S copies, copy k trained on clean ∪ f_εk(clean).
+
+Members are independent, so they may train concurrently: ``workers > 1`` trains them in separate
+processes (spawned; each gets ``threads // workers`` CPU threads), the paper's trade of memory
+for wall time.
+"""
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,25 +22,54 @@ from advguard.ensemble.voting import VotingEnsemble
 from advguard.training import DirectionSource, StrengthMix, TrainConfig, TrainResult, train
 
 
+@dataclass
+class ParallelResult:
+    members: list[TrainResult]
+    peak_rss_mb: list[float]  # peak resident memory of each process that trained members
+
+
+def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: float,
+                  directions: DirectionSource | None, config: TrainConfig,
+                  val: ImageSet | None, state_path: Path | None, progress: bool,
+                  threads: int | None) -> tuple[dict[str, Any], TrainResult, float]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(config.seed + k)
+    member = build()
+    result = train(member, data, StrengthMix((float(eps),)), directions, config, val=val,
+                   state_path=state_path, progress=progress, desc=f"parallel[{k}] eps={eps:g}")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return member.state_dict(), result, rss_mb
+
+
 def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Sequence[float],
-                   directions: Callable[[], DirectionSource] | None = None,
+                   directions: DirectionSource | None = None,
                    config: TrainConfig | None = None, *, val: ImageSet | None = None,
                    state_dir: str | Path | None = None, progress: bool = True,
-                   rule: str = "mean") -> tuple[VotingEnsemble, list[TrainResult]]:
-    """Train one member per strength with the shared loop, then combine them by ``rule``.
+                   workers: int = 1) -> tuple[VotingEnsemble, ParallelResult]:
+    """Train one member per strength with the shared loop; returns the mean-vote ensemble.
 
-    ``build`` makes a fresh member (seeded by ``config.seed + k``); ``directions`` makes each
-    member's direction source (``None``: white-box on the member itself).
+    ``build`` makes a fresh member (seeded by ``config.seed + k``; with ``workers > 1`` it must
+    be picklable, e.g. ``functools.partial(build_model, arch, dataset)``); ``directions`` is the
+    members' direction source (``None``: white-box on each member itself).
     """
     config = config or TrainConfig()
-    members, results = [], []
-    for k, eps in enumerate(strengths):
-        torch.manual_seed(config.seed + k)
+    paths = [None if state_dir is None else Path(state_dir) / f"parallel-{k}.state.pt"
+             for k in range(len(strengths))]
+    jobs = [(k, build, data, eps, directions, config, val, paths[k]) for k, eps in
+            enumerate(strengths)]
+    if workers <= 1:
+        outputs = [_train_member(*job, progress, None) for job in jobs]
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_train_member, *job, False, threads) for job in jobs]
+            outputs = [f.result() for f in futures]
+    members = []
+    for state, _, _ in outputs:
         member = build()
-        state = None if state_dir is None else Path(state_dir) / f"parallel-{k}.state.pt"
-        results.append(train(member, data, StrengthMix((float(eps),)),
-                             None if directions is None else directions(), config, val=val,
-                             state_path=state, progress=progress,
-                             desc=f"parallel[{k}] eps={eps:g}"))
-        members.append(member)
-    return VotingEnsemble(members, rule=rule).eval(), results
+        member.load_state_dict(state)
+        members.append(member.eval())
+    return (VotingEnsemble(members).eval(),
+            ParallelResult([o[1] for o in outputs], [o[2] for o in outputs]))

@@ -1,6 +1,15 @@
 """Parallel MAT's upper-boundary decision unit (SPEC A3): ``Σ_k a_k · softmax(member_k(x))``.
 
-:class:`VotingEnsemble` is an ``nn.Module`` returning the log of the voted probabilities, so
+Rules:
+
+* ``mean`` — ``a_k = 1/S``;
+* ``learned`` — ``a = softmax(w)``, one global weight per member, fitted;
+* ``gated`` — ``a(x) = softmax(g(p(x)))``, where ``g`` is a small network on the members'
+  probability vectors ``p(x)`` (S·C inputs), so the weights depend on the input.
+
+``learned`` and ``gated`` are fitted by :func:`fit_voting` on a validation split that holds clean
+AND adversarial examples (the unit cannot learn whom to trust from clean data alone), with the
+members frozen. :class:`VotingEnsemble` returns the log of the voted probabilities, so the
 cross-entropy on its output is the loss of the voted prediction and white-box attacks go through
 the whole ensemble, voting unit included.
 """
@@ -8,42 +17,108 @@ the whole ensemble, voting unit included.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from advguard.errors import CheckpointError
+from advguard.data import dataset_info
+from advguard.errors import CheckpointError, InputError
 from advguard.io import load_tensors, save_tensors
 from advguard.models import build_model
 
 
-class VotingEnsemble(nn.Module):
-    """Members combined by weights ``a`` (``a_k = 1/S`` for the ``mean`` rule)."""
+class VotingRule(str, Enum):
+    MEAN = "mean"
+    LEARNED = "learned"
+    GATED = "gated"
 
-    def __init__(self, members: Sequence[nn.Module], rule: str = "mean") -> None:
+
+def parse_rule(rule: str | VotingRule) -> VotingRule:
+    try:
+        return VotingRule(rule)
+    except ValueError:
+        raise InputError(f"unknown voting rule {rule!r}; choose one of: "
+                         + ", ".join(r.value for r in VotingRule)) from None
+
+
+class VotingEnsemble(nn.Module):
+    """Members combined by a voting rule (see the module docstring)."""
+
+    def __init__(self, members: Sequence[nn.Module], rule: str | VotingRule = "mean",
+                 num_classes: int | None = None, gate_hidden: int = 64) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        if rule != "mean":
-            raise ValueError(f"unknown voting rule {rule!r}; available: mean")
         self.members = nn.ModuleList(members)
-        self.rule = rule
-        self.register_buffer("weights", torch.full((len(members),), 1.0 / len(members)))
+        self.rule = parse_rule(rule).value
+        s = len(members)
+        self.logits = nn.Parameter(torch.zeros(s), requires_grad=self.rule == "learned")
+        self.gate: nn.Module | None = None
+        if self.rule == "gated":
+            if num_classes is None:
+                raise ValueError("the gated rule needs num_classes")
+            out = nn.Linear(gate_hidden, s)
+            nn.init.zeros_(out.weight)  # start as the mean vote
+            nn.init.zeros_(out.bias)
+            self.gate = nn.Sequential(nn.Linear(s * num_classes, gate_hidden), nn.ReLU(), out)
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Each member's class probabilities, (S, N, classes)."""
-        return torch.stack([m(x).softmax(dim=1) for m in self.members])
+        """Each member's class probabilities, (N, S, classes)."""
+        return torch.stack([m(x).softmax(dim=1) for m in self.members], dim=1)
+
+    def vote_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """The weights ``a`` (N, S) for members' probabilities ``probs`` (N, S, C)."""
+        n, s, _ = probs.shape
+        if self.gate is not None:
+            return self.gate(probs.flatten(1)).softmax(dim=1)
+        return self.logits.softmax(dim=0).expand(n, s)
+
+    def vote(self, probs: torch.Tensor) -> torch.Tensor:
+        """Log of the voted probabilities from members' probabilities (N, S, C)."""
+        voted = torch.einsum("ns,nsc->nc", self.vote_weights(probs), probs)
+        return voted.clamp_min(1e-12).log()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.einsum("s,snc->nc", self.weights, self.member_probabilities(x))
-        return probs.clamp_min(1e-12).log()
+        return self.vote(self.member_probabilities(x))
+
+
+def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30,
+               lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
+               device: str | torch.device = "cpu") -> list[float]:
+    """Fit the voting unit's parameters (members frozen) by cross-entropy of the vote on
+    ``(x, y)`` — the validation split's clean and adversarial examples. Returns the loss per
+    epoch; the ``mean`` rule has nothing to fit."""
+    if ensemble.rule == VotingRule.MEAN.value:
+        return []
+    ensemble.to(device).eval()
+    with torch.no_grad():
+        probs = torch.cat([ensemble.member_probabilities(x[s:s + 1000].to(device))
+                           for s in range(0, len(x), 1000)])
+    params = [ensemble.logits] if ensemble.gate is None else list(ensemble.gate.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    y = y.to(device)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            total = 0.0
+            for index in torch.randperm(len(y), generator=gen).split(batch_size):
+                loss = F.nll_loss(ensemble.vote(probs[index]), y[index])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(index)
+            losses.append(total / len(y))
+    return losses
 
 
 def save_ensemble(path: str | Path, ensemble: VotingEnsemble, *, arch: str, dataset: str,
                   **meta: Any) -> Path:
-    """Write all members and the voting weights to one safetensors file."""
+    """Write all members and the voting unit to one safetensors file."""
     return save_tensors(path, ensemble.state_dict(),
                         {"arch": arch, "dataset": dataset, "members": len(ensemble.members),
                          "rule": ensemble.rule, **meta})
@@ -54,7 +129,8 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     if "members" not in meta:
         raise CheckpointError(f"{path} is not an advguard ensemble checkpoint")
     members = [build_model(meta["arch"], meta["dataset"]) for _ in range(int(meta["members"]))]
-    ensemble = VotingEnsemble(members, rule=meta["rule"])
+    ensemble = VotingEnsemble(members, rule=meta["rule"],
+                              num_classes=dataset_info(meta["dataset"]).num_classes)
     try:
         ensemble.load_state_dict(tensors)
     except RuntimeError as exc:

@@ -142,4 +142,57 @@ def table_markdown(results: MatResults) -> str:
                      + " | ".join(f"{paper[m]:.2f}" for m in methods) + " |")
     lines += ["", "Training wall time (s): " + ", ".join(
         f"{m} {results.methods[m].train_seconds:.0f}" for m in methods) + "."]
+    lines += _selection_lines(results.details.get("selection"))
+    lines += _voting_lines(results.details.get("voting"), results.details.get("voting_rule"))
     return "\n".join(lines) + "\n"
+
+
+def _fmt(values: list[float]) -> str:
+    return "{" + ", ".join(f"{v:.4g}" for v in values) + "}"
+
+
+def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
+    """Why these strengths: MSSIM bound, accuracy matrix, walk vs. exact optimum."""
+    if not sel or sel.get("source") != "random walk":
+        return [] if not sel else ["", f"Strengths: {sel.get('source')}."]
+    ms = sel["mssim"]
+    lines = ["", "## Strength selection (validation data only)", "",
+             f"MSSIM between validation images and their FGSM copies (τ = {ms['tau']}): "
+             + ", ".join(f"ε={e:.4g}: {v:.3f}" for e, v in zip(ms["grid"], ms["mssim"],
+                                                               strict=True))
+             + f". Bound: ε ≤ {ms['bound']:.4g}.", "",
+             "Accuracy matrix A (%; row: model trained at ε_i, column: validation strength "
+             "ε_j):", "",
+             "| train \\ test | " + " | ".join(f"{e:.4g}" for e in sel["candidates"]) + " |",
+             "|---" * (len(sel["candidates"]) + 1) + "|"]
+    for e, row in zip(sel["candidates"], sel["matrix"], strict=True):
+        lines.append(f"| {e:.4g} | " + " | ".join(f"{100 * a:.1f}" for a in row) + " |")
+    lines += ["", f"Random walk: {sel['walks']} walks of {sel['steps']} steps, penalty "
+              f"a = {sel['penalty']}, seed {sel['seed']}.", "",
+              "| method | walk's choice | G | exact optimum | G | agree | walk finds the "
+              "optimum (100 seeds) |", "|---|---|---|---|---|---|---|"]
+    for combo in ("parallel", "mixed"):
+        s = sel[f"{combo}_selection"]
+        lines.append(f"| {combo} MAT | {_fmt(s['walk']['strengths'])} | {s['walk']['G']:.4f} | "
+                     f"{_fmt(s['exact']['strengths'])} | {s['exact']['G']:.4f} | "
+                     f"{'yes' if s['agree'] else 'no'} | "
+                     f"{100 * s['agreement_over_100_seeds']:.0f}% |")
+    lines.append(f"| single | best row: {_fmt(sel['single'])} | | | | | |")
+    return lines
+
+
+def _voting_lines(voting: dict[str, Any] | None, default: str | None) -> list[str]:
+    if not voting:
+        return []
+    rules = [r for r in ("mean", "learned", "gated") if r in voting]
+    attacks = list(voting[rules[0]]["means"])
+    lines = ["", "## Parallel MAT voting rules (same members)", "",
+             f"Grid-mean accuracy (%); PGD on the first {voting['pgd_test_images']} test images. "
+             f"Default rule: {default}.", "",
+             "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    for r in rules:
+        lines.append(f"| {r} | " + " | ".join(f"{100 * voting[r]['means'][a]:.2f}"
+                                               for a in attacks) + " |")
+    if "weights" in voting.get("learned", {}):
+        lines += ["", "Learned weights a_k: " + _fmt(voting["learned"]["weights"]) + "."]
+    return lines

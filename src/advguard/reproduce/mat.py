@@ -9,6 +9,7 @@ same command again continues where it stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -16,12 +17,21 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from advguard.attacks import PGD, check_strengths, fgsm_directions
+from advguard.attacks import PGD, check_strengths, fgsm_directions, perturb
 from advguard.data import ImageSet, dataset_info, load_dataset, train_val_split
-from advguard.ensemble import load_ensemble, save_ensemble, train_parallel
+from advguard.ensemble import (
+    VotingEnsemble,
+    VotingRule,
+    fit_voting,
+    load_ensemble,
+    parse_rule,
+    save_ensemble,
+    train_parallel,
+)
 from advguard.errors import AdvguardError, CheckpointError
 from advguard.evaluation import (
     ThreatSetting,
@@ -33,11 +43,19 @@ from advguard.evaluation import (
 from advguard.io import load_tensors, read_json, save_tensors, write_json
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports import MatResults, MethodResult, write_report
+from advguard.strengths import (
+    Combination,
+    agreement_rate,
+    estimate_H,
+    exhaustive_select,
+    mssim_table,
+    random_walk_select,
+    strength_bound,
+)
 from advguard.training import (
     StrengthMix,
     TrainConfig,
     TransferDirections,
-    WhiteBoxDirections,
     accuracy,
     train,
 )
@@ -52,20 +70,29 @@ class Setting(str, Enum):
     WHITE_BOX = "white-box"  # online, on the model being trained, every batch
 
 
-# Per dataset: the test grid and the default MAT strengths (pixel units).
-_MNIST = {"grid": strength_grid(0.3, 0.03), "strengths": [0.1, 0.2, 0.3]}
-_RGB = {"grid": strength_grid(5 / 255, 0.5 / 255),
-        "strengths": [round(e / 255, 10) for e in (1.0, 3.0, 5.0)]}
-DEFAULTS: dict[str, dict[str, list[float]]] = {
-    "mnist": _MNIST, "fashion-mnist": _MNIST, "cifar10": _RGB, "cifar100": _RGB, "svhn": _RGB}
+# Per dataset: the paper's grid of strengths (pixel units), for testing and as candidates.
+_MNIST_GRID = strength_grid(0.3, 0.03)
+_RGB_GRID = strength_grid(5 / 255, 0.5 / 255)
+DEFAULT_GRIDS: dict[str, list[float]] = {
+    "mnist": _MNIST_GRID, "fashion-mnist": _MNIST_GRID, "cifar10": _RGB_GRID,
+    "cifar100": _RGB_GRID, "svhn": _RGB_GRID}
 
 
 @dataclass
 class MatConfig:
     dataset: str = "mnist"
     setting: str = Setting.TRANSFER.value  # "transfer" (the paper's) or "white-box"
-    strengths: list[float] | None = None  # MAT strengths; None: the dataset's default
-    single_strength: float | None = None  # single-strength method; None: median of strengths
+    strengths: list[float] | None = None  # MAT strengths, hand-picked; None: random-walk selection
+    single_strength: float | None = None  # None: best single row of the accuracy matrix
+    tau: float = 0.5  # MSSIM threshold bounding the candidate strengths (SPEC A4)
+    matrix_epochs: int = 3  # epochs of each single-strength model of the accuracy matrix
+    matrix_train_limit: int | None = None  # train the matrix models on the first N images only
+    walks: int = 200  # random walks (t)
+    walk_steps: int = 8  # steps per walk (l)
+    penalty: float = -0.005  # a: G = H + a·S
+    voting: str = VotingRule.LEARNED.value  # parallel MAT's voting rule: mean, learned, gated
+    voting_epochs: int = 30  # epochs fitting the voting unit on validation data
+    workers: int = 1  # processes training parallel-MAT members concurrently
     grid: list[float] | None = None  # test strengths; None: the dataset's default grid
     mixed_size: str = "full"  # mixed MAT: "full" (S+1 times the data) or "reduced" (N_C total)
     epochs: int = 10  # victim training epochs (passes over the clean training set)
@@ -95,17 +122,23 @@ class MatConfig:
                                 "'white-box'") from None
         if self.mixed_size not in ("full", "reduced"):
             raise AdvguardError(f"mixed_size must be 'full' or 'reduced', got {self.mixed_size!r}")
-        strengths = check_strengths(self.strengths or DEFAULTS[info.name]["strengths"])
-        grid = check_strengths(self.grid or DEFAULTS[info.name]["grid"])
-        single = (self.single_strength if self.single_strength is not None
-                  else statistics.median_low(strengths))
-        check_strengths(single)
+        strengths = check_strengths(self.strengths) if self.strengths else None
+        grid = check_strengths(self.grid or DEFAULT_GRIDS[info.name])
+        single = self.single_strength
+        if single is None and strengths:
+            single = statistics.median_low(strengths)
+        if single is not None:
+            check_strengths(single)
+        if self.penalty > 0:
+            raise AdvguardError(f"penalty must be ≤ 0, got {self.penalty}")
+        voting = parse_rule(self.voting).value
         for name in ("epochs", "crafter_epochs", "batch_size", "pgd_steps", "pgd_restarts",
-                     "pgd_limit"):
+                     "pgd_limit", "matrix_epochs", "matrix_train_limit", "walks", "voting_epochs",
+                     "workers"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AdvguardError(f"{name} must be at least 1, got {getattr(self, name)}")
         return replace(self, dataset=info.name, setting=setting, strengths=strengths, grid=grid,
-                       single_strength=float(single),
+                       single_strength=None if single is None else float(single), voting=voting,
                        victim=self.victim or model_for(info.name, "victim"),
                        crafter=self.crafter or model_for(info.name, "crafter"))
 
@@ -136,10 +169,21 @@ class MatRun:
         return self.out / "checkpoints"
 
     @property
+    def transfer(self) -> bool:
+        return self.config.setting == Setting.TRANSFER.value
+
+    @property
     def train_config(self) -> TrainConfig:
         c = self.config
         return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
                            device=c.device)
+
+    @property
+    def grid(self) -> list[float]:
+        return list(self.config.grid or [])
+
+    def build_victim(self) -> nn.Module:
+        return build_model(self.config.victim or "", self.config.dataset)
 
     def data(self) -> _Data:
         if self._data is None:
@@ -154,6 +198,10 @@ class MatRun:
             log.info("data: %d train, %d validation, %d test", len(tr), len(va), len(test))
         return self._data
 
+    def _split(self, split: str) -> ImageSet:
+        d = self.data()
+        return {"train": d.train, "val": d.val, "test": d.test}[split]
+
     # --- stages ---------------------------------------------------------------------------
 
     def crafter(self) -> nn.Module:
@@ -163,15 +211,15 @@ class MatRun:
             return load_model(path)[0]
         c, d = self.config, self.data()
         torch.manual_seed(c.seed)
-        model = build_model(c.crafter, c.dataset)  # type: ignore[arg-type]
+        model = build_model(c.crafter or "", c.dataset)
         result = train(model, d.train, StrengthMix(), None,
                        replace(self.train_config, epochs=c.crafter_epochs), val=d.val,
                        state_path=self.ckpt / "crafter.state.pt", progress=self.progress,
                        desc=f"crafter {c.crafter}")
         acc = accuracy(model, d.test.x, d.test.y, device=c.device)
         log.info("crafting model %s: clean test accuracy %.4f", c.crafter, acc)
-        save_model(path, model, arch=c.crafter, dataset=c.dataset,  # type: ignore[arg-type]
-                   test_accuracy=acc, train_seconds=result.seconds, history=result.history)
+        save_model(path, model, arch=c.crafter or "", dataset=c.dataset, test_accuracy=acc,
+                   train_seconds=result.seconds, history=result.history)
         (self.ckpt / "crafter.state.pt").unlink(missing_ok=True)
         return model.eval()
 
@@ -180,85 +228,198 @@ class MatRun:
         path = self.ckpt / f"directions-{split}.safetensors"
         if path.exists():
             return load_tensors(path)[0]["directions"]
-        d = self.data()
-        images = d.train if split == "train" else d.test
-        crafter = self.crafter()
-        dirs = fgsm_directions(crafter, images.x, images.y, device=self.config.device,
+        images = self._split(split)
+        dirs = fgsm_directions(self.crafter(), images.x, images.y, device=self.config.device,
                                progress=self.progress, desc=f"craft FGSM ({split})")
         save_tensors(path, {"directions": dirs}, {"crafter": self.config.crafter})
         return dirs
 
-    def method_strengths(self, method: str) -> list[float]:
+    def attack_directions(self, model: nn.Module, split: str) -> torch.Tensor:
+        """The setting's FGSM directions on ``split``: the crafting model's (transfer) or
+        ``model``'s own (white-box)."""
+        if self.transfer:
+            return self.directions(split)
+        images = self._split(split)
+        return fgsm_directions(model, images.x, images.y, device=self.config.device)
+
+    def mssim(self) -> dict[str, Any]:
+        """MSSIM between validation images and their FGSM copies at every grid strength, and
+        the bound it gives (SPEC A4)."""
+        path = self.ckpt / "mssim.json"
+        if path.exists():
+            return dict(read_json(path))
+        val = self.data().val
+        table = mssim_table(val.x, self.directions("val"), self.grid)
+        bound = strength_bound(self.grid, table, self.config.tau)
+        out = {"grid": self.grid, "mssim": table, "tau": self.config.tau, "bound": bound,
+               "images": "validation split, FGSM directions of the crafting model"}
+        log.info("MSSIM bound (tau=%.2f): eps <= %.4g", self.config.tau, bound)
+        write_json(path, out)
+        return out
+
+    def candidates(self) -> list[float]:
+        bound = self.mssim()["bound"]
+        return [e for e in self.grid if 0 < e <= bound + 1e-12]
+
+    def matrix(self) -> list[list[float]]:
+        """A[i][j]: validation accuracy of the single-strength model trained at candidate i
+        under candidate strength j, in the run's setting (SPEC A5). One row per cached file."""
+        c, d = self.config, self.data()
+        cands = self.candidates()
+        rows = []
+        train_set = d.train if c.matrix_train_limit is None else d.train.subset(
+            slice(0, c.matrix_train_limit))
+        transfer = TransferDirections(self.directions("train")) if self.transfer else None
+        for i, eps in enumerate(cands):
+            path = self.ckpt / f"matrix-{i}.json"
+            if path.exists() and read_json(path)["strength"] == eps:
+                rows.append(list(read_json(path)["accuracy"]))
+                continue
+            torch.manual_seed(c.seed)
+            model = self.build_victim()
+            train(model, train_set, StrengthMix((eps,)), transfer,
+                  replace(self.train_config, epochs=c.matrix_epochs), progress=self.progress,
+                  desc=f"matrix row {i + 1}/{len(cands)} eps={eps:g}")
+            row = curve_from_directions(model, d.val.x, d.val.y,
+                                        self.attack_directions(model, "val"), cands,
+                                        device=c.device)
+            write_json(path, {"strength": eps, "test_strengths": cands, "accuracy": row})
+            rows.append(row)
+        return rows
+
+    def selection(self) -> dict[str, Any]:
+        """The strengths of every method: hand-picked, or chosen by random walk over the
+        accuracy matrix, with the exact optimum of the same G beside it."""
         c = self.config
-        table: dict[str, list[float]] = {
-            "original": [], "single": [float(c.single_strength or 0.0)],
-            "mixed": list(c.strengths or []), "parallel": list(c.strengths or [])}
-        return table[method]
+        if c.strengths:
+            return {"source": "hand-picked", "single": [c.single_strength],
+                    "mixed": list(c.strengths), "parallel": list(c.strengths)}
+        path = self.ckpt / "selection.json"
+        if path.exists():
+            return dict(read_json(path))
+        cands, A = self.candidates(), self.matrix()
+        out: dict[str, Any] = {"source": "random walk", "candidates": cands, "matrix": A,
+                               "walks": c.walks, "steps": c.walk_steps, "penalty": c.penalty,
+                               "seed": c.seed, "mssim": self.mssim()}
+        for combo in (Combination.PARALLEL, Combination.MIXED):
+            walk = random_walk_select(A, walks=c.walks, steps=c.walk_steps, penalty=c.penalty,
+                                      combination=combo, seed=c.seed)
+            exact = exhaustive_select(A, penalty=c.penalty, combination=combo)
+            rate = agreement_rate(A, range(100), walks=c.walks, steps=c.walk_steps,
+                                  penalty=c.penalty, combination=combo)
+            out[combo.value] = [cands[i] for i in walk.subset]
+            out[f"{combo.value}_selection"] = {
+                "walk": {"strengths": [cands[i] for i in walk.subset], "G": walk.G, "H": walk.H},
+                "exact": {"strengths": [cands[i] for i in exact.subset], "G": exact.G,
+                          "H": exact.H},
+                "agree": walk.subset == exact.subset, "agreement_over_100_seeds": rate}
+            log.info("%s MAT strengths by random walk: %s (G=%.4f; exact optimum %s, G=%.4f)",
+                     combo.value, out[combo.value], walk.G,
+                     out[f"{combo.value}_selection"]["exact"]["strengths"], exact.G)
+        if c.single_strength is not None:
+            out["single"] = [c.single_strength]
+        else:
+            matrix = np.asarray(A)
+            best = max(range(len(cands)), key=lambda i: estimate_H(matrix, [i]))
+            out["single"] = [cands[best]]
+        write_json(path, out)
+        return out
+
+    def method_strengths(self, method: str) -> list[float]:
+        return [] if method == "original" else list(self.selection()[method])
+
+    def voting_data(self, ensemble: VotingEnsemble) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation images, clean and FGSM at every grid strength, to fit the voting unit:
+        the crafting model's FGSM (transfer) or the mean-vote ensemble's own (white-box)."""
+        val = self.data().val
+        dirs = self.attack_directions(ensemble, "val")
+        xs = [val.x] + [perturb(val.x, dirs, e) for e in self.grid if e > 0]
+        return torch.cat(xs), val.y.repeat(len(xs))
+
+    def ensemble(self, rule: str) -> tuple[VotingEnsemble, float]:
+        """Parallel MAT with voting ``rule``; members are trained once and shared by all
+        rules."""
+        c, d = self.config, self.data()
+        members_path = self.ckpt / "parallel-members.safetensors"
+        if members_path.exists():
+            base, meta = load_ensemble(members_path)
+            seconds = float(meta["train_seconds"])
+        else:
+            strengths = self.method_strengths("parallel")
+            base, res = train_parallel(
+                functools.partial(build_model, c.victim or "", c.dataset), d.train, strengths,
+                TransferDirections(self.directions("train")) if self.transfer else None,
+                self.train_config, val=d.val, state_dir=self.ckpt, progress=self.progress,
+                workers=c.workers)
+            seconds = sum(r.seconds for r in res.members)
+            save_ensemble(members_path, base, arch=c.victim or "", dataset=c.dataset,
+                          strengths=strengths, train_seconds=seconds,
+                          history=[r.history for r in res.members],
+                          peak_rss_mb=res.peak_rss_mb, workers=c.workers)
+            for k in range(len(strengths)):
+                (self.ckpt / f"parallel-{k}.state.pt").unlink(missing_ok=True)
+        if rule == VotingRule.MEAN.value:
+            return base, seconds
+        path = self.ckpt / f"parallel-{rule}.safetensors"
+        if path.exists():
+            return load_ensemble(path)[0], seconds
+        ens = VotingEnsemble(list(base.members), rule=rule, num_classes=d.val.info.num_classes)
+        x, y = self.voting_data(base)
+        losses = fit_voting(ens, x, y, epochs=c.voting_epochs, seed=c.seed, device=c.device)
+        save_ensemble(path, ens, arch=c.victim or "", dataset=c.dataset,
+                      strengths=self.method_strengths("parallel"), train_seconds=seconds,
+                      voting_losses=losses)
+        return ens.eval(), seconds
 
     def model(self, method: str) -> tuple[nn.Module, float]:
         """The trained model of ``method`` and its training wall time (trained if missing)."""
+        if method == "parallel":
+            return self.ensemble(self.config.voting)
         c, d = self.config, self.data()
         path = self.ckpt / f"{method}.safetensors"
         if path.exists():
-            if method == "parallel":
-                ens, meta = load_ensemble(path)
-                return ens, float(meta["train_seconds"])
             model, meta = load_model(path)
             return model, float(meta["train_seconds"])
-        transfer = c.setting == Setting.TRANSFER.value
-
-        def source() -> TransferDirections | WhiteBoxDirections:
-            return (TransferDirections(self.directions("train")) if transfer
-                    else WhiteBoxDirections())
-
         strengths = self.method_strengths(method)
-        if method == "parallel":
-            ens, results = train_parallel(
-                lambda: build_model(c.victim, c.dataset),  # type: ignore[arg-type]
-                d.train, strengths, source, self.train_config, val=d.val, state_dir=self.ckpt,
-                progress=self.progress)
-            seconds = sum(r.seconds for r in results)
-            save_ensemble(path, ens, arch=c.victim, dataset=c.dataset,  # type: ignore[arg-type]
-                          strengths=strengths, train_seconds=seconds,
-                          history=[r.history for r in results])
-            for k in range(len(strengths)):
-                (self.ckpt / f"parallel-{k}.state.pt").unlink(missing_ok=True)
-            return ens, seconds
         torch.manual_seed(c.seed)
-        model = build_model(c.victim, c.dataset)  # type: ignore[arg-type]
+        model = self.build_victim()
         mix = StrengthMix(tuple(strengths), reduced=method == "mixed" and
                           c.mixed_size == "reduced")
+        source = (TransferDirections(self.directions("train"))
+                  if self.transfer and strengths else None)
         state = self.ckpt / f"{method}.state.pt"
-        result = train(model, d.train, mix, source() if strengths else None, self.train_config,
-                       val=d.val, state_path=state, progress=self.progress, desc=method)
-        save_model(path, model, arch=c.victim, dataset=c.dataset,  # type: ignore[arg-type]
-                   strengths=strengths, train_seconds=result.seconds, history=result.history)
+        result = train(model, d.train, mix, source, self.train_config, val=d.val,
+                       state_path=state, progress=self.progress, desc=method)
+        save_model(path, model, arch=c.victim or "", dataset=c.dataset, strengths=strengths,
+                   train_seconds=result.seconds, history=result.history)
         state.unlink(missing_ok=True)
         return model, result.seconds
+
+    def curves(self, model: nn.Module, name: str, pgd_limit: int | None) -> dict[str, list[float]]:
+        """``model``'s curves under the three threat settings on the test set."""
+        c, test = self.config, self.data().test
+        model.to(c.device)
+        kw: dict[str, Any] = {"device": c.device, "progress": self.progress}
+        return {
+            ThreatSetting.TRANSFER_FGSM.value: curve_from_directions(
+                model, test.x, test.y, self.directions("test"), self.grid,
+                desc=f"{name} transfer", **kw),
+            ThreatSetting.WHITE_BOX_FGSM.value: curve_from_directions(
+                model, test.x, test.y, fgsm_directions(model, test.x, test.y, **kw), self.grid,
+                desc=f"{name} white-box FGSM", **kw),
+            ThreatSetting.WHITE_BOX_PGD.value: pgd_curve(
+                model, test.x[:pgd_limit], test.y[:pgd_limit], self.grid,
+                PGD(steps=c.pgd_steps, restarts=c.pgd_restarts, seed=c.seed),
+                desc=f"{name} PGD-{c.pgd_steps}", **kw),
+        }
 
     def evaluate(self, method: str) -> MethodResult:
         """Curves of ``method`` under the three threat settings (cached per method)."""
         path = self.ckpt / f"eval-{method}.json"
         if path.exists():
             return MethodResult(**read_json(path))
-        c, d = self.config, self.data()
         model, seconds = self.model(method)
-        model.to(c.device)
-        grid = list(c.grid or [])
-        test = d.test
-        kw: dict[str, Any] = {"device": c.device, "progress": self.progress}
-        curves = {
-            ThreatSetting.TRANSFER_FGSM.value: curve_from_directions(
-                model, test.x, test.y, self.directions("test"), grid, desc=f"{method} transfer",
-                **kw),
-            ThreatSetting.WHITE_BOX_FGSM.value: curve_from_directions(
-                model, test.x, test.y, fgsm_directions(model, test.x, test.y, **kw), grid,
-                desc=f"{method} white-box FGSM", **kw),
-            ThreatSetting.WHITE_BOX_PGD.value: pgd_curve(
-                model, test.x[:c.pgd_limit], test.y[:c.pgd_limit], grid,
-                PGD(steps=c.pgd_steps, restarts=c.pgd_restarts, seed=c.seed),
-                desc=f"{method} PGD-{c.pgd_steps}", **kw),
-        }
+        curves = self.curves(model, method, self.config.pgd_limit)
         primary = self.primary_attack
         result = MethodResult(curve=curves[primary], mean=grid_mean(curves[primary]),
                               strengths=self.method_strengths(method), curves=curves,
@@ -267,9 +428,27 @@ class MatRun:
         write_json(path, asdict(result))
         return result
 
+    def voting_comparison(self) -> dict[str, Any]:
+        """Every voting rule on the same members: grid means under the three attacks (PGD on
+        at most the first 1,000 test images), and the learned weights."""
+        path = self.ckpt / "eval-voting.json"
+        if path.exists():
+            return dict(read_json(path))
+        limit = min(self.config.pgd_limit or 1000, 1000)
+        out: dict[str, Any] = {"pgd_test_images": min(limit, len(self.data().test))}
+        for rule in VotingRule:
+            ens, _ = self.ensemble(rule.value)
+            curves = self.curves(ens, f"parallel[{rule.value}]", limit)
+            out[rule.value] = {"means": {k: grid_mean(v) for k, v in curves.items()},
+                               "curves": curves}
+            if rule is VotingRule.LEARNED:
+                out[rule.value]["weights"] = ens.logits.detach().softmax(0).tolist()
+        write_json(path, out)
+        return out
+
     @property
     def primary_attack(self) -> str:
-        return (ThreatSetting.TRANSFER_FGSM.value if self.config.setting == Setting.TRANSFER.value
+        return (ThreatSetting.TRANSFER_FGSM.value if self.transfer
                 else ThreatSetting.WHITE_BOX_FGSM.value)
 
 
@@ -294,19 +473,24 @@ def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> Mat
     """Run (or resume) the MAT experiment in ``out`` and write its report there."""
     cfg = prepare_run_dir(config, out)
     run = MatRun(cfg, Path(out), progress)
+    selection = run.selection()
     methods = {m: run.evaluate(m) for m in ("original", "single", "mixed", "parallel")}
+    voting = run.voting_comparison()
     crafter_meta = load_tensors(run.ckpt / "crafter.safetensors")[1]
+    members_meta = load_tensors(run.ckpt / "parallel-members.safetensors")[1]
+    d = run.data()
     results = MatResults(
-        dataset=cfg.dataset, setting=cfg.setting, attack=run.primary_attack,
-        grid=list(cfg.grid or []), methods=methods,
+        dataset=cfg.dataset, setting=cfg.setting, attack=run.primary_attack, grid=run.grid,
+        methods=methods,
         details={"victim": cfg.victim, "crafter": cfg.crafter,
                  "crafter_test_accuracy": crafter_meta["test_accuracy"],
-                 "mixed_size": cfg.mixed_size, "seed": cfg.seed,
-                 "train_size": len(run.data().train), "val_size": len(run.data().val),
-                 "test_size": len(run.data().test),
+                 "mixed_size": cfg.mixed_size, "seed": cfg.seed, "voting_rule": cfg.voting,
+                 "train_size": len(d.train), "val_size": len(d.val), "test_size": len(d.test),
                  "pgd": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts,
-                         "test_images": min(cfg.pgd_limit or len(run.data().test),
-                                            len(run.data().test)),
-                         "step_size": "2.5*eps/steps", "random_start": True}})
+                         "test_images": min(cfg.pgd_limit or len(d.test), len(d.test)),
+                         "step_size": "2.5*eps/steps", "random_start": True},
+                 "parallel_training": {"workers": cfg.workers,
+                                       "peak_rss_mb": members_meta.get("peak_rss_mb")},
+                 "selection": selection, "voting": voting})
     write_report(out, results)
     return results

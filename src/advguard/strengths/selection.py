@@ -1,0 +1,135 @@
+"""Random-walk strength selection (paper §4.3, SPEC A5) and the exact search that checks it.
+
+``A`` is the m × m accuracy matrix: ``A[i, j]`` is the validation accuracy of the model trained
+at candidate strength ``e_i`` under test strength ``e_j`` (one grid for both).
+
+* ``H_parallel(S) = mean_j max_{i∈S} A[i, j]`` — the envelope of the members' working zones.
+* ``H_mixed(S) = mean_j (max_{i∈S} A[i, j] + mean_{i∈S} A[i, j]) / 2`` — advguard's estimate for
+  one model trained on all of S: it reaches the envelope only halfway, because the strengths
+  share one model's capacity (with the plain mean, mixing could never beat the best single
+  strength, and the selection would be trivial).
+* ``G(S) = H(S) + a·|S|`` with ``a ≤ 0`` the penalty per strength.
+
+The walk (default transition ``P = A_M``, A row-normalised): ``t`` walks of ``l`` steps from a
+uniformly drawn start; the set of states visited after every step is a candidate; the best G wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from advguard.errors import InputError
+
+
+class Combination(str, Enum):
+    PARALLEL = "parallel"
+    MIXED = "mixed"
+
+
+@dataclass(frozen=True)
+class Selection:
+    subset: tuple[int, ...]  # indices into the candidate strengths, ascending
+    G: float
+    H: float
+
+    def rank(self) -> tuple[float, int, tuple[int, ...]]:
+        """Order of preference: higher G (to 1e-12), then fewer strengths, then the
+        lexicographically smaller subset — the same tie-break for the walk and the search."""
+        return (round(self.G, 12), -len(self.subset), tuple(-i for i in self.subset))
+
+
+def _check_matrix(A: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    A = np.asarray(A, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise InputError(f"the accuracy matrix must be square and non-empty, got shape {A.shape}")
+    if not np.isfinite(A).all() or A.min() < 0:
+        raise InputError("the accuracy matrix must hold finite non-negative accuracies")
+    return A
+
+
+def estimate_H(A: np.ndarray, subset: Sequence[int],
+               combination: Combination | str = Combination.PARALLEL) -> float:
+    """H(subset): the estimated grid-mean accuracy of a multi-strength combination."""
+    rows = A[list(subset)]
+    envelope = rows.max(axis=0).mean()
+    if Combination(combination) is Combination.PARALLEL:
+        return float(envelope)
+    return float((envelope + rows.mean(axis=0).mean()) / 2)
+
+
+def objective(A: np.ndarray, subset: Sequence[int], penalty: float,
+              combination: Combination | str = Combination.PARALLEL) -> Selection:
+    h = estimate_H(A, subset, combination)
+    return Selection(tuple(sorted(subset)), h + penalty * len(subset), h)
+
+
+def transition_matrix(A: np.ndarray) -> np.ndarray:
+    """``A_M``: each row of A divided by its sum (row-stochastic), the default transitions."""
+    A = _check_matrix(A)
+    sums = A.sum(axis=1, keepdims=True)
+    uniform = np.full_like(A, 1.0 / A.shape[1])
+    return np.where(sums > 0, A / np.where(sums > 0, sums, 1.0), uniform)
+
+
+def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int = 200,
+                       steps: int = 8, penalty: float = -0.005,
+                       combination: Combination | str = Combination.PARALLEL,
+                       seed: int = 0) -> Selection:
+    """The paper's selection: the best G over the sets visited by ``walks`` walks of ``steps``."""
+    A = _check_matrix(A)
+    if penalty > 0:
+        raise InputError(f"the penalty per strength must be ≤ 0, got {penalty}")
+    if walks < 1 or steps < 0:
+        raise InputError("walks must be ≥ 1 and steps ≥ 0")
+    P = transition_matrix(A)
+    rng = np.random.default_rng(seed)
+    m = A.shape[0]
+    seen: dict[frozenset[int], Selection] = {}
+    best: Selection | None = None
+    for _ in range(walks):
+        state = int(rng.integers(m))
+        visited = {state}
+        for step in range(steps + 1):
+            if step:
+                state = int(rng.choice(m, p=P[state]))
+                visited.add(state)
+            key = frozenset(visited)
+            if key not in seen:
+                seen[key] = objective(A, sorted(key), penalty, combination)
+                if best is None or seen[key].rank() > best.rank():
+                    best = seen[key]
+    assert best is not None
+    return best
+
+
+def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: float = -0.005,
+                      combination: Combination | str = Combination.PARALLEL) -> Selection:
+    """The exact optimum of the same G over every non-empty subset (m ≤ 16)."""
+    A = _check_matrix(A)
+    m = A.shape[0]
+    if m > 16:
+        raise InputError(f"exhaustive search is limited to 16 candidates, got {m}")
+    best: Selection | None = None
+    for size in range(1, m + 1):
+        for subset in itertools.combinations(range(m), size):
+            cand = objective(A, subset, penalty, combination)
+            if best is None or cand.rank() > best.rank():
+                best = cand
+    assert best is not None
+    return best
+
+
+def agreement_rate(A: np.ndarray | Sequence[Sequence[float]], seeds: Sequence[int], *,
+                   walks: int = 200, steps: int = 8, penalty: float = -0.005,
+                   combination: Combination | str = Combination.PARALLEL) -> float:
+    """Share of ``seeds`` for which the walk returns the exact optimum's subset."""
+    exact = exhaustive_select(A, penalty=penalty, combination=combination).subset
+    hits = sum(random_walk_select(A, walks=walks, steps=steps, penalty=penalty,
+                                  combination=combination, seed=s).subset == exact
+               for s in seeds)
+    return hits / len(seeds)
