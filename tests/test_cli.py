@@ -141,3 +141,37 @@ def test_interrupted_training_resumes_from_its_state(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "resuming after epoch 1" in proc.stderr
     assert out.is_file() and not out.with_suffix(".state.pt").exists()
+
+
+def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path):
+    out = tmp_path / "walk"
+    proc = run_cli("reproduce", "mat", "--out", str(out), "--grid", "0,0.1,0.2,0.3",
+                   "--matrix-epochs", "1", "--walks", "100", "--voting", "gated", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    sel = results["details"]["selection"]
+    assert sel["source"] == "random walk" and sel["candidates"] == [0.1, 0.2, 0.3]
+    assert len(sel["matrix"]) == 3 and all(len(r) == 3 for r in sel["matrix"])
+    assert sel["mssim"]["mssim"][0] == pytest.approx(1.0)
+    for combo in ("parallel", "mixed"):
+        chosen = sel[f"{combo}_selection"]
+        assert results["methods"][combo]["strengths"] == chosen["walk"]["strengths"]
+        assert chosen["exact"]["G"] >= chosen["walk"]["G"] - 1e-12
+    assert set(results["details"]["voting"]) >= {"mean", "learned", "gated"}
+    table = (out / "table.md").read_text()
+    assert "## Strength selection" in table and "## Parallel MAT voting rules" in table
+
+    proc = run_cli("select-strengths", str(out), "--walks", "100", "--seeds", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "exact optimum:" in proc.stdout and "agree: yes" in proc.stdout
+
+
+def test_select_strengths_from_a_matrix_file(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"strengths": [0.1, 0.2, 0.3],
+                                "matrix": [[0.9, 0.5, 0.3], [0.6, 0.9, 0.6], [0.3, 0.5, 0.9]]}))
+    proc = run_cli("select-strengths", str(path), "--penalty", "-0.01", "--seeds", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert "exact optimum: {0.1, 0.2, 0.3}" in proc.stdout
+    path.write_text(json.dumps({"matrix": [[0.9, 0.5]]}))
+    assert_one_line_error(run_cli("select-strengths", str(path)), "must be square")

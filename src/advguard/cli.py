@@ -63,9 +63,9 @@ def reproduce_mat(
     matrix_epochs: int = 3,
     matrix_train_limit: Annotated[int | None, typer.Option(
         help="train accuracy-matrix models on the first N images only")] = None,
-    walks: int = 200,
+    walks: int = 1000,
     walk_steps: int = 8,
-    penalty: Annotated[float, typer.Option(help="a ≤ 0 in G = H + a·S")] = -0.005,
+    penalty: Annotated[float, typer.Option(help="a ≤ 0 in G = H + a·S")] = -0.001,
     voting: Annotated[str, typer.Option(help="parallel MAT voting: mean, learned, gated")]
     = "learned",
     voting_epochs: int = 30,
@@ -229,9 +229,9 @@ def evaluate(
 def select_strengths(
     source: Annotated[Path, typer.Argument(
         help="a run directory, or a JSON file {\"strengths\": [...], \"matrix\": [[...]]}")],
-    walks: int = 200,
+    walks: int = 1000,
     walk_steps: int = 8,
-    penalty: float = -0.005,
+    penalty: float = -0.001,
     combination: Annotated[str, typer.Option(help="parallel or mixed")] = "parallel",
     seed: int = 0,
     seeds: Annotated[int, typer.Option(help="seeds to measure agreement over")] = 100,

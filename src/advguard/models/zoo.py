@@ -72,32 +72,33 @@ def mlp3(info: DatasetInfo, hidden: int = 512) -> nn.Sequential:
     )
 
 
+# Widths are advguard's (the paper gives layer counts only), sized to train on 2 CPU cores.
 def cifar_crafter(info: DatasetInfo) -> nn.Sequential:
-    """CIFAR/SVHN crafting CNN: 3 × (conv + BN + max-pool) and 2 FC layers."""
+    """CIFAR/SVHN crafting CNN: 3 × (conv 3×3 + BN + max-pool), 32/64/128 channels, 2 FC."""
     h, w = info.size
     return nn.Sequential(
-        InputNorm(info), *_conv_blocks([info.channels, 64, 128, 256], bn=True), nn.Flatten(),
-        nn.Linear(256 * (h // 8) * (w // 8), 256), nn.ReLU(inplace=True),
+        InputNorm(info), *_conv_blocks([info.channels, 32, 64, 128], bn=True), nn.Flatten(),
+        nn.Linear(128 * (h // 8) * (w // 8), 256), nn.ReLU(inplace=True),
         nn.Linear(256, info.num_classes),
     )
 
 
 def cifar_victim(info: DatasetInfo) -> nn.Sequential:
-    """CIFAR victim CNN: 3 conv, 3 pool, 1 FC ("inner product") layer."""
+    """CIFAR victim CNN: 3 conv (16/32/64 channels), 3 pool, 1 FC ("inner product") layer."""
     h, w = info.size
     return nn.Sequential(
-        InputNorm(info), *_conv_blocks([info.channels, 32, 64, 128], bn=False), nn.Flatten(),
-        nn.Linear(128 * (h // 8) * (w // 8), info.num_classes),
+        InputNorm(info), *_conv_blocks([info.channels, 16, 32, 64], bn=False), nn.Flatten(),
+        nn.Linear(64 * (h // 8) * (w // 8), info.num_classes),
     )
 
 
 def svhn_victim(info: DatasetInfo) -> nn.Sequential:
-    """SVHN victim CNN: 3 conv, 3 pool, 2 FC layers."""
+    """SVHN victim CNN: 3 conv (16/32/64 channels), 3 pool, 2 FC layers."""
     h, w = info.size
     return nn.Sequential(
-        InputNorm(info), *_conv_blocks([info.channels, 32, 64, 128], bn=False), nn.Flatten(),
-        nn.Linear(128 * (h // 8) * (w // 8), 256), nn.ReLU(inplace=True),
-        nn.Linear(256, info.num_classes),
+        InputNorm(info), *_conv_blocks([info.channels, 16, 32, 64], bn=False), nn.Flatten(),
+        nn.Linear(64 * (h // 8) * (w // 8), 128), nn.ReLU(inplace=True),
+        nn.Linear(128, info.num_classes),
     )
 
 

@@ -76,8 +76,8 @@ def transition_matrix(A: np.ndarray) -> np.ndarray:
     return np.where(sums > 0, A / np.where(sums > 0, sums, 1.0), uniform)
 
 
-def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int = 200,
-                       steps: int = 8, penalty: float = -0.005,
+def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int = 1000,
+                       steps: int = 8, penalty: float = -0.001,
                        combination: Combination | str = Combination.PARALLEL,
                        seed: int = 0) -> Selection:
     """The paper's selection: the best G over the sets visited by ``walks`` walks of ``steps``."""
@@ -107,7 +107,7 @@ def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int 
     return best
 
 
-def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: float = -0.005,
+def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: float = -0.001,
                       combination: Combination | str = Combination.PARALLEL) -> Selection:
     """The exact optimum of the same G over every non-empty subset (m ≤ 16)."""
     A = _check_matrix(A)
@@ -125,7 +125,7 @@ def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: flo
 
 
 def agreement_rate(A: np.ndarray | Sequence[Sequence[float]], seeds: Sequence[int], *,
-                   walks: int = 200, steps: int = 8, penalty: float = -0.005,
+                   walks: int = 1000, steps: int = 8, penalty: float = -0.001,
                    combination: Combination | str = Combination.PARALLEL) -> float:
     """Share of ``seeds`` for which the walk returns the exact optimum's subset."""
     exact = exhaustive_select(A, penalty=penalty, combination=combination).subset
