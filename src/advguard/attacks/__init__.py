@@ -6,7 +6,8 @@ untouched, and returns images within ``eps`` of ``x`` in the L∞ norm.
 
 from advguard.attacks.base import check_strengths, eval_mode
 from advguard.attacks.fgsm import fgsm, fgsm_directions, gradient_sign, perturb
+from advguard.attacks.lbfgs import LBFGS, LBFGSReport
 from advguard.attacks.pgd import PGD, pgd
 
-__all__ = ["PGD", "check_strengths", "eval_mode", "fgsm", "fgsm_directions", "gradient_sign",
-           "perturb", "pgd"]
+__all__ = ["LBFGS", "LBFGSReport", "PGD", "check_strengths", "eval_mode", "fgsm",
+           "fgsm_directions", "gradient_sign", "perturb", "pgd"]

@@ -1,0 +1,67 @@
+"""Feature pre-processing fitted on the labelled bank only (SPEC B2): none, l2, pca-whiten."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from advguard.errors import InputError
+
+
+class Preprocessing(str, Enum):
+    NONE = "none"
+    L2 = "l2"
+    PCA_WHITEN = "pca-whiten"
+
+
+def parse_preprocessing(value: str | Preprocessing) -> Preprocessing:
+    try:
+        return Preprocessing(value)
+    except ValueError:
+        raise InputError(f"unknown pre-processing {value!r}; choose one of: "
+                         + ", ".join(p.value for p in Preprocessing)) from None
+
+
+class Preprocessor:
+    """``fit(bank)`` then ``transform(features)``; PCA whitening is scikit-learn's ``PCA(whiten=
+    True)`` (≤ 256 components), kept as plain arrays so it saves without pickling."""
+
+    def __init__(self, kind: str | Preprocessing = Preprocessing.NONE,
+                 max_components: int = 256) -> None:
+        self.kind = parse_preprocessing(kind)
+        self.max_components = max_components
+
+    def fit(self, features: np.ndarray, seed: int = 0) -> Preprocessor:
+        if self.kind is Preprocessing.PCA_WHITEN:
+            from sklearn.decomposition import PCA
+
+            n = min(self.max_components, features.shape[1], features.shape[0])
+            pca = PCA(n_components=n, whiten=True, random_state=seed).fit(features)
+            self.mean_ = pca.mean_.astype(np.float32)
+            self.components_ = pca.components_.astype(np.float32)
+            self.scale_ = np.sqrt(pca.explained_variance_).astype(np.float32)
+        return self
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        if self.kind is Preprocessing.L2:
+            norms = np.linalg.norm(f, axis=1, keepdims=True)
+            return f / np.maximum(norms, 1e-12)
+        if self.kind is Preprocessing.PCA_WHITEN:
+            if not hasattr(self, "components_"):
+                raise InputError("pca-whiten pre-processing used before fit")
+            z = (f - self.mean_) @ self.components_.T / np.maximum(self.scale_, 1e-12)
+            return np.ascontiguousarray(z, dtype=np.float32)
+        return f
+
+    def state(self) -> dict[str, np.ndarray]:
+        if self.kind is not Preprocessing.PCA_WHITEN:
+            return {}
+        return {"mean": self.mean_, "components": self.components_, "scale": self.scale_}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> Preprocessor:
+        if self.kind is Preprocessing.PCA_WHITEN:
+            self.mean_, self.components_, self.scale_ = (state["mean"], state["components"],
+                                                         state["scale"])
+        return self
