@@ -175,3 +175,24 @@ def test_select_strengths_from_a_matrix_file(tmp_path):
     assert "exact optimum: {0.1, 0.2, 0.3}" in proc.stdout
     path.write_text(json.dumps({"matrix": [[0.9, 0.5]]}))
     assert_one_line_error(run_cli("select-strengths", str(path)), "must be square")
+
+
+def test_reproduce_detect_end_to_end(tmp_path):
+    out = tmp_path / "detect"
+    proc = run_cli("reproduce", "detect", "--train-limit", "1500", "--val-size", "300",
+                   "--queries", "150", "--lbfgs-queries", "20", "--k", "20", "--epochs", "1",
+                   "--pgd-steps", "3", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    for name in ["config.json", "results.json", "table.md", "roc.png", "threshold.png",
+                 "density.png"]:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == {"none", "l2", "pca-whiten"}
+    best = results["table"]["pca-whiten"]["dwknn"]
+    for negatives in ("fgsm", "errors"):
+        assert 0.0 <= best[negatives]["eer_accuracy"] <= 1.0
+        assert 0.0 <= best[negatives]["auc"] <= 1.0
+    lb = results["counts"]["lbfgs"]
+    assert lb["fooled"] + lb["failed"] == lb["attacked"]
+    assert "mat" in results and "pca-whiten/dwknn" in results["mat"]
+    assert "| pca-whiten | dwknn |" in (out / "table.md").read_text()

@@ -1,0 +1,141 @@
+"""Detection results -> ``results.json``, ``table.md`` (the paper's Table 2 layout),
+``roc.png``, ``threshold.png`` (Fig. 3) and ``density.png`` (Fig. 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advguard.evaluation import roc, threshold_sweep
+from advguard.io import atomic_write, write_json, write_text
+
+# The paper's Table 2 (OverFeat on ImageNet): EER accuracy (%) per pre-processing and score.
+PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float, float]]] = {
+    "none": {"knn": (70.7, 69.9, 70.3, 58.1), "wknn": (71.2, 70.8, 71.0, 59.6),
+             "dwknn": (71.0, 69.9, 70.4, 58.6)},
+    "l2": {"knn": (79.2, 74.3, 76.7, 60.7), "wknn": (81.4, 76.4, 78.9, 62.9),
+           "dwknn": (81.7, 76.6, 79.1, 61.6)},
+    "pca-whiten": {"knn": (86.4, 83.4, 84.9, 62.9), "wknn": (85.9, 83.8, 84.8, 65.0),
+                   "dwknn": (86.5, 83.5, 85.0, 63.6)},
+}
+COLUMNS = ("lbfgs", "fgsm", "aggregated", "errors")
+LABELS = {"lbfgs": "L-BFGS", "fgsm": "FGSM", "aggregated": "aggregated", "errors": "errors",
+          "pgd": "PGD", "adaptive": "adaptive PGD"}
+
+
+def write_detect_report(out: str | Path, results: dict[str, Any],
+                        best: dict[str, np.ndarray]) -> list[Path]:
+    out = Path(out)
+    return [write_json(out / "results.json", results),
+            write_text(out / "table.md", detect_table(results)),
+            *plot_detection(out, best)]
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    return f"{100 * metrics[key]['eer_accuracy']:.1f}" if key in metrics else "—"
+
+
+def detect_table(results: dict[str, Any]) -> str:
+    t = results["table"]
+    c = results["counts"]
+    lines = [f"# {results['dataset']}: kNN detection, EER accuracy (%)", "",
+             f"Attacked model: {results['model']} ({100 * results['test_accuracy']:.2f}% clean "
+             f"test accuracy); k = {results['k']}; FGSM/PGD ε = {results['eps']:.4g}. "
+             "Positives: correctly classified test images; negatives: adversarial images that "
+             "fool the model, or the model's errors. Ours / paper (OverFeat, ImageNet).", "",
+             "| processing | score | " + " | ".join(LABELS[k] for k in COLUMNS)
+             + " | PGD | adaptive PGD |", "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+    for pre in ("none", "l2", "pca-whiten"):
+        for w in ("knn", "wknn", "dwknn"):
+            m = t[pre][w]
+            paper = PAPER_TABLE2[pre][w]
+            cells = [f"{_cell(m, k)} / {p}" for k, p in zip(COLUMNS, paper, strict=True)]
+            lines.append(f"| {pre} | {w} | " + " | ".join(cells)
+                         + f" | {_cell(m, 'pgd')} | {_cell(m, 'adaptive')} |")
+    best = t["pca-whiten"]["dwknn"]
+    lines += ["", f"Negatives: L-BFGS {c['lbfgs']['fooled']} fooled of {c['lbfgs']['attacked']} "
+              f"attacked ({c['lbfgs']['failed']} failures), FGSM {c['fgsm']['fooled']}, PGD "
+              f"{c['pgd']['fooled']}, adaptive {c['adaptive']['fooled']}, errors {c['errors']}; "
+              f"positives {c['authentic']}.", "",
+              f"Operating point (PCA + whitening, DW-kNN; threshold keeps "
+              f"{100 * best['kept_authentic']:.1f}% of authentic test inputs, set on the "
+              "validation split): share of negatives filtered — "
+              + ", ".join(f"{LABELS[k]} {100 * best[k]['filtered']:.1f}%"
+                          for k in ("lbfgs", "fgsm", "pgd", "adaptive", "errors") if k in best)
+              + "."]
+    lv = results["lbfgs_vs_fgsm"]
+    lines += ["", f"L-BFGS: success rate {100 * lv['lbfgs_success_rate']:.1f}% (targeted), mean "
+              f"L2 {lv['lbfgs_mean_l2']:.3f}; the smallest FGSM strength reaching that success "
+              f"rate (untargeted): ε = {lv['fgsm_same_rate']['eps']:.3f}, success rate "
+              f"{100 * lv['fgsm_same_rate']['success_rate']:.1f}%, mean L2 "
+              f"{lv['fgsm_same_rate']['mean_l2']:.3f}."]
+    if "mat" in results:
+        m = results["mat"]
+        mm = m["pca-whiten/dwknn"]
+        lines += ["", f"On a mixed-MAT model (white-box FGSM training at "
+                  f"{', '.join(f'{s:.4g}' for s in m['strengths'])}; "
+                  f"{100 * m['test_accuracy']:.2f}% clean), PCA + whitening, DW-kNN: "
+                  + ", ".join(f"{LABELS[k]} EER accuracy {100 * mm[k]['eer_accuracy']:.1f}% "
+                              f"(n = {mm[k]['n']})" for k in ("fgsm", "pgd", "errors")
+                              if k in mm) + "."]
+    lines += ["", "Memory of the bank (MB): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in results["bank_mb"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_detection(out: Path, scores: dict[str, np.ndarray]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = scores["authentic"]
+    negs = {k: v for k, v in scores.items() if k not in ("authentic", "calibration") and len(v)}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for name, neg in negs.items():
+        fpr, tpr, _ = roc(pos, neg)
+        ax.plot(fpr, tpr, label=LABELS.get(name, name))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate (negatives trusted)")
+    ax.set_ylabel("true positive rate (authentic trusted)")
+    ax.set_title("ROC, PCA + whitening, DW-kNN", fontsize=10)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "roc.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    thresholds = np.linspace(0, 1, 101)
+    tpr, _ = threshold_sweep(pos, next(iter(negs.values())), thresholds)
+    ax.plot(thresholds, tpr, "k", lw=2, label="authentic kept (TPR)")
+    for name, neg in negs.items():
+        _, fpr = threshold_sweep(pos, neg, thresholds)
+        ax.plot(thresholds, fpr, label=f"{LABELS.get(name, name)} kept (FPR)")
+    ax.set_xlabel("threshold on the score")
+    ax.set_ylabel("share kept")
+    ax.set_title("Threshold sweep (paper Fig. 3)", fontsize=10)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "threshold.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    bins = np.linspace(0, 1, 41).tolist()
+    ax.hist(pos, bins=bins, density=True, histtype="step", lw=2, color="k", label="authentic")
+    for name, neg in negs.items():
+        ax.hist(neg, bins=bins, density=True, histtype="step", label=LABELS.get(name, name))
+    ax.set_xlabel("DW-kNN score of the predicted class")
+    ax.set_ylabel("density")
+    ax.set_title("Score densities (paper Fig. 4)", fontsize=10)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "density.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
