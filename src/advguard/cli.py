@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from advguard.errors import AdvguardError, InputError
+from advguard.errors import AdvguardError, InputError, parse_choice
 
 app = typer.Typer(help="Harden image classifiers against adversarial examples.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -237,11 +237,7 @@ def evaluate(
 
     _setup_logging(quiet)
     model, meta = _load_any(checkpoint)
-    try:
-        threat = ThreatSetting(attack)
-    except ValueError:
-        raise InputError(f"unknown attack {attack!r}; choose one of: "
-                         + ", ".join(t.value for t in ThreatSetting)) from None
+    threat = parse_choice(ThreatSetting, attack, "attack")
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
     strengths = parse_strengths(grid) or DEFAULT_GRIDS[test.info.name]
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
@@ -286,11 +282,7 @@ def select_strengths(
         random_walk_select,
     )
 
-    try:
-        combo = Combination(combination)
-    except ValueError:
-        raise InputError(f"unknown combination {combination!r}; choose parallel or mixed") \
-            from None
+    combo = parse_choice(Combination, combination, "combination")
     obj = read_json(source / "checkpoints" / "selection.json" if source.is_dir() else source)
     if "matrix" not in obj:
         raise InputError(f"{source} holds no accuracy matrix (hand-picked strengths?)")

@@ -1,5 +1,12 @@
 """The errors advguard raises for bad input: each message names the problem in one line."""
 
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
 
 class AdvguardError(ValueError):
     """Base class of every user-facing advguard error (the CLI prints it as one line)."""
@@ -15,3 +22,12 @@ class DataError(AdvguardError):
 
 class CheckpointError(AdvguardError):
     """A checkpoint or run directory that is missing, truncated or of another model."""
+
+
+def parse_choice(choices: type[E], value: str | E, what: str) -> E:
+    """``choices(value)``, or an :class:`InputError` that lists the valid ``what``s."""
+    try:
+        return choices(value)
+    except ValueError:
+        raise InputError(f"unknown {what} {value!r}; choose one of: "
+                         + ", ".join(str(c.value) for c in choices)) from None

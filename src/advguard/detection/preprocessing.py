@@ -6,7 +6,7 @@ from enum import Enum
 
 import numpy as np
 
-from advguard.errors import InputError
+from advguard.errors import InputError, parse_choice
 
 
 class Preprocessing(str, Enum):
@@ -16,11 +16,7 @@ class Preprocessing(str, Enum):
 
 
 def parse_preprocessing(value: str | Preprocessing) -> Preprocessing:
-    try:
-        return Preprocessing(value)
-    except ValueError:
-        raise InputError(f"unknown pre-processing {value!r}; choose one of: "
-                         + ", ".join(p.value for p in Preprocessing)) from None
+    return parse_choice(Preprocessing, value, "pre-processing")
 
 
 class Preprocessor:

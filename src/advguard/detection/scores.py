@@ -11,7 +11,7 @@ from enum import Enum
 
 import numpy as np
 
-from advguard.errors import InputError
+from advguard.errors import InputError, parse_choice
 
 
 class Weighting(str, Enum):
@@ -21,11 +21,7 @@ class Weighting(str, Enum):
 
 
 def parse_weighting(value: str | Weighting) -> Weighting:
-    try:
-        return Weighting(value)
-    except ValueError:
-        raise InputError(f"unknown weighting {value!r}; choose one of: "
-                         + ", ".join(w.value for w in Weighting)) from None
+    return parse_choice(Weighting, value, "weighting")
 
 
 def neighbour_weights(sq_distances: np.ndarray, weighting: str | Weighting) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advguard.data import dataset_info
-from advguard.errors import CheckpointError, InputError
+from advguard.errors import CheckpointError, parse_choice
 from advguard.io import load_tensors, save_tensors
 from advguard.models import build_model
 
@@ -38,11 +38,7 @@ class VotingRule(str, Enum):
 
 
 def parse_rule(rule: str | VotingRule) -> VotingRule:
-    try:
-        return VotingRule(rule)
-    except ValueError:
-        raise InputError(f"unknown voting rule {rule!r}; choose one of: "
-                         + ", ".join(r.value for r in VotingRule)) from None
+    return parse_choice(VotingRule, rule, "voting rule")
 
 
 class VotingEnsemble(nn.Module):

@@ -8,7 +8,7 @@ the paper, an adaptive attacker that knows the detector, and the detector on a M
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from advguard.data import dataset_info, load_dataset, train_val_split
 from advguard.detection import Preprocessor, class_scores, extract_features
 from advguard.detection.features import resolve_layer
 from advguard.detection.index import FeatureIndex
-from advguard.errors import CheckpointError
 from advguard.evaluation import auc, eer_accuracy
-from advguard.io import load_tensors, read_json, save_tensors, write_json
+from advguard.io import load_tensors, save_tensors
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports.detect import write_detect_report
+from advguard.reproduce.rundir import prepare_run_dir
 from advguard.training import StrengthMix, TrainConfig, accuracy, train
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,6 @@ class DetectConfig:
         check_strengths(eps)
         return replace(self, dataset=info.name, eps=float(eps),
                        model=self.model or model_for(info.name, "crafter"))
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> DetectConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 @dataclass
@@ -282,16 +277,8 @@ def fgsm_at_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    cfg = config.resolved()
+    cfg = prepare_run_dir(config, out)
     out = Path(out)
-    stored = out / "config.json"
-    if stored.exists():
-        old = read_json(stored)
-        diff = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
-        if diff:
-            raise CheckpointError(f"{out} holds a run with a different configuration "
-                                  f"({', '.join(diff)}); use another --out")
-    write_json(stored, asdict(cfg))
     run = DetectRun(cfg, out, progress)
     model = run.model("model")
     analysis = run.analyse(model, "model", ("fgsm", "lbfgs", "pgd", "adaptive"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from advguard.ensemble import (
     save_ensemble,
     train_parallel,
 )
-from advguard.errors import AdvguardError, CheckpointError
+from advguard.errors import AdvguardError, parse_choice
 from advguard.evaluation import (
     ThreatSetting,
     curve_from_directions,
@@ -43,6 +43,7 @@ from advguard.evaluation import (
 from advguard.io import load_tensors, read_json, save_tensors, write_json
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports import MatResults, MethodResult, write_report
+from advguard.reproduce.rundir import prepare_run_dir
 from advguard.strengths import (
     Combination,
     agreement_rate,
@@ -115,11 +116,7 @@ class MatConfig:
     def resolved(self) -> MatConfig:
         """A copy with every default filled in and every value checked."""
         info = dataset_info(self.dataset)
-        try:
-            setting = Setting(self.setting).value
-        except ValueError:
-            raise AdvguardError(f"unknown setting {self.setting!r}; choose 'transfer' or "
-                                "'white-box'") from None
+        setting = parse_choice(Setting, self.setting, "setting").value
         if self.mixed_size not in ("full", "reduced"):
             raise AdvguardError(f"mixed_size must be 'full' or 'reduced', got {self.mixed_size!r}")
         strengths = check_strengths(self.strengths) if self.strengths else None
@@ -141,11 +138,6 @@ class MatConfig:
                        single_strength=None if single is None else float(single), voting=voting,
                        victim=self.victim or model_for(info.name, "victim"),
                        crafter=self.crafter or model_for(info.name, "crafter"))
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> MatConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 @dataclass
@@ -450,23 +442,6 @@ class MatRun:
     def primary_attack(self) -> str:
         return (ThreatSetting.TRANSFER_FGSM.value if self.transfer
                 else ThreatSetting.WHITE_BOX_FGSM.value)
-
-
-def prepare_run_dir(config: MatConfig, out: str | Path) -> MatConfig:
-    """Resolve ``config`` and fix it in ``out/config.json``; a different stored config is an
-    error, so a resumed run never mixes two experiments."""
-    cfg = config.resolved()
-    out = Path(out)
-    stored = out / "config.json"
-    if stored.exists():
-        old = read_json(stored)
-        diff = sorted(k for k, v in asdict(cfg).items() if old.get(k) != v)
-        if diff:
-            raise CheckpointError(
-                f"{out} holds a run with a different configuration ({', '.join(diff)}); "
-                "use another --out, or the same options to resume it")
-    write_json(stored, asdict(cfg))
-    return cfg
 
 
 def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> MatResults:
