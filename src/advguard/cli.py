@@ -335,11 +335,10 @@ def predict(
 
 def _load_any(path: Path) -> tuple[Any, dict[str, Any]]:
     from advguard.ensemble import load_ensemble
-    from advguard.io import load_tensors
+    from advguard.io import read_metadata
     from advguard.models import load_model
 
-    meta = load_tensors(path)[1]
-    return load_ensemble(path) if "members" in meta else load_model(path)
+    return load_ensemble(path) if "members" in read_metadata(path) else load_model(path)
 
 
 def main() -> None:

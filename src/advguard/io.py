@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from advguard.errors import CheckpointError
@@ -69,18 +69,25 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a safetensors file written by :func:`save_tensors`: ``(tensors, metadata)``."""
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a safetensors file written by :func:`save_tensors` (header only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_tensors`: ``(tensors, metadata)``."""
+    meta = read_metadata(path)
+    try:
         tensors = load_file(str(path))
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0]}"

@@ -23,7 +23,7 @@ from advguard.detection import Preprocessor, class_scores, extract_features
 from advguard.detection.features import resolve_layer
 from advguard.detection.index import FeatureIndex
 from advguard.evaluation import auc, eer_accuracy
-from advguard.io import load_tensors, save_tensors
+from advguard.io import load_tensors, read_metadata, save_tensors
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports.detect import write_detect_report
 from advguard.reproduce.rundir import prepare_run_dir
@@ -293,7 +293,7 @@ def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) 
         "dataset": cfg.dataset, "model": cfg.model, "k": cfg.k, "eps": cfg.eps,
         "threat": "white-box attacks on the classifier; the detector is unknown to the attacker "
                   "except for 'adaptive'",
-        "test_accuracy": load_tensors(run.ckpt / "model.safetensors")[1]["test_accuracy"],
+        "test_accuracy": read_metadata(run.ckpt / "model.safetensors")["test_accuracy"],
         "counts": analysis["counts"],
         "bank_mb": {pre: scores[pre]["bank_mb"] for pre in PREPROCESSINGS},
         "table": table,
@@ -308,7 +308,7 @@ def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) 
         mat_scores = run.score_sets(mat_model, mat["sets"], ("pca-whiten",), ("dwknn",))
         results["mat"] = {
             "strengths": list(strengths), "counts": mat["counts"],
-            "test_accuracy": load_tensors(run.ckpt / "mat.safetensors")[1]["test_accuracy"],
+            "test_accuracy": read_metadata(run.ckpt / "mat.safetensors")["test_accuracy"],
             "pca-whiten/dwknn": _metrics(mat_scores["pca-whiten"]["dwknn"],
                                          ["fgsm", "pgd", "errors"], cfg.keep)}
     best = scores["pca-whiten"]["dwknn"]

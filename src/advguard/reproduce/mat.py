@@ -40,7 +40,7 @@ from advguard.evaluation import (
     pgd_curve,
     strength_grid,
 )
-from advguard.io import load_tensors, read_json, save_tensors, write_json
+from advguard.io import load_tensors, read_json, read_metadata, save_tensors, write_json
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports import MatResults, MethodResult, write_report
 from advguard.reproduce.rundir import prepare_run_dir
@@ -451,8 +451,8 @@ def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> Mat
     selection = run.selection()
     methods = {m: run.evaluate(m) for m in ("original", "single", "mixed", "parallel")}
     voting = run.voting_comparison()
-    crafter_meta = load_tensors(run.ckpt / "crafter.safetensors")[1]
-    members_meta = load_tensors(run.ckpt / "parallel-members.safetensors")[1]
+    crafter_meta = read_metadata(run.ckpt / "crafter.safetensors")
+    members_meta = read_metadata(run.ckpt / "parallel-members.safetensors")
     d = run.data()
     results = MatResults(
         dataset=cfg.dataset, setting=cfg.setting, attack=run.primary_attack, grid=run.grid,
