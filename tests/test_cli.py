@@ -146,7 +146,8 @@ def test_interrupted_training_resumes_from_its_state(tmp_path):
 def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path):
     out = tmp_path / "walk"
     proc = run_cli("reproduce", "mat", "--out", str(out), "--grid", "0,0.1,0.2,0.3",
-                   "--matrix-epochs", "1", "--walks", "100", "--voting", "gated", *TINY)
+                   "--matrix-epochs", "1", "--walks", "100", "--voting", "gated",
+                   "--compare-voting", *TINY)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     sel = results["details"]["selection"]

@@ -67,7 +67,9 @@ def reproduce_mat(
     walk_steps: int = 8,
     penalty: Annotated[float, typer.Option(help="a ≤ 0 in G = H + a·S")] = -0.001,
     voting: Annotated[str, typer.Option(help="parallel MAT voting: mean, learned, gated")]
-    = "learned",
+    = "mean",
+    compare_voting: Annotated[bool, typer.Option(
+        help="also fit and evaluate every voting rule on the same members")] = False,
     voting_epochs: int = 30,
     workers: Annotated[int, typer.Option(help="processes training parallel members")] = 1,
     grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's grid)")]
@@ -101,7 +103,8 @@ def reproduce_mat(
         dataset=dataset, setting=setting, strengths=parse_strengths(strengths),
         single_strength=single_strength, tau=tau, matrix_epochs=matrix_epochs,
         matrix_train_limit=matrix_train_limit, walks=walks, walk_steps=walk_steps,
-        penalty=penalty, voting=voting, voting_epochs=voting_epochs, workers=workers,
+        penalty=penalty, voting=voting, compare_voting=compare_voting,
+        voting_epochs=voting_epochs, workers=workers,
         grid=parse_strengths(grid), mixed_size=mixed_size,
         epochs=epochs, crafter_epochs=crafter_epochs, batch_size=batch_size, lr=lr,
         val_size=val_size, train_limit=train_limit, test_limit=test_limit, pgd_steps=pgd_steps,

@@ -91,7 +91,8 @@ class MatConfig:
     walks: int = 1000  # random walks (t); with l = 8 they find the exact optimum of the tests
     walk_steps: int = 8  # steps per walk (l)
     penalty: float = -0.001  # a: G = H + a·S (0.1 point of accuracy per extra strength)
-    voting: str = VotingRule.LEARNED.value  # parallel MAT's voting rule: mean, learned, gated
+    voting: str = VotingRule.MEAN.value  # parallel MAT's voting rule: mean, learned, gated
+    compare_voting: bool = False  # also fit and evaluate every other voting rule
     voting_epochs: int = 30  # epochs fitting the voting unit on validation data
     workers: int = 1  # processes training parallel-MAT members concurrently
     grid: list[float] | None = None  # test strengths; None: the dataset's default grid
@@ -450,7 +451,7 @@ def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> Mat
     run = MatRun(cfg, Path(out), progress)
     selection = run.selection()
     methods = {m: run.evaluate(m) for m in ("original", "single", "mixed", "parallel")}
-    voting = run.voting_comparison()
+    voting = run.voting_comparison() if cfg.compare_voting else None
     crafter_meta = read_metadata(run.ckpt / "crafter.safetensors")
     members_meta = read_metadata(run.ckpt / "parallel-members.safetensors")
     d = run.data()
