@@ -252,28 +252,36 @@ def _metrics(scores: dict[str, np.ndarray], negatives: list[str], keep: float) -
     return out
 
 
-def fgsm_at_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         rate: float) -> dict[str, float]:
-    """The smallest FGSM strength (bisection) that fools the model on ``rate`` of the correctly
-    classified ``x``, and the mean L2 of its perturbations on the inputs it fools."""
+def lbfgs_vs_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lbfgs_l2: np.ndarray,
+                  lbfgs_success: np.ndarray, rates: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+                  ) -> list[dict[str, float]]:
+    """Perturbation size at matched success rates on the correctly classified ``x``: for each
+    rate r, the mean L2 of the r share of images L-BFGS fools most cheaply, and the mean L2 of
+    FGSM at the smallest ε (bisection) that fools a share r."""
     with torch.no_grad(), eval_mode(model):
-        keep = model(x).argmax(1) == y
+        keep = (model(x).argmax(1) == y).numpy()
     x, y = x[keep], y[keep]
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        adv = fgsm(model, x, y, mid)
+    l2 = np.sort(lbfgs_l2[keep][lbfgs_success[keep]])
+    rows = []
+    for rate in rates:
+        need = int(np.ceil(rate * len(x)))
+        if need == 0 or need > len(l2):
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(16):
+            mid = (lo + hi) / 2
+            with torch.no_grad(), eval_mode(model):
+                fooled = model(fgsm(model, x, y, mid)).argmax(1) != y
+            lo, hi = (lo, mid) if fooled.float().mean() >= rate else (mid, hi)
+        adv = fgsm(model, x, y, hi)
         with torch.no_grad(), eval_mode(model):
             fooled = model(adv).argmax(1) != y
-        if fooled.float().mean() >= rate:
-            hi = mid
-        else:
-            lo = mid
-    adv = fgsm(model, x, y, hi)
-    with torch.no_grad(), eval_mode(model):
-        fooled = model(adv).argmax(1) != y
-    l2 = (adv - x).flatten(1).norm(dim=1)[fooled]
-    return {"eps": hi, "success_rate": float(fooled.float().mean()), "mean_l2": float(l2.mean())}
+        if fooled.float().mean() < rate:
+            continue  # FGSM cannot reach this rate even at eps = 1
+        rows.append({"success_rate": rate, "lbfgs_mean_l2": float(l2[:need].mean()),
+                     "fgsm_eps": hi,
+                     "fgsm_mean_l2": float((adv - x).flatten(1).norm(dim=1)[fooled].mean())})
+    return rows
 
 
 def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -289,6 +297,7 @@ def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) 
     lb = analysis["counts"]["lbfgs"]
     lbfgs_rate = lb["fooled"] / max(lb["attacked"], 1)
     n_lb = cfg.lbfgs_queries
+    lbfgs_adv = run.adversarial(model, "model", "lbfgs")
     results: dict[str, Any] = {
         "dataset": cfg.dataset, "model": cfg.model, "k": cfg.k, "eps": cfg.eps,
         "threat": "white-box attacks on the classifier; the detector is unknown to the attacker "
@@ -298,8 +307,9 @@ def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True) 
         "bank_mb": {pre: scores[pre]["bank_mb"] for pre in PREPROCESSINGS},
         "table": table,
         "lbfgs_vs_fgsm": {"lbfgs_success_rate": lbfgs_rate, "lbfgs_mean_l2": lb.get("mean_l2"),
-                          "fgsm_same_rate": fgsm_at_success_rate(
-                              model, run.test.x[:n_lb], run.test.y[:n_lb], lbfgs_rate)},
+                          "matched": lbfgs_vs_fgsm(model, run.test.x[:n_lb], run.test.y[:n_lb],
+                                                   lbfgs_adv["l2"].numpy(),
+                                                   lbfgs_adv["success"].numpy())},
     }
     if cfg.mat:
         strengths = tuple(cfg.eps * f for f in (0.5, 1.0)) if cfg.eps else ()
