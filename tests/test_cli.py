@@ -119,7 +119,7 @@ def test_reproduce_mat_end_to_end_and_resume(tmp_path):
                           "different configuration (single_strength, strengths)")
 
     # the saved models evaluate from the CLI
-    proc = run_cli("evaluate", str(out / "checkpoints" / "parallel.safetensors"), "--grid",
+    proc = run_cli("evaluate", str(out / "checkpoints" / "parallel-members.safetensors"), "--grid",
                    "0,0.3", "--test-limit", "200", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "grid mean (white-box-fgsm)" in proc.stdout
