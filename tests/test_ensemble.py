@@ -159,3 +159,27 @@ def test_concurrent_members_equal_sequential_members(mnist_train):
     assert len(res.peak_rss_mb) == 2 and all(r > 0 for r in res.peak_rss_mb)
     x = mnist_train.x[:32]
     assert torch.allclose(seq(x), conc(x), atol=1e-4)
+
+
+def test_a_one_member_ensemble_is_attacked_like_its_member(trained_mlp, mnist_test):
+    # a vote computed in probability space rounds 1 - p to 0 for confident inputs and gives
+    # white-box attacks a zero gradient there (gradient masking); the log-space vote must not
+    x, y = mnist_test.x[:200], mnist_test.y[:200]
+    confident = torch.nn.Sequential(trained_mlp, _Scale(8.0)).eval()  # saturated softmax
+    ensemble = VotingEnsemble([confident]).eval()
+    assert torch.allclose(ensemble(x), confident(x).log_softmax(1), atol=1e-4)
+
+    def untouched(model):
+        return (fgsm(model, x, y, 0.1) == x).all(dim=(1, 2, 3)).float().mean()
+
+    assert untouched(confident) == 0.0
+    assert untouched(ensemble) == 0.0  # the probability-space vote left ~60% untouched here
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z):
+        return z * self.factor

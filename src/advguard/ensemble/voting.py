@@ -62,24 +62,25 @@ class VotingEnsemble(nn.Module):
             nn.init.zeros_(out.bias)
             self.gate = nn.Sequential(nn.Linear(s * num_classes, gate_hidden), nn.ReLU(), out)
 
-    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Each member's class probabilities, (N, S, classes)."""
-        return torch.stack([m(x).softmax(dim=1) for m in self.members], dim=1)
+    def member_log_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's class log-probabilities, (N, S, classes)."""
+        return torch.stack([m(x).log_softmax(dim=1) for m in self.members], dim=1)
 
-    def vote_weights(self, probs: torch.Tensor) -> torch.Tensor:
-        """The weights ``a`` (N, S) for members' probabilities ``probs`` (N, S, C)."""
-        n, s, _ = probs.shape
+    def vote_log_weights(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """``log a`` (N, S) for members' log-probabilities (N, S, C)."""
+        n, s, _ = log_probs.shape
         if self.gate is not None:
-            return self.gate(probs.flatten(1)).softmax(dim=1)
-        return self.logits.softmax(dim=0).expand(n, s)
+            return self.gate(log_probs.exp().flatten(1)).log_softmax(dim=1)
+        return self.logits.log_softmax(dim=0).expand(n, s)
 
-    def vote(self, probs: torch.Tensor) -> torch.Tensor:
-        """Log of the voted probabilities from members' probabilities (N, S, C)."""
-        voted = torch.einsum("ns,nsc->nc", self.vote_weights(probs), probs)
-        return voted.clamp_min(1e-12).log()
+    def vote(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """``log Σ_k a_k p_k`` from members' log-probabilities (N, S, C), computed in log space
+        (logsumexp) so that confident predictions keep their gradient: the probability-space
+        form rounds 1 − p to 0 in float32 and hands white-box attacks a zero gradient."""
+        return torch.logsumexp(self.vote_log_weights(log_probs).unsqueeze(2) + log_probs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vote(self.member_probabilities(x))
+        return self.vote(self.member_log_probabilities(x))
 
 
 def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30,
@@ -92,8 +93,8 @@ def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, ep
         return []
     ensemble.to(device).eval()
     with torch.no_grad():
-        probs = torch.cat([ensemble.member_probabilities(x[s:s + 1000].to(device))
-                           for s in range(0, len(x), 1000)])
+        log_probs = torch.cat([ensemble.member_log_probabilities(x[s:s + 1000].to(device))
+                               for s in range(0, len(x), 1000)])
     params = [ensemble.logits] if ensemble.gate is None else list(ensemble.gate.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +104,7 @@ def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, ep
         for _ in range(epochs):
             total = 0.0
             for index in torch.randperm(len(y), generator=gen).split(batch_size):
-                loss = F.nll_loss(ensemble.vote(probs[index]), y[index])
+                loss = F.nll_loss(ensemble.vote(log_probs[index]), y[index])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
