@@ -128,6 +128,8 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     members = [build_model(meta["arch"], meta["dataset"]) for _ in range(int(meta["members"]))]
     ensemble = VotingEnsemble(members, rule=meta["rule"],
                               num_classes=dataset_info(meta["dataset"]).num_classes)
+    if "weights" in tensors and "logits" not in tensors:  # files of advguard 0.1's first format
+        tensors["logits"] = tensors.pop("weights").log()
     try:
         ensemble.load_state_dict(tensors)
     except RuntimeError as exc:
