@@ -232,9 +232,9 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     """Accuracy vs. strength of a saved model under one attack."""
-    from advguard.attacks import PGD, fgsm_directions
+    from advguard.attacks import PGD
     from advguard.data import load_dataset
-    from advguard.evaluation import ThreatSetting, curve_from_directions, grid_mean, pgd_curve
+    from advguard.evaluation import ThreatSetting, fgsm_curve, grid_mean, pgd_curve
     from advguard.io import write_json
     from advguard.reproduce import DEFAULT_GRIDS
 
@@ -248,13 +248,12 @@ def evaluate(
         curve = pgd_curve(model, test.x, test.y, strengths,
                           PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed), **kw)
     else:
-        source = model
+        crafting = None
         if threat is ThreatSetting.TRANSFER_FGSM:
             if crafter is None:
                 raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
-            source = _load_any(crafter)[0]
-        directions = fgsm_directions(source, test.x, test.y, **kw)
-        curve = curve_from_directions(model, test.x, test.y, directions, strengths, **kw)
+            crafting = _load_any(crafter)[0]
+        curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
     result = {"checkpoint": str(checkpoint), "dataset": test.info.name, "attack": threat.value,
               "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
     if out is not None:

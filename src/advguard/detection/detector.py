@@ -18,6 +18,7 @@ from advguard.detection.index import FeatureIndex
 from advguard.detection.preprocessing import Preprocessor, parse_preprocessing
 from advguard.detection.scores import class_scores, parse_weighting
 from advguard.errors import CheckpointError, InputError
+from advguard.evaluation import keep_threshold
 from advguard.io import load_tensors, save_tensors
 
 
@@ -93,13 +94,11 @@ class KNNDetector:
     def set_threshold(self, x: torch.Tensor, y: torch.Tensor, keep: float | None = None) -> float:
         """Set ``offset_`` so that a share ``keep`` of the correctly classified ``x`` is kept."""
         keep = self.keep if keep is None else keep
-        if not 0 < keep <= 1:
-            raise InputError(f"keep must be in (0, 1], got {keep}")
         predicted, scores = self.inspect(x)
         authentic = scores[predicted == np.asarray(y)]
         if len(authentic) == 0:
             raise InputError("no correctly classified calibration input to set a threshold")
-        self.offset_ = float(np.quantile(authentic, 1 - keep, method="lower"))
+        self.offset_ = keep_threshold(authentic, keep)
         return self.offset_
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:

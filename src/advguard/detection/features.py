@@ -53,7 +53,8 @@ def resolve_layer(model: nn.Module, layer: str | LayerSpec | None) -> LayerSpec:
     return spec
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
+def pool_features(t: torch.Tensor) -> torch.Tensor:
+    """φ as (N, D): global average pooling of 4-D activations, flattening otherwise."""
     return t.mean(dim=(2, 3)) if t.ndim == 4 else t.flatten(1)
 
 
@@ -67,7 +68,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: str | LayerSpec |
     captured: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        captured.append(_pool(args[0] if spec.inputs else out).float().cpu())
+        captured.append(pool_features(args[0] if spec.inputs else out).float().cpu())
 
     handle = module.register_forward_hook(hook)
     preds = []

@@ -5,6 +5,7 @@ from advguard.evaluation.detection import (
     auc,
     eer,
     eer_accuracy,
+    keep_threshold,
     operating_point,
     roc,
     threshold_sweep,
@@ -19,5 +20,5 @@ from advguard.evaluation.robustness import (
 )
 
 __all__ = ["OperatingPoint", "ThreatSetting", "auc", "curve_from_directions", "eer",
-           "eer_accuracy", "fgsm_curve", "grid_mean", "operating_point", "pgd_curve", "roc",
-           "strength_grid", "threshold_sweep"]
+           "eer_accuracy", "fgsm_curve", "grid_mean", "keep_threshold", "operating_point",
+           "pgd_curve", "roc", "strength_grid", "threshold_sweep"]

@@ -58,6 +58,16 @@ def threshold_sweep(positive_scores: np.ndarray, negative_scores: np.ndarray,
     return (pos >= t).mean(axis=1), (neg >= t).mean(axis=1)
 
 
+def keep_threshold(positive_scores: np.ndarray, keep: float) -> float:
+    """The threshold that keeps (score ≥ threshold) a share ``keep`` of the positives."""
+    if not 0 < keep <= 1:
+        raise InputError(f"keep must be in (0, 1], got {keep}")
+    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
+    if len(pos) == 0:
+        raise InputError("no positive score to set a threshold from")
+    return float(np.quantile(pos, 1 - keep, method="lower"))
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     keep: float  # share of authentic (positive) inputs kept
@@ -70,6 +80,6 @@ def operating_point(positive_scores: np.ndarray, negative_scores: np.ndarray,
     """The threshold that keeps ``keep`` of the positives, and the share of negatives it
     filters (the paper: keep > 98% authentic, filter > 40–50% adversarial)."""
     pos, neg = _check(positive_scores, negative_scores)
-    threshold = float(np.quantile(pos, 1 - keep, method="lower"))
+    threshold = keep_threshold(pos, keep)
     return OperatingPoint(float((pos >= threshold).mean()), threshold,
                           float((neg < threshold).mean()))

@@ -20,9 +20,9 @@ from torch import nn
 from advguard.attacks import LBFGS, PGD, check_strengths, eval_mode, fgsm
 from advguard.data import dataset_info, load_dataset, train_val_split
 from advguard.detection import Preprocessor, class_scores, extract_features
-from advguard.detection.features import resolve_layer
+from advguard.detection.features import pool_features, resolve_layer
 from advguard.detection.index import FeatureIndex
-from advguard.evaluation import auc, eer_accuracy
+from advguard.evaluation import auc, eer_accuracy, keep_threshold
 from advguard.io import load_tensors, read_metadata, save_tensors
 from advguard.models import build_model, load_model, model_for, save_model
 from advguard.reports.detect import write_detect_report
@@ -169,8 +169,7 @@ class DetectRun:
                     with eval_mode(model), torch.enable_grad():
                         adv.requires_grad_(True)
                         logits = model(adv)
-                        feat = captured[0]
-                        feat = feat.mean(dim=(2, 3)) if feat.ndim == 4 else feat.flatten(1)
+                        feat = pool_features(captured[0])
                         z = (feat - mean) @ comps.T / scale
                         loss = (F.cross_entropy(logits, tb) + c.adaptive_weight *
                                 (z - centroids[tb]).pow(2).sum(1).mean() / z.shape[1])
@@ -239,7 +238,7 @@ def _mask(q: _Queries, m: np.ndarray) -> _Queries:
 
 def _metrics(scores: dict[str, np.ndarray], negatives: list[str], keep: float) -> dict[str, Any]:
     pos = scores["authentic"]
-    threshold = float(np.quantile(scores["calibration"], 1 - keep, method="lower"))
+    threshold = keep_threshold(scores["calibration"], keep)
     out: dict[str, Any] = {"threshold": threshold,
                            "kept_authentic": float((pos >= threshold).mean())}
     for neg_name in negatives:

@@ -36,6 +36,7 @@ from advguard.errors import AdvguardError, parse_choice
 from advguard.evaluation import (
     ThreatSetting,
     curve_from_directions,
+    fgsm_curve,
     grid_mean,
     pgd_curve,
     strength_grid,
@@ -265,8 +266,9 @@ class MatRun:
         transfer = TransferDirections(self.directions("train")) if self.transfer else None
         for i, eps in enumerate(cands):
             path = self.ckpt / f"matrix-{i}.json"
-            if path.exists() and read_json(path)["strength"] == eps:
-                rows.append(list(read_json(path)["accuracy"]))
+            cached = read_json(path) if path.exists() else None
+            if cached is not None and cached["strength"] == eps:
+                rows.append(list(cached["accuracy"]))
                 continue
             torch.manual_seed(c.seed)
             model = self.build_victim()
@@ -397,9 +399,7 @@ class MatRun:
             ThreatSetting.TRANSFER_FGSM.value: curve_from_directions(
                 model, test.x, test.y, self.directions("test"), self.grid,
                 desc=f"{name} transfer", **kw),
-            ThreatSetting.WHITE_BOX_FGSM.value: curve_from_directions(
-                model, test.x, test.y, fgsm_directions(model, test.x, test.y, **kw), self.grid,
-                desc=f"{name} white-box FGSM", **kw),
+            ThreatSetting.WHITE_BOX_FGSM.value: fgsm_curve(model, test.x, test.y, self.grid, **kw),
             ThreatSetting.WHITE_BOX_PGD.value: pgd_curve(
                 model, test.x[:pgd_limit], test.y[:pgd_limit], self.grid,
                 PGD(steps=c.pgd_steps, restarts=c.pgd_restarts, seed=c.seed),
