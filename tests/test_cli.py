@@ -197,3 +197,24 @@ def test_reproduce_detect_end_to_end(tmp_path):
     assert lb["fooled"] + lb["failed"] == lb["attacked"]
     assert "mat" in results and "pca-whiten/dwknn" in results["mat"]
     assert "| pca-whiten | dwknn |" in (out / "table.md").read_text()
+
+
+def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path):
+    out = tmp_path / "wb"
+    proc = run_cli("reproduce", "mat", "--out", str(out), "--setting", "white-box", "--victim",
+                   "small-cnn", "--grid", "0,0.1,0.3", "--matrix-epochs", "1", "--walks", "50",
+                   "--matrix-val-limit", "100", "--pgd-at", "--pgd-step-size", "0.05", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    details = results["details"]
+    assert details["recipe"]["name"] == "fgsm-rs" and details["recipe"]["schedule"] == "one-cycle"
+    assert details["victim"] == "small-cnn" and details["pgd"]["step_size"] == 0.05
+    assert details["selection"]["matrix_attack"].startswith("white-box PGD-10")
+    matrix_row = json.loads((out / "checkpoints" / "matrix-0.json").read_text())
+    assert matrix_row["attack"] == "pgd" and matrix_row["validation_images"] == 100
+    assert set(results["methods"]) == {"original", "single", "mixed", "parallel", "pgd-at"}
+    assert results["methods"]["pgd-at"]["strengths"] == [0.3]
+    table = (out / "table.md").read_text()
+    assert "pgd-at" in table and "Training recipe: `fgsm-rs`" in table
+    assert "white-box PGD (on the evaluated model) at ε = 0.3 |" in table
+    assert "paper (Table 1" not in table

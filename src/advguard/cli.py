@@ -63,6 +63,23 @@ def reproduce_mat(
     matrix_epochs: int = 3,
     matrix_train_limit: Annotated[int | None, typer.Option(
         help="train accuracy-matrix models on the first N images only")] = None,
+    matrix_attack: Annotated[str | None, typer.Option(
+        help="attack filling the accuracy matrix: fgsm or pgd (default: fgsm in the transfer "
+             "setting, pgd in the white-box setting)")] = None,
+    matrix_pgd_steps: int = 10,
+    matrix_val_limit: Annotated[int | None, typer.Option(
+        help="accuracy matrix on the first N validation images (default: all for FGSM, "
+             "1000 for PGD)")] = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="training recipe: fgsm (the paper's), fgsm-rs (random-start FGSM, sampled "
+             "strengths, one-cycle lr) or pgd-at; default: fgsm (transfer), fgsm-rs "
+             "(white-box)")] = None,
+    pgd_at: Annotated[bool, typer.Option(
+        help="also train the PGD-40 adversarial training baseline (white-box setting)")]
+    = False,
+    victim: Annotated[str | None, typer.Option(
+        help="victim architecture (default: the paper's for the dataset), e.g. small-cnn")]
+    = None,
     walks: int = 1000,
     walk_steps: int = 8,
     penalty: Annotated[float, typer.Option(help="a ≤ 0 in G = H + a·S")] = -0.001,
@@ -77,13 +94,15 @@ def reproduce_mat(
     mixed_size: Annotated[str, typer.Option(help="full or reduced")] = "full",
     epochs: int = 10,
     crafter_epochs: int = 8,
-    batch_size: int = 128,
-    lr: float = 1e-3,
+    batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
     val_size: int = 5000,
     train_limit: Annotated[int | None, typer.Option(help="first N training images only")] = None,
     test_limit: Annotated[int | None, typer.Option(help="first N test images only")] = None,
     pgd_steps: int = 20,
     pgd_restarts: int = 1,
+    pgd_step_size: Annotated[float | None, typer.Option(
+        help="PGD evaluation step in pixel units (default: 2.5·ε/steps)")] = None,
     pgd_limit: Annotated[int, typer.Option(help="PGD on the first N test images (0: all)")]
     = 0,
     seed: int = 0,
@@ -102,7 +121,10 @@ def reproduce_mat(
     config = MatConfig(
         dataset=dataset, setting=setting, strengths=parse_strengths(strengths),
         single_strength=single_strength, tau=tau, matrix_epochs=matrix_epochs,
-        matrix_train_limit=matrix_train_limit, walks=walks, walk_steps=walk_steps,
+        matrix_train_limit=matrix_train_limit, matrix_attack=matrix_attack,
+        matrix_pgd_steps=matrix_pgd_steps, matrix_val_limit=matrix_val_limit, recipe=recipe,
+        pgd_at=pgd_at, victim=victim, pgd_step_size=pgd_step_size, walks=walks,
+        walk_steps=walk_steps,
         penalty=penalty, voting=voting, compare_voting=compare_voting,
         voting_epochs=voting_epochs, workers=workers,
         grid=parse_strengths(grid), mixed_size=mixed_size,

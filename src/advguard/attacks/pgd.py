@@ -16,15 +16,18 @@ class PGD:
     """L∞ PGD with random start.
 
     steps: gradient steps per restart. step_size: per-step change in pixel units; ``None`` means
-    ``2.5 · eps / steps`` (Madry et al.). restarts: independent random starts; an example counts as
-    fooled if any restart fools the model. seed: seeds the random starts.
+    ``step_scale · eps / steps`` (2.5, Madry et al.'s rule). restarts: independent random
+    starts; an example counts as fooled if any restart fools the model, and later restarts
+    attack only the examples no earlier one fooled. seed: seeds the random starts (``None``:
+    torch's global generator, for training).
     """
 
     steps: int = 20
     step_size: float | None = None
     random_start: bool = True
     restarts: int = 1
-    seed: int = 0
+    seed: int | None = 0
+    step_scale: float = 2.5
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  eps: float) -> torch.Tensor:
@@ -32,33 +35,43 @@ class PGD:
         (eps,) = check_strengths(eps)
         return self.run(model, x, y, eps)
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-        """The attack without input checks (for loops that already checked their data)."""
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            eps: float | torch.Tensor) -> torch.Tensor:
+        """The attack without input checks (for loops that already checked their data).
+
+        ``eps`` is one strength or one per example, shaped to broadcast against ``x``."""
         x = x.detach()
-        if eps == 0.0:
+        if isinstance(eps, (int, float)) and eps == 0.0:
             return x.clone()
-        alpha = self.step_size if self.step_size is not None else 2.5 * eps / self.steps
-        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        gen = (None if self.seed is None
+               else torch.Generator(device=x.device).manual_seed(self.seed))
         best = x.clone()
-        still_correct = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        todo = torch.arange(len(x), device=x.device)  # examples no restart has fooled yet
         with eval_mode(model):
             for _ in range(self.restarts):
-                if self.random_start:
-                    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                    adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
-                else:
-                    adv = x.clone()
-                for _ in range(self.steps):
-                    step = alpha * input_gradient(model, adv, y).sign()
-                    adv = torch.min(torch.max(adv + step, x - eps), x + eps).clamp_(0.0, 1.0)
+                xs, ys = x[todo], y[todo]
+                e = eps[todo] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
+                adv = self._one_start(model, xs, ys, e, gen)
                 with torch.no_grad():
-                    fooled = model(adv).argmax(1) != y
-                # keep the newest attempt of every example no earlier restart has fooled
-                best[still_correct] = adv[still_correct]
-                still_correct &= ~fooled
-                if not still_correct.any():
+                    fooled = model(adv).argmax(1) != ys
+                best[todo] = adv
+                todo = todo[~fooled]
+                if len(todo) == 0:
                     break
         return best
+
+    def _one_start(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   eps: float | torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        alpha = self.step_size if self.step_size is not None else self.step_scale * eps / self.steps
+        if self.random_start:
+            noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+        else:
+            adv = x.clone()
+        for _ in range(self.steps):
+            step = alpha * input_gradient(model, adv, y).sign()
+            adv = torch.min(torch.max(adv + step, x - eps), x + eps).clamp_(0.0, 1.0)
+        return adv
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],

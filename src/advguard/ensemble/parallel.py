@@ -19,7 +19,14 @@ from torch import nn
 
 from advguard.data import ImageSet
 from advguard.ensemble.voting import VotingEnsemble
-from advguard.training import DirectionSource, StrengthMix, TrainConfig, TrainResult, train
+from advguard.training import (
+    DirectionSource,
+    ExampleSource,
+    StrengthMix,
+    TrainConfig,
+    TrainResult,
+    train,
+)
 
 
 @dataclass
@@ -29,34 +36,36 @@ class ParallelResult:
 
 
 def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: float,
-                  directions: DirectionSource | None, config: TrainConfig,
-                  val: ImageSet | None, state_path: Path | None, progress: bool,
+                  directions: DirectionSource | ExampleSource | None, config: TrainConfig,
+                  val: ImageSet | None, state_path: Path | None, clean: bool, progress: bool,
                   threads: int | None) -> tuple[dict[str, Any], TrainResult, float]:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed + k)
     member = build()
-    result = train(member, data, StrengthMix((float(eps),)), directions, config, val=val,
-                   state_path=state_path, progress=progress, desc=f"parallel[{k}] eps={eps:g}")
+    result = train(member, data, StrengthMix((float(eps),), clean=clean), directions, config,
+                   val=val, state_path=state_path, progress=progress,
+                   desc=f"parallel[{k}] eps={eps:g}")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return member.state_dict(), result, rss_mb
 
 
 def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Sequence[float],
-                   directions: DirectionSource | None = None,
+                   directions: DirectionSource | ExampleSource | None = None,
                    config: TrainConfig | None = None, *, val: ImageSet | None = None,
                    state_dir: str | Path | None = None, progress: bool = True,
-                   workers: int = 1) -> tuple[VotingEnsemble, ParallelResult]:
+                   workers: int = 1, clean: bool = True) -> tuple[VotingEnsemble, ParallelResult]:
     """Train one member per strength with the shared loop; returns the mean-vote ensemble.
 
     ``build`` makes a fresh member (seeded by ``config.seed + k``; with ``workers > 1`` it must
     be picklable, e.g. ``functools.partial(build_model, arch, dataset)``); ``directions`` is the
-    members' direction source (``None``: white-box on each member itself).
+    members' source of adversarial copies (``None``: white-box FGSM on each member itself);
+    ``clean=False`` trains each member on its adversarial copies only.
     """
     config = config or TrainConfig()
     paths = [None if state_dir is None else Path(state_dir) / f"parallel-{k}.state.pt"
              for k in range(len(strengths))]
-    jobs = [(k, build, data, eps, directions, config, val, paths[k]) for k, eps in
+    jobs = [(k, build, data, eps, directions, config, val, paths[k], clean) for k, eps in
             enumerate(strengths)]
     if workers <= 1:
         outputs = [_train_member(*job, progress, None) for job in jobs]

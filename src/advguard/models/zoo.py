@@ -72,6 +72,20 @@ def mlp3(info: DatasetInfo, hidden: int = 512) -> nn.Sequential:
     )
 
 
+def small_cnn(info: DatasetInfo) -> nn.Sequential:
+    """LeNet-size CNN for white-box robustness: 2 strided conv 4×4 (16/32 channels) + FC 100
+    (the MNIST network of Wong et al. 2020, "Fast is better than free"); 166k weights on MNIST."""
+    h, w = info.size
+    return nn.Sequential(
+        InputNorm(info),
+        nn.Conv2d(info.channels, 16, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(32 * (h // 4) * (w // 4), 100), nn.ReLU(inplace=True),
+        nn.Linear(100, info.num_classes),
+    )
+
+
 # Widths are advguard's (the paper gives layer counts only), sized to train on 2 CPU cores.
 def cifar_crafter(info: DatasetInfo) -> nn.Sequential:
     """CIFAR/SVHN crafting CNN: 3 × (conv 3×3 + BN + max-pool), 32/64/128 channels, 2 FC."""
@@ -105,6 +119,7 @@ def svhn_victim(info: DatasetInfo) -> nn.Sequential:
 MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     "lenet5": lenet5,
     "mlp3": mlp3,
+    "small-cnn": small_cnn,
     "cifar-crafter": cifar_crafter,
     "cifar-victim": cifar_victim,
     "svhn-victim": svhn_victim,

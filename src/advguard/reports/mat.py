@@ -10,7 +10,7 @@ from typing import Any
 
 from advguard.io import atomic_write, read_json, write_json, write_text
 
-METHODS = ("original", "single", "mixed", "parallel")
+METHODS = ("original", "single", "mixed", "parallel", "pgd-at")
 
 # The paper's Table 1 (average test accuracy over the strength grid, its transfer setting), %.
 PAPER_TABLE1: dict[str, dict[str, float]] = {
@@ -136,12 +136,25 @@ def table_markdown(results: MatResults) -> str:
         cells = [f"{100 * results.methods[m].means[attack]:.2f}" for m in methods]
         lines.append(f"| advguard, {ATTACK_LABELS.get(attack, attack)} | " + " | ".join(cells)
                      + " |")
+    for attack in _attacks(results):
+        if results.grid[0] == 0.0 and attack == _attacks(results)[0]:
+            lines.append("| clean accuracy | " + " | ".join(
+                f"{100 * results.methods[m].curves[attack][0]:.2f}" for m in methods) + " |")
+        top = f"{ATTACK_LABELS.get(attack, attack)} at ε = {results.grid[-1]:g}"
+        lines.append(f"| {top} | " + " | ".join(
+            f"{100 * results.methods[m].curves[attack][-1]:.2f}" for m in methods) + " |")
     paper = PAPER_TABLE1.get(results.dataset)
-    if paper:
+    if paper and results.setting == "transfer":
         lines.append("| paper (Table 1, transfer FGSM) | "
-                     + " | ".join(f"{paper[m]:.2f}" for m in methods) + " |")
+                     + " | ".join(f"{paper[m]:.2f}" if m in paper else "—" for m in methods)
+                     + " |")
     lines += ["", "Training wall time (s): " + ", ".join(
         f"{m} {results.methods[m].train_seconds:.0f}" for m in methods) + "."]
+    recipe = results.details.get("recipe")
+    if recipe:
+        lines += ["", f"Training recipe: `{recipe['name']}` — {recipe['summary']}; "
+                  f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, "
+                  f"{recipe['schedule']} learning rate (peak {recipe['lr']:g})."]
     lines += _selection_lines(results.details.get("selection"))
     lines += _voting_lines(results.details.get("voting"), results.details.get("voting_rule"))
     return "\n".join(lines) + "\n"

@@ -55,10 +55,13 @@ from advguard.strengths import (
     strength_bound,
 )
 from advguard.training import (
+    RECIPES,
+    Recipe,
     StrengthMix,
     TrainConfig,
     TransferDirections,
     accuracy,
+    get_recipe,
     train,
 )
 
@@ -70,6 +73,17 @@ class Setting(str, Enum):
 
     TRANSFER = "transfer"  # fixed datasets crafted on a separate crafting model
     WHITE_BOX = "white-box"  # online, on the model being trained, every batch
+
+
+class MatrixAttack(str, Enum):
+    """The attack filling the accuracy matrix on the validation split."""
+
+    FGSM = "fgsm"  # the setting's FGSM (the paper's; the only one in the transfer setting)
+    PGD = "pgd"  # white-box PGD: robustness FGSM cannot fake by masking its gradient
+
+
+# The recipe each setting runs by default (see advguard.training.recipes).
+DEFAULT_RECIPES = {Setting.TRANSFER.value: "fgsm", Setting.WHITE_BOX.value: "fgsm-rs"}
 
 
 # Per dataset: the paper's grid of strengths (pixel units), for testing and as candidates.
@@ -89,6 +103,12 @@ class MatConfig:
     tau: float = 0.5  # MSSIM threshold bounding the candidate strengths (SPEC A4)
     matrix_epochs: int = 3  # epochs of each single-strength model of the accuracy matrix
     matrix_train_limit: int | None = None  # train the matrix models on the first N images only
+    matrix_attack: str | None = None  # fgsm or pgd; None: fgsm (transfer), pgd (white-box)
+    matrix_pgd_steps: int = 10  # PGD steps of a PGD accuracy matrix (step 2.5·ε/steps)
+    matrix_val_limit: int | None = None  # matrix on the first N validation images (None: all
+    #                                       for FGSM, 1,000 for PGD)
+    recipe: str | None = None  # training recipe; None: fgsm (transfer), fgsm-rs (white-box)
+    pgd_at: bool = False  # also train the PGD-AT baseline (white-box setting)
     walks: int = 1000  # random walks (t); with l = 8 they find the exact optimum of the tests
     walk_steps: int = 8  # steps per walk (l)
     penalty: float = -0.001  # a: G = H + a·S (0.1 point of accuracy per extra strength)
@@ -100,13 +120,14 @@ class MatConfig:
     mixed_size: str = "full"  # mixed MAT: "full" (S+1 times the data) or "reduced" (N_C total)
     epochs: int = 10  # victim training epochs (passes over the clean training set)
     crafter_epochs: int = 8  # crafting model training epochs (LeNet-5 reaches ~99% on MNIST)
-    batch_size: int = 128  # clean examples per step
-    lr: float = 1e-3  # Adam
+    batch_size: int | None = None  # clean examples per step (None: the recipe's)
+    lr: float | None = None  # Adam, the peak of a one-cycle schedule (None: the recipe's)
     val_size: int = 5000  # held out of the training file for validation (never test data)
     train_limit: int | None = None  # use only the first N training images (quick runs)
     test_limit: int | None = None  # use only the first N test images (quick runs)
     pgd_steps: int = 20  # white-box PGD evaluation: steps (step size 2.5·ε/steps)
     pgd_restarts: int = 1  # white-box PGD evaluation: random restarts
+    pgd_step_size: float | None = None  # white-box PGD evaluation: step (None: 2.5·ε/steps)
     pgd_limit: int | None = None  # PGD on the first N test images only (None: all)
     seed: int = 0
     device: str = "cpu"
@@ -131,13 +152,31 @@ class MatConfig:
         if self.penalty > 0:
             raise AdvguardError(f"penalty must be ≤ 0, got {self.penalty}")
         voting = parse_rule(self.voting).value
+        recipe = get_recipe(self.recipe or DEFAULT_RECIPES[setting]).name
+        matrix_attack = parse_choice(
+            MatrixAttack, self.matrix_attack or ("fgsm" if setting == "transfer" else "pgd"),
+            "matrix attack").value
+        if setting == Setting.TRANSFER.value and (recipe != "fgsm" or matrix_attack != "fgsm"
+                                                  or self.pgd_at):
+            raise AdvguardError("the transfer setting trains and selects with the crafting "
+                                "model's FGSM only: recipe 'fgsm', matrix attack 'fgsm', no "
+                                "PGD-AT (use --setting white-box)")
+        matrix_val_limit = self.matrix_val_limit
+        if matrix_val_limit is None and matrix_attack == "pgd":
+            matrix_val_limit = 1000
+        if self.pgd_step_size is not None and not 0 < self.pgd_step_size <= 1:
+            raise AdvguardError(f"pgd_step_size must be in (0, 1], got {self.pgd_step_size}")
         for name in ("epochs", "crafter_epochs", "batch_size", "pgd_steps", "pgd_restarts",
                      "pgd_limit", "matrix_epochs", "matrix_train_limit", "walks", "voting_epochs",
-                     "workers"):
+                     "workers", "matrix_pgd_steps", "matrix_val_limit"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AdvguardError(f"{name} must be at least 1, got {getattr(self, name)}")
         return replace(self, dataset=info.name, setting=setting, strengths=strengths, grid=grid,
                        single_strength=None if single is None else float(single), voting=voting,
+                       recipe=recipe, matrix_attack=matrix_attack,
+                       lr=self.lr or get_recipe(recipe).lr,
+                       batch_size=self.batch_size or get_recipe(recipe).batch_size,
+                       matrix_val_limit=matrix_val_limit,
                        victim=self.victim or model_for(info.name, "victim"),
                        crafter=self.crafter or model_for(info.name, "crafter"))
 
@@ -169,8 +208,27 @@ class MatRun:
     @property
     def train_config(self) -> TrainConfig:
         c = self.config
-        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=c.seed,
-                           device=c.device)
+        return TrainConfig(epochs=c.epochs, batch_size=c.batch_size or 128, lr=c.lr or 1e-3,
+                           seed=c.seed, device=c.device)
+
+    @property
+    def recipe(self) -> Recipe:
+        return get_recipe(self.config.recipe or "fgsm")
+
+    def method_config(self, recipe: Recipe, epochs: int | None = None) -> TrainConfig:
+        """The training configuration of a victim model trained with ``recipe``."""
+        return replace(self.train_config, schedule=recipe.schedule,
+                       epochs=epochs or self.config.epochs)
+
+    def trainer(self, recipe: Recipe, strengths: list[float],
+                reduced: bool = False) -> tuple[StrengthMix, Any]:
+        """The batch mixing and adversarial source of a model trained at ``strengths``."""
+        mix = recipe.mix(strengths, reduced=reduced)
+        if not strengths:
+            return mix, None
+        if self.transfer:
+            return mix, TransferDirections(self.directions("train"))
+        return mix, recipe.source
 
     @property
     def grid(self) -> list[float]:
@@ -206,8 +264,10 @@ class MatRun:
         c, d = self.config, self.data()
         torch.manual_seed(c.seed)
         model = build_model(c.crafter or "", c.dataset)
+        paper = RECIPES["fgsm"]  # the crafting model trains the same way in every setting
         result = train(model, d.train, StrengthMix(), None,
-                       replace(self.train_config, epochs=c.crafter_epochs), val=d.val,
+                       replace(self.train_config, epochs=c.crafter_epochs, lr=paper.lr,
+                               batch_size=paper.batch_size), val=d.val,
                        state_path=self.ckpt / "crafter.state.pt", progress=self.progress,
                        desc=f"crafter {c.crafter}")
         acc = accuracy(model, d.test.x, d.test.y, device=c.device)
@@ -263,22 +323,29 @@ class MatRun:
         rows = []
         train_set = d.train if c.matrix_train_limit is None else d.train.subset(
             slice(0, c.matrix_train_limit))
-        transfer = TransferDirections(self.directions("train")) if self.transfer else None
+        val = d.val.subset(slice(0, c.matrix_val_limit or len(d.val)))
+        key = {"attack": c.matrix_attack, "recipe": self.recipe.name,
+               "validation_images": len(val)}
         for i, eps in enumerate(cands):
             path = self.ckpt / f"matrix-{i}.json"
             cached = read_json(path) if path.exists() else None
-            if cached is not None and cached["strength"] == eps:
+            if cached is not None and cached["strength"] == eps and all(
+                    cached.get(k) == v for k, v in key.items()):
                 rows.append(list(cached["accuracy"]))
                 continue
             torch.manual_seed(c.seed)
             model = self.build_victim()
-            train(model, train_set, StrengthMix((eps,)), transfer,
-                  replace(self.train_config, epochs=c.matrix_epochs), progress=self.progress,
-                  desc=f"matrix row {i + 1}/{len(cands)} eps={eps:g}")
-            row = curve_from_directions(model, d.val.x, d.val.y,
-                                        self.attack_directions(model, "val"), cands,
-                                        device=c.device)
-            write_json(path, {"strength": eps, "test_strengths": cands, "accuracy": row})
+            mix, source = self.trainer(self.recipe, [eps])
+            train(model, train_set, mix, source, self.method_config(self.recipe, c.matrix_epochs),
+                  progress=self.progress, desc=f"matrix row {i + 1}/{len(cands)} eps={eps:g}")
+            if c.matrix_attack == MatrixAttack.PGD.value:
+                row = pgd_curve(model, val.x, val.y, cands,
+                                PGD(steps=c.matrix_pgd_steps, seed=c.seed), device=c.device)
+            else:
+                dirs = (self.directions("val")[:len(val)] if self.transfer
+                        else fgsm_directions(model, val.x, val.y, device=c.device))
+                row = curve_from_directions(model, val.x, val.y, dirs, cands, device=c.device)
+            write_json(path, {"strength": eps, "test_strengths": cands, "accuracy": row, **key})
             rows.append(row)
         return rows
 
@@ -294,6 +361,7 @@ class MatRun:
             return dict(read_json(path))
         cands, A = self.candidates(), self.matrix()
         out: dict[str, Any] = {"source": "random walk", "candidates": cands, "matrix": A,
+                               "matrix_attack": self.matrix_description(),
                                "walks": c.walks, "steps": c.walk_steps, "penalty": c.penalty,
                                "seed": c.seed, "mssim": self.mssim()}
         for combo in (Combination.PARALLEL, Combination.MIXED):
@@ -320,8 +388,21 @@ class MatRun:
         write_json(path, out)
         return out
 
+    def matrix_description(self) -> str:
+        c = self.config
+        where = f"first {c.matrix_val_limit} validation images" if c.matrix_val_limit else \
+            "validation split"
+        if c.matrix_attack == MatrixAttack.PGD.value:
+            return (f"white-box PGD-{c.matrix_pgd_steps} (step 2.5·ε/{c.matrix_pgd_steps}, "
+                    f"random start), {where}")
+        return f"{'transfer' if self.transfer else 'white-box'} FGSM, {where}"
+
     def method_strengths(self, method: str) -> list[float]:
-        return [] if method == "original" else list(self.selection()[method])
+        if method == "original":
+            return []
+        if method == "pgd-at":  # Madry et al. train at the top of the range
+            return [max(self.grid)]
+        return list(self.selection()[method])
 
     def voting_data(self, ensemble: VotingEnsemble) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation images, clean and FGSM at every grid strength, to fit the voting unit:
@@ -341,11 +422,11 @@ class MatRun:
             seconds = float(meta["train_seconds"])
         else:
             strengths = self.method_strengths("parallel")
+            mix, source = self.trainer(self.recipe, strengths[:1])
             base, res = train_parallel(
                 functools.partial(build_model, c.victim or "", c.dataset), d.train, strengths,
-                TransferDirections(self.directions("train")) if self.transfer else None,
-                self.train_config, val=d.val, state_dir=self.ckpt, progress=self.progress,
-                workers=c.workers)
+                source, self.method_config(self.recipe), val=d.val, state_dir=self.ckpt,
+                progress=self.progress, workers=c.workers, clean=mix.clean)
             seconds = sum(r.seconds for r in res.members)
             save_ensemble(members_path, base, arch=c.victim or "", dataset=c.dataset,
                           strengths=strengths, train_seconds=seconds,
@@ -378,15 +459,14 @@ class MatRun:
         strengths = self.method_strengths(method)
         torch.manual_seed(c.seed)
         model = self.build_victim()
-        mix = StrengthMix(tuple(strengths), reduced=method == "mixed" and
-                          c.mixed_size == "reduced")
-        source = (TransferDirections(self.directions("train"))
-                  if self.transfer and strengths else None)
+        recipe = RECIPES["pgd-at"] if method == "pgd-at" else self.recipe
+        mix, source = self.trainer(recipe, strengths, reduced=method == "mixed" and
+                                   c.mixed_size == "reduced")
         state = self.ckpt / f"{method}.state.pt"
-        result = train(model, d.train, mix, source, self.train_config, val=d.val,
+        result = train(model, d.train, mix, source, self.method_config(recipe), val=d.val,
                        state_path=state, progress=self.progress, desc=method)
         save_model(path, model, arch=c.victim or "", dataset=c.dataset, strengths=strengths,
-                   train_seconds=result.seconds, history=result.history)
+                   train_seconds=result.seconds, history=result.history, recipe=recipe.name)
         state.unlink(missing_ok=True)
         return model, result.seconds
 
@@ -402,7 +482,8 @@ class MatRun:
             ThreatSetting.WHITE_BOX_FGSM.value: fgsm_curve(model, test.x, test.y, self.grid, **kw),
             ThreatSetting.WHITE_BOX_PGD.value: pgd_curve(
                 model, test.x[:pgd_limit], test.y[:pgd_limit], self.grid,
-                PGD(steps=c.pgd_steps, restarts=c.pgd_restarts, seed=c.seed),
+                PGD(steps=c.pgd_steps, restarts=c.pgd_restarts, step_size=c.pgd_step_size,
+                    seed=c.seed),
                 desc=f"{name} PGD-{c.pgd_steps}", **kw),
         }
 
@@ -450,7 +531,8 @@ def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> Mat
     cfg = prepare_run_dir(config, out)
     run = MatRun(cfg, Path(out), progress)
     selection = run.selection()
-    methods = {m: run.evaluate(m) for m in ("original", "single", "mixed", "parallel")}
+    names = ["original", "single", "mixed", "parallel"] + (["pgd-at"] if cfg.pgd_at else [])
+    methods = {m: run.evaluate(m) for m in names}
     voting = run.voting_comparison() if cfg.compare_voting else None
     crafter_meta = read_metadata(run.ckpt / "crafter.safetensors")
     members_meta = read_metadata(run.ckpt / "parallel-members.safetensors")
@@ -462,9 +544,13 @@ def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> Mat
                  "crafter_test_accuracy": crafter_meta["test_accuracy"],
                  "mixed_size": cfg.mixed_size, "seed": cfg.seed, "voting_rule": cfg.voting,
                  "train_size": len(d.train), "val_size": len(d.val), "test_size": len(d.test),
+                 "recipe": {"name": run.recipe.name, "summary": run.recipe.summary,
+                            "schedule": run.recipe.schedule, "lr": cfg.lr,
+                            "epochs": cfg.epochs, "batch_size": cfg.batch_size},
                  "pgd": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts,
                          "test_images": min(cfg.pgd_limit or len(d.test), len(d.test)),
-                         "step_size": "2.5*eps/steps", "random_start": True},
+                         "step_size": (cfg.pgd_step_size if cfg.pgd_step_size is not None
+                                       else "2.5*eps/steps"), "random_start": True},
                  "parallel_training": {"workers": cfg.workers,
                                        "peak_rss_mb": members_meta.get("peak_rss_mb")},
                  "selection": selection, "voting": voting})

@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 from advguard.data import ImageSet
 from advguard.errors import CheckpointError
 from advguard.io import load_state, save_state
-from advguard.training.mixing import DirectionSource, StrengthMix, WhiteBoxDirections
+from advguard.training.mixing import (
+    DirectionSource,
+    ExampleSource,
+    StrengthMix,
+    WhiteBoxDirections,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,27 @@ class TrainConfig:
     batch_size: int = 128  # clean examples per step (the mixed batch holds (S+1)x as many)
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0
-    seed: int = 0  # shuffling (and reduced-size group assignment)
+    seed: int = 0  # shuffling, reduced-size groups, sampled strengths and random starts
     device: str = "cpu"
+    schedule: str = "constant"  # learning rate: "constant" or "one-cycle" (0 -> lr -> 0, linear)
+
+
+SCHEDULES = ("constant", "one-cycle")
+
+
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig,
+               steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step learning-rate schedule: "one-cycle" rises linearly from ~0 to ``lr`` over the
+    first 40% of the steps and falls back to ~0 (the schedule of Wong et al. 2020)."""
+    if config.schedule == "constant":
+        return None
+    if config.schedule == "one-cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.4,
+            anneal_strategy="linear", cycle_momentum=False, div_factor=1e4,
+            final_div_factor=1.0)
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of: "
+                     f"{', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -58,32 +82,42 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 
 
 def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
-          directions: DirectionSource | None = None, config: TrainConfig | None = None, *,
+          directions: DirectionSource | ExampleSource | None = None,
+          config: TrainConfig | None = None, *,
           val: ImageSet | None = None, state_path: str | Path | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
 
-    ``directions`` defaults to white-box FGSM on ``model`` itself.
+    ``directions`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
+    itself. Random draws (sampled strengths, random starts) come from torch's global generator,
+    seeded with ``config.seed`` and saved with every epoch's state, so a resumed run draws what
+    an uninterrupted one would.
     """
     directions = directions or WhiteBoxDirections()
     config = config or TrainConfig()
     device = torch.device(config.device)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    n = len(data)
+    sched = _scheduler(opt, config, -(-n // config.batch_size))
     result, start_epoch = TrainResult(), 0
+    torch.manual_seed(config.seed)
     if state_path is not None and Path(state_path).exists():
         state = load_state(state_path)
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            if "rng" in state:
+                torch.set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"training state {state_path} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
         start_epoch = int(state["epoch"])
         result = TrainResult(list(state["history"]), float(state["seconds"]))
         log.info("%s: resuming after epoch %d", desc, start_epoch)
-    groups = mix.groups(len(data), config.seed)
-    n = len(data)
+    groups = mix.groups(n, config.seed)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -98,6 +132,8 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
         row: dict[str, float] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
@@ -112,7 +148,9 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         if state_path is not None:
             save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "epoch": epoch + 1, "history": result.history,
-                                    "seconds": result.seconds, "config": asdict(config)})
+                                    "seconds": result.seconds, "config": asdict(config),
+                                    "scheduler": None if sched is None else sched.state_dict(),
+                                    "rng": torch.get_rng_state()})
     model.eval()
     return result
 

@@ -9,6 +9,13 @@ A :class:`StrengthMix` says which FGSM strengths join the clean batch and how; a
 
 Either way the copies of a batch at every strength share one gradient (SPEC A1).
 
+Beyond the paper, an :class:`ExampleSource` crafts the adversarial copies itself, one gradient
+(or PGD run) per strength, for the white-box recipes of :mod:`advguard.training.recipes`:
+
+* :class:`RandomStartFGSM` — FGSM from a uniform random start in the ε-ball with step
+  ``ratio·ε``, projected back (Wong et al. 2020, "Fast is better than free");
+* :class:`PGDExamples` — L∞ PGD (Madry et al. 2018), the expensive baseline.
+
 ======================  ============================  =========================================
 method                  mix                           batch of B clean examples becomes
 ======================  ============================  =========================================
@@ -17,6 +24,9 @@ single-strength ε       ``StrengthMix((ε,))``         B clean + B at ε
 mixed MAT, full size    ``StrengthMix(E)``            B clean + B at each ε of E: (S+1)·B
 mixed MAT, reduced      ``StrengthMix(E, True)``      B examples, each fixed to one of clean/ε_s
 parallel member k       ``StrengthMix((ε_k,))``       B clean + B at ε_k
+sampled strengths       ``StrengthMix(E, sample=True)``  B clean + B, each at an ε drawn from E
+                                                      afresh every step (one gradient)
+without the clean copy  ``StrengthMix(E, clean=False)``  the adversarial part only
 ======================  ============================  =========================================
 
 The loss is the mean cross-entropy over the mixed batch, i.e. eq. (2)'s ``J_M`` divided by the
@@ -26,12 +36,12 @@ constant (S+1)·B.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from advguard.attacks import check_strengths, gradient_sign, perturb
+from advguard.attacks import PGD, check_strengths, gradient_sign, perturb
 
 
 class DirectionSource(Protocol):
@@ -63,17 +73,62 @@ class TransferDirections:
         return self.directions[index].to(x.device)
 
 
+@runtime_checkable
+class ExampleSource(Protocol):
+    """Crafts adversarial copies of a batch: ``examples(model, x, y, eps) -> x_adv`` with ``eps``
+    one strength per example, shape (B,)."""
+
+    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PGDExamples:
+    """Adversarial copies by L∞ PGD with a random start (:class:`advguard.attacks.PGD`, noise
+    from torch's global generator, which the training loop seeds and checkpoints).
+
+    ``steps`` gradient steps of ``step_scale·ε/steps``: 40 steps of 2.5·ε/40 is Madry et al.'s
+    PGD adversarial training; :func:`random_start_fgsm` is the one-step case.
+    """
+
+    steps: int = 40
+    step_scale: float = 2.5
+
+    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor:
+        attack = PGD(steps=self.steps, step_scale=self.step_scale, seed=None)
+        return attack.run(model, x, y, _broadcast(eps.to(x.device, x.dtype), x))
+
+
+def random_start_fgsm(ratio: float = 1.25) -> PGDExamples:
+    """FGSM from a random start: δ₀ ~ U(−ε, ε), one signed-gradient step of ``ratio·ε``,
+    projected onto the ε-ball (Wong et al. 2020; their ``ratio`` 1.25 avoids catastrophic
+    overfitting at their settings)."""
+    return PGDExamples(steps=1, step_scale=ratio)
+
+
 @dataclass(frozen=True)
 class StrengthMix:
-    """Clean examples plus FGSM copies at ``strengths``; ``reduced`` keeps the total at N_C."""
+    """Clean examples plus adversarial copies at ``strengths``.
+
+    ``reduced`` keeps the total at N_C (each example fixed to one of clean/ε_s); ``sample``
+    gives each example of every batch one strength drawn afresh from ``strengths`` (one
+    gradient per batch whatever S is); ``clean=False`` trains on the adversarial part only.
+    """
 
     strengths: tuple[float, ...] = ()
     reduced: bool = False
+    sample: bool = False
+    clean: bool = True
     _levels: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.strengths:
             check_strengths(self.strengths)
+        if self.reduced and self.sample:
+            raise ValueError("a StrengthMix is reduced or sampled, not both")
+        if not self.clean and (self.reduced or not self.strengths):
+            raise ValueError("clean=False needs strengths and full or sampled mixing")
         object.__setattr__(self, "_levels", torch.tensor((0.0, *self.strengths)))
 
     def groups(self, n: int, seed: int) -> torch.Tensor | None:
@@ -87,16 +142,37 @@ class StrengthMix:
         return groups
 
     def batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-              directions: DirectionSource,
+              source: DirectionSource | ExampleSource,
               groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch built from the clean batch ``(x, y)`` of dataset rows ``index``."""
         if not self.strengths:
             return x, y
-        direction = directions(model, x, y, index)
+        levels = self._levels.to(x.device)
         if self.reduced:
             if groups is None:
                 raise ValueError("reduced-size mixing needs the groups from StrengthMix.groups")
-            eps = self._levels.to(x.device)[groups[index].to(x.device)]
-            return perturb(x, direction, eps), y
-        copies = [x] + [perturb(x, direction, e) for e in self.strengths]
+            return _adversarial(source, model, x, y, index, levels[groups[index].to(x.device)]), y
+        if self.sample:
+            pick = torch.randint(len(self.strengths), (len(x),)).to(x.device)
+            adv = [_adversarial(source, model, x, y, index, levels[1:][pick])]
+        elif isinstance(source, ExampleSource):
+            adv = [source.examples(model, x, y, levels[s].expand(len(x)))
+                   for s in range(1, len(levels))]
+        else:  # one direction serves every strength (SPEC A1)
+            direction = source(model, x, y, index)
+            adv = [perturb(x, direction, e) for e in self.strengths]
+        copies = [x, *adv] if self.clean else adv
         return torch.cat(copies), y.repeat(len(copies))
+
+
+def _adversarial(source: DirectionSource | ExampleSource, model: nn.Module, x: torch.Tensor,
+                 y: torch.Tensor, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``x`` attacked at per-example strengths ``eps`` (0 keeps an example clean)."""
+    if isinstance(source, ExampleSource):
+        adv = source.examples(model, x, y, eps)
+        return torch.where(_broadcast(eps, x) > 0, adv, x)
+    return perturb(x, source(model, x, y, index), eps)
+
+
+def _broadcast(eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return eps.reshape(-1, *[1] * (x.dim() - 1))

@@ -1,0 +1,177 @@
+"""White-box training recipes: random-start FGSM, PGD examples, sampled strengths, one-cycle
+learning rate, and their resumability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advguard.attacks import PGD, fgsm
+from advguard.errors import AdvguardError
+from advguard.models import build_model
+from advguard.reproduce import MatConfig
+from advguard.training import (
+    RECIPES,
+    PGDExamples,
+    StrengthMix,
+    TrainConfig,
+    WhiteBoxDirections,
+    accuracy,
+    get_recipe,
+    random_start_fgsm,
+    train,
+)
+
+
+@pytest.fixture
+def batch(mnist_train):
+    return mnist_train.x[:64], mnist_train.y[:64]
+
+
+def linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).abs().amax(1)
+
+
+def test_pgd_takes_one_strength_per_example(trained_mlp, batch):
+    x, y = batch
+    eps = torch.tensor([0.0, 0.1, 0.3, 0.2] * 16).view(-1, 1, 1, 1)
+    adv = PGD(steps=5, seed=1).run(trained_mlp, x, y, eps)
+    dist = linf(adv, x)
+    assert torch.all(dist <= eps.flatten() + 1e-6)
+    assert torch.all(dist[eps.flatten() == 0] == 0)
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_pgd_restarts_never_lose_an_example_already_fooled(trained_mlp, batch):
+    x, y = batch
+    one = PGD(steps=3, restarts=1, seed=2).run(trained_mlp, x, y, 0.1)
+    many = PGD(steps=3, restarts=4, seed=2).run(trained_mlp, x, y, 0.1)
+    with torch.no_grad():
+        fooled_one = trained_mlp(one).argmax(1) != y
+        fooled_many = trained_mlp(many).argmax(1) != y
+    assert torch.all(fooled_many[fooled_one])  # the first restart's successes are kept
+    assert fooled_many.sum() >= fooled_one.sum()
+    assert torch.all(linf(many, x) <= 0.1 + 1e-6)
+
+
+def test_random_start_fgsm_stays_in_the_ball_and_is_not_plain_fgsm(trained_mlp, batch):
+    x, y = batch
+    eps = torch.full((len(x),), 0.2)
+    torch.manual_seed(0)
+    adv = random_start_fgsm().examples(trained_mlp, x, y, eps)
+    assert torch.all(linf(adv, x) <= 0.2 + 1e-6)
+    assert not torch.allclose(adv, fgsm(trained_mlp, x, y, 0.2))
+    # the step (1.25·ε) from a point inside the ball reaches the boundary for most pixels
+    moved = ((adv - x).abs() > 0.19).float().mean()
+    assert moved > 0.3
+    torch.manual_seed(0)
+    assert torch.equal(adv, random_start_fgsm().examples(trained_mlp, x, y, eps))
+
+
+def test_pgd_examples_are_stronger_than_random_start_fgsm(trained_mlp, batch):
+    x, y = batch
+    eps = torch.full((len(x),), 0.15)
+    torch.manual_seed(0)
+    one_step = random_start_fgsm().examples(trained_mlp, x, y, eps)
+    many = PGDExamples(steps=10).examples(trained_mlp, x, y, eps)
+    assert accuracy(trained_mlp, many, y) <= accuracy(trained_mlp, one_step, y)
+
+
+def test_sampled_mix_draws_one_strength_per_example(trained_mlp, batch):
+    x, y = batch
+    index = torch.arange(len(x))
+    mix = StrengthMix((0.1, 0.3), sample=True)
+    xb, yb = mix.batch(trained_mlp, x, y, index, WhiteBoxDirections())
+    assert xb.shape[0] == 2 * len(x) and torch.equal(yb, y.repeat(2))
+    assert torch.equal(xb[:len(x)], x)  # the clean copy
+    dist = linf(xb[len(x):], x)
+    low, high = torch.isclose(dist, torch.tensor(0.1)), torch.isclose(dist, torch.tensor(0.3))
+    assert torch.all(low | high) and low.any() and high.any()
+
+    adv_only = StrengthMix((0.1, 0.3), sample=True, clean=False)
+    xa, ya = adv_only.batch(trained_mlp, x, y, index, random_start_fgsm())
+    assert xa.shape[0] == len(x) and torch.all(linf(xa, x) > 0)
+
+
+def test_full_mix_with_an_example_source_attacks_at_every_strength(trained_mlp, batch):
+    x, y = batch
+    xb, _ = StrengthMix((0.1, 0.2), clean=False).batch(
+        trained_mlp, x, y, torch.arange(len(x)), PGDExamples(steps=2))
+    assert xb.shape[0] == 2 * len(x)
+    assert torch.all(linf(xb[:len(x)], x) <= 0.1 + 1e-6)
+    assert linf(xb[len(x):], x).max() > 0.1
+
+
+def test_invalid_mixes_are_refused():
+    with pytest.raises(ValueError, match="reduced or sampled"):
+        StrengthMix((0.1,), reduced=True, sample=True)
+    with pytest.raises(ValueError, match="clean=False"):
+        StrengthMix((), clean=False)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        train(build_model("mlp3", "mnist"), _tiny(), config=TrainConfig(schedule="cosine"),
+              progress=False)
+
+
+def _tiny():
+    from advguard.data import load_dataset
+
+    return load_dataset("mnist", limit=200)
+
+
+def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_path,
+                                                            monkeypatch):
+    data = mnist_train.subset(slice(0, 400))
+    recipe = get_recipe("fgsm-rs")
+    mix = recipe.mix([0.1, 0.3])
+    config = TrainConfig(epochs=2, batch_size=50, seed=3, schedule="one-cycle", lr=5e-3)
+
+    torch.manual_seed(0)
+    straight = build_model("small-cnn", "mnist")
+    train(straight, data, mix, recipe.source, config, progress=False)
+
+    torch.manual_seed(0)
+    first = build_model("small-cnn", "mnist")
+    state = tmp_path / "rs.state.pt"
+    # interrupted (Ctrl-C) right after epoch 1's checkpoint of the same 2-epoch schedule
+    import advguard.training.loop as loop
+
+    real_save = loop.save_state
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_state", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, data, mix, recipe.source, config, state_path=state, progress=False)
+    monkeypatch.setattr(loop, "save_state", real_save)
+    torch.manual_seed(123)  # whatever the caller's generator holds, the state restores it
+    resumed = build_model("small-cnn", "mnist")
+    train(resumed, data, mix, recipe.source, config, state_path=state, progress=False)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_recipes_describe_their_mixing():
+    assert set(RECIPES) == {"fgsm", "fgsm-rs", "pgd-at"}
+    paper = get_recipe("fgsm").mix([0.1, 0.2])
+    assert paper.clean and not paper.sample
+    fast = get_recipe("fgsm-rs").mix([0.1, 0.2])
+    assert fast.sample and not fast.clean
+    assert get_recipe("fgsm-rs").mix([0.3]) == StrengthMix((0.3,), clean=False)
+    assert get_recipe("fgsm").mix([0.1, 0.2], reduced=True).reduced
+    with pytest.raises(AdvguardError, match="unknown recipe 'madry'"):
+        get_recipe("madry")
+
+
+def test_settings_pick_their_recipe_and_matrix_attack():
+    wb = MatConfig(setting="white-box").resolved()
+    assert wb.recipe == "fgsm-rs" and wb.matrix_attack == "pgd" and wb.matrix_val_limit == 1000
+    tr = MatConfig().resolved()
+    assert tr.recipe == "fgsm" and tr.matrix_attack == "fgsm" and tr.matrix_val_limit is None
+    for bad in ({"recipe": "fgsm-rs"}, {"matrix_attack": "pgd"}, {"pgd_at": True}):
+        with pytest.raises(AdvguardError, match="transfer setting"):
+            MatConfig(**bad).resolved()  # type: ignore[arg-type]
+    with pytest.raises(AdvguardError, match="matrix attack"):
+        MatConfig(setting="white-box", matrix_attack="cw").resolved()
