@@ -218,3 +218,15 @@ def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path):
     assert "pgd-at" in table and "Training recipe: `fgsm-rs`" in table
     assert "white-box PGD (on the evaluated model) at ε = 0.3 |" in table
     assert "paper (Table 1" not in table
+
+
+def test_audit_reports_every_attack_and_check(model_file, tmp_path):
+    out = tmp_path / "audit.json"
+    proc = run_cli("audit", str(model_file), "--eps", "0.1", "--test-limit", "60",
+                   "--pgd-steps", "5", "--pgd-restarts", "1", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "APGD-DLR" in proc.stdout and "worst case over all attacks" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["images"] == 60 and report["eps"] == 0.1
+    assert set(report["steps_sweep"]) == {"10", "40", "100"}
+    assert report["worst_case_accuracy"] <= min(report["attacks"].values())

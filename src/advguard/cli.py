@@ -237,6 +237,53 @@ def train(
 
 
 @app.command()
+def audit(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    eps: Annotated[float, typer.Option(help="L∞ strength to audit at (pixel units)")] = 0.3,
+    pgd_steps: int = 40,
+    pgd_step_size: Annotated[float | None, typer.Option(
+        help="PGD step (default: 2.5·ε/steps)")] = 0.01,
+    pgd_restarts: int = 5,
+    transfer_from: Annotated[list[Path] | None, typer.Option(
+        help="other models whose PGD examples are transferred (black-box check); repeatable")]
+    = None,
+    test_limit: Annotated[int | None, typer.Option(help="first N test images")] = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Audit a white-box robustness claim: advguard's PGD, torchattacks' PGD and APGD (CE, DLR),
+    a PGD step sweep, black-box transfer, zero gradients and an unbounded attack."""
+    from advguard.attacks import PGD
+    from advguard.data import load_dataset
+    from advguard.evaluation import audit as run_audit
+    from advguard.io import write_json
+
+    _setup_logging(quiet)
+    model, meta = _load_any(checkpoint)
+    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    sources = {p.name: _load_any(p)[0] for p in transfer_from or []}
+    report = run_audit(model, test.x, test.y, eps,
+                       pgd=PGD(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
+                               seed=seed),
+                       sources=sources, device=device, seed=seed, progress=not quiet)
+    typer.echo(f"{checkpoint.name}: ε = {eps:g}, {report.images} test images")
+    typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
+    for name, acc in report.attacks.items():
+        typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
+    typer.echo(f"  worst case over all attacks    {100 * report.worst_case_accuracy:6.2f}%")
+    for name, acc in report.transfer.items():
+        typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
+    typer.echo(f"  zero-gradient inputs           {100 * report.zero_gradient_fraction:6.2f}%")
+    typer.echo(f"  unbounded PGD (ε = 1)          {100 * report.unbounded_accuracy:6.2f}%")
+    typer.echo("  warnings: " + ("; ".join(report.warnings) or "none"))
+    if out is not None:
+        write_json(out, {"checkpoint": str(checkpoint), **report.to_json()})
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
     attack: Annotated[str, typer.Option(help="white-box-fgsm, white-box-pgd or transfer-fgsm")]
