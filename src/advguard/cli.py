@@ -57,8 +57,9 @@ def reproduce_mat(
     strengths: Annotated[str | None, typer.Option(
         help="hand-picked MAT strengths, e.g. 0.1,0.2,0.3 (default: random-walk selection)")]
     = None,
-    single_strength: Annotated[float | None, typer.Option(
-        help="single-strength ε (default: the best row of the accuracy matrix)")] = None,
+    single_strength: Annotated[str | None, typer.Option(
+        help="single-strength ε, e.g. 0.3 or 8/255 (default: the best row of the accuracy "
+             "matrix)")] = None,
     tau: Annotated[float, typer.Option(help="MSSIM threshold bounding the strengths")] = 0.5,
     matrix_epochs: int = 3,
     matrix_train_limit: Annotated[int | None, typer.Option(
@@ -120,7 +121,8 @@ def reproduce_mat(
     _setup_logging(quiet)
     config = MatConfig(
         dataset=dataset, setting=setting, strengths=parse_strengths(strengths),
-        single_strength=single_strength, tau=tau, matrix_epochs=matrix_epochs,
+        single_strength=next(iter(parse_strengths(single_strength) or []), None), tau=tau,
+        matrix_epochs=matrix_epochs,
         matrix_train_limit=matrix_train_limit, matrix_attack=matrix_attack,
         matrix_pgd_steps=matrix_pgd_steps, matrix_val_limit=matrix_val_limit, recipe=recipe,
         pgd_at=pgd_at, victim=victim, pgd_step_size=pgd_step_size, walks=walks,
