@@ -230,3 +230,17 @@ def test_audit_reports_every_attack_and_check(model_file, tmp_path):
     assert report["images"] == 60 and report["eps"] == 0.1
     assert set(report["steps_sweep"]) == {"10", "40", "100"}
     assert report["worst_case_accuracy"] <= min(report["attacks"].values())
+
+
+def test_train_with_a_white_box_recipe(tmp_path):
+    out = tmp_path / "rs.safetensors"
+    proc = run_cli("train", str(out), "--model", "small-cnn", "--strengths", "0.1,0.3",
+                   "--recipe", "fgsm-rs", "--epochs", "1", "--train-limit", "300", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    from advguard.io import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["recipe"] == "fgsm-rs" and meta["arch"] == "small-cnn"
+    assert meta["history"][0]["epoch"] == 1
+    assert_one_line_error(run_cli("train", str(out), "--recipe", "fgsm-rs", "--crafter",
+                                  str(out), "--strengths", "0.1"), "--recipe fgsm only")

@@ -192,9 +192,11 @@ def train(
     reduced: Annotated[bool, typer.Option(help="mixed MAT, reduced size")] = False,
     crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
                                                       "(default: white-box, online)")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="white-box recipe: fgsm (the paper's), fgsm-rs or pgd-at")] = "fgsm",
     epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
+    batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
     train_limit: int | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -207,33 +209,33 @@ def train(
     from advguard.attacks import fgsm_directions
     from advguard.data import load_dataset
     from advguard.models import build_model, load_model, model_for, save_model
-    from advguard.training import (
-        StrengthMix,
-        TrainConfig,
-        TransferDirections,
-        accuracy,
-    )
+    from advguard.training import TrainConfig, TransferDirections, accuracy, get_recipe
     from advguard.training import train as train_model
 
     _setup_logging(quiet)
     data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
     arch = model or model_for(dataset, "victim")
     eps = tuple(parse_strengths(strengths) or ())
-    directions = None
+    how = get_recipe(recipe)
+    if crafter is not None and how.name != "fgsm":
+        raise AdvguardError("a crafting model (transfer setting) trains with --recipe fgsm only")
+    directions: Any = how.source
     if crafter is not None and eps:
         crafting_model, _ = load_model(crafter)
         directions = TransferDirections(fgsm_directions(crafting_model, data.x, data.y,
                                                         device=device, progress=not quiet))
     torch.manual_seed(seed)
     net = build_model(arch, data.info)
-    result = train_model(net, data, StrengthMix(eps, reduced=reduced), directions,
-                         TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                     device=device),
+    result = train_model(net, data, how.mix(eps, reduced=reduced), directions,
+                         TrainConfig(epochs=epochs, batch_size=batch_size or how.batch_size,
+                                     lr=lr or how.lr, seed=seed, device=device,
+                                     schedule=how.schedule),
                          state_path=out.with_suffix(".state.pt"), progress=not quiet)
     test = load_dataset(dataset, "test", data_dir=data_dir)
     acc = accuracy(net, test.x, test.y, device=device)
     save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
-               train_seconds=result.seconds, history=result.history, test_accuracy=acc)
+               train_seconds=result.seconds, history=result.history, test_accuracy=acc,
+               recipe=how.name)
     out.with_suffix(".state.pt").unlink(missing_ok=True)
     typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
 
