@@ -5,6 +5,7 @@ from advguard.training.mixing import (
     DirectionSource,
     ExampleSource,
     PGDExamples,
+    RandomStartFGSM,
     StrengthMix,
     TransferDirections,
     WhiteBoxDirections,
@@ -12,6 +13,7 @@ from advguard.training.mixing import (
 )
 from advguard.training.recipes import RECIPES, Recipe, get_recipe
 
-__all__ = ["RECIPES", "SCHEDULES", "DirectionSource", "ExampleSource", "PGDExamples", "Recipe",
-           "StrengthMix", "TrainConfig", "TrainResult", "TransferDirections", "WhiteBoxDirections",
-           "accuracy", "get_recipe", "random_start_fgsm", "train"]
+__all__ = ["RECIPES", "SCHEDULES", "DirectionSource", "ExampleSource", "PGDExamples",
+           "RandomStartFGSM", "Recipe", "StrengthMix", "TrainConfig", "TrainResult",
+           "TransferDirections", "WhiteBoxDirections", "accuracy", "get_recipe",
+           "random_start_fgsm", "train"]

@@ -41,7 +41,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from advguard.attacks import PGD, check_strengths, gradient_sign, perturb
+from advguard.attacks import PGD, check_strengths, eval_mode, gradient_sign, perturb
+from advguard.attacks.base import input_gradient
 
 
 class DirectionSource(Protocol):
@@ -88,7 +89,7 @@ class PGDExamples:
     from torch's global generator, which the training loop seeds and checkpoints).
 
     ``steps`` gradient steps of ``step_scale·ε/steps``: 40 steps of 2.5·ε/40 is Madry et al.'s
-    PGD adversarial training; :func:`random_start_fgsm` is the one-step case.
+    PGD adversarial training.
     """
 
     steps: int = 40
@@ -100,11 +101,35 @@ class PGDExamples:
         return attack.run(model, x, y, _broadcast(eps.to(x.device, x.dtype), x))
 
 
-def random_start_fgsm(ratio: float = 1.25) -> PGDExamples:
-    """FGSM from a random start: δ₀ ~ U(−ε, ε), one signed-gradient step of ``ratio·ε``,
-    projected onto the ε-ball (Wong et al. 2020; their ``ratio`` 1.25 avoids catastrophic
-    overfitting at their settings)."""
-    return PGDExamples(steps=1, step_scale=ratio)
+@dataclass(frozen=True)
+class RandomStartFGSM:
+    """FGSM from a random start (Wong et al. 2020, "Fast is better than free"): δ₀ ~ U(−ε, ε),
+    the loss gradient taken at ``x + δ₀`` *as is* (not clipped to the image range), one step
+    δ = clip(δ₀ + ratio·ε·sign(∇), −ε, ε), then ``x + δ`` clipped to [0, 1].
+
+    Taking the gradient at the unclipped start is their procedure and it matters on MNIST,
+    where most pixels sit at 0: clipping the start first puts half of those pixels back on 0,
+    takes most of the randomness out of the step, and a single-strength ε = 0.3 small CNN
+    fell to 83% (and, with another data split, 20%) under PGD-40 at ε = 0.3 instead of 90%.
+    Noise comes from torch's global generator, which the training loop seeds and checkpoints.
+    """
+
+    ratio: float = 1.25
+
+    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor:
+        e = _broadcast(eps.to(x.device, x.dtype), x)
+        start = (2 * torch.rand_like(x) - 1) * e
+        with eval_mode(model):
+            grad = input_gradient(model, x + start, y)
+        delta = torch.max(torch.min(start + self.ratio * e * grad.sign(), e), -e)
+        return (x + delta).clamp(0.0, 1.0).detach()
+
+
+def random_start_fgsm(ratio: float = 1.25) -> RandomStartFGSM:
+    """FGSM from a random start with step ``ratio·ε`` (see :class:`RandomStartFGSM`); their
+    ``ratio`` 1.25 avoids catastrophic overfitting at their settings."""
+    return RandomStartFGSM(ratio)
 
 
 @dataclass(frozen=True)
