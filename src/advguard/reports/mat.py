@@ -175,7 +175,8 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
                                                                strict=True))
              + f". Bound: ε ≤ {ms['bound']:.4g}.", "",
              "Accuracy matrix A (%; row: model trained at ε_i, column: validation strength "
-             "ε_j):", "",
+             f"ε_j; attack: {sel.get('matrix_attack', 'the setting’s FGSM, validation split')}):",
+             "",
              "| train \\ test | " + " | ".join(f"{e:.4g}" for e in sel["candidates"]) + " |",
              "|---" * (len(sel["candidates"]) + 1) + "|"]
     for e, row in zip(sel["candidates"], sel["matrix"], strict=True):
