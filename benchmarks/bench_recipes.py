@@ -26,7 +26,7 @@ RUNS = {
 }
 
 
-def main(train_size: int = 5000, repeats: int = 3) -> dict:
+def main(train_size: int = 3000, repeats: int = 3) -> dict:
     data = load_dataset("mnist", "train", limit=train_size)
 
     def run(name: str) -> None:
