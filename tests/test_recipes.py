@@ -54,6 +54,23 @@ def test_pgd_restarts_never_lose_an_example_already_fooled(trained_mlp, batch):
     assert torch.all(linf(many, x) <= 0.1 + 1e-6)
 
 
+def test_early_stopped_pgd_freezes_examples_once_they_are_misclassified(trained_mlp, batch):
+    x, y = batch
+    plain = PGD(steps=8, random_start=False).run(trained_mlp, x, y, 0.2)
+    stopped = PGD(steps=8, random_start=False, early_stop=True).run(trained_mlp, x, y, 0.2)
+    with torch.no_grad():
+        wrong_clean = trained_mlp(x).argmax(1) != y
+        fooled = trained_mlp(stopped).argmax(1) != y
+    assert wrong_clean.any() and (~wrong_clean).any()
+    assert torch.equal(stopped[wrong_clean], x[wrong_clean])  # never moved
+    assert not torch.equal(plain[wrong_clean], x[wrong_clean])  # plain PGD moves them all
+    # a moved example stops at the first step that fools the model: it is no further than
+    # plain PGD's and still fooled (or never fooled within the budget)
+    assert torch.all(linf(stopped, x) <= linf(plain, x) + 1e-6)
+    assert fooled.sum() >= wrong_clean.sum()
+    assert RECIPES["pgd-at"].source.early_stop  # the PGD-AT baseline trains with it
+
+
 def test_random_start_fgsm_stays_in_the_ball_and_is_not_plain_fgsm(trained_mlp, batch):
     x, y = batch
     eps = torch.full((len(x),), 0.2)

@@ -43,8 +43,15 @@ def check_attack_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """∇_x of the summed cross-entropy of ``model`` at ``x`` (model weights' grads untouched)."""
+    return gradient_and_logits(model, x, y)[0]
+
+
+def gradient_and_logits(model: nn.Module, x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`input_gradient` and the logits of the same forward pass (detached)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
-    return grad
+    return grad, logits.detach()

@@ -89,15 +89,19 @@ class PGDExamples:
     from torch's global generator, which the training loop seeds and checkpoints).
 
     ``steps`` gradient steps of ``step_scale·ε/steps``: 40 steps of 2.5·ε/40 is Madry et al.'s
-    PGD adversarial training.
+    PGD adversarial training. ``early_stop`` (on by default) stops moving an example once the
+    model misclassifies it, as Wong et al.'s PGD baseline does; without it the small MNIST CNN
+    stayed at chance (11%) for all 10 epochs of a 60k-image run.
     """
 
     steps: int = 40
     step_scale: float = 2.5
+    early_stop: bool = True
 
     def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  eps: torch.Tensor) -> torch.Tensor:
-        attack = PGD(steps=self.steps, step_scale=self.step_scale, seed=None)
+        attack = PGD(steps=self.steps, step_scale=self.step_scale, seed=None,
+                     early_stop=self.early_stop)
         return attack.run(model, x, y, _broadcast(eps.to(x.device, x.dtype), x))
 
 

@@ -11,7 +11,8 @@ recipe       adversarial copies                                     clean copy  
 ``fgsm-rs``  FGSM from a random start, step 1.25·ε (Wong et al.     no           one-cycle to
              2020); several strengths are *sampled* per example                  5e-3, 100
 ``pgd-at``   PGD-40 with random start, step 2.5·ε/40 (Madry et      no           one-cycle to
-             al. 2018) — the expensive baseline                                  5e-3, 100
+             al. 2018), early-stopped per example as in Wong et                  5e-3, 100
+             al.'s baseline — the expensive baseline
 ===========  =====================================================  ===========  ==============
 
 The one-cycle schedule, peak and batch are Wong et al.'s MNIST settings; PGD-AT gets the same
@@ -66,7 +67,8 @@ RECIPES: dict[str, Recipe] = {
                       random_start_fgsm(1.25), clean=False, sample=True, schedule="one-cycle",
                       lr=5e-3, batch_size=100),
     "pgd-at": Recipe("pgd-at", "PGD-40 with random start (step 2.5·ε/40), adversarial copies "
-                     "only, one-cycle learning rate (Madry et al.'s PGD adversarial training)",
+                     "only, early-stopped per example, one-cycle learning rate (Madry et al.'s PGD "
+                     "adversarial training as Wong et al. run it)",
                      PGDExamples(steps=40), clean=False, sample=True, schedule="one-cycle",
                      lr=5e-3, batch_size=100),
 }
