@@ -64,8 +64,8 @@ def test_early_stopped_pgd_freezes_examples_once_they_are_misclassified(trained_
     assert wrong_clean.any() and (~wrong_clean).any()
     assert torch.equal(stopped[wrong_clean], x[wrong_clean])  # never moved
     assert not torch.equal(plain[wrong_clean], x[wrong_clean])  # plain PGD moves them all
-    # a moved example stops at the first step that fools the model: it is no further than
-    # plain PGD's and still fooled (or never fooled within the budget)
+    # along the same (start-free) path, an example stops where it is first fooled, so it is
+    # never further out than plain PGD's, and a fooled example stays fooled
     assert torch.all(linf(stopped, x) <= linf(plain, x) + 1e-6)
     assert fooled.sum() >= wrong_clean.sum()
     assert RECIPES["pgd-at"].source.early_stop  # the PGD-AT baseline trains with it
