@@ -7,8 +7,7 @@ import torch
 
 from advguard.attacks import PGD, fgsm, fgsm_directions, gradient_sign, perturb
 from advguard.errors import InputError
-from advguard.models import build_model
-from advguard.training import accuracy
+from advguard.models import accuracy, build_model
 
 ATTACKS = {
     "fgsm": lambda m, x, y, e: fgsm(m, x, y, e),

@@ -15,8 +15,7 @@ from advguard.detection import (
 )
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import auc, eer, eer_accuracy, operating_point, roc, threshold_sweep
-from advguard.models import build_model
-from advguard.training import accuracy
+from advguard.models import accuracy, build_model
 
 
 def brute_force_scores(bank, labels, queries, predicted, k, weighting):

@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 
 from advguard.attacks import PGD, fgsm, fgsm_directions
+from advguard.data import strength_grid
 from advguard.evaluation import (
     curve_from_directions,
     fgsm_curve,
     grid_mean,
     pgd_curve,
-    strength_grid,
 )
-from advguard.training import accuracy
+from advguard.models import accuracy
 
 
 def test_strength_grids_are_the_papers():

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from advguard.data import DATASETS
 from advguard.errors import CheckpointError, InputError
-from advguard.models import MODELS, ROLES, build_model, load_model, save_model
+from advguard.models import MODELS, build_model, load_model, save_model
 
-CASES = [(arch, ds) for ds, roles in ROLES.items() for arch in roles.values()]
+CASES = [(arch, ds) for ds, info in DATASETS.items() for arch in (info.crafter, info.victim)]
 
 
 @pytest.mark.parametrize("arch, dataset", CASES)

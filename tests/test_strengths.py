@@ -8,10 +8,9 @@ import torch
 from scipy.ndimage import correlate1d
 
 from advguard.attacks import fgsm_directions
+from advguard.data import strength_grid
 from advguard.errors import InputError
-from advguard.evaluation import strength_grid
 from advguard.strengths import (
-    Combination,
     agreement_rate,
     estimate_H,
     exhaustive_select,
@@ -22,6 +21,7 @@ from advguard.strengths import (
     strength_bound,
     transition_matrix,
 )
+from advguard.training import MULTI_STRENGTH
 
 # --- SSIM ------------------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def brute_force(A, penalty, combination):
     return best
 
 
-@pytest.mark.parametrize("combination", list(Combination))
+@pytest.mark.parametrize("combination", list(MULTI_STRENGTH))
 @pytest.mark.parametrize("penalty", [0.0, -0.01, -0.05, -0.3])
 def test_exhaustive_search_is_the_optimum(combination, penalty):
     g, subset = brute_force(ZONES, penalty, combination)
@@ -155,7 +155,7 @@ def test_walk_finds_the_exact_optimum_with_a_seed():
     assert walk.subset == exact.subset and walk.G == pytest.approx(exact.G)
 
 
-@pytest.mark.parametrize("combination", list(Combination))
+@pytest.mark.parametrize("combination", list(MULTI_STRENGTH))
 def test_walk_finds_the_optimum_for_95_percent_of_seeds(combination):
     # the documented defaults: t = 1000 walks of l = 8 steps (200 walks find it ~75% of the time)
     rate = agreement_rate(ZONES, range(100), walks=1000, steps=8, penalty=-0.01,

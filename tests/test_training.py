@@ -5,13 +5,12 @@ import torch
 
 from advguard.attacks import fgsm, perturb
 from advguard.errors import CheckpointError
-from advguard.models import build_model
+from advguard.models import accuracy, build_model
 from advguard.training import (
     StrengthMix,
     TrainConfig,
-    TransferDirections,
-    WhiteBoxDirections,
-    accuracy,
+    Transfer,
+    WhiteBox,
     train,
 )
 
@@ -25,7 +24,7 @@ def batch(mnist_train):
 @pytest.mark.parametrize("strengths", [(), (0.1,), (0.1, 0.2, 0.3)])
 def test_full_size_mix_is_clean_plus_one_copy_per_strength(strengths, batch, trained_mlp):
     x, y, index = batch
-    xb, yb = StrengthMix(strengths).batch(trained_mlp, x, y, index, WhiteBoxDirections())
+    xb, yb = StrengthMix(strengths).batch(trained_mlp, x, y, index, WhiteBox())
     assert xb.shape[0] == (len(strengths) + 1) * len(x)
     assert torch.equal(xb[: len(x)], x) and torch.equal(yb, y.repeat(len(strengths) + 1))
     for s, eps in enumerate(strengths, start=1):
@@ -39,7 +38,7 @@ def test_reduced_size_mix_keeps_n_and_assigns_balanced_groups(batch, trained_mlp
     groups = mix.groups(4000, seed=0)
     assert torch.bincount(groups).tolist() == [1000] * 4
     assert torch.equal(groups, mix.groups(4000, seed=0))
-    xb, yb = mix.batch(trained_mlp, x, y, index, WhiteBoxDirections(), groups)
+    xb, yb = mix.batch(trained_mlp, x, y, index, WhiteBox(), groups)
     assert xb.shape == x.shape and torch.equal(yb, y)
     levels = torch.tensor([0.0, 0.1, 0.2, 0.3])
     for i in range(len(x)):
@@ -52,7 +51,7 @@ def test_transfer_directions_come_from_the_fixed_dataset(batch, trained_mlp, mni
     x, y, index = batch
     directions = torch.randint(-1, 2, mnist_train.x.shape, dtype=torch.int8,
                                generator=torch.Generator().manual_seed(0))
-    xb, _ = StrengthMix((0.2,)).batch(trained_mlp, x, y, index, TransferDirections(directions))
+    xb, _ = StrengthMix((0.2,)).batch(trained_mlp, x, y, index, Transfer(directions))
     assert torch.equal(xb[len(x):], perturb(x, directions[index], 0.2))
 
 

@@ -1,13 +1,29 @@
 """Attacks: ``attack(model, x, y, eps) -> x_adv`` with inputs and outputs in [0, 1].
 
-Every attack restores the model's train/eval mode, leaves its weights and their gradients
-untouched, and returns images within ``eps`` of ``x`` in the L∞ norm.
+Every attack derives from :class:`Attack`: it restores the model's train/eval mode, leaves its
+weights and their gradients untouched, and returns images within ``eps`` of ``x`` in the L∞ norm.
 """
 
-from advguard.attacks.base import check_strengths, eval_mode
-from advguard.attacks.fgsm import fgsm, fgsm_directions, gradient_sign, perturb
+from advguard.attacks.base import (
+    Attack,
+    Loss,
+    Strength,
+    check_attack_inputs,
+    check_strengths,
+    cross_entropy,
+    input_gradient,
+    loss_gradient,
+    project,
+    random_targets,
+    with_restarts,
+)
+from advguard.attacks.fgsm import FGSM, fgsm, fgsm_directions, gradient_sign, perturb
 from advguard.attacks.lbfgs import LBFGS, LBFGSReport
 from advguard.attacks.pgd import PGD, pgd
+from advguard.attacks.random_start import RandomStartFGSM
+from advguard.models.inference import eval_mode
 
-__all__ = ["LBFGS", "LBFGSReport", "PGD", "check_strengths", "eval_mode", "fgsm",
-           "fgsm_directions", "gradient_sign", "perturb", "pgd"]
+__all__ = ["FGSM", "LBFGS", "PGD", "Attack", "LBFGSReport", "Loss", "RandomStartFGSM",
+           "Strength", "check_attack_inputs", "check_strengths", "cross_entropy", "eval_mode",
+           "fgsm", "fgsm_directions", "gradient_sign", "input_gradient", "loss_gradient", "pgd",
+           "perturb", "project", "random_targets", "with_restarts"]

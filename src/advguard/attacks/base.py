@@ -1,9 +1,26 @@
-"""What every attack shares: input checks, strength checks and mode restoration."""
+"""The attack interface every attack shares (in the manner of foolbox 3).
+
+An attack is a frozen dataclass of settings; the model and the data are call arguments::
+
+    x_adv = attack(model, x, y, eps)          # eps a float -> one tensor
+    x_advs = attack(model, x, y, [e1, e2])    # eps a list  -> one tensor per strength
+
+:meth:`Attack.__call__` validates the images, labels and strengths, puts the model in eval mode
+(restoring its mode afterwards), and :meth:`Attack.craft` clips every result to the L∞ ε-ball
+around ``x`` and to [0, 1] itself instead of trusting the subclass. A subclass writes only its
+step, :meth:`Attack.perturb`. Strengths reach ``perturb`` as a float, or as a per-example tensor
+shaped ``(N, 1, 1, 1)`` when the training loop asks for one strength per example.
+
+PGD's objective is an override point (:class:`Loss`): the adaptive attack on the kNN detector is
+a loss, not a copy of PGD's loop.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from numbers import Real
+from typing import Any, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -11,29 +28,27 @@ from torch import nn
 
 from advguard.data.checks import check_images, check_labels
 from advguard.errors import InputError
+from advguard.models.inference import eval_mode
 
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore its previous train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+Strength = float | torch.Tensor  # one strength, or one per example (N,)
 
 
 def check_strengths(eps: float | Sequence[float]) -> list[float]:
     """Validate an L∞ strength or a list of them (pixel units, each in [0, 1])."""
-    values = [eps] if isinstance(eps, (int, float)) else list(eps)
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
+        eps = eps.item()
+    values: list[Any] = [eps] if _is_number(eps) else list(eps)  # type: ignore[arg-type]
     if not values:
         raise InputError("no strength given: eps must be a float or a non-empty list")
     for e in values:
-        if not isinstance(e, (int, float)) or not 0.0 <= float(e) <= 1.0:
+        if not _is_number(e) or not 0.0 <= float(e) <= 1.0:
             raise InputError(f"strength eps={e!r} must be a number in [0, 1] (pixel units; "
                              "0-255 strengths are eps/255)")
     return [float(e) for e in values]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def check_attack_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -41,17 +56,115 @@ def check_attack_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     check_labels(y, x.shape[0])
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """∇_x of the summed cross-entropy of ``model`` at ``x`` (model weights' grads untouched)."""
-    return gradient_and_logits(model, x, y)[0]
+def as_strength(eps: Strength, x: torch.Tensor) -> Strength:
+    """A float as is; a per-example tensor (N,) reshaped to broadcast against ``x``."""
+    if isinstance(eps, torch.Tensor):
+        return eps.to(x.device, x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    return float(eps)
 
 
-def gradient_and_logits(model: nn.Module, x: torch.Tensor,
-                        y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`input_gradient` and the logits of the same forward pass (detached)."""
+def project(x: torch.Tensor, adv: torch.Tensor, eps: Strength) -> torch.Tensor:
+    """``adv`` clipped to the L∞ ball of radius ``eps`` around ``x`` and to [0, 1]."""
+    if isinstance(eps, torch.Tensor):
+        return torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    return torch.clamp(adv, x - eps, x + eps).clamp_(0.0, 1.0)
+
+
+class Loss(Protocol):
+    """An attack objective: ``(model, x, y) -> (loss summed over the batch, logits)``. PGD
+    ascends it (descends it when targeted); the logits serve its early stop and success test."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default objective: summed cross-entropy of ``model`` at ``x``."""
+    logits = model(x)
+    return F.cross_entropy(logits, y, reduction="sum"), logits
+
+
+def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  loss: Loss = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∇_x loss, logits)`` at ``x``; the weights' gradients are left untouched."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        value, logits = loss(model, x, y)
+        (grad,) = torch.autograd.grad(value, x)
     return grad, logits.detach()
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇_x of the summed cross-entropy of ``model`` at ``x``."""
+    return loss_gradient(model, x, y)[0]
+
+
+def random_targets(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """A target class ≠ the true class for every label, uniform over the others (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (y.cpu() + torch.randint(1, num_classes, (len(y),), generator=gen)) % num_classes
+
+
+def with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, restarts: int,
+                  one_start: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                  fooled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """Run ``one_start(x_todo, y_todo, index_todo)`` up to ``restarts`` times; each restart
+    attacks only the examples no earlier one fooled (``fooled(logits, y)``, default: the
+    prediction is not ``y``). Returns the last attempt of every example."""
+    is_fooled = fooled or (lambda logits, labels: logits.argmax(1) != labels)
+    best = x.clone()
+    todo = torch.arange(len(x), device=x.device)
+    for _ in range(restarts):
+        adv = one_start(x[todo], y[todo], todo)
+        with torch.no_grad(), eval_mode(model):
+            done = is_fooled(model(adv), y[todo])
+        best[todo] = adv
+        todo = todo[~done]
+        if len(todo) == 0:
+            break
+    return best
+
+
+class Attack(ABC):
+    """Base of every attack: validation, eval mode, projection; subclasses write
+    :meth:`perturb`. ``shares_gradient`` attacks (FGSM) craft all strengths from one gradient."""
+
+    @overload
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: float) -> torch.Tensor: ...
+    @overload
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: Sequence[float]) -> list[torch.Tensor]: ...
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: float | Sequence[float]) -> torch.Tensor | list[torch.Tensor]:
+        """Adversarial copies of ``x`` (N, C, H, W) in [0, 1] with labels ``y`` (N,): one tensor
+        for a float ``eps``, a list (one per strength) for a sequence."""
+        check_attack_inputs(x, y)
+        strengths = check_strengths(eps)
+        out = self.craft_many(model, x, y, strengths)
+        single = _is_number(eps) or (isinstance(eps, torch.Tensor) and eps.dim() == 0)
+        return out[0] if single else out
+
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              eps: Strength) -> torch.Tensor:
+        """One strength (or one per example), without input checks: for loops over data that
+        were checked already. Eval mode, projection and detaching are done here."""
+        x = x.detach()
+        e = as_strength(eps, x)
+        with eval_mode(model):
+            adv = self.perturb(model, x, y, e)
+        return project(x, adv.detach(), e)
+
+    def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   strengths: Sequence[Strength]) -> list[torch.Tensor]:
+        """One adversarial copy per strength (a separate run each, unless overridden)."""
+        return [self.craft(model, x, y, e) for e in strengths]
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        """The attack's own work: adversarial images near ``x`` (the model is in eval mode;
+        ``eps`` is a float or broadcasts against ``x``)."""

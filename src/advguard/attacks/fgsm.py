@@ -1,21 +1,31 @@
 """FGSM (Goodfellow et al. 2015), SPEC A1: ``clip(x + ε · sign(∇_x J(θ, x, y)), 0, 1)``.
 
 The sign of the gradient does not depend on ε, so the copies of a batch at S strengths cost one
-forward + backward pass: :func:`fgsm` accepts a list of strengths, and :func:`fgsm_directions`
-stores the signs of a whole dataset (int8) so that any strength can be applied later with
-:func:`perturb`. This is the one FGSM used by training, dataset crafting and evaluation.
+forward + backward pass: :class:`FGSM` crafts every strength of a call from one gradient, and
+:func:`fgsm_directions` stores the signs of a whole dataset (int8) so that any strength can be
+applied later with :func:`perturb`. This is the one FGSM used by training, dataset crafting and
+evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import overload
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from advguard.attacks.base import check_attack_inputs, check_strengths, eval_mode, input_gradient
+from advguard.attacks.base import (
+    Attack,
+    Strength,
+    as_strength,
+    check_attack_inputs,
+    input_gradient,
+    project,
+)
+from advguard.batching import map_batches
+from advguard.models.inference import eval_mode
 
 
 def gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,6 +43,21 @@ def perturb(x: torch.Tensor, direction: torch.Tensor, eps: float | torch.Tensor)
     return torch.add(x, direction, alpha=float(eps)).clamp_(0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class FGSM(Attack):
+    """One signed-gradient step of size ε; every strength of a call shares the gradient."""
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        return self.craft_many(model, x, y, [eps])[0]
+
+    def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   strengths: Sequence[Strength]) -> list[torch.Tensor]:
+        x = x.detach()
+        direction = gradient_sign(model, x, y)
+        return [project(x, perturb(x, direction, e), as_strength(e, x)) for e in strengths]
+
+
 @overload
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor: ...
 @overload
@@ -42,16 +67,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
          eps: float | Sequence[float]) -> torch.Tensor | list[torch.Tensor]:
-    """FGSM adversarial examples of ``x`` (N, C, H, W) in [0, 1] with labels ``y`` (N,).
-
-    ``eps`` a float gives one tensor; a sequence gives a list, one tensor per strength, all from
-    a single gradient. The model's train/eval mode is restored and its weights are untouched.
-    """
-    check_attack_inputs(x, y)
-    strengths = check_strengths(eps)
-    direction = gradient_sign(model, x, y)
-    out = [perturb(x.detach(), direction, e) for e in strengths]
-    return out[0] if isinstance(eps, (int, float)) else out
+    """``FGSM()(model, x, y, eps)``: one tensor for a float ``eps``, a list for a sequence."""
+    return FGSM()(model, x, y, eps)
 
 
 def fgsm_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
@@ -63,10 +80,6 @@ def fgsm_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch
     ``f_eps(x)`` exactly (SPEC A1/A2, the transfer setting's crafted datasets).
     """
     check_attack_inputs(x, y)
-    out = torch.empty(x.shape, dtype=torch.int8)
     model = model.to(device)
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress,
-                      leave=False):
-        sl = slice(start, start + batch_size)
-        out[sl] = gradient_sign(model, x[sl].to(device), y[sl].to(device)).to(torch.int8).cpu()
-    return out
+    return map_batches(lambda xb, yb: gradient_sign(model, xb, yb).to(torch.int8), x, y,
+                       batch_size=batch_size, device=device, progress=progress, desc=desc)

@@ -5,6 +5,11 @@ For each image x with a target class t ≠ y (drawn at random, seeded), minimise
 image: a coarse ascending grid until the attack succeeds (model(x') = t), then a binary search
 between the last failing and the first succeeding C; the smallest successful perturbation is kept.
 Images for which no C succeeds are failures and are returned unchanged.
+
+L-BFGS minimises the perturbation instead of taking a budget: called through the attack
+interface, ``attack(model, x, y, eps)`` returns its result clipped to the L∞ ball of ``eps``
+(``eps = 1`` leaves it unbounded); :meth:`LBFGS.run` gives the unclipped result with the success
+of every image, its target and its L2 norm.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
-from advguard.attacks.base import check_attack_inputs, eval_mode
+from advguard.attacks.base import Attack, Strength, check_attack_inputs, random_targets
+from advguard.models.inference import eval_mode
 
 
 @dataclass
@@ -29,7 +35,7 @@ class LBFGSReport:
 
 
 @dataclass(frozen=True)
-class LBFGS:
+class LBFGS(Attack):
     """c_grid: the coarse grid of C, ascending. binary_steps: refinements of C after the first
     success. max_iter: L-BFGS-B iterations per solve. seed: draws the target classes."""
 
@@ -39,7 +45,8 @@ class LBFGS:
     num_classes: int | None = None
     seed: int = 0
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
         return self.run(model, x, y).x_adv
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -49,8 +56,7 @@ class LBFGS:
         with eval_mode(model), torch.no_grad():
             classes = self.num_classes or int(model(x[:1]).shape[1])
         if target is None:
-            gen = torch.Generator().manual_seed(self.seed)
-            target = (y.cpu() + torch.randint(1, classes, (len(y),), generator=gen)) % classes
+            target = random_targets(y, classes, self.seed)
         target = target.to(x.device)
         n = len(x)
         best = x.clone()

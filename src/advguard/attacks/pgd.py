@@ -9,15 +9,18 @@ import torch
 from torch import nn
 
 from advguard.attacks.base import (
-    check_attack_inputs,
-    check_strengths,
-    eval_mode,
-    gradient_and_logits,
+    Attack,
+    Loss,
+    Strength,
+    cross_entropy,
+    loss_gradient,
+    with_restarts,
 )
+from advguard.errors import InputError
 
 
 @dataclass(frozen=True)
-class PGD:
+class PGD(Attack):
     """L∞ PGD with random start.
 
     steps: gradient steps per restart. step_size: per-step change in pixel units; ``None`` means
@@ -30,6 +33,8 @@ class PGD:
     start: while the model is at chance most examples stay at their random start, and training
     on fully attacked examples from the first step can leave a small MNIST CNN at chance for
     every epoch. Off for evaluation, where it would only weaken the attack.
+    loss: the objective ascended (:func:`~advguard.attacks.base.cross_entropy` by default);
+    targeted: ``y`` holds target classes and the loss is descended instead.
     """
 
     steps: int = 20
@@ -39,40 +44,45 @@ class PGD:
     seed: int | None = 0
     step_scale: float = 2.5
     early_stop: bool = False
+    loss: Loss = cross_entropy
+    targeted: bool = False
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-        check_attack_inputs(x, y)
-        (eps,) = check_strengths(eps)
-        return self.run(model, x, y, eps)
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"PGD steps must be an integer ≥ 1, got {self.steps!r}")
+        if (isinstance(self.restarts, bool) or not isinstance(self.restarts, int)
+                or self.restarts < 1):
+            raise InputError(f"PGD restarts must be an integer ≥ 1, got {self.restarts!r}")
+        if self.step_size is not None and not 0.0 < float(self.step_size) <= 1.0:
+            raise InputError(f"PGD step size must be in (0, 1] (pixel units), got "
+                             f"{self.step_size!r}")
+        if not 0.0 < float(self.step_scale) <= 10.0:
+            raise InputError(f"PGD step scale must be in (0, 10], got {self.step_scale!r}")
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            eps: float | torch.Tensor) -> torch.Tensor:
-        """The attack without input checks (for loops that already checked their data).
+            eps: Strength) -> torch.Tensor:
+        """:meth:`craft` (no input checks), the name PGD's callers used before."""
+        return self.craft(model, x, y, eps)
 
-        ``eps`` is one strength or one per example, shaped to broadcast against ``x``."""
-        x = x.detach()
-        if isinstance(eps, (int, float)) and eps == 0.0:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        if isinstance(eps, float) and eps == 0.0:
             return x.clone()
         gen = (None if self.seed is None
                else torch.Generator(device=x.device).manual_seed(self.seed))
-        best = x.clone()
-        todo = torch.arange(len(x), device=x.device)  # examples no restart has fooled yet
-        with eval_mode(model):
-            for _ in range(self.restarts):
-                xs, ys = x[todo], y[todo]
-                e = eps[todo] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
-                adv = self._one_start(model, xs, ys, e, gen)
-                with torch.no_grad():
-                    fooled = model(adv).argmax(1) != ys
-                best[todo] = adv
-                todo = todo[~fooled]
-                if len(todo) == 0:
-                    break
-        return best
+
+        def one_start(xs: torch.Tensor, ys: torch.Tensor, todo: torch.Tensor) -> torch.Tensor:
+            e = eps[todo] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
+            return self._one_start(model, xs, ys, e, gen)
+
+        return with_restarts(model, x, y, self.restarts, one_start, self._success)
+
+    def _success(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == y if self.targeted else pred != y
 
     def _one_start(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   eps: float | torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+                   eps: Strength, gen: torch.Generator | None) -> torch.Tensor:
         alpha = self.step_size if self.step_size is not None else self.step_scale * eps / self.steps
         if self.random_start:
             noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -80,11 +90,11 @@ class PGD:
         else:
             adv = x.clone()
         for _ in range(self.steps):
-            grad, logits = gradient_and_logits(model, adv, y)
-            moved = torch.min(torch.max(adv + alpha * grad.sign(), x - eps),
-                              x + eps).clamp_(0.0, 1.0)
+            grad, logits = loss_gradient(model, adv, y, self.loss)
+            step = adv - alpha * grad.sign() if self.targeted else adv + alpha * grad.sign()
+            moved = torch.min(torch.max(step, x - eps), x + eps).clamp_(0.0, 1.0)
             if self.early_stop:
-                still = (logits.argmax(1) == y).view(-1, *([1] * (x.dim() - 1)))
+                still = (~self._success(logits, y)).view(-1, *([1] * (x.dim() - 1)))
                 moved = torch.where(still, moved, adv)
             adv = moved
         return adv
@@ -93,7 +103,4 @@ class PGD:
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],
         **kwargs: object) -> torch.Tensor | list[torch.Tensor]:
     """Functional form of :class:`PGD`: one tensor for a float ``eps``, a list for a sequence."""
-    attack = PGD(**kwargs)  # type: ignore[arg-type]
-    if isinstance(eps, (int, float)):
-        return attack(model, x, y, eps)
-    return [attack(model, x, y, e) for e in check_strengths(eps)]
+    return PGD(**kwargs)(model, x, y, eps)  # type: ignore[arg-type]

@@ -1,10 +1,15 @@
 """The kNN detector (paper 003, SPEC B): trust the model's prediction iff the neighbours of the
 input's deep features agree with it. scikit-learn's outlier-detector conventions: ``fit`` returns
 ``self`` and sets trailing-underscore attributes; ``score_samples`` (higher = more trustworthy),
-``decision_function = score_samples − offset_``, ``predict`` → +1 trusted / −1 flagged."""
+``decision_function = score_samples − offset_``, ``predict`` → +1 trusted / −1 flagged.
+
+:meth:`KNNDetector.kneighbors` exposes the neighbour search itself (as scikit-learn's
+``kneighbors`` does), so one search can be scored under every weighting.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +18,43 @@ import torch
 from torch import nn
 
 from advguard.data.checks import check_images, check_labels
-from advguard.detection.features import extract_features, resolve_layer
-from advguard.detection.index import FeatureIndex
-from advguard.detection.preprocessing import Preprocessor, parse_preprocessing
-from advguard.detection.scores import class_scores, parse_weighting
+from advguard.detection.features import LayerSpec, extract_features, resolve_layer
+from advguard.detection.index import INDEX_KINDS, FeatureIndex
+from advguard.detection.preprocessing import Preprocessing, Preprocessor, parse_preprocessing
+from advguard.detection.scores import Weighting, class_scores, parse_weighting
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import keep_threshold
 from advguard.io import load_tensors, save_tensors
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """The k nearest bank entries of each query: squared L2 distances and labels (Q, k),
+    nearest first (label −1 where FAISS found fewer than k)."""
+
+    sq_distances: np.ndarray
+    labels: np.ndarray
+
+    def scores(self, classes: np.ndarray | torch.Tensor,
+               weighting: str | Weighting) -> np.ndarray:
+        """``s(q, classes[q])`` under ``weighting`` (SPEC B3)."""
+        return class_scores(self.sq_distances, self.labels, np.asarray(classes), weighting)
+
+
 class KNNDetector:
-    def __init__(self, k: int = 1000, weighting: str = "dwknn",
-                 preprocessing: str = "pca-whiten", layer: str | None = None,
-                 index: str = "flat", keep: float = 0.98, batch_size: int = 1000,
-                 device: str = "cpu", seed: int = 0) -> None:
-        self.k = k
-        self.weighting = weighting
-        self.preprocessing = preprocessing
+    def __init__(self, k: int = 1000, weighting: str | Weighting = Weighting.DWKNN,
+                 preprocessing: str | Preprocessing = Preprocessing.PCA_WHITEN,
+                 layer: str | None = None, index: str = "flat", keep: float = 0.98,
+                 batch_size: int = 1000, device: str = "cpu", seed: int = 0) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be an integer ≥ 1, got {k!r}")
+        if not 0 < keep <= 1:
+            raise InputError(f"keep must be in (0, 1], got {keep!r}")
+        if index not in INDEX_KINDS:
+            raise InputError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
+        self.k = int(k)
+        self.weighting = parse_weighting(weighting)
+        self.preprocessing = parse_preprocessing(preprocessing)
         self.layer = layer
         self.index = index
         self.keep = keep
@@ -42,24 +67,30 @@ class KNNDetector:
     def fit_features(self, features: np.ndarray | torch.Tensor,
                      labels: np.ndarray | torch.Tensor) -> KNNDetector:
         """Fit the pre-processing on the labelled bank and index it."""
-        if self.k < 1:
-            raise InputError(f"k must be at least 1, got {self.k}")
-        parse_weighting(self.weighting)
         f = np.asarray(features, dtype=np.float32)
-        self.preprocessor_ = Preprocessor(parse_preprocessing(self.preprocessing)).fit(
-            f, seed=self.seed)
+        self.preprocessor_ = Preprocessor(self.preprocessing).fit(f, seed=self.seed)
         self.index_ = FeatureIndex(self.preprocessor_.transform(f), np.asarray(labels),
                                    kind=self.index, seed=self.seed)
         self.offset_: float | None = None
         return self
 
-    def score_features(self, features: np.ndarray | torch.Tensor,
-                       predicted: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``s(q, predicted)`` for feature rows ``features`` (SPEC B3)."""
+    def kneighbors_features(self, features: np.ndarray | torch.Tensor) -> Neighbours:
+        """The k nearest bank entries of pre-processed ``features`` (one search)."""
         self._check_fitted()
         d2, labels = self.index_.search(
             self.preprocessor_.transform(np.asarray(features, dtype=np.float32)), self.k)
-        return class_scores(d2, labels, np.asarray(predicted), self.weighting)
+        return Neighbours(d2, labels)
+
+    def score_features(self, features: np.ndarray | torch.Tensor,
+                       predicted: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``s(q, predicted)`` for feature rows ``features`` (SPEC B3)."""
+        return self.kneighbors_features(features).scores(predicted, self.weighting)
+
+    def class_centroids(self) -> np.ndarray:
+        """Mean pre-processed bank vector of every class (classes × d)."""
+        self._check_fitted()
+        bank, labels = self.index_.vectors(), self.index_.labels
+        return np.stack([bank[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
 
     # --- image level --------------------------------------------------------------------
 
@@ -79,13 +110,18 @@ class KNNDetector:
             self.set_threshold(x_calibration, y_calibration)
         return self
 
-    def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``(predicted classes, scores of those classes)`` for images ``x``."""
+    def kneighbors(self, x: torch.Tensor) -> tuple[np.ndarray, Neighbours]:
+        """``(predicted classes, neighbours of the deep features)`` of images ``x``."""
         self._check_fitted(model=True)
         check_images(x)
         features, predicted = extract_features(self.model_, x, self.layer_,
                                                batch_size=self.batch_size, device=self.device)
-        return predicted.numpy(), self.score_features(features, predicted)
+        return predicted.numpy(), self.kneighbors_features(features)
+
+    def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``(predicted classes, scores of those classes)`` for images ``x``."""
+        predicted, neighbours = self.kneighbors(x)
+        return predicted, neighbours.scores(predicted, self.weighting)
 
     def score_samples(self, x: torch.Tensor) -> np.ndarray:
         """Trust score of each image's predicted class; higher = more trustworthy."""
@@ -114,36 +150,44 @@ class KNNDetector:
     # --- persistence ----------------------------------------------------------------------
 
     def params(self) -> dict[str, Any]:
-        return {"k": self.k, "weighting": self.weighting, "preprocessing": self.preprocessing,
-                "layer": self.layer, "index": self.index, "keep": self.keep,
-                "batch_size": self.batch_size, "device": self.device, "seed": self.seed}
+        return {"k": self.k, "weighting": self.weighting.value,
+                "preprocessing": self.preprocessing.value, "layer": self.layer,
+                "index": self.index, "keep": self.keep, "batch_size": self.batch_size,
+                "device": self.device, "seed": self.seed}
 
     def save(self, path: str | Path) -> Path:
-        """Bank, labels and fitted pre-processing as safetensors (loads without running code)."""
+        """The FAISS index (its own serialisation, the bank stored once), the labels and the
+        fitted pre-processing as safetensors (loads without running code)."""
         self._check_fitted()
-        tensors = {"bank": torch.from_numpy(self.index_.features),
+        tensors = {"index": torch.from_numpy(self.index_.to_bytes()),
                    "labels": torch.from_numpy(self.index_.labels)}
         tensors.update({f"pre.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.preprocessor_.state().items()})
-        # the bank is stored already pre-processed
+        layer = getattr(self, "layer_", None)
         return save_tensors(path, tensors, {"params": self.params(), "offset": self.offset_,
-                                            "layer": getattr(self, "layer_", None).__dict__
-                                            if hasattr(self, "layer_") else None})
+                                            "layer": None if layer is None else layer.__dict__})
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> KNNDetector:
         tensors, meta = load_tensors(path)
-        if "params" not in meta or "bank" not in tensors:
+        if not isinstance(meta.get("params"), dict) or "labels" not in tensors:
             raise CheckpointError(f"{path} is not an advguard detector")
-        det = cls(**meta["params"])
+        try:
+            det = cls(**meta["params"])
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: unreadable detector settings ({exc})") from None
         det.preprocessor_ = Preprocessor(det.preprocessing).load_state(
             {k[4:]: v.numpy() for k, v in tensors.items() if k.startswith("pre.")})
-        det.index_ = FeatureIndex(tensors["bank"].numpy(), tensors["labels"].numpy(),
-                                  kind=det.index, seed=det.seed)
-        det.offset_ = meta["offset"]
+        labels = tensors["labels"].numpy()
+        if "index" in tensors:
+            det.index_ = FeatureIndex.from_bytes(tensors["index"].numpy(), labels, det.index)
+        elif "bank" in tensors:  # files of advguard 0.1 stored the vectors themselves
+            det.index_ = FeatureIndex(tensors["bank"].numpy(), labels, kind=det.index,
+                                      seed=det.seed)
+        else:
+            raise CheckpointError(f"{path} holds no feature bank")
+        det.offset_ = meta.get("offset")
         if model is not None:
-            from advguard.detection.features import LayerSpec
-
             det.model_ = model
             det.layer_ = LayerSpec(**meta["layer"]) if meta.get("layer") else resolve_layer(
                 model, det.layer)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from advguard.attacks import eval_mode
+from advguard.batching import batch_slices
 from advguard.errors import InputError
+from advguard.models import eval_mode
 
 
 @dataclass(frozen=True)
@@ -58,25 +58,41 @@ def pool_features(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=(2, 3)) if t.ndim == 4 else t.flatten(1)
 
 
+class FeatureCapture:
+    """Inside ``with FeatureCapture(model, layer) as cap``, every forward pass of ``model``
+    stores φ of its batch in ``cap.features`` (pooled, gradients kept)."""
+
+    def __init__(self, model: nn.Module, layer: str | LayerSpec | None = None) -> None:
+        self.spec = resolve_layer(model, layer)
+        self.module = dict(model.named_modules())[self.spec.name]
+        self.last: torch.Tensor | None = None
+
+    def __enter__(self) -> FeatureCapture:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            self.last = pool_features(args[0] if self.spec.inputs else out)
+
+        self.handle = self.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    @property
+    def features(self) -> torch.Tensor:
+        """φ of the last forward pass."""
+        if self.last is None:
+            raise InputError("no forward pass ran inside the feature capture")
+        return self.last
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, x: torch.Tensor, layer: str | LayerSpec | None = None, *,
                      batch_size: int = 1000, device: str | torch.device = "cpu",
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, D) float32, predicted classes (N,))`` of ``model`` on ``x``."""
-    spec = resolve_layer(model, layer)
-    module = dict(model.named_modules())[spec.name]
-    captured: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        captured.append(pool_features(args[0] if spec.inputs else out).float().cpu())
-
-    handle = module.register_forward_hook(hook)
-    preds = []
-    try:
-        with eval_mode(model):
-            for s in tqdm(range(0, len(x), batch_size), desc="features", disable=not progress,
-                          leave=False):
-                preds.append(model(x[s:s + batch_size].to(device)).argmax(1).cpu())
-    finally:
-        handle.remove()
-    return torch.cat(captured), torch.cat(preds)
+    feats, preds = [], []
+    with eval_mode(model), FeatureCapture(model, layer) as cap:
+        for sl in batch_slices(len(x), batch_size, progress=progress, desc="features"):
+            preds.append(model(x[sl].to(device)).argmax(1).cpu())
+            feats.append(cap.features.float().cpu())
+    return torch.cat(feats), torch.cat(preds)

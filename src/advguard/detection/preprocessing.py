@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 import numpy as np
+import torch
 
 from advguard.errors import InputError, parse_choice
 
@@ -50,6 +51,18 @@ class Preprocessor:
             z = (f - self.mean_) @ self.components_.T / np.maximum(self.scale_, 1e-12)
             return np.ascontiguousarray(z, dtype=np.float32)
         return f
+
+    def transform_tensor(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform` in torch, differentiable (for attacks that know the detector)."""
+        if self.kind is Preprocessing.L2:
+            return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.kind is Preprocessing.PCA_WHITEN:
+            if not hasattr(self, "components_"):
+                raise InputError("pca-whiten pre-processing used before fit")
+            mean, comps, scale = (torch.as_tensor(a, device=features.device)
+                                  for a in (self.mean_, self.components_, self.scale_))
+            return (features - mean) @ comps.T / scale
+        return features
 
     def state(self) -> dict[str, np.ndarray]:
         if self.kind is not Preprocessing.PCA_WHITEN:

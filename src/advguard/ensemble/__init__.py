@@ -5,10 +5,12 @@ from advguard.ensemble.voting import (
     VotingEnsemble,
     VotingRule,
     fit_voting,
+    load_any,
     load_ensemble,
     parse_rule,
     save_ensemble,
 )
 
-__all__ = ["ParallelResult", "VotingEnsemble", "VotingRule", "fit_voting", "load_ensemble",
+__all__ = ["ParallelResult", "VotingEnsemble", "VotingRule", "fit_voting", "load_any",
+           "load_ensemble",
            "parse_rule", "save_ensemble", "train_parallel"]

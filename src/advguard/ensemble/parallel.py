@@ -19,14 +19,7 @@ from torch import nn
 
 from advguard.data import ImageSet
 from advguard.ensemble.voting import VotingEnsemble
-from advguard.training import (
-    DirectionSource,
-    ExampleSource,
-    StrengthMix,
-    TrainConfig,
-    TrainResult,
-    train,
-)
+from advguard.training import AdversarialSource, StrengthMix, TrainConfig, TrainResult, train
 
 
 @dataclass
@@ -36,14 +29,14 @@ class ParallelResult:
 
 
 def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: float,
-                  directions: DirectionSource | ExampleSource | None, config: TrainConfig,
+                  source: AdversarialSource | None, config: TrainConfig,
                   val: ImageSet | None, state_path: Path | None, clean: bool, progress: bool,
                   threads: int | None) -> tuple[dict[str, Any], TrainResult, float]:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed + k)
     member = build()
-    result = train(member, data, StrengthMix((float(eps),), clean=clean), directions, config,
+    result = train(member, data, StrengthMix((float(eps),), clean=clean), source, config,
                    val=val, state_path=state_path, progress=progress,
                    desc=f"parallel[{k}] eps={eps:g}")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -51,21 +44,21 @@ def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: f
 
 
 def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Sequence[float],
-                   directions: DirectionSource | ExampleSource | None = None,
+                   source: AdversarialSource | None = None,
                    config: TrainConfig | None = None, *, val: ImageSet | None = None,
                    state_dir: str | Path | None = None, progress: bool = True,
                    workers: int = 1, clean: bool = True) -> tuple[VotingEnsemble, ParallelResult]:
     """Train one member per strength with the shared loop; returns the mean-vote ensemble.
 
     ``build`` makes a fresh member (seeded by ``config.seed + k``; with ``workers > 1`` it must
-    be picklable, e.g. ``functools.partial(build_model, arch, dataset)``); ``directions`` is the
+    be picklable, e.g. ``functools.partial(build_model, arch, dataset)``); ``source`` is the
     members' source of adversarial copies (``None``: white-box FGSM on each member itself);
     ``clean=False`` trains each member on its adversarial copies only.
     """
     config = config or TrainConfig()
     paths = [None if state_dir is None else Path(state_dir) / f"parallel-{k}.state.pt"
              for k in range(len(strengths))]
-    jobs = [(k, build, data, eps, directions, config, val, paths[k], clean) for k, eps in
+    jobs = [(k, build, data, eps, source, config, val, paths[k], clean) for k, eps in
             enumerate(strengths)]
     if workers <= 1:
         outputs = [_train_member(*job, progress, None) for job in jobs]

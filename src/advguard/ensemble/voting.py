@@ -27,8 +27,10 @@ from torch import nn
 
 from advguard.data import dataset_info
 from advguard.errors import CheckpointError, parse_choice
-from advguard.io import load_tensors, save_tensors
-from advguard.models import build_model
+from advguard.io import load_tensors, read_metadata, save_tensors
+from advguard.models import build_model, load_model
+
+MAX_MEMBERS = 64  # an ensemble file claiming more is refused before anything is built
 
 
 class VotingRule(str, Enum):
@@ -125,7 +127,13 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     tensors, meta = load_tensors(path)
     if "members" not in meta:
         raise CheckpointError(f"{path} is not an advguard ensemble checkpoint")
-    members = [build_model(meta["arch"], meta["dataset"]) for _ in range(int(meta["members"]))]
+    count = meta["members"]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_MEMBERS:
+        raise CheckpointError(f"{path}: 'members' must be an integer in [1, {MAX_MEMBERS}], "
+                              f"got {count!r}")
+    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
+        raise CheckpointError(f"{path}: ensemble metadata needs 'arch' and 'dataset' names")
+    members = [build_model(meta["arch"], meta["dataset"]) for _ in range(count)]
     ensemble = VotingEnsemble(members, rule=meta["rule"],
                               num_classes=dataset_info(meta["dataset"]).num_classes)
     if "weights" in tensors and "logits" not in tensors:  # files of advguard 0.1's first format
@@ -136,3 +144,8 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
         raise CheckpointError(f"{path} does not match its ensemble description: "
                               f"{str(exc).splitlines()[0]}") from None
     return ensemble.eval(), meta
+
+
+def load_any(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A model or an ensemble checkpoint, whichever ``path`` holds: ``(module, metadata)``."""
+    return load_ensemble(path) if "members" in read_metadata(path) else load_model(path)

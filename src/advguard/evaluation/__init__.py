@@ -1,7 +1,15 @@
 """Robustness curves (accuracy vs. strength) and their grid means (SPEC A6), detection metrics,
 and the robustness audit (independent attacks, gradient-masking checks)."""
 
-from advguard.evaluation.audit import AuditReport, audit, independent_attacks
+from advguard.evaluation.audit import (
+    AUDIT_PGD,
+    AuditReport,
+    TorchattacksAPGD,
+    TorchattacksPGD,
+    Transferred,
+    audit,
+    independent_attacks,
+)
 from advguard.evaluation.detection import (
     OperatingPoint,
     auc,
@@ -12,16 +20,18 @@ from advguard.evaluation.detection import (
     roc,
     threshold_sweep,
 )
+from advguard.evaluation.perturbation import lbfgs_vs_fgsm
 from advguard.evaluation.robustness import (
     ThreatSetting,
+    attack_curve,
     curve_from_directions,
     fgsm_curve,
     grid_mean,
     pgd_curve,
-    strength_grid,
 )
 
-__all__ = ["AuditReport", "OperatingPoint", "ThreatSetting", "audit", "auc",
+__all__ = ["AUDIT_PGD", "AuditReport", "OperatingPoint", "ThreatSetting", "TorchattacksAPGD",
+           "TorchattacksPGD", "Transferred", "attack_curve", "audit", "auc",
            "curve_from_directions", "eer", "eer_accuracy", "fgsm_curve", "grid_mean",
-           "independent_attacks", "keep_threshold", "operating_point", "pgd_curve", "roc",
-           "strength_grid", "threshold_sweep"]
+           "independent_attacks", "keep_threshold", "lbfgs_vs_fgsm", "operating_point",
+           "pgd_curve", "roc", "threshold_sweep"]

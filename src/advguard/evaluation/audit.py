@@ -13,7 +13,7 @@ security").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,51 +21,76 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advguard.attacks import PGD, eval_mode
-from advguard.attacks.base import check_attack_inputs, check_strengths, input_gradient
-
-AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+from advguard.attacks import (
+    PGD,
+    Attack,
+    Strength,
+    check_attack_inputs,
+    check_strengths,
+    input_gradient,
+    with_restarts,
+)
+from advguard.batching import map_batches
+from advguard.errors import AdvguardError
+from advguard.models import correct
 
 
 def _torchattacks() -> Any:
     try:
         import torchattacks
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        from advguard.errors import AdvguardError
-
         raise AdvguardError("the independent-attack audit needs torchattacks: "
                             "pip install 'advguard[audit]'") from exc
     return torchattacks
 
 
+@dataclass(frozen=True)
+class TorchattacksPGD(Attack):
+    """torchattacks' PGD with ``restarts`` random starts (later ones only where earlier ones
+    failed), seeded once per call through torch's global generator as torchattacks expects."""
+
+    steps: int = 40
+    step_size: float = 0.01
+    restarts: int = 5
+    seed: int = 0
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        ta = _torchattacks()
+        torch.manual_seed(self.seed)
+
+        def one_start(xs: torch.Tensor, ys: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            return ta.PGD(model, eps=float(eps), alpha=self.step_size, steps=self.steps,
+                          random_start=True)(xs, ys)
+
+        return with_restarts(model, x, y, self.restarts, one_start)
+
+
+@dataclass(frozen=True)
+class TorchattacksAPGD(Attack):
+    """torchattacks' APGD (Croce & Hein 2020) with the ``ce`` or ``dlr`` loss."""
+
+    loss: str = "ce"
+    steps: int = 100
+    seed: int = 0
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        return _torchattacks().APGD(model, norm="Linf", eps=float(eps), steps=self.steps,
+                                    n_restarts=1, seed=self.seed, loss=self.loss)(x, y)
+
+
 def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int = 5,
-                        apgd_steps: int = 100, seed: int = 0) -> dict[str, AttackFn]:
+                        apgd_steps: int = 100, seed: int = 0) -> dict[str, Attack]:
     """torchattacks' PGD (``restarts`` independent random starts) and APGD-CE / APGD-DLR."""
-    ta = _torchattacks()
+    return {f"torchattacks PGD-{steps} x{restarts}": TorchattacksPGD(steps, step_size, restarts,
+                                                                      seed),
+            f"torchattacks APGD-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed),
+            f"torchattacks APGD-DLR-{apgd_steps}": TorchattacksAPGD("dlr", apgd_steps, seed)}
 
-    def ta_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-        best = x.clone()
-        todo = torch.arange(len(x))
-        torch.manual_seed(seed)
-        for _ in range(restarts):
-            attack = ta.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
-            adv = attack(x[todo], y[todo])
-            best[todo] = adv
-            with torch.no_grad(), eval_mode(model):
-                todo = todo[model(adv).argmax(1) == y[todo]]
-            if len(todo) == 0:
-                break
-        return best
 
-    def apgd(loss: str) -> AttackFn:
-        def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-            return ta.APGD(model, norm="Linf", eps=eps, steps=apgd_steps, n_restarts=1,
-                           seed=seed, loss=loss)(x, y)
-        return run
-
-    return {f"torchattacks PGD-{steps} x{restarts}": ta_pgd,
-            f"torchattacks APGD-CE-{apgd_steps}": apgd("ce"),
-            f"torchattacks APGD-DLR-{apgd_steps}": apgd("dlr")}
+AUDIT_PGD = PGD(steps=40, step_size=0.01, restarts=5)  # advguard's PGD in the audit, by default
+AUDIT_STEP_SWEEP = (10, 40, 100)
 
 
 @dataclass
@@ -85,33 +110,27 @@ class AuditReport:
         return asdict(self)
 
 
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             device: str | torch.device) -> torch.Tensor:
-    out = []
-    with torch.no_grad(), eval_mode(model):
-        for s in range(0, len(x), batch_size):
-            out.append(model(x[s:s + batch_size].to(device)).argmax(1).cpu()
-                        == y[s:s + batch_size])
-    return torch.cat(out)
+def _craft(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+           batch_size: int, device: str | torch.device) -> torch.Tensor:
+    return map_batches(lambda xb, yb: attack.craft(model, xb, yb, eps), x, y,
+                       batch_size=batch_size, device=device)
 
 
-def _attack_batches(attack: AttackFn, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    eps: float, batch_size: int, device: str | torch.device) -> torch.Tensor:
-    advs = [attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device),
-                   eps).detach().cpu() for s in range(0, len(x), batch_size)]
-    return torch.cat(advs)
-
-
-def _transferred(source: nn.Module, attack: PGD) -> AttackFn:
+@dataclass(frozen=True)
+class Transferred(Attack):
     """``attack`` crafted on ``source`` whatever model it is asked to attack (black-box)."""
-    def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-        return attack.run(source, x, y, eps)
-    return run
+
+    source: nn.Module
+    attack: Attack
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        return self.attack.craft(self.source, x, y, eps)
 
 
 def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-          pgd: PGD = PGD(steps=40, step_size=0.01, restarts=5),
-          attacks: dict[str, AttackFn] | None = None, step_sweep: Sequence[int] = (10, 40, 100),
+          pgd: PGD = AUDIT_PGD,
+          attacks: dict[str, Attack] | None = None, step_sweep: Sequence[int] = AUDIT_STEP_SWEEP,
           sources: dict[str, nn.Module] | None = None, batch_size: int = 500,
           device: str | torch.device = "cpu", seed: int = 0,
           progress: bool = False) -> AuditReport:
@@ -126,21 +145,22 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     if attacks is None:
         attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
                                       pgd.restarts, seed=seed)
-    robust = _correct(model, x, y, batch_size, device)
+    kw: dict[str, Any] = {"batch_size": batch_size, "device": device}
+    robust = correct(model, x, y, **kw)
     report = AuditReport(eps=eps, images=len(x), clean_accuracy=float(robust.float().mean()),
                          attacks={}, worst_case_accuracy=0.0, steps_sweep={})
     step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
-    every: dict[str, AttackFn] = {
+    every: dict[str, Attack] = {
         f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd,
         **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
     for name, attack in tqdm(every.items(), desc="audit", disable=not progress, leave=False):
-        adv = _attack_batches(attack, model, x, y, eps, batch_size, device)
+        adv = _craft(attack, model, x, y, eps, batch_size, device)
         if (adv - x).abs().amax() > eps + 1e-5:
             report.warnings.append(f"{name} left the ε-ball; its result is ignored")
             continue
-        correct = _correct(model, adv, y, batch_size, device)
-        report.attacks[name] = float(correct.float().mean())
-        robust &= correct
+        ok = correct(model, adv, y, **kw)
+        report.attacks[name] = float(ok.float().mean())
+        robust &= ok
     report.worst_case_accuracy = float(robust.float().mean())
     report.steps_sweep = {str(n): report.attacks[f"advguard PGD-{n}"] for n in step_sweep}
     white_box = min(report.attacks.values())
@@ -150,24 +170,21 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         report.warnings.append("robust accuracy rises with more PGD steps (gradient masking?)")
     for name, source in (sources or {}).items():
         source = source.to(device).eval()
-        adv = _attack_batches(_transferred(source, PGD(steps=40, seed=seed)), model, x, y, eps,
-                              batch_size, device)
-        report.transfer[name] = float(_correct(model, adv, y, batch_size, device).float().mean())
+        adv = _craft(Transferred(source, PGD(steps=40, seed=seed)), model, x, y, eps, batch_size,
+                     device)
+        report.transfer[name] = float(correct(model, adv, y, **kw).float().mean())
         if report.transfer[name] < white_box - 0.01:
             report.warnings.append(f"transfer from {name} beats the white-box attacks "
                                    "(gradient masking?)")
-    zero = 0
-    for s in range(0, len(x), batch_size):
-        g = input_gradient(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device))
-        zero += int((g.flatten(1).abs().amax(1) == 0).sum())
-    report.zero_gradient_fraction = zero / len(x)
+    zero = map_batches(lambda xb, yb: input_gradient(model, xb, yb).flatten(1).abs().amax(1) == 0,
+                       x, y, **kw)
+    report.zero_gradient_fraction = int(zero.sum()) / len(x)
     if report.zero_gradient_fraction > 0.01:
         report.warnings.append(f"{100 * report.zero_gradient_fraction:.1f}% of inputs have an "
                                "exactly zero loss gradient")
-    unbounded = _attack_batches(PGD(steps=100, step_size=0.05, seed=seed), model, x, y, 1.0,
-                                batch_size, device)
-    report.unbounded_accuracy = float(_correct(model, unbounded, y, batch_size,
-                                               device).float().mean())
+    unbounded = _craft(PGD(steps=100, step_size=0.05, seed=seed), model, x, y, 1.0, batch_size,
+                       device)
+    report.unbounded_accuracy = float(correct(model, unbounded, y, **kw).float().mean())
     if report.unbounded_accuracy > 0.05:
         report.warnings.append("an unbounded attack (ε = 1) leaves "
                                f"{100 * report.unbounded_accuracy:.1f}% accuracy "

@@ -16,19 +16,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advguard.attacks import PGD, check_strengths, eval_mode, fgsm_directions, perturb
+from advguard.attacks import PGD, Attack, check_strengths, fgsm_directions, perturb
+from advguard.batching import batch_slices
+from advguard.models import eval_mode
 
 
 class ThreatSetting(str, Enum):
     TRANSFER_FGSM = "transfer-fgsm"
     WHITE_BOX_FGSM = "white-box-fgsm"
     WHITE_BOX_PGD = "white-box-pgd"
-
-
-def strength_grid(stop: float, step: float, start: float = 0.0) -> list[float]:
-    """``start, start + step, …, stop`` with float noise rounded off (e.g. 0, 0.03, …, 0.3)."""
-    n = int(round((stop - start) / step))
-    return [round(start + i * step, 10) for i in range(n + 1)]
 
 
 def grid_mean(curve: Sequence[float]) -> float:
@@ -45,9 +41,8 @@ def curve_from_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     grid = check_strengths(grid)
     correct = torch.zeros(len(grid), dtype=torch.float64)
     with eval_mode(model):
-        for s in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-            xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
-            db = directions[s:s + batch_size].to(device)
+        for sl in batch_slices(len(x), batch_size, progress=progress, desc=desc):
+            xb, yb, db = x[sl].to(device), y[sl].to(device), directions[sl].to(device)
             for j, eps in enumerate(grid):
                 correct[j] += (model(perturb(xb, db, eps)).argmax(1) == yb).sum().cpu()
     return (correct / len(x)).tolist()
@@ -63,18 +58,26 @@ def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequenc
                                  progress=progress)
 
 
+def attack_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float],
+                 attack: Attack, *, batch_size: int = 1000, device: str | torch.device = "cpu",
+                 progress: bool = False, desc: str = "attack") -> list[float]:
+    """Accuracy under white-box ``attack`` (one run per strength) for every ``eps``."""
+    grid = check_strengths(grid)
+    correct = torch.zeros(len(grid), dtype=torch.float64)
+    model.to(device)
+    steps = [(j, sl) for j in range(len(grid)) for sl in batch_slices(len(x), batch_size)]
+    for j, sl in tqdm(steps, desc=desc, disable=not progress, leave=False):
+        xb, yb = x[sl].to(device), y[sl].to(device)
+        adv = attack.craft(model, xb, yb, grid[j])
+        with torch.no_grad(), eval_mode(model):
+            correct[j] += (model(adv).argmax(1) == yb).sum().cpu()
+    return (correct / len(x)).tolist()
+
+
 def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence[float],
               attack: PGD = PGD(), *, batch_size: int = 1000,
               device: str | torch.device = "cpu", progress: bool = False,
               desc: str = "PGD") -> list[float]:
-    """Accuracy under white-box ``attack`` (one PGD run per strength) for every ``eps``."""
-    grid = check_strengths(grid)
-    correct = torch.zeros(len(grid), dtype=torch.float64)
-    model.to(device)
-    steps = [(j, s) for j in range(len(grid)) for s in range(0, len(x), batch_size)]
-    for j, s in tqdm(steps, desc=desc, disable=not progress, leave=False):
-        xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
-        adv = attack.run(model, xb, yb, grid[j])
-        with torch.no_grad(), eval_mode(model):
-            correct[j] += (model(adv).argmax(1) == yb).sum().cpu()
-    return (correct / len(x)).tolist()
+    """:func:`attack_curve` under white-box PGD."""
+    return attack_curve(model, x, y, grid, attack, batch_size=batch_size, device=device,
+                        progress=progress, desc=desc)

@@ -125,16 +125,6 @@ MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     "svhn-victim": svhn_victim,
 }
 
-# SPEC A2: which architecture plays which role on each dataset.
-ROLES: dict[str, dict[str, str]] = {
-    "mnist": {"crafter": "lenet5", "victim": "mlp3"},
-    "fashion-mnist": {"crafter": "lenet5", "victim": "mlp3"},
-    "cifar10": {"crafter": "cifar-crafter", "victim": "cifar-victim"},
-    "cifar100": {"crafter": "cifar-crafter", "victim": "cifar-victim"},
-    "svhn": {"crafter": "cifar-crafter", "victim": "svhn-victim"},
-}
-
-
 def build_model(name: str, dataset: str | DatasetInfo) -> nn.Sequential:
     """Build architecture ``name`` for ``dataset`` (name or :class:`DatasetInfo`)."""
     info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
@@ -144,5 +134,9 @@ def build_model(name: str, dataset: str | DatasetInfo) -> nn.Sequential:
 
 
 def model_for(dataset: str, role: str) -> str:
-    """The architecture name playing ``role`` ('crafter' or 'victim') on ``dataset``."""
-    return ROLES[dataset_info(dataset).name][role]
+    """The architecture name playing ``role`` ('crafter' or 'victim') on ``dataset`` (SPEC A2,
+    declared on the dataset's :class:`~advguard.data.DatasetInfo`)."""
+    info = dataset_info(dataset)
+    if role not in ("crafter", "victim"):
+        raise InputError(f"unknown model role {role!r}; choose 'crafter' or 'victim'")
+    return str(getattr(info, role))

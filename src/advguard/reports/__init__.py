@@ -1,7 +1,6 @@
 """Results as dataclasses, written as JSON, CSV, figures and Markdown tables."""
 
 from advguard.reports.mat import (
-    METHODS,
     PAPER_TABLE1,
     MatResults,
     MethodResult,
@@ -11,5 +10,5 @@ from advguard.reports.mat import (
     write_report,
 )
 
-__all__ = ["METHODS", "PAPER_TABLE1", "MatResults", "MethodResult", "curves_csv", "plot_curves",
+__all__ = ["PAPER_TABLE1", "MatResults", "MethodResult", "curves_csv", "plot_curves",
            "table_markdown", "write_report"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,34 @@ LABELS = {"lbfgs": "L-BFGS", "fgsm": "FGSM", "aggregated": "aggregated", "errors
           "pgd": "PGD", "adaptive": "adaptive PGD"}
 
 
-def write_detect_report(out: str | Path, results: dict[str, Any],
+@dataclass(frozen=True)
+class DetectResults:
+    """The detection experiment's results (``results.json``)."""
+
+    dataset: str
+    model: str  # the attacked architecture
+    k: int
+    eps: float  # FGSM / PGD strength
+    threat: str  # what the attacker knows
+    test_accuracy: float  # of the attacked model, on the query images
+    counts: dict[str, Any]  # per query set: attacked / fooled / failed (and L-BFGS's mean L2)
+    bank_mb: dict[str, float]  # memory of the bank per pre-processing
+    table: dict[str, dict[str, dict[str, Any]]]  # pre-processing -> weighting -> metrics
+    lbfgs_vs_fgsm: dict[str, Any]
+    mat: dict[str, Any] | None = None  # the detector on a mixed-MAT model
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> DetectResults:
+        return cls(**obj)
+
+
+def write_detect_report(out: str | Path, results: DetectResults,
                         best: dict[str, np.ndarray]) -> list[Path]:
     out = Path(out)
-    return [write_json(out / "results.json", results),
+    return [write_json(out / "results.json", results.to_json()),
             write_text(out / "table.md", detect_table(results)),
             *plot_detection(out, best)]
 
@@ -37,7 +62,8 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
     return f"{100 * metrics[key]['eer_accuracy']:.1f}" if key in metrics else "—"
 
 
-def detect_table(results: dict[str, Any]) -> str:
+def detect_table(result: DetectResults) -> str:
+    results = result.to_json()
     t = results["table"]
     c = results["counts"]
     lines = [f"# {results['dataset']}: kNN detection, EER accuracy (%)", "",

@@ -8,22 +8,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advguard.data import dataset_info
+from advguard.ensemble import VotingRule
+from advguard.evaluation import ThreatSetting
 from advguard.io import atomic_write, read_json, write_json, write_text
+from advguard.strengths import RANDOM_WALK
+from advguard.training import MULTI_STRENGTH, PAPER_METHODS, Method
 
-METHODS = ("original", "single", "mixed", "parallel", "pgd-at")
-
-# The paper's Table 1 (average test accuracy over the strength grid, its transfer setting), %.
+# The paper's Table 1 (average test accuracy over the strength grid, its transfer setting), %,
+# in the order of PAPER_METHODS.
 PAPER_TABLE1: dict[str, dict[str, float]] = {
-    "cifar10": {"original": 53.73, "single": 65.86, "mixed": 65.81, "parallel": 75.35},
-    "cifar100": {"original": 5.77, "single": 45.27, "mixed": 57.12, "parallel": 61.94},
-    "mnist": {"original": 82.13, "single": 96.50, "mixed": 95.76, "parallel": 97.36},
-    "svhn": {"original": 44.04, "single": 90.21, "mixed": 91.31, "parallel": 91.84},
-}
+    name: dict(zip([m.value for m in PAPER_METHODS], row, strict=True)) for name, row in {
+        "cifar10": (53.73, 65.86, 65.81, 75.35),
+        "cifar100": (5.77, 45.27, 57.12, 61.94),
+        "mnist": (82.13, 96.50, 95.76, 97.36),
+        "svhn": (44.04, 90.21, 91.31, 91.84),
+    }.items()}
 
 ATTACK_LABELS = {
-    "transfer-fgsm": "transfer FGSM (crafted on the crafting model)",
-    "white-box-fgsm": "white-box FGSM (on the evaluated model)",
-    "white-box-pgd": "white-box PGD (on the evaluated model)",
+    ThreatSetting.TRANSFER_FGSM.value: "transfer FGSM (crafted on the crafting model)",
+    ThreatSetting.WHITE_BOX_FGSM.value: "white-box FGSM (on the evaluated model)",
+    ThreatSetting.WHITE_BOX_PGD.value: "white-box PGD (on the evaluated model)",
 }
 
 
@@ -72,7 +77,7 @@ def write_report(run_dir: str | Path, results: MatResults) -> list[Path]:
 
 
 def _methods(results: MatResults) -> list[str]:
-    return [m for m in METHODS if m in results.methods]
+    return [m.value for m in Method if m.value in results.methods]
 
 
 def _attacks(results: MatResults) -> list[str]:
@@ -101,7 +106,7 @@ def plot_curves(results: MatResults, path: str | Path) -> Path:
 
     attacks = _attacks(results)
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False)
-    scale = 255.0 if results.dataset not in ("mnist", "fashion-mnist") else 1.0
+    scale = dataset_info(results.dataset).unit
     for ax, attack in zip(axes[0], attacks, strict=True):
         for m in _methods(results):
             r = results.methods[m]
@@ -166,7 +171,7 @@ def _fmt(values: list[float]) -> str:
 
 def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
     """Why these strengths: MSSIM bound, accuracy matrix, walk vs. exact optimum."""
-    if not sel or sel.get("source") != "random walk":
+    if not sel or sel.get("source") != RANDOM_WALK:
         return [] if not sel else ["", f"Strengths: {sel.get('source')}."]
     ms = sel["mssim"]
     lines = ["", "## Strength selection (validation data only)", "",
@@ -185,20 +190,21 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
               f"a = {sel['penalty']}, seed {sel['seed']}.", "",
               "| method | walk's choice | G | exact optimum | G | agree | walk finds the "
               "optimum (100 seeds) |", "|---|---|---|---|---|---|---|"]
-    for combo in ("parallel", "mixed"):
-        s = sel[f"{combo}_selection"]
-        lines.append(f"| {combo} MAT | {_fmt(s['walk']['strengths'])} | {s['walk']['G']:.4f} | "
+    for combo in sorted(MULTI_STRENGTH, key=lambda m: m is not Method.PARALLEL):
+        s = sel[f"{combo.value}_selection"]
+        lines.append(f"| {combo.value} MAT | {_fmt(s['walk']['strengths'])} | "
+                     f"{s['walk']['G']:.4f} | "
                      f"{_fmt(s['exact']['strengths'])} | {s['exact']['G']:.4f} | "
                      f"{'yes' if s['agree'] else 'no'} | "
                      f"{100 * s['agreement_over_100_seeds']:.0f}% |")
-    lines.append(f"| single | best row: {_fmt(sel['single'])} | | | | | |")
+    lines.append(f"| {Method.SINGLE.value} | best row: {_fmt(sel['single'])} | | | | | |")
     return lines
 
 
 def _voting_lines(voting: dict[str, Any] | None, default: str | None) -> list[str]:
     if not voting:
         return []
-    rules = [r for r in ("mean", "learned", "gated") if r in voting]
+    rules = [r.value for r in VotingRule if r.value in voting]
     attacks = list(voting[rules[0]]["means"])
     lines = ["", "## Parallel MAT voting rules (same members)", "",
              f"Grid-mean accuracy (%); PGD on the first {voting['pgd_test_images']} test images. "
@@ -207,6 +213,7 @@ def _voting_lines(voting: dict[str, Any] | None, default: str | None) -> list[st
     for r in rules:
         lines.append(f"| {r} | " + " | ".join(f"{100 * voting[r]['means'][a]:.2f}"
                                                for a in attacks) + " |")
-    if "weights" in voting.get("learned", {}):
-        lines += ["", "Learned weights a_k: " + _fmt(voting["learned"]["weights"]) + "."]
+    learned = voting.get(VotingRule.LEARNED.value, {})
+    if "weights" in learned:
+        lines += ["", "Learned weights a_k: " + _fmt(learned["weights"]) + "."]
     return lines

@@ -1,5 +1,6 @@
-"""The papers' experiments end to end, as resumable run directories."""
+"""The papers' experiments end to end, as resumable run directories: orchestration only, every
+computation through the public API of the packages below."""
 
-from advguard.reproduce.mat import DEFAULT_GRIDS, MatConfig, MatRun, Setting, run_mat
+from advguard.reproduce.mat import MatConfig, Setting, run_mat
 
-__all__ = ["DEFAULT_GRIDS", "MatConfig", "MatRun", "Setting", "run_mat"]
+__all__ = ["MatConfig", "Setting", "run_mat"]

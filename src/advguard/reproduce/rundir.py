@@ -1,34 +1,97 @@
-"""A run directory's ``config.json``: written once, and checked on every resume."""
+"""A run directory: ``config.json`` pinned once and checked on every resume, and the one way a
+stage's result is cached in ``checkpoints/`` (computed once, written atomically, read back on a
+resumed run)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import torch
+from torch import nn
+
+from advguard.ensemble import VotingEnsemble, load_ensemble, save_ensemble
 from advguard.errors import CheckpointError
-from advguard.io import read_json, write_json
+from advguard.io import load_tensors, read_json, save_tensors, write_json
+from advguard.models import load_model, save_model
+from advguard.options import as_json
+
+T = TypeVar("T")
+Saved = tuple[nn.Module, dict[str, Any]]  # a module and the metadata saved with it
 
 
 class _Config(Protocol):
-    def resolved(self) -> Any: ...
+    def resolve(self) -> Any: ...
 
 
-C = TypeVar("C", bound=_Config)
+class RunDir:
+    """``root/config.json`` and the stages under ``root/checkpoints/``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.ckpt = self.root / "checkpoints"
+
+    def pin(self, config: Any) -> None:
+        """Fix ``config`` (resolved) in ``config.json``; a different stored config is an error,
+        so a resumed run never mixes two experiments."""
+        stored = self.root / "config.json"
+        current = as_json(config)
+        if stored.exists():
+            old = read_json(stored)
+            diff = sorted(k for k, v in current.items() if old.get(k) != v)
+            if diff:
+                raise CheckpointError(
+                    f"{self.root} holds a run with a different configuration "
+                    f"({', '.join(diff)}); use another --out, or the same options to resume it")
+        write_json(stored, current)
+
+    def path(self, name: str) -> Path:
+        return self.ckpt / name
+
+    def cached(self, name: str, compute: Callable[[], T], save: Callable[[Path, T], object],
+               load: Callable[[Path], T], *, valid: Callable[[T], bool] | None = None,
+               cleanup: Iterable[str] = ()) -> T:
+        """``load`` the stage ``name`` if it is stored (and ``valid``), else ``compute`` it,
+        ``save`` it and delete the ``cleanup`` files (e.g. the training state it resumed)."""
+        path = self.path(name)
+        if path.exists():
+            value = load(path)
+            if valid is None or valid(value):
+                return value
+        value = compute()
+        save(path, value)
+        for other in cleanup:
+            self.path(other).unlink(missing_ok=True)
+        return value
+
+    def json(self, name: str, compute: Callable[[], Any], *,
+             valid: Callable[[Any], bool] | None = None) -> Any:
+        return self.cached(f"{name}.json", compute, write_json, read_json, valid=valid)
+
+    def tensors(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+        return self.cached(f"{name}.safetensors", compute, save_tensors,
+                           lambda p: load_tensors(p)[0])
+
+    def model(self, name: str, compute: Callable[[], Saved], *,
+              cleanup: Iterable[str] = ()) -> Saved:
+        """A trained model and its metadata (``arch`` and ``dataset`` among them)."""
+        def save(path: Path, saved: Saved) -> None:
+            save_model(path, saved[0], **saved[1])
+        return self.cached(f"{name}.safetensors", compute, save, load_model, cleanup=cleanup)
+
+    def ensemble(self, name: str, compute: Callable[[], tuple[VotingEnsemble, dict[str, Any]]],
+                 *, cleanup: Iterable[str] = ()) -> tuple[VotingEnsemble, dict[str, Any]]:
+        def save(path: Path, saved: tuple[VotingEnsemble, dict[str, Any]]) -> None:
+            save_ensemble(path, saved[0], **saved[1])
+        return self.cached(f"{name}.safetensors", compute, save, load_ensemble, cleanup=cleanup)
 
 
-def prepare_run_dir(config: C, out: str | Path) -> C:
-    """Resolve ``config`` (a dataclass with ``resolved()``) and fix it in ``out/config.json``; a
-    different stored config is an error, so a resumed run never mixes two experiments."""
-    cfg = config.resolved()
-    stored = Path(out) / "config.json"
-    current = asdict(cfg)
-    if stored.exists():
-        old = read_json(stored)
-        diff = sorted(k for k, v in current.items() if old.get(k) != v)
-        if diff:
-            raise CheckpointError(
-                f"{out} holds a run with a different configuration ({', '.join(diff)}); "
-                "use another --out, or the same options to resume it")
-    write_json(stored, current)
-    return cfg
+
+def prepare_run_dir(config: _Config, out: str | Path) -> tuple[Any, RunDir]:
+    """Resolve ``config`` and pin it in ``out``: ``(resolved config, run directory)``."""
+    resolved = config.resolve()
+    run = RunDir(out)
+    run.pin(resolved)
+    return resolved, run

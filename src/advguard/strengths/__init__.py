@@ -1,9 +1,17 @@
 """Choosing training strengths: the MSSIM bound (SPEC A4) and random-walk selection (A5)."""
 
 from advguard.strengths.mssim import mssim, mssim_table, ssim_per_image, strength_bound
+from advguard.strengths.results import (
+    HAND_PICKED,
+    RANDOM_WALK,
+    Choice,
+    MethodSelection,
+    MssimBound,
+    StrengthSelection,
+)
 from advguard.strengths.selection import (
-    Combination,
     Selection,
+    Walk,
     agreement_rate,
     estimate_H,
     exhaustive_select,
@@ -11,6 +19,7 @@ from advguard.strengths.selection import (
     transition_matrix,
 )
 
-__all__ = ["Combination", "Selection", "agreement_rate", "estimate_H", "exhaustive_select",
+__all__ = ["HAND_PICKED", "RANDOM_WALK", "Choice", "MethodSelection", "MssimBound", "Selection",
+           "StrengthSelection", "Walk", "agreement_rate", "estimate_H", "exhaustive_select",
            "mssim", "mssim_table", "random_walk_select", "ssim_per_image", "strength_bound",
            "transition_matrix"]

@@ -19,16 +19,29 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
 from advguard.errors import InputError
+from advguard.training import MULTI_STRENGTH, Method
 
 
-class Combination(str, Enum):
-    PARALLEL = "parallel"
-    MIXED = "mixed"
+@dataclass(frozen=True)
+class Walk:
+    """The random walk's settings (SPEC A5), declared once."""
+
+    walks: int = 1000  # t; with l = 8 they find the exact optimum of the tests
+    steps: int = 8  # l, steps per walk
+    penalty: float = -0.001  # a in G = H + a·S (0.1 point of accuracy per extra strength)
+    seed: int = 0
+
+
+def _combination(combination: Method | str) -> Method:
+    method = Method(combination)
+    if method not in MULTI_STRENGTH:
+        raise InputError(f"strength selection combines strengths for "
+                         f"{' or '.join(m.value for m in MULTI_STRENGTH)} MAT, not {method.value}")
+    return method
 
 
 @dataclass(frozen=True)
@@ -53,17 +66,17 @@ def _check_matrix(A: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def estimate_H(A: np.ndarray, subset: Sequence[int],
-               combination: Combination | str = Combination.PARALLEL) -> float:
+               combination: Method | str = Method.PARALLEL) -> float:
     """H(subset): the estimated grid-mean accuracy of a multi-strength combination."""
     rows = A[list(subset)]
     envelope = rows.max(axis=0).mean()
-    if Combination(combination) is Combination.PARALLEL:
+    if _combination(combination) is Method.PARALLEL:
         return float(envelope)
     return float((envelope + rows.mean(axis=0).mean()) / 2)
 
 
 def objective(A: np.ndarray, subset: Sequence[int], penalty: float,
-              combination: Combination | str = Combination.PARALLEL) -> Selection:
+              combination: Method | str = Method.PARALLEL) -> Selection:
     h = estimate_H(A, subset, combination)
     return Selection(tuple(sorted(subset)), h + penalty * len(subset), h)
 
@@ -76,10 +89,10 @@ def transition_matrix(A: np.ndarray) -> np.ndarray:
     return np.where(sums > 0, A / np.where(sums > 0, sums, 1.0), uniform)
 
 
-def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int = 1000,
-                       steps: int = 8, penalty: float = -0.001,
-                       combination: Combination | str = Combination.PARALLEL,
-                       seed: int = 0) -> Selection:
+def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int = Walk.walks,
+                       steps: int = Walk.steps, penalty: float = Walk.penalty,
+                       combination: Method | str = Method.PARALLEL,
+                       seed: int = Walk.seed) -> Selection:
     """The paper's selection: the best G over the sets visited by ``walks`` walks of ``steps``."""
     A = _check_matrix(A)
     if penalty > 0:
@@ -107,8 +120,8 @@ def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int 
     return best
 
 
-def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: float = -0.001,
-                      combination: Combination | str = Combination.PARALLEL) -> Selection:
+def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: float = Walk.penalty,
+                      combination: Method | str = Method.PARALLEL) -> Selection:
     """The exact optimum of the same G over every non-empty subset (m ≤ 16)."""
     A = _check_matrix(A)
     m = A.shape[0]
@@ -125,8 +138,8 @@ def exhaustive_select(A: np.ndarray | Sequence[Sequence[float]], *, penalty: flo
 
 
 def agreement_rate(A: np.ndarray | Sequence[Sequence[float]], seeds: Sequence[int], *,
-                   walks: int = 1000, steps: int = 8, penalty: float = -0.001,
-                   combination: Combination | str = Combination.PARALLEL) -> float:
+                   walks: int = Walk.walks, steps: int = Walk.steps, penalty: float = Walk.penalty,
+                   combination: Method | str = Method.PARALLEL) -> float:
     """Share of ``seeds`` for which the walk returns the exact optimum's subset."""
     exact = exhaustive_select(A, penalty=penalty, combination=combination).subset
     hits = sum(random_walk_select(A, walks=walks, steps=steps, penalty=penalty,

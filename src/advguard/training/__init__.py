@@ -1,19 +1,11 @@
-"""One training loop (SPEC A3) and what it mixes into each batch."""
+"""One training loop (SPEC A3), what it mixes into each batch, and where the copies come from."""
 
-from advguard.training.loop import SCHEDULES, TrainConfig, TrainResult, accuracy, train
-from advguard.training.mixing import (
-    DirectionSource,
-    ExampleSource,
-    PGDExamples,
-    RandomStartFGSM,
-    StrengthMix,
-    TransferDirections,
-    WhiteBoxDirections,
-    random_start_fgsm,
-)
-from advguard.training.recipes import RECIPES, Recipe, get_recipe
+from advguard.training.loop import Schedule, TrainConfig, TrainResult, train
+from advguard.training.methods import MULTI_STRENGTH, PAPER_METHODS, Method
+from advguard.training.mixing import StrengthMix
+from advguard.training.recipes import RECIPES, Recipe, RecipeName, get_recipe
+from advguard.training.sources import AdversarialSource, Transfer, WhiteBox
 
-__all__ = ["RECIPES", "SCHEDULES", "DirectionSource", "ExampleSource", "PGDExamples",
-           "RandomStartFGSM", "Recipe", "StrengthMix", "TrainConfig", "TrainResult",
-           "TransferDirections", "WhiteBoxDirections", "accuracy", "get_recipe",
-           "random_start_fgsm", "train"]
+__all__ = ["MULTI_STRENGTH", "PAPER_METHODS", "RECIPES", "AdversarialSource", "Method",
+           "Recipe", "RecipeName", "Schedule", "StrengthMix", "TrainConfig", "TrainResult",
+           "Transfer", "WhiteBox", "get_recipe", "train"]

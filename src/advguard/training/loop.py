@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -18,16 +19,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard.data import ImageSet
-from advguard.errors import CheckpointError
+from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
-from advguard.training.mixing import (
-    DirectionSource,
-    ExampleSource,
-    StrengthMix,
-    WhiteBoxDirections,
-)
+from advguard.models import accuracy
+from advguard.training.mixing import StrengthMix
+from advguard.training.sources import AdversarialSource, WhiteBox
 
 log = logging.getLogger(__name__)
+
+
+class Schedule(str, Enum):
+    CONSTANT = "constant"
+    ONE_CYCLE = "one-cycle"  # 0 -> lr -> 0, linear (Wong et al. 2020)
 
 
 @dataclass
@@ -38,25 +41,29 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0  # shuffling, reduced-size groups, sampled strengths and random starts
     device: str = "cpu"
-    schedule: str = "constant"  # learning rate: "constant" or "one-cycle" (0 -> lr -> 0, linear)
+    schedule: Schedule = Schedule.CONSTANT  # learning rate over the run
 
-
-SCHEDULES = ("constant", "one-cycle")
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise InputError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        self.schedule = Schedule(self.schedule)
 
 
 def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig,
                steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-step learning-rate schedule: "one-cycle" rises linearly from ~0 to ``lr`` over the
     first 40% of the steps and falls back to ~0 (the schedule of Wong et al. 2020)."""
-    if config.schedule == "constant":
+    if config.schedule is Schedule.CONSTANT:
         return None
-    if config.schedule == "one-cycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.4,
-            anneal_strategy="linear", cycle_momentum=False, div_factor=1e4,
-            final_div_factor=1.0)
-    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of: "
-                     f"{', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.4,
+        anneal_strategy="linear", cycle_momentum=False, div_factor=1e4, final_div_factor=1.0)
 
 
 @dataclass
@@ -65,35 +72,19 @@ class TrainResult:
     seconds: float = 0.0  # wall time spent training, summed over resumed sessions
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
-             device: str | torch.device = "cpu") -> float:
-    """Fraction of ``x`` that ``model`` (in eval mode) classifies as ``y``."""
-    was = model.training
-    model.eval()
-    try:
-        correct = 0
-        for s in range(0, len(x), batch_size):
-            pred = model(x[s:s + batch_size].to(device)).argmax(1).cpu()
-            correct += int((pred == y[s:s + batch_size]).sum())
-    finally:
-        model.train(was)
-    return correct / max(len(x), 1)
-
-
 def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
-          directions: DirectionSource | ExampleSource | None = None,
+          source: AdversarialSource | None = None,
           config: TrainConfig | None = None, *,
           val: ImageSet | None = None, state_path: str | Path | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
 
-    ``directions`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
+    ``source`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
     itself. Random draws (sampled strengths, random starts) come from torch's global generator,
     seeded with ``config.seed`` and saved with every epoch's state, so a resumed run draws what
     an uninterrupted one would.
     """
-    directions = directions or WhiteBoxDirections()
+    source = source or WhiteBox()
     config = config or TrainConfig()
     device = torch.device(config.device)
     model.to(device)
@@ -127,7 +118,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
                    disable=not progress, leave=False)
         for index in bar:
             x, y = data.x[index].to(device), data.y[index].to(device)
-            xb, yb = mix.batch(model, x, y, index, directions, groups)
+            xb, yb = mix.batch(model, x, y, index, source, groups)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,9 +139,14 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         if state_path is not None:
             save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "epoch": epoch + 1, "history": result.history,
-                                    "seconds": result.seconds, "config": asdict(config),
+                                    "seconds": result.seconds, "config": _plain(asdict(config)),
                                     "scheduler": None if sched is None else sched.state_dict(),
                                     "rng": torch.get_rng_state()})
     model.eval()
     return result
 
+
+
+def _plain(config: dict[str, object]) -> dict[str, object]:
+    """The config with enums as their values (the state file is read with weights_only)."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in config.items()}

@@ -1,20 +1,8 @@
 """What the training loop mixes into each batch (SPEC A3).
 
-A :class:`StrengthMix` says which FGSM strengths join the clean batch and how; a
-:class:`DirectionSource` says where the FGSM directions come from:
-
-* :class:`WhiteBoxDirections` — the model being trained, online, every batch (white-box setting);
-* :class:`TransferDirections` — a fixed dataset of directions crafted once on a separate crafting
-  model (the paper's transfer setting; see :func:`advguard.attacks.fgsm_directions`).
-
-Either way the copies of a batch at every strength share one gradient (SPEC A1).
-
-Beyond the paper, an :class:`ExampleSource` crafts the adversarial copies itself, one gradient
-(or PGD run) per strength, for the white-box recipes of :mod:`advguard.training.recipes`:
-
-* :class:`RandomStartFGSM` — FGSM from a uniform random start in the ε-ball with step
-  ``ratio·ε``, projected back (Wong et al. 2020, "Fast is better than free");
-* :class:`PGDExamples` — L∞ PGD (Madry et al. 2018), the expensive baseline.
+A :class:`StrengthMix` says which strengths join the clean batch and how; an
+:class:`~advguard.training.sources.AdversarialSource` says where the adversarial copies come
+from (any attack on the model being trained, or the transfer setting's fixed directions).
 
 ======================  ============================  =========================================
 method                  mix                           batch of B clean examples becomes
@@ -36,104 +24,12 @@ constant (S+1)·B.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from advguard.attacks import PGD, check_strengths, eval_mode, gradient_sign, perturb
-from advguard.attacks.base import input_gradient
-
-
-class DirectionSource(Protocol):
-    """Gives ``sign(∇_x J)`` for a batch: ``(model, x, y, index) -> direction``."""
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 index: torch.Tensor) -> torch.Tensor: ...
-
-
-class WhiteBoxDirections:
-    """FGSM directions from the model being trained (white-box setting, SPEC A2)."""
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 index: torch.Tensor) -> torch.Tensor:
-        return gradient_sign(model, x, y)
-
-
-@dataclass
-class TransferDirections:
-    """Fixed FGSM directions of the training set, crafted on a separate model (transfer setting).
-
-    ``directions`` is int8 (N, C, H, W), row i belonging to training example i.
-    """
-
-    directions: torch.Tensor
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 index: torch.Tensor) -> torch.Tensor:
-        return self.directions[index].to(x.device)
-
-
-@runtime_checkable
-class ExampleSource(Protocol):
-    """Crafts adversarial copies of a batch: ``examples(model, x, y, eps) -> x_adv`` with ``eps``
-    one strength per example, shape (B,)."""
-
-    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class PGDExamples:
-    """Adversarial copies by L∞ PGD with a random start (:class:`advguard.attacks.PGD`, noise
-    from torch's global generator, which the training loop seeds and checkpoints).
-
-    ``steps`` gradient steps of ``step_scale·ε/steps``: 40 steps of 2.5·ε/40 is Madry et al.'s
-    PGD adversarial training. ``early_stop`` (on by default) stops moving an example once the
-    model misclassifies it, as Wong et al.'s PGD baseline does; without it the small MNIST CNN
-    stayed at chance (11%) for all 10 epochs of a 60k-image run.
-    """
-
-    steps: int = 40
-    step_scale: float = 2.5
-    early_stop: bool = True
-
-    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: torch.Tensor) -> torch.Tensor:
-        attack = PGD(steps=self.steps, step_scale=self.step_scale, seed=None,
-                     early_stop=self.early_stop)
-        return attack.run(model, x, y, _broadcast(eps.to(x.device, x.dtype), x))
-
-
-@dataclass(frozen=True)
-class RandomStartFGSM:
-    """FGSM from a random start (Wong et al. 2020, "Fast is better than free"): δ₀ ~ U(−ε, ε),
-    the loss gradient taken at ``x + δ₀`` *as is* (not clipped to the image range), one step
-    δ = clip(δ₀ + ratio·ε·sign(∇), −ε, ε), then ``x + δ`` clipped to [0, 1].
-
-    Taking the gradient at the unclipped start is their procedure and it matters on MNIST,
-    where most pixels sit at 0: clipping the start first puts half of those pixels back on 0,
-    takes most of the randomness out of the step, and a single-strength ε = 0.3 small CNN
-    fell to 83% (and, with another data split, 20%) under PGD-40 at ε = 0.3 instead of 90%.
-    Noise comes from torch's global generator, which the training loop seeds and checkpoints.
-    """
-
-    ratio: float = 1.25
-
-    def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: torch.Tensor) -> torch.Tensor:
-        e = _broadcast(eps.to(x.device, x.dtype), x)
-        start = (2 * torch.rand_like(x) - 1) * e
-        with eval_mode(model):
-            grad = input_gradient(model, x + start, y)
-        delta = torch.max(torch.min(start + self.ratio * e * grad.sign(), e), -e)
-        return (x + delta).clamp(0.0, 1.0).detach()
-
-
-def random_start_fgsm(ratio: float = 1.25) -> RandomStartFGSM:
-    """FGSM from a random start with step ``ratio·ε`` (see :class:`RandomStartFGSM`); their
-    ``ratio`` 1.25 avoids catastrophic overfitting at their settings."""
-    return RandomStartFGSM(ratio)
+from advguard.attacks import check_strengths
+from advguard.training.sources import AdversarialSource
 
 
 @dataclass(frozen=True)
@@ -171,7 +67,7 @@ class StrengthMix:
         return groups
 
     def batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-              source: DirectionSource | ExampleSource,
+              source: AdversarialSource,
               groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch built from the clean batch ``(x, y)`` of dataset rows ``index``."""
         if not self.strengths:
@@ -180,28 +76,18 @@ class StrengthMix:
         if self.reduced:
             if groups is None:
                 raise ValueError("reduced-size mixing needs the groups from StrengthMix.groups")
-            return _adversarial(source, model, x, y, index, levels[groups[index].to(x.device)]), y
+            eps = levels[groups[index].to(x.device)]
+            return _keep_clean_at_zero(source.copies(model, x, y, index, [eps])[0], x, eps), y
         if self.sample:
             pick = torch.randint(len(self.strengths), (len(x),)).to(x.device)
-            adv = [_adversarial(source, model, x, y, index, levels[1:][pick])]
-        elif isinstance(source, ExampleSource):
-            adv = [source.examples(model, x, y, levels[s].expand(len(x)))
-                   for s in range(1, len(levels))]
-        else:  # one direction serves every strength (SPEC A1)
-            direction = source(model, x, y, index)
-            adv = [perturb(x, direction, e) for e in self.strengths]
+            adv = source.copies(model, x, y, index, [levels[1:][pick]])
+        else:  # one copy per strength (FGSM: all from one gradient, SPEC A1)
+            adv = source.copies(model, x, y, index,
+                                [levels[s].expand(len(x)) for s in range(1, len(levels))])
         copies = [x, *adv] if self.clean else adv
         return torch.cat(copies), y.repeat(len(copies))
 
 
-def _adversarial(source: DirectionSource | ExampleSource, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``x`` attacked at per-example strengths ``eps`` (0 keeps an example clean)."""
-    if isinstance(source, ExampleSource):
-        adv = source.examples(model, x, y, eps)
-        return torch.where(_broadcast(eps, x) > 0, adv, x)
-    return perturb(x, source(model, x, y, index), eps)
-
-
-def _broadcast(eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return eps.reshape(-1, *[1] * (x.dim() - 1))
+def _keep_clean_at_zero(adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Examples whose strength is 0 stay exactly clean, whatever the attack does at ε = 0."""
+    return torch.where(eps.reshape(-1, *[1] * (x.dim() - 1)) > 0, adv, x)

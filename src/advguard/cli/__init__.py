@@ -1,0 +1,96 @@
+"""The ``advguard`` command line: parse, build a config, call the library, render.
+
+Every user-facing error (bad images, unknown names, missing data, corrupt checkpoints) is printed
+as one ``error: …`` line with exit status 2. The ``reproduce`` commands' options are the fields
+of their config dataclasses (defaults and help declared there, once).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from advguard.cli.options import Quiet, config_command, option_param
+from advguard.errors import AdvguardError
+
+app = typer.Typer(help="Harden image classifiers against adversarial examples.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+reproduce_app = typer.Typer(help="Reproduce a paper's experiment end to end.",
+                            no_args_is_help=True)
+app.add_typer(reproduce_app, name="reproduce")
+
+
+def setup_logging(quiet: bool) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, console=Console(stderr=True))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+OUT_AND_QUIET = [
+    option_param("out", Annotated[Path | None, typer.Option(
+        help="run directory (resumes if it exists)")], None),
+    option_param("quiet", Quiet, False),
+]
+
+
+def _reproduce_mat(config: object, out: Path | None, quiet: bool) -> None:
+    """Multi-strength adversarial training (MAT): original, single, mixed and parallel MAT,
+    their robustness curves and the paper's Table 1."""
+    from advguard.reproduce.mat import MatConfig, run_mat
+
+    assert isinstance(config, MatConfig)
+    setup_logging(quiet)
+    out = out or Path("runs") / f"mat-{config.dataset}-{config.setting}"
+    run_mat(config, out, progress=not quiet)
+    typer.echo((out / "table.md").read_text(encoding="utf-8"))
+    typer.echo(f"run directory: {out}")
+
+
+def _reproduce_detect(config: object, out: Path | None, quiet: bool) -> None:
+    """kNN deep-feature detection: the paper's Table 2, ROC, threshold sweep, score densities,
+    plus an adaptive attacker and a MAT model."""
+    from advguard.reproduce.detect import DetectConfig, run_detect
+
+    assert isinstance(config, DetectConfig)
+    setup_logging(quiet)
+    out = out or Path("runs") / f"detect-{config.dataset}"
+    run_detect(config, out, progress=not quiet)
+    typer.echo((out / "table.md").read_text(encoding="utf-8"))
+    typer.echo(f"run directory: {out}")
+
+
+def _register() -> None:
+    from advguard.cli import commands  # noqa: F401  (registers the single-model commands)
+    from advguard.reproduce.detect.config import DetectConfig
+    from advguard.reproduce.mat.config import MatConfig
+
+    reproduce_app.command("mat")(config_command(MatConfig, _reproduce_mat, OUT_AND_QUIET))
+    reproduce_app.command("detect")(config_command(DetectConfig, _reproduce_detect,
+                                                   OUT_AND_QUIET))
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point: run the app, turning advguard errors into one line."""
+    try:
+        app()
+    except AdvguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished stages are saved; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]

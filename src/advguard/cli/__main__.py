@@ -1,0 +1,3 @@
+from advguard.cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""The single-model commands: train, evaluate, audit, select-strengths, predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from advguard import options as opts
+from advguard.attacks import PGD
+from advguard.cli import app, setup_logging
+from advguard.cli.options import Quiet
+from advguard.errors import InputError, parse_choice
+from advguard.evaluation import AUDIT_PGD
+from advguard.strengths import Walk
+from advguard.training import Method, RecipeName, TrainConfig
+
+DataDir = Annotated[str | None, typer.Option(help="Folder holding the dataset (MNIST: optional, "
+                                                  "a copy ships with advguard).")]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Argument(help="where to write the model (.safetensors)")],
+    dataset: str = "mnist",
+    model: Annotated[str | None, typer.Option(help="architecture (default: the paper's victim)")]
+    = None,
+    strengths: Annotated[str | None, typer.Option(help="FGSM strengths mixed into each batch; "
+                                                       "none: clean training")] = None,
+    reduced: Annotated[bool, typer.Option(help="mixed MAT, reduced size")] = False,
+    crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
+                                                      "(default: white-box, online)")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="white-box recipe: fgsm (the paper's), fgsm-rs or pgd-at")] = RecipeName.FGSM.value,
+    epochs: int = TrainConfig.epochs,
+    batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
+    train_limit: int | None = None,
+    seed: int = TrainConfig.seed,
+    device: str = TrainConfig.device,
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train one model: clean, single-strength or mixed MAT (transfer or white-box)."""
+    import torch
+
+    from advguard.attacks import fgsm_directions
+    from advguard.data import load_dataset
+    from advguard.models import accuracy, build_model, load_model, model_for, save_model
+    from advguard.training import (
+        AdversarialSource,
+        RecipeName,
+        TrainConfig,
+        Transfer,
+        WhiteBox,
+        get_recipe,
+    )
+    from advguard.training import train as train_model
+
+    setup_logging(quiet)
+    how = get_recipe(recipe)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size or how.batch_size,
+                         lr=lr or how.lr, seed=seed, device=device, schedule=how.schedule)
+    data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
+    arch = model or model_for(dataset, "victim")
+    eps = opts.strengths(strengths or "")
+    if crafter is not None and how.name is not RecipeName.FGSM:
+        raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
+    source: AdversarialSource = WhiteBox(how.attack)
+    if crafter is not None and eps:
+        crafting_model, _ = load_model(crafter)
+        source = Transfer(fgsm_directions(crafting_model, data.x, data.y, device=device,
+                                          progress=not quiet))
+    torch.manual_seed(seed)
+    net = build_model(arch, data.info)
+    result = train_model(net, data, how.mix(eps, reduced=reduced), source, config,
+                         state_path=out.with_suffix(".state.pt"), progress=not quiet)
+    test = load_dataset(dataset, "test", data_dir=data_dir)
+    acc = accuracy(net, test.x, test.y, device=device)
+    save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
+               train_seconds=result.seconds, history=result.history, test_accuracy=acc,
+               recipe=how.name)
+    out.with_suffix(".state.pt").unlink(missing_ok=True)
+    typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
+
+
+@app.command()
+def audit(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    eps: Annotated[str, typer.Option(help="L∞ strength to audit at (pixel units), e.g. 0.3 "
+                                           "or 8/255")] = "0.3",
+    pgd_steps: int = AUDIT_PGD.steps,
+    pgd_step_size: Annotated[float | None, typer.Option(
+        help="PGD step in pixel units; none: 2.5·ε/steps")] = AUDIT_PGD.step_size,
+    pgd_restarts: int = AUDIT_PGD.restarts,
+    transfer_from: Annotated[list[Path] | None, typer.Option(
+        help="other models whose PGD examples are transferred (black-box check); repeatable")]
+    = None,
+    test_limit: Annotated[int | None, typer.Option(help="first N test images")] = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Audit a white-box robustness claim: advguard's PGD, torchattacks' PGD and APGD (CE, DLR),
+    a PGD step sweep, black-box transfer, zero gradients and an unbounded attack."""
+    from advguard.attacks import PGD
+    from advguard.data import load_dataset
+    from advguard.ensemble import load_any
+    from advguard.evaluation import audit as run_audit
+    from advguard.io import write_json
+
+    setup_logging(quiet)
+    pgd = PGD(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts, seed=seed)
+    strength = opts.strength(eps)
+    model, meta = load_any(checkpoint)
+    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    sources = {p.name: load_any(p)[0] for p in transfer_from or []}
+    report = run_audit(model, test.x, test.y, strength,
+                       pgd=pgd,
+                       sources=sources, device=device, seed=seed, progress=not quiet)
+    typer.echo(f"{checkpoint.name}: ε = {strength:g}, {report.images} test images")
+    typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
+    for name, acc in report.attacks.items():
+        typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
+    typer.echo(f"  worst case over all attacks    {100 * report.worst_case_accuracy:6.2f}%")
+    for name, acc in report.transfer.items():
+        typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
+    typer.echo(f"  zero-gradient inputs           {100 * report.zero_gradient_fraction:6.2f}%")
+    typer.echo(f"  unbounded PGD (ε = 1)          {100 * report.unbounded_accuracy:6.2f}%")
+    typer.echo("  warnings: " + ("; ".join(report.warnings) or "none"))
+    if out is not None:
+        write_json(out, {"checkpoint": str(checkpoint), **report.to_json()})
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    attack: Annotated[str, typer.Option(help="white-box-fgsm, white-box-pgd or transfer-fgsm")]
+    = "white-box-fgsm",
+    crafter: Annotated[Path | None, typer.Option(help="crafting model (transfer-fgsm)")] = None,
+    grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's)")]
+    = None,
+    pgd_steps: int = PGD.steps,
+    pgd_restarts: int = PGD.restarts,
+    test_limit: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="write the curve as JSON here")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Accuracy vs. strength of a saved model under one attack."""
+    from advguard.data import load_dataset
+    from advguard.ensemble import load_any
+    from advguard.evaluation import ThreatSetting, fgsm_curve, grid_mean, pgd_curve
+    from advguard.io import write_json
+
+    setup_logging(quiet)
+    pgd = PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed)
+    threat = parse_choice(ThreatSetting, attack, "attack")
+    model, meta = load_any(checkpoint)
+    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    strengths = list(opts.strengths(grid or "") or test.info.grid)
+    kw: dict[str, Any] = {"device": device, "progress": not quiet}
+    if threat is ThreatSetting.WHITE_BOX_PGD:
+        curve = pgd_curve(model, test.x, test.y, strengths, pgd, **kw)
+    else:
+        crafting = None
+        if threat is ThreatSetting.TRANSFER_FGSM:
+            if crafter is None:
+                raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
+            crafting = load_any(crafter)[0]
+        curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
+    result = {"checkpoint": str(checkpoint), "dataset": test.info.name, "attack": threat.value,
+              "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
+    if out is not None:
+        write_json(out, result)
+    for eps, acc in zip(strengths, curve, strict=True):
+        typer.echo(f"eps={eps:.4g}\taccuracy={acc:.4f}")
+    typer.echo(f"grid mean ({threat.value}): {result['mean']:.4f}")
+
+
+@app.command("select-strengths")
+def select_strengths(
+    source: Annotated[Path, typer.Argument(
+        help="a run directory, or a JSON file {\"strengths\": [...], \"matrix\": [[...]]}")],
+    walks: int = Walk.walks,
+    walk_steps: int = Walk.steps,
+    penalty: float = Walk.penalty,
+    combination: Annotated[str, typer.Option(help="parallel or mixed")] = Method.PARALLEL.value,
+    seed: int = Walk.seed,
+    seeds: Annotated[int, typer.Option(help="seeds to measure agreement over")] = 100,
+) -> None:
+    """Random-walk strength selection on an accuracy matrix, checked against the exact
+    optimum of the same G (paper §4.3)."""
+    from advguard.io import read_json
+    from advguard.strengths import agreement_rate, exhaustive_select, random_walk_select
+
+    combo = parse_choice(Method, combination, "combination")
+    obj = read_json(source / "checkpoints" / "selection.json" if source.is_dir() else source)
+    if "matrix" not in obj:
+        raise InputError(f"{source} holds no accuracy matrix (hand-picked strengths?)")
+    strengths = obj.get("candidates") or obj.get("strengths")
+    matrix = obj["matrix"]
+    walk = random_walk_select(matrix, walks=walks, steps=walk_steps, penalty=penalty,
+                              combination=combo, seed=seed)
+    exact = exhaustive_select(matrix, penalty=penalty, combination=combo)
+    rate = agreement_rate(matrix, range(seeds), walks=walks, steps=walk_steps, penalty=penalty,
+                          combination=combo)
+
+    def names(subset: tuple[int, ...]) -> str:
+        return ", ".join(f"{strengths[i]:.4g}" for i in subset) if strengths else str(subset)
+
+    typer.echo(f"random walk ({walks} walks x {walk_steps} steps, seed {seed}): "
+               f"{{{names(walk.subset)}}}  G={walk.G:.5f}  H={walk.H:.5f}")
+    typer.echo(f"exact optimum: {{{names(exact.subset)}}}  G={exact.G:.5f}  H={exact.H:.5f}")
+    typer.echo(f"agree: {'yes' if walk.subset == exact.subset else 'no'}; "
+               f"the walk finds the optimum for {100 * rate:.0f}% of {seeds} seeds")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    images: Annotated[Path, typer.Argument(help=".npy array (N, C, H, W) float in [0, 1]")],
+) -> None:
+    """Classify images stored as a NumPy array."""
+    import numpy as np
+    import torch
+
+    from advguard.data import check_images
+    from advguard.ensemble import load_any
+
+    model, meta = load_any(checkpoint)
+    if not images.is_file():
+        raise InputError(f"image file not found: {images}")
+    try:
+        array = np.load(images, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot read {images} as a .npy array: {exc}") from None
+    x = torch.from_numpy(np.array(array))
+    from advguard.data import dataset_info
+
+    info = dataset_info(meta["dataset"])
+    check_images(x, channels=info.channels, size=info.size)
+    with torch.no_grad():
+        pred = model(x.float()).argmax(1)
+    for i, c in enumerate(pred.tolist()):
+        typer.echo(f"{i}\t{c}")

@@ -1,0 +1,77 @@
+"""The detection experiment's options (every default declared here once) and their resolved
+form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from advguard import options as opts
+from advguard.attacks import check_strengths
+from advguard.data import dataset_info
+from advguard.errors import InputError
+from advguard.options import option
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    dataset: str = option("mnist", "mnist or cifar10 (or another dataset)")
+    model: str | None = option(None, "attacked architecture (default: the dataset's crafting "
+                                     "CNN, LeNet-5 / CIFAR)")
+    epochs: int = option(5, "training epochs of the attacked model")
+    batch_size: int = option(128, "training batch size")
+    lr: float = option(1e-3, "Adam learning rate")
+    val_size: int = option(5000, "calibration split held out of the training file")
+    train_limit: int | None = option(None, "first N training images only")
+    queries: int = option(2000, "first N test images are attacked and scored")
+    lbfgs_queries: int = option(300, "of which the first N are attacked with L-BFGS")
+    k: int = option(1000, "neighbours searched (the paper's k)")
+    eps: float | None = option(None, "FGSM/PGD strength, e.g. 0.2 or 8/255 (default: the "
+                                     "dataset's, 0.2 on MNIST, 8/255 on colour images)",
+                               parse=opts.strength)
+    pgd_steps: int = option(20, "PGD and adaptive-attack steps")
+    keep: float = option(0.98, "operating point: share of authentic inputs kept")
+    adaptive_weight: float = option(1.0, "adaptive attack: weight of the feature-pull term")
+    mat: bool = option(True, "also run the detector on a mixed-MAT (white-box) model")
+    seed: int = option(0, "seed of every random choice")
+    device: str = option("cpu", "torch device")
+    data_dir: str | None = option(None, "folder holding the dataset")
+    download: bool = option(False, "download the dataset through torchvision (online)")
+
+    def resolve(self) -> ResolvedDetectConfig:
+        info = dataset_info(self.dataset)
+        eps = self.eps if self.eps is not None else info.detect_eps
+        check_strengths(eps)
+        opts.check_at_least(self, 1, "epochs", "batch_size", "queries", "k", "pgd_steps",
+                            "train_limit")
+        opts.check_at_least(self, 0, "val_size", "lbfgs_queries")
+        if not 0 < self.keep <= 1:
+            raise InputError(f"keep must be in (0, 1], got {self.keep}")
+        if not 0 < self.lr < float("inf"):
+            raise InputError(f"lr must be a positive finite number, got {self.lr}")
+        return ResolvedDetectConfig(**{
+            **{k: getattr(self, k) for k in self.__dataclass_fields__},
+            "dataset": info.name, "eps": float(eps), "model": self.model or info.crafter,
+            "lbfgs_queries": min(self.lbfgs_queries, self.queries)})
+
+
+@dataclass(frozen=True)
+class ResolvedDetectConfig:
+    dataset: str
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    val_size: int
+    train_limit: int | None
+    queries: int
+    lbfgs_queries: int
+    k: int
+    eps: float
+    pgd_steps: int
+    keep: float
+    adaptive_weight: float
+    mat: bool
+    seed: int
+    device: str
+    data_dir: str | None
+    download: bool
