@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -37,3 +41,40 @@ def trained_lenet(mnist_train: ImageSet) -> torch.nn.Module:
     train(model, mnist_train, StrengthMix(), None, TrainConfig(epochs=2, batch_size=64),
           progress=False)
     return model.eval()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> Callable[..., CliResult]:
+    """Run ``advguard ARGS…`` in this process (no interpreter start-up per call) through the
+    console entry point, so its error handling is the one users get: ``cli("train", …)``."""
+    from advguard.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["advguard", *args])
+        monkeypatch.setenv("COLUMNS", "200")
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, needle: str) -> None:
+    """Exit status 2 and exactly one ``error: …`` line on stderr that contains ``needle``."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]

@@ -1,4 +1,7 @@
-"""The command line as a user meets it: one-line errors, and a small end-to-end reproduction."""
+"""The command line as a user meets it: one-line errors, and small end-to-end runs.
+
+Commands run in-process through the console entry point (the ``cli`` fixture); one test starts
+the installed ``advguard`` script in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -11,22 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 
 from advguard.models import build_model, save_model
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "advguard.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr
+from advguard.training import Method
 
 
 @pytest.fixture(scope="module")
@@ -50,38 +41,38 @@ def _npy(tmp_path: Path, array: np.ndarray) -> str:
     (np.full((2, 1, 28, 28), np.nan, np.float32), "NaN"),
     (np.zeros((2, 1, 28, 28), np.uint8), "floating point"),
 ])
-def test_predict_rejects_bad_images(array, needle, model_file, tmp_path):
-    assert_one_line_error(run_cli("predict", str(model_file), _npy(tmp_path, array)), needle)
+def test_predict_rejects_bad_images(array, needle, model_file, tmp_path, cli):
+    assert_one_line_error(cli("predict", str(model_file), _npy(tmp_path, array)), needle)
 
 
-def test_predict_classifies_good_images(model_file, tmp_path):
-    proc = run_cli("predict", str(model_file), _npy(tmp_path, np.zeros((3, 1, 28, 28),
+def test_predict_classifies_good_images(model_file, tmp_path, cli):
+    proc = cli("predict", str(model_file), _npy(tmp_path, np.zeros((3, 1, 28, 28),
                                                                        np.float32)))
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3
 
 
-def test_truncated_checkpoint(model_file, tmp_path):
+def test_truncated_checkpoint(model_file, tmp_path, cli):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(model_file.read_bytes()[:1000])
-    assert_one_line_error(run_cli("evaluate", str(cut)), "corrupt or truncated checkpoint")
-    assert_one_line_error(run_cli("evaluate", str(tmp_path / "missing.safetensors")),
+    assert_one_line_error(cli("evaluate", str(cut)), "corrupt or truncated checkpoint")
+    assert_one_line_error(cli("evaluate", str(tmp_path / "missing.safetensors")),
                           "checkpoint not found")
 
 
-def test_unknown_names_and_missing_data(tmp_path):
-    assert_one_line_error(run_cli("reproduce", "mat", "--dataset", "imagenet", "--out",
+def test_unknown_names_and_missing_data(tmp_path, cli):
+    assert_one_line_error(cli("reproduce", "mat", "--dataset", "imagenet", "--out",
                                   str(tmp_path / "r")), "unknown dataset 'imagenet'")
-    assert_one_line_error(run_cli("train", str(tmp_path / "m.safetensors"), "--model",
+    assert_one_line_error(cli("train", str(tmp_path / "m.safetensors"), "--model",
                                   "resnet9", "--train-limit", "10"), "unknown model 'resnet9'")
-    assert_one_line_error(run_cli("reproduce", "mat", "--dataset", "cifar10", "--data-dir",
+    assert_one_line_error(cli("reproduce", "mat", "--dataset", "cifar10", "--data-dir",
                                   str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")),
                           "CIFAR-10 not found")
-    assert_one_line_error(run_cli("reproduce", "mat", "--setting", "grey-box", "--out",
+    assert_one_line_error(cli("reproduce", "mat", "--setting", "grey-box", "--out",
                                   str(tmp_path / "r")), "unknown setting")
-    assert_one_line_error(run_cli("reproduce", "mat", "--strengths", "0.1,abc", "--out",
+    assert_one_line_error(cli("reproduce", "mat", "--strengths", "0.1,abc", "--out",
                                   str(tmp_path / "r")), "cannot read strengths")
-    assert_one_line_error(run_cli("reproduce", "mat", "--strengths", "0.1,2", "--out",
+    assert_one_line_error(cli("reproduce", "mat", "--strengths", "0.1,2", "--out",
                                   str(tmp_path / "r")), "must be a number in [0, 1]")
 
 
@@ -89,9 +80,9 @@ TINY = ["--train-limit", "1500", "--test-limit", "200", "--epochs", "1", "--craf
         "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size", "300", "--quiet"]
 
 
-def test_reproduce_mat_end_to_end_and_resume(tmp_path):
+def test_reproduce_mat_end_to_end_and_resume(tmp_path, cli):
     out = tmp_path / "run"
-    proc = run_cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
+    proc = cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert "paper (Table 1, transfer FGSM)" in proc.stdout
     for name in ["config.json", "results.json", "curves.csv", "curves.png", "table.md"]:
@@ -109,23 +100,23 @@ def test_reproduce_mat_end_to_end_and_resume(tmp_path):
 
     # resuming a finished run retrains nothing and reproduces the same numbers
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
-    again = run_cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
+    again = cli("reproduce", "mat", "--out", str(out), "--strengths", "0.1,0.3", *TINY)
     assert again.returncode == 0, again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == stamps
     assert json.loads((out / "results.json").read_text()) == results
 
     # another configuration in the same directory is refused, not mixed in
-    assert_one_line_error(run_cli("reproduce", "mat", "--out", str(out), *TINY),
+    assert_one_line_error(cli("reproduce", "mat", "--out", str(out), *TINY),
                           "different configuration (single_strength, strengths)")
 
     # the saved models evaluate from the CLI
-    proc = run_cli("evaluate", str(out / "checkpoints" / "parallel-members.safetensors"), "--grid",
+    proc = cli("evaluate", str(out / "checkpoints" / "parallel-members.safetensors"), "--grid",
                    "0,0.3", "--test-limit", "200", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "grid mean (white-box-fgsm)" in proc.stdout
 
 
-def test_interrupted_training_resumes_from_its_state(tmp_path):
+def test_interrupted_training_resumes_from_its_state(tmp_path, cli):
     out = tmp_path / "m.safetensors"
     # a state left by an interrupted run: epoch 1 of 2 done
     from advguard.data import load_dataset
@@ -136,16 +127,16 @@ def test_interrupted_training_resumes_from_its_state(tmp_path):
     model = build_model("mlp3", "mnist")
     train(model, data, StrengthMix(), None, TrainConfig(epochs=1, batch_size=100),
           state_path=out.with_suffix(".state.pt"), progress=False)
-    proc = run_cli("train", str(out), "--train-limit", "500", "--epochs", "2", "--batch-size",
+    proc = cli("train", str(out), "--train-limit", "500", "--epochs", "2", "--batch-size",
                    "100")
     assert proc.returncode == 0, proc.stderr
     assert "resuming after epoch 1" in proc.stderr
     assert out.is_file() and not out.with_suffix(".state.pt").exists()
 
 
-def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path):
+def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path, cli):
     out = tmp_path / "walk"
-    proc = run_cli("reproduce", "mat", "--out", str(out), "--grid", "0,0.1,0.2,0.3",
+    proc = cli("reproduce", "mat", "--out", str(out), "--grid", "0,0.1,0.2,0.3",
                    "--matrix-epochs", "1", "--walks", "100", "--voting", "gated",
                    "--compare-voting", *TINY)
     assert proc.returncode == 0, proc.stderr
@@ -162,25 +153,25 @@ def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path):
     table = (out / "table.md").read_text()
     assert "## Strength selection" in table and "## Parallel MAT voting rules" in table
 
-    proc = run_cli("select-strengths", str(out), "--walks", "100", "--seeds", "5")
+    proc = cli("select-strengths", str(out), "--walks", "100", "--seeds", "5")
     assert proc.returncode == 0, proc.stderr
     assert "exact optimum:" in proc.stdout and "agree: yes" in proc.stdout
 
 
-def test_select_strengths_from_a_matrix_file(tmp_path):
+def test_select_strengths_from_a_matrix_file(tmp_path, cli):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"strengths": [0.1, 0.2, 0.3],
                                 "matrix": [[0.9, 0.5, 0.3], [0.6, 0.9, 0.6], [0.3, 0.5, 0.9]]}))
-    proc = run_cli("select-strengths", str(path), "--penalty", "-0.01", "--seeds", "10")
+    proc = cli("select-strengths", str(path), "--penalty", "-0.01", "--seeds", "10")
     assert proc.returncode == 0, proc.stderr
     assert "exact optimum: {0.1, 0.2, 0.3}" in proc.stdout
     path.write_text(json.dumps({"matrix": [[0.9, 0.5]]}))
-    assert_one_line_error(run_cli("select-strengths", str(path)), "must be square")
+    assert_one_line_error(cli("select-strengths", str(path)), "must be square")
 
 
-def test_reproduce_detect_end_to_end(tmp_path):
+def test_reproduce_detect_end_to_end(tmp_path, cli):
     out = tmp_path / "detect"
-    proc = run_cli("reproduce", "detect", "--train-limit", "1500", "--val-size", "300",
+    proc = cli("reproduce", "detect", "--train-limit", "1500", "--val-size", "300",
                    "--queries", "150", "--lbfgs-queries", "20", "--k", "20", "--epochs", "1",
                    "--pgd-steps", "3", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -189,19 +180,40 @@ def test_reproduce_detect_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"none", "l2", "pca-whiten"}
-    best = results["table"]["pca-whiten"]["dwknn"]
-    for negatives in ("fgsm", "errors"):
-        assert 0.0 <= best[negatives]["eer_accuracy"] <= 1.0
-        assert 0.0 <= best[negatives]["auc"] <= 1.0
+    assert all(set(row) == {"knn", "wknn", "dwknn"} for row in results["table"].values())
+
+    # Table 2's entries are what the public KNNDetector gives on the run's own model and images
+    from advguard.data import load_dataset, train_val_split
+    from advguard.detection import KNNDetector
+    from advguard.evaluation import auc, eer_accuracy
+    from advguard.io import load_tensors
+    from advguard.models import load_model
+
+    model, _ = load_model(out / "checkpoints" / "model.safetensors")
+    full = load_dataset("mnist", "train", limit=1500)
+    tr, _ = train_val_split(1500, 300, 0)
+    test = load_dataset("mnist", "test", limit=150)
+    det = KNNDetector(k=20, weighting="knn", preprocessing="none").fit(model, full.x[tr],
+                                                                       full.y[tr])
+    pred, score = det.inspect(test.x)
+    right = pred == test.y.numpy()
+    adv_pred, adv_score = det.inspect(load_tensors(out / "checkpoints" /
+                                                   "model-fgsm.safetensors")[0]["x"])
+    fooled = (adv_pred != test.y.numpy()) & right
+    entry = results["table"]["none"]["knn"]["fgsm"]
+    assert entry["n"] == fooled.sum() == results["counts"]["fgsm"]["fooled"]
+    assert entry["eer_accuracy"] == pytest.approx(eer_accuracy(score[right], adv_score[fooled]))
+    assert entry["auc"] == pytest.approx(auc(score[right], adv_score[fooled]))
     lb = results["counts"]["lbfgs"]
     assert lb["fooled"] + lb["failed"] == lb["attacked"]
     assert "mat" in results and "pca-whiten/dwknn" in results["mat"]
     assert "| pca-whiten | dwknn |" in (out / "table.md").read_text()
 
 
-def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path):
+@pytest.mark.slow
+def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path, cli):
     out = tmp_path / "wb"
-    proc = run_cli("reproduce", "mat", "--out", str(out), "--setting", "white-box", "--victim",
+    proc = cli("reproduce", "mat", "--out", str(out), "--setting", "white-box", "--victim",
                    "small-cnn", "--grid", "0,0.1,0.3", "--matrix-epochs", "1", "--walks", "50",
                    "--matrix-val-limit", "100", "--pgd-at", "--pgd-step-size", "0.05", *TINY)
     assert proc.returncode == 0, proc.stderr
@@ -212,17 +224,17 @@ def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path):
     assert details["selection"]["matrix_attack"].startswith("white-box PGD-10")
     matrix_row = json.loads((out / "checkpoints" / "matrix-0.json").read_text())
     assert matrix_row["attack"] == "pgd" and matrix_row["validation_images"] == 100
-    assert set(results["methods"]) == {"original", "single", "mixed", "parallel", "pgd-at"}
-    assert results["methods"]["pgd-at"]["strengths"] == [0.3]
+    assert set(results["methods"]) == {m.value for m in Method}
+    assert results["methods"][Method.PGD_AT]["strengths"] == [0.3]
     table = (out / "table.md").read_text()
     assert "pgd-at" in table and "Training recipe: `fgsm-rs`" in table
     assert "white-box PGD (on the evaluated model) at ε = 0.3 |" in table
     assert "paper (Table 1" not in table
 
 
-def test_audit_reports_every_attack_and_check(model_file, tmp_path):
+def test_audit_reports_every_attack_and_check(model_file, tmp_path, cli):
     out = tmp_path / "audit.json"
-    proc = run_cli("audit", str(model_file), "--eps", "0.1", "--test-limit", "60",
+    proc = cli("audit", str(model_file), "--eps", "0.1", "--test-limit", "60",
                    "--pgd-steps", "5", "--pgd-restarts", "1", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "APGD-DLR" in proc.stdout and "worst case over all attacks" in proc.stdout
@@ -232,9 +244,9 @@ def test_audit_reports_every_attack_and_check(model_file, tmp_path):
     assert report["worst_case_accuracy"] <= min(report["attacks"].values())
 
 
-def test_train_with_a_white_box_recipe(tmp_path):
+def test_train_with_a_white_box_recipe(tmp_path, cli):
     out = tmp_path / "rs.safetensors"
-    proc = run_cli("train", str(out), "--model", "small-cnn", "--strengths", "0.1,0.3",
+    proc = cli("train", str(out), "--model", "small-cnn", "--strengths", "0.1,0.3",
                    "--recipe", "fgsm-rs", "--epochs", "1", "--train-limit", "300", "--quiet")
     assert proc.returncode == 0, proc.stderr
     from advguard.io import read_metadata
@@ -242,5 +254,20 @@ def test_train_with_a_white_box_recipe(tmp_path):
     meta = read_metadata(out)
     assert meta["recipe"] == "fgsm-rs" and meta["arch"] == "small-cnn"
     assert meta["history"][0]["epoch"] == 1
-    assert_one_line_error(run_cli("train", str(out), "--recipe", "fgsm-rs", "--crafter",
+    assert_one_line_error(cli("train", str(out), "--recipe", "fgsm-rs", "--crafter",
                                   str(out), "--strengths", "0.1"), "--recipe fgsm only")
+
+
+def test_the_installed_console_script_starts(tmp_path, model_file):
+    """The ``advguard`` entry point in a fresh interpreter: classify, and fail in one line."""
+    script = Path(sys.executable).with_name("advguard")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "advguard.cli"]
+    env = {**os.environ, "COLUMNS": "200"}
+    x = _npy(tmp_path, np.zeros((2, 1, 28, 28), np.float32))
+    ok = subprocess.run([*command, "predict", str(model_file), x], capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 2, ok.stderr
+    bad = subprocess.run([*command, "evaluate", str(tmp_path / "missing.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint not found")
+    assert "Traceback" not in bad.stderr

@@ -28,10 +28,10 @@ def test_report_files_and_schema(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["dataset"] == "mnist" and data["setting"] == "transfer"
     assert data["grid"] == [0.0, 0.1, 0.2]
-    for m in ["original", "single", "mixed", "parallel"]:
-        entry = data["methods"][m]
-        assert set(entry) >= {"curve", "mean", "strengths"}
-        assert all(0.0 <= a <= 1.0 for a in entry["curve"])
+    for name, method in results.methods.items():
+        entry = data["methods"][name]
+        assert entry["curve"] == method.curve and entry["mean"] == method.mean
+        assert entry["curves"] == method.curves and entry["strengths"] == method.strengths
     assert MatResults.load(tmp_path / "results.json") == results
     rows = list(csv.DictReader(io.StringIO((tmp_path / "curves.csv").read_text())))
     assert len(rows) == 3 * 3 and rows[1]["attack"] == "transfer-fgsm"

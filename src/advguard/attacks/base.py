@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advguard.batching import map_batches
 from advguard.data.checks import check_images, check_labels
 from advguard.errors import InputError
 from advguard.models.inference import eval_mode
@@ -162,6 +163,17 @@ class Attack(ABC):
                    strengths: Sequence[Strength]) -> list[torch.Tensor]:
         """One adversarial copy per strength (a separate run each, unless overridden)."""
         return [self.craft(model, x, y, e) for e in strengths]
+
+    def craft_dataset(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                      batch_size: int = 500, device: str | torch.device = "cpu",
+                      progress: bool = False, desc: str = "attack") -> torch.Tensor:
+        """:meth:`craft` over a whole dataset in batches on ``device``; the result on the CPU.
+        ``y`` are the labels (or, for a targeted attack, the target classes)."""
+        check_attack_inputs(x, y)
+        (strength,) = check_strengths(eps)
+        model.to(device)
+        return map_batches(lambda xb, yb: self.craft(model, xb, yb, strength), x, y,
+                           batch_size=batch_size, device=device, progress=progress, desc=desc)
 
     @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

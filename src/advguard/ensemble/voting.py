@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advguard.batching import map_batches
 from advguard.data import dataset_info
 from advguard.errors import CheckpointError, parse_choice
 from advguard.io import load_tensors, read_metadata, save_tensors
@@ -95,8 +96,8 @@ def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, ep
         return []
     ensemble.to(device).eval()
     with torch.no_grad():
-        log_probs = torch.cat([ensemble.member_log_probabilities(x[s:s + 1000].to(device))
-                               for s in range(0, len(x), 1000)])
+        log_probs = map_batches(ensemble.member_log_probabilities, x, batch_size=1000,
+                                device=device).to(device)
     params = [ensemble.logits] if ensemble.gate is None else list(ensemble.gate.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)

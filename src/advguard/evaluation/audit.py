@@ -110,12 +110,6 @@ class AuditReport:
         return asdict(self)
 
 
-def _craft(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-           batch_size: int, device: str | torch.device) -> torch.Tensor:
-    return map_batches(lambda xb, yb: attack.craft(model, xb, yb, eps), x, y,
-                       batch_size=batch_size, device=device)
-
-
 @dataclass(frozen=True)
 class Transferred(Attack):
     """``attack`` crafted on ``source`` whatever model it is asked to attack (black-box)."""
@@ -154,7 +148,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd,
         **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
     for name, attack in tqdm(every.items(), desc="audit", disable=not progress, leave=False):
-        adv = _craft(attack, model, x, y, eps, batch_size, device)
+        adv = attack.craft_dataset(model, x, y, eps, batch_size=batch_size, device=device)
         if (adv - x).abs().amax() > eps + 1e-5:
             report.warnings.append(f"{name} left the ε-ball; its result is ignored")
             continue
@@ -170,8 +164,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         report.warnings.append("robust accuracy rises with more PGD steps (gradient masking?)")
     for name, source in (sources or {}).items():
         source = source.to(device).eval()
-        adv = _craft(Transferred(source, PGD(steps=40, seed=seed)), model, x, y, eps, batch_size,
-                     device)
+        adv = Transferred(source, PGD(steps=40, seed=seed)).craft_dataset(
+            model, x, y, eps, batch_size=batch_size, device=device)
         report.transfer[name] = float(correct(model, adv, y, **kw).float().mean())
         if report.transfer[name] < white_box - 0.01:
             report.warnings.append(f"transfer from {name} beats the white-box attacks "
@@ -182,8 +176,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     if report.zero_gradient_fraction > 0.01:
         report.warnings.append(f"{100 * report.zero_gradient_fraction:.1f}% of inputs have an "
                                "exactly zero loss gradient")
-    unbounded = _craft(PGD(steps=100, step_size=0.05, seed=seed), model, x, y, 1.0, batch_size,
-                       device)
+    unbounded = PGD(steps=100, step_size=0.05, seed=seed).craft_dataset(
+        model, x, y, 1.0, batch_size=batch_size, device=device)
     report.unbounded_accuracy = float(correct(model, unbounded, y, **kw).float().mean())
     if report.unbounded_accuracy > 0.05:
         report.warnings.append("an unbounded attack (ε = 1) leaves "

@@ -13,6 +13,7 @@ import torch
 from pytorch_msssim import ssim
 
 from advguard.attacks import check_strengths, perturb
+from advguard.batching import batch_slices
 from advguard.data.checks import check_images
 from advguard.errors import InputError
 
@@ -34,8 +35,8 @@ def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def mssim(x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Mean SSIM over a dataset of image pairs."""
     total = 0.0
-    for s in range(0, len(x), batch_size):
-        total += float(ssim_per_image(x[s:s + batch_size], y[s:s + batch_size]).sum())
+    for sl in batch_slices(len(x), batch_size):
+        total += float(ssim_per_image(x[sl], y[sl]).sum())
     return total / len(x)
 
 
@@ -48,8 +49,8 @@ def mssim_table(x: torch.Tensor, directions: torch.Tensor, grid: Sequence[float]
         raise InputError(f"directions {tuple(directions.shape)} do not match images "
                          f"{tuple(x.shape)}")
     totals = [0.0] * len(grid)
-    for s in range(0, len(x), batch_size):
-        xb, db = x[s:s + batch_size], directions[s:s + batch_size]
+    for sl in batch_slices(len(x), batch_size):
+        xb, db = x[sl], directions[sl]
         for j, eps in enumerate(grid):
             totals[j] += float(ssim_per_image(xb, perturb(xb, db, eps)).sum())
     return [t / len(x) for t in totals]

@@ -64,8 +64,10 @@ def metrics(scores: dict[str, np.ndarray], negatives: list[str], keep: float) ->
     out: dict[str, Any] = {"threshold": threshold,
                            "kept_authentic": float((pos >= threshold).mean())}
     for neg_name in negatives:
-        neg = (np.concatenate([scores["lbfgs"], scores["fgsm"]]) if neg_name == "aggregated"
-               else scores[neg_name])
+        parts = ["lbfgs", "fgsm"] if neg_name == "aggregated" else [neg_name]
+        if not all(p in scores for p in parts):
+            continue
+        neg = np.concatenate([scores[p] for p in parts])
         if len(neg) == 0:
             continue
         out[neg_name] = {"eer_accuracy": eer_accuracy(pos, neg), "auc": auc(pos, neg),

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advguard.attacks import FGSM, LBFGS, PGD, random_targets
-from advguard.batching import map_batches
+from advguard.attacks import FGSM, LBFGS, PGD, Attack, random_targets
+from advguard.batching import batch_slices
 from advguard.data import ImageSet, load_dataset, train_val_split
 from advguard.detection import FeaturePull, KNNDetector, extract_features
 from advguard.models import accuracy, build_model
@@ -75,9 +75,9 @@ def adversarial(d: Detect, model: nn.Module, name: str, attack: str,
     ``adaptive`` needs the ``bank`` features to aim at."""
     c, x, y = d.cfg, d.test.x, d.test.y
 
-    def craft(attack_: Any, targets: torch.Tensor) -> torch.Tensor:
-        return map_batches(lambda xb, tb: attack_.craft(model, xb, tb, c.eps), x, targets,
-                           batch_size=ATTACK_BATCH, device=c.device)
+    def craft(attack_: Attack, targets: torch.Tensor) -> torch.Tensor:
+        return attack_.craft_dataset(model, x, targets, c.eps, batch_size=ATTACK_BATCH,
+                                     device=c.device)
 
     def compute() -> dict[str, torch.Tensor]:
         if attack == "fgsm":
@@ -86,9 +86,8 @@ def adversarial(d: Detect, model: nn.Module, name: str, attack: str,
             return {"x": craft(PGD(steps=c.pgd_steps, seed=c.seed), y)}
         if attack == "lbfgs":
             n = c.lbfgs_queries
-            parts = [LBFGS(seed=c.seed + s).run(model, x[s:min(s + LBFGS_BATCH, n)],
-                                                y[s:min(s + LBFGS_BATCH, n)])
-                     for s in range(0, n, LBFGS_BATCH)]
+            parts = [LBFGS(seed=c.seed + sl.start).run(model, x[:n][sl], y[:n][sl])
+                     for sl in batch_slices(n, LBFGS_BATCH)]
             return {"x": torch.cat([p.x_adv for p in parts]),
                     "success": torch.cat([p.success for p in parts]),
                     "l2": torch.cat([p.l2 for p in parts])}
@@ -108,8 +107,8 @@ def adaptive_attack(d: Detect, model: nn.Module, bank: torch.Tensor) -> torch.Te
     pull = FeaturePull(det, weight=c.adaptive_weight)
     target = random_targets(d.test.y, len(pull.centroids), c.seed)
     attack = PGD(steps=c.pgd_steps, random_start=False, loss=pull, targeted=True)
-    return map_batches(lambda xb, tb: attack.craft(model, xb, tb, c.eps), d.test.x, target,
-                       batch_size=ATTACK_BATCH, device=c.device)
+    return attack.craft_dataset(model, d.test.x, target, c.eps, batch_size=ATTACK_BATCH,
+                                device=c.device)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""The folders are the pipeline and imports only run down it (docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import advguard
+
+PACKAGE = Path(advguard.__file__).parent
+
+# Each top-level module or folder of the package, by its place in the pipeline: a module may
+# import from its own level or the levels above it (lower numbers), never from below.
+LEVELS = {
+    "errors": 0, "options": 0, "io": 0, "batching": 0, "__init__": 0,
+    "data": 1, "models": 2, "attacks": 3, "training": 4, "ensemble": 4, "strengths": 5,
+    "evaluation": 6, "detection": 7, "reports": 8, "reproduce": 9, "cli": 10, "serve": 10,
+}
+
+
+def _part(path: Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """The advguard top-level parts that ``path`` imports (at any depth of its code)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "advguard" and len(parts) > 1:
+                found.add(parts[1])
+            elif parts[0] == "advguard" and isinstance(node, ast.ImportFrom):
+                found.update(a.name for a in node.names)
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def test_every_part_of_the_package_has_a_level():
+    assert {_part(p) for p in MODULES} <= set(LEVELS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_run_down_the_pipeline(path):
+    here = LEVELS[_part(path)]
+    upward = {name for name in _imports(path) if LEVELS.get(name, 0) > here}
+    assert not upward, f"{path.relative_to(PACKAGE)} imports from below it: {sorted(upward)}"
+
+
+def test_no_module_is_over_300_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in MODULES
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 300}
+    assert not long
