@@ -116,19 +116,23 @@ def test_reproduce_mat_end_to_end_and_resume(tmp_path, cli):
     assert "grid mean (white-box-fgsm)" in proc.stdout
 
 
-def test_interrupted_training_resumes_from_its_state(tmp_path, cli):
+def test_interrupted_training_resumes_from_its_state(tmp_path, cli, monkeypatch):
     out = tmp_path / "m.safetensors"
-    # a state left by an interrupted run: epoch 1 of 2 done
-    from advguard.data import load_dataset
-    from advguard.training import StrengthMix, TrainConfig, train
+    import advguard.training.loop as loop
 
-    data = load_dataset("mnist", limit=500)
-    torch.manual_seed(0)
-    model = build_model("mlp3", "mnist")
-    train(model, data, StrengthMix(), None, TrainConfig(epochs=1, batch_size=100),
-          state_path=out.with_suffix(".state.pt"), progress=False)
-    proc = cli("train", str(out), "--train-limit", "500", "--epochs", "2", "--batch-size",
-                   "100")
+    save_state = loop.save_state
+
+    def save_then_interrupt(path, state):  # Ctrl-C right after epoch 1's state is written
+        save_state(path, state)
+        raise KeyboardInterrupt
+
+    args = ("train", str(out), "--train-limit", "500", "--epochs", "2", "--batch-size", "100")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_state", save_then_interrupt)
+        stopped = cli(*args)
+    assert stopped.returncode == 130 and "run the same command to resume" in stopped.stderr
+    assert out.with_suffix(".state.pt").is_file() and not out.exists()
+    proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert "resuming after epoch 1" in proc.stderr
     assert out.is_file() and not out.with_suffix(".state.pt").exists()

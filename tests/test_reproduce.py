@@ -9,7 +9,7 @@ import torch
 
 from advguard.data import load_dataset
 from advguard.detection import KNNDetector, Preprocessing, Weighting
-from advguard.errors import CheckpointError
+from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import eer_accuracy, keep_threshold
 from advguard.io import read_json, write_json
 from advguard.models import accuracy
@@ -19,7 +19,7 @@ from advguard.reproduce.mat import MatConfig
 from advguard.reproduce.mat import stages as mat_stages
 from advguard.reproduce.mat.methods import evaluate, method_strengths, model
 from advguard.reproduce.mat.stages import Data, Mat, candidates, matrix, mssim_bound, selection
-from advguard.reproduce.rundir import RunDir, prepare_run_dir
+from advguard.reproduce.rundir import RunDir, open_run
 from advguard.strengths import HAND_PICKED, RANDOM_WALK
 from advguard.training import Method
 
@@ -57,12 +57,26 @@ def test_a_failed_stage_leaves_nothing_behind(tmp_path):
     assert not run.path("stage.json").exists()
 
 
-def test_a_run_directory_refuses_another_configuration(tmp_path):
-    cfg, _ = prepare_run_dir(MatConfig(strengths=(0.1, 0.3)), tmp_path)
-    assert cfg.single_strength == 0.1 and cfg.setting.value == "transfer"
-    prepare_run_dir(MatConfig(strengths=(0.1, 0.3)), tmp_path)  # the same one resumes
+def test_a_run_directory_refuses_another_configuration_once_it_holds_work(tmp_path):
+    with open_run(MatConfig(strengths=(0.1, 0.3)), tmp_path) as (cfg, run):
+        assert cfg.single_strength == 0.1 and cfg.setting.value == "transfer"
+    # nothing stored yet (a run that failed at once): a corrected command simply replaces it
+    with open_run(MatConfig(strengths=(0.1, 0.2)), tmp_path) as (cfg, run):
+        run.json("stage", lambda: {"done": True})
+    with open_run(MatConfig(strengths=(0.1, 0.2)), tmp_path):  # the same one resumes
+        pass
     with pytest.raises(CheckpointError, match=r"different configuration \(epochs\)"):
-        prepare_run_dir(MatConfig(strengths=(0.1, 0.3), epochs=3), tmp_path)
+        with open_run(MatConfig(strengths=(0.1, 0.2), epochs=3), tmp_path):
+            pass
+
+
+def test_a_run_directory_is_locked_while_a_run_uses_it(tmp_path):
+    with open_run(MatConfig(strengths=(0.1,)), tmp_path):
+        with pytest.raises(InputError, match=r"is in use by pid \d+"):
+            with open_run(MatConfig(strengths=(0.1,)), tmp_path):
+                pass
+    with open_run(MatConfig(strengths=(0.1,)), tmp_path):  # released when the run ends
+        pass
 
 
 # --- the MAT stages ---------------------------------------------------------------------------
@@ -78,7 +92,9 @@ def tiny_data() -> Data:
 def _mat(tmp_path, data: Data, **overrides) -> Mat:
     config = MatConfig(grid=(0.0, 0.1, 0.3), epochs=1, crafter_epochs=1, matrix_epochs=1,
                        walks=50, pgd_steps=2, pgd_limit=50, **overrides)
-    cfg, run = prepare_run_dir(config, tmp_path)
+    cfg = config.resolve()
+    run = RunDir(tmp_path)
+    run.pin(cfg)
     return Mat(cfg, run, data, progress=False)
 
 

@@ -59,7 +59,21 @@ def test_training_learns_real_mnist(mnist_train, mnist_test, trained_mlp):
     assert accuracy(trained_mlp, mnist_test.x, mnist_test.y) > 0.85
 
 
-def test_resumed_training_equals_uninterrupted(mnist_train, tmp_path):
+def interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``train`` stop (as Ctrl-C would) right after it saved its first epoch's state."""
+    import advguard.training.loop as loop
+
+    save_state = loop.save_state
+
+    def save_then_stop(path, state):
+        save_state(path, state)
+        monkeypatch.setattr(loop, "save_state", save_state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_state", save_then_stop)
+
+
+def test_resumed_training_equals_uninterrupted(mnist_train, tmp_path, monkeypatch):
     data = mnist_train.subset(slice(0, 600))
     config = TrainConfig(epochs=2, batch_size=50, seed=5)
     mix = StrengthMix((0.1, 0.2))
@@ -71,8 +85,9 @@ def test_resumed_training_equals_uninterrupted(mnist_train, tmp_path):
     torch.manual_seed(0)
     first = build_model("mlp3", "mnist")
     state = tmp_path / "run.state.pt"
-    train(first, data, mix, None, TrainConfig(epochs=1, batch_size=50, seed=5),
-          state_path=state, progress=False)
+    interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, data, mix, None, config, state_path=state, progress=False)
     resumed = build_model("mlp3", "mnist")  # fresh weights: everything comes from the state
     result = train(resumed, data, mix, None, config, state_path=state, progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2]

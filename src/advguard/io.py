@@ -6,10 +6,14 @@ optimizer moments is stored with ``torch.save`` and read back with ``weights_onl
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from advguard.errors import CheckpointError
+from advguard.errors import CheckpointError, InputError
+
+
+def check_output(path: str | Path, *, directory: bool = False) -> Path:
+    """Refuse, before any work starts, an output path that cannot be written: a file path that
+    is a folder (or a folder path that is a file), or one below a file or a read-only folder."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise InputError(f"output {path} is a {'file' if directory else 'directory'}; give a "
+                         f"{'directory' if directory else 'file'} path")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create output {path}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create output {path}: {ancestor} is not writable")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -111,3 +132,32 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"corrupt or truncated training state {path}: {str(exc).splitlines()[0]}"
         ) from None
+
+
+@contextmanager
+def hold_lock(path: str | Path, what: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` while the block runs, so two processes never write
+    one output at once; if another process holds it, an :class:`InputError` names the holder.
+    ``what`` names the output in the message (default: the lock's folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise InputError(f"{what or path.parent} is in use by {holder}; wait for that run to "
+                         "finish, or use another output") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -8,10 +8,14 @@ the command line's text becomes its value; the CLI builds its options from these
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from fractions import Fraction
+from numbers import Real
 from typing import Any
+
+import numpy as np
+import torch
 
 from advguard.errors import InputError
 
@@ -29,13 +33,75 @@ def option(default: Any, help: str, *, parse: Parser | None = None,  # noqa: A00
 
 
 def strengths(text: str) -> tuple[float, ...]:
-    """``"0.1,0.2"`` or ``"1/255,3/255"`` -> floats (empty text: none)."""
+    """``"0.1,0.2"`` or ``"1/255,3/255"`` -> floats. Text that names no strength is an error:
+    leave the option out instead."""
     try:
         values = tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
                          "0.1,0.2,0.3 or 1/255,3/255") from None
-    return values
+    if not values:
+        raise InputError(f"no strength in {text!r}: give comma-separated numbers such as "
+                         "0.1,0.2,0.3, or leave the option out for its default")
+    return tuple(check_strengths(values))
+
+
+def device(name: str) -> str:
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} asked for, but CUDA is not available on this "
+                             "machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {name!r} asked for, but MPS is not available here")
+    elif dev.type != "cpu":
+        raise InputError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return name
+
+
+def check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
+    """``value`` must be a finite number in (0, 1] (or [0, 1] with ``low_open=False``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (0 < value <= 1) if low_open else (0 <= value <= 1)):
+        raise InputError(f"{name} must be a number in {'(0' if low_open else '[0'}, 1], got "
+                         f"{value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """``value`` must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise InputError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_strengths(eps: float | Sequence[float]) -> list[float]:
+    """Validate an L∞ strength or a list of them (pixel units, each in [0, 1]); NumPy and
+    tensor scalars and 1-d arrays count as numbers and lists."""
+    if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim <= 1:
+        eps = eps.tolist()
+    if isinstance(eps, (str, bytes)) or not (is_number(eps) or isinstance(eps, Iterable)):
+        raise InputError(f"strength eps={eps!r} must be a number in [0, 1] or a list of them")
+    values: list[Any] = [eps] if is_number(eps) else list(eps)  # type: ignore[arg-type]
+    if not values:
+        raise InputError("no strength given: eps must be a float or a non-empty list")
+    for e in values:
+        if not is_number(e) or not 0.0 <= float(e) <= 1.0:
+            raise InputError(f"strength eps={e!r} must be a number in [0, 1] (pixel units; "
+                             "0-255 strengths are eps/255)")
+    return [float(e) for e in values]
+
+
+def is_number(value: object) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def strength(text: str) -> float:

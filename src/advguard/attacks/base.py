@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from numbers import Real
-from typing import Any, Protocol, overload
+from typing import Protocol, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,31 +30,24 @@ from advguard.batching import map_batches
 from advguard.data.checks import check_images, check_labels
 from advguard.errors import InputError
 from advguard.models.inference import eval_mode
+from advguard.options import check_strengths, is_number
 
 Strength = float | torch.Tensor  # one strength, or one per example (N,)
-
-
-def check_strengths(eps: float | Sequence[float]) -> list[float]:
-    """Validate an L∞ strength or a list of them (pixel units, each in [0, 1])."""
-    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
-        eps = eps.item()
-    values: list[Any] = [eps] if _is_number(eps) else list(eps)  # type: ignore[arg-type]
-    if not values:
-        raise InputError("no strength given: eps must be a float or a non-empty list")
-    for e in values:
-        if not _is_number(e) or not 0.0 <= float(e) <= 1.0:
-            raise InputError(f"strength eps={e!r} must be a number in [0, 1] (pixel units; "
-                             "0-255 strengths are eps/255)")
-    return [float(e) for e in values]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def check_attack_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     check_images(x)
     check_labels(y, x.shape[0])
+
+
+def num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``model`` scores (one forward pass of one image)."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return int(model(x[:1]).shape[1])
+    except RuntimeError as exc:
+        raise InputError(f"the model cannot take images of shape {tuple(x.shape[1:])}: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def as_strength(eps: Strength, x: torch.Tensor) -> Strength:
@@ -145,8 +138,10 @@ class Attack(ABC):
         for a float ``eps``, a list (one per strength) for a sequence."""
         check_attack_inputs(x, y)
         strengths = check_strengths(eps)
-        out = self.craft_many(model, x, y, strengths)
-        single = _is_number(eps) or (isinstance(eps, torch.Tensor) and eps.dim() == 0)
+        check_labels(y, len(x), num_classes(model, x))
+        out = self.craft_many(model, x, y.long(), strengths)
+        single = is_number(eps) or (isinstance(eps, (torch.Tensor, np.ndarray))
+                                     and eps.ndim == 0)
         return out[0] if single else out
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -172,6 +167,7 @@ class Attack(ABC):
         check_attack_inputs(x, y)
         (strength,) = check_strengths(eps)
         model.to(device)
+        check_labels(y, len(x), num_classes(model, x[:1].to(device)))
         return map_batches(lambda xb, yb: self.craft(model, xb, yb, strength), x, y,
                            batch_size=batch_size, device=device, progress=progress, desc=desc)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from typer._click import exceptions as click_exceptions  # typer ships its own click
 
 from advguard.cli.options import Quiet, config_command, option_param
 from advguard.errors import AdvguardError
@@ -80,17 +81,34 @@ def _register() -> None:
 _register()
 
 
+INTERRUPTED = 130  # the shell's exit status after Ctrl-C
+
+
 def main() -> None:
-    """Console entry point: run the app, turning advguard errors into one line."""
+    """Console entry point: run the app; every user error (advguard's own, and the command
+    line's: unknown options, unreadable values) is one ``error: …`` line with exit status 2,
+    and Ctrl-C says how to resume."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except AdvguardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished stages are saved; run the same command to resume",
-                   err=True)
-        sys.exit(130)
+        _fail(str(exc))
+    except click_exceptions.NoArgsIsHelpError:  # the help was shown: that is the answer
+        code = 0
+    except click_exceptions.UsageError as exc:
+        _fail(exc.format_message())
+    except click_exceptions.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit status
+        typer.echo("interrupted: finished stages and epochs are saved; run the same command "
+                   "to resume", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(code)
 
 
 __all__ = ["app", "main"]

@@ -13,6 +13,7 @@ from advguard.cli import app, setup_logging
 from advguard.cli.options import Quiet
 from advguard.errors import InputError, parse_choice
 from advguard.evaluation import AUDIT_PGD
+from advguard.io import check_output
 from advguard.strengths import Walk
 from advguard.training import Method, RecipeName, TrainConfig
 
@@ -47,6 +48,7 @@ def train(
 
     from advguard.attacks import fgsm_directions
     from advguard.data import load_dataset
+    from advguard.io import hold_lock
     from advguard.models import accuracy, build_model, load_model, model_for, save_model
     from advguard.training import (
         AdversarialSource,
@@ -60,28 +62,34 @@ def train(
 
     setup_logging(quiet)
     how = get_recipe(recipe)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size or how.batch_size,
-                         lr=lr or how.lr, seed=seed, device=device, schedule=how.schedule)
-    data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
-    arch = model or model_for(dataset, "victim")
-    eps = opts.strengths(strengths or "")
+    config = TrainConfig(epochs=epochs, seed=seed, device=device, schedule=how.schedule,
+                         batch_size=how.batch_size if batch_size is None else batch_size,
+                         lr=how.lr if lr is None else lr)
+    check_output(out)
+    state = check_output(out.with_suffix(".state.pt"))
+    eps = () if strengths is None else opts.strengths(strengths)
     if crafter is not None and how.name is not RecipeName.FGSM:
         raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
-    source: AdversarialSource = WhiteBox(how.attack)
-    if crafter is not None and eps:
-        crafting_model, _ = load_model(crafter)
-        source = Transfer(fgsm_directions(crafting_model, data.x, data.y, device=device,
-                                          progress=not quiet))
+    crafting_model = None if crafter is None else load_model(crafter)[0]
+    arch = model or model_for(dataset, "victim")
     torch.manual_seed(seed)
-    net = build_model(arch, data.info)
-    result = train_model(net, data, how.mix(eps, reduced=reduced), source, config,
-                         state_path=out.with_suffix(".state.pt"), progress=not quiet)
+    net = build_model(arch, dataset)  # an unknown architecture fails before the data loads
+    data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
     test = load_dataset(dataset, "test", data_dir=data_dir)
-    acc = accuracy(net, test.x, test.y, device=device)
-    save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
-               train_seconds=result.seconds, history=result.history, test_accuracy=acc,
-               recipe=how.name)
-    out.with_suffix(".state.pt").unlink(missing_ok=True)
+    with hold_lock(out.with_suffix(".lock"), f"output {out}"):
+        source: AdversarialSource = WhiteBox(how.attack)
+        if crafting_model is not None and eps:
+            source = Transfer(fgsm_directions(crafting_model, data.x, data.y, device=device,
+                                              progress=not quiet))
+        pin = {"arch": arch, "dataset": data.info.name, "train_images": len(data),
+               "recipe": how.name, "crafter": None if crafter is None else str(crafter)}
+        result = train_model(net, data, how.mix(eps, reduced=reduced), source, config,
+                             state_path=state, pin=pin, progress=not quiet)
+        acc = accuracy(net, test.x, test.y, device=device)
+        save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
+                   train_seconds=result.seconds, history=result.history, test_accuracy=acc,
+                   recipe=how.name)
+        state.unlink(missing_ok=True)
     typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
 
 
@@ -115,6 +123,9 @@ def audit(
     setup_logging(quiet)
     pgd = PGD(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts, seed=seed)
     strength = opts.strength(eps)
+    opts.device(device)
+    if out is not None:
+        check_output(out)
     model, meta = load_any(checkpoint)
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
@@ -161,9 +172,13 @@ def evaluate(
     setup_logging(quiet)
     pgd = PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed)
     threat = parse_choice(ThreatSetting, attack, "attack")
+    opts.device(device)
+    if out is not None:
+        check_output(out)
+    chosen = None if grid is None else opts.strengths(grid)
     model, meta = load_any(checkpoint)
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
-    strengths = list(opts.strengths(grid or "") or test.info.grid)
+    strengths = list(test.info.grid if chosen is None else chosen)
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
         curve = pgd_curve(model, test.x, test.y, strengths, pgd, **kw)
@@ -201,6 +216,9 @@ def select_strengths(
 
     combo = parse_choice(Method, combination, "combination")
     obj = read_json(source / "checkpoints" / "selection.json" if source.is_dir() else source)
+    if not isinstance(obj, dict):
+        raise InputError(f"{source} must hold a JSON object {{\"matrix\": [[...]], "
+                         "\"strengths\": [...]}}")
     if "matrix" not in obj:
         raise InputError(f"{source} holds no accuracy matrix (hand-picked strengths?)")
     strengths = obj.get("candidates") or obj.get("strengths")
@@ -227,25 +245,13 @@ def predict(
     images: Annotated[Path, typer.Argument(help=".npy array (N, C, H, W) float in [0, 1]")],
 ) -> None:
     """Classify images stored as a NumPy array."""
-    import numpy as np
-    import torch
-
-    from advguard.data import check_images
+    from advguard.data import dataset_info
+    from advguard.data.images import images_from_array, read_npy
     from advguard.ensemble import load_any
+    from advguard.models import predict as classify
 
     model, meta = load_any(checkpoint)
-    if not images.is_file():
-        raise InputError(f"image file not found: {images}")
-    try:
-        array = np.load(images, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"cannot read {images} as a .npy array: {exc}") from None
-    x = torch.from_numpy(np.array(array))
-    from advguard.data import dataset_info
-
     info = dataset_info(meta["dataset"])
-    check_images(x, channels=info.channels, size=info.size)
-    with torch.no_grad():
-        pred = model(x.float()).argmax(1)
-    for i, c in enumerate(pred.tolist()):
+    x = images_from_array(read_npy(images), channels=info.channels, size=info.size)
+    for i, c in enumerate(classify(model, x).tolist()):
         typer.echo(f"{i}\t{c}")

@@ -16,8 +16,11 @@ def check_images(x: torch.Tensor, *, channels: int | None = None,
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise InputError(f"{name} must be floating point in [0, 1], got dtype {x.dtype} "
-                         "(convert uint8 images with x.float() / 255)")
+        raise InputError(f"{name} must be float32 (floating point in [0, 1]), got dtype "
+                         f"{x.dtype} (convert uint8 images with x.float() / 255)")
+    if x.dtype != torch.float32:
+        raise InputError(f"{name} must be float32 like the models' weights, got {x.dtype} "
+                         "(convert with x.float())")
     if x.ndim != 4:
         raise InputError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:

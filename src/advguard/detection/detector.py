@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from advguard import options
 from advguard.data.checks import check_images, check_labels
 from advguard.detection.features import LayerSpec, extract_features, resolve_layer
 from advguard.detection.index import INDEX_KINDS, FeatureIndex
@@ -48,8 +49,10 @@ class KNNDetector:
                  batch_size: int = 1000, device: str = "cpu", seed: int = 0) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be an integer ≥ 1, got {k!r}")
-        if not 0 < keep <= 1:
-            raise InputError(f"keep must be in (0, 1], got {keep!r}")
+        options.check_fraction("keep", keep)
+        options.device(device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
         if index not in INDEX_KINDS:
             raise InputError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
         self.k = int(k)
@@ -138,6 +141,7 @@ class KNNDetector:
         return self.offset_
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
+        self._check_fitted(model=True)
         if getattr(self, "offset_", None) is None:
             raise InputError("no threshold yet: fit with a calibration split or call "
                              "set_threshold(x, y)")

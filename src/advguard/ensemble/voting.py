@@ -135,7 +135,7 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
         raise CheckpointError(f"{path}: ensemble metadata needs 'arch' and 'dataset' names")
     members = [build_model(meta["arch"], meta["dataset"]) for _ in range(count)]
-    ensemble = VotingEnsemble(members, rule=meta["rule"],
+    ensemble = VotingEnsemble(members, rule=meta.get("rule", VotingRule.MEAN.value),
                               num_classes=dataset_info(meta["dataset"]).num_classes)
     if "weights" in tensors and "logits" not in tensors:  # files of advguard 0.1's first format
         tensors["logits"] = tensors.pop("weights").log()

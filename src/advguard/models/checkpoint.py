@@ -21,8 +21,9 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, dataset: str,
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved at ``path``; returns ``(model in eval mode, metadata)``."""
     tensors, meta = load_tensors(path)
-    if "arch" not in meta or "dataset" not in meta:
-        raise CheckpointError(f"{path} is not an advguard model checkpoint (no arch/dataset)")
+    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
+        raise CheckpointError(f"{path} is not an advguard model checkpoint (its metadata "
+                              "needs 'arch' and 'dataset' names)")
     model = build_model(meta["arch"], meta["dataset"])
     try:
         model.load_state_dict(tensors)

@@ -4,7 +4,8 @@ resumed run)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -13,7 +14,14 @@ from torch import nn
 
 from advguard.ensemble import VotingEnsemble, load_ensemble, save_ensemble
 from advguard.errors import CheckpointError
-from advguard.io import load_tensors, read_json, save_tensors, write_json
+from advguard.io import (
+    check_output,
+    hold_lock,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from advguard.models import load_model, save_model
 from advguard.options import as_json
 
@@ -33,11 +41,12 @@ class RunDir:
         self.ckpt = self.root / "checkpoints"
 
     def pin(self, config: Any) -> None:
-        """Fix ``config`` (resolved) in ``config.json``; a different stored config is an error,
-        so a resumed run never mixes two experiments."""
+        """Fix ``config`` (resolved) in ``config.json``; a different stored config is an error
+        once any stage has been stored, so a resumed run never mixes two experiments (a run
+        that failed before storing anything is simply replaced)."""
         stored = self.root / "config.json"
         current = as_json(config)
-        if stored.exists():
+        if stored.exists() and self.has_work():
             old = read_json(stored)
             diff = sorted(k for k, v in current.items() if old.get(k) != v)
             if diff:
@@ -45,6 +54,10 @@ class RunDir:
                     f"{self.root} holds a run with a different configuration "
                     f"({', '.join(diff)}); use another --out, or the same options to resume it")
         write_json(stored, current)
+
+    def has_work(self) -> bool:
+        """Whether any stage, finished or in training, is stored."""
+        return self.ckpt.is_dir() and any(self.ckpt.iterdir())
 
     def path(self, name: str) -> Path:
         return self.ckpt / name
@@ -89,9 +102,13 @@ class RunDir:
 
 
 
-def prepare_run_dir(config: _Config, out: str | Path) -> tuple[Any, RunDir]:
-    """Resolve ``config`` and pin it in ``out``: ``(resolved config, run directory)``."""
+@contextmanager
+def open_run(config: _Config, out: str | Path) -> Iterator[tuple[Any, RunDir]]:
+    """Resolve ``config`` (every value checked before any work), lock the run directory
+    ``out`` against a second process and pin the config in it: ``(resolved config, run)``."""
     resolved = config.resolve()
+    check_output(out, directory=True)
     run = RunDir(out)
-    run.pin(resolved)
-    return resolved, run
+    with hold_lock(run.root / ".lock", f"run directory {run.root}"):
+        run.pin(resolved)
+        yield resolved, run

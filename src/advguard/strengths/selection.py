@@ -57,7 +57,11 @@ class Selection:
 
 
 def _check_matrix(A: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
-    A = np.asarray(A, dtype=np.float64)
+    try:
+        A = np.asarray(A, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InputError("the accuracy matrix must be a square list of lists of numbers (rows "
+                         "of equal length)") from None
     if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
         raise InputError(f"the accuracy matrix must be square and non-empty, got shape {A.shape}")
     if not np.isfinite(A).all() or A.min() < 0:

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from advguard import options
 from advguard.data import ImageSet
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
 from advguard.models import accuracy
+from advguard.options import plain
 from advguard.training.mixing import StrengthMix
 from advguard.training.sources import AdversarialSource, WhiteBox
 
@@ -48,8 +52,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
-        if not (self.lr > 0 and self.lr < float("inf")):
-            raise InputError(f"lr must be a positive finite number, got {self.lr!r}")
+        options.check_positive("lr", self.lr)
+        options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         self.schedule = Schedule(self.schedule)
@@ -76,13 +80,16 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
           source: AdversarialSource | None = None,
           config: TrainConfig | None = None, *,
           val: ImageSet | None = None, state_path: str | Path | None = None,
-          progress: bool = True, desc: str = "train") -> TrainResult:
+          pin: Mapping[str, Any] | None = None, progress: bool = True,
+          desc: str = "train") -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
 
     ``source`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
     itself. Random draws (sampled strengths, random starts) come from torch's global generator,
     seeded with ``config.seed`` and saved with every epoch's state, so a resumed run draws what
-    an uninterrupted one would.
+    an uninterrupted one would. The state also records what is being trained (the config, the
+    mix, the source and the caller's ``pin``, e.g. architecture and data); a state left by a
+    different run is refused instead of being continued.
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
@@ -93,8 +100,10 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
     sched = _scheduler(opt, config, -(-n // config.batch_size))
     result, start_epoch = TrainResult(), 0
     torch.manual_seed(config.seed)
+    identity = _identity(config, mix, source, pin)
     if state_path is not None and Path(state_path).exists():
         state = load_state(state_path)
+        _check_identity(state_path, state.get("identity"), identity)
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -139,7 +148,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         if state_path is not None:
             save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "epoch": epoch + 1, "history": result.history,
-                                    "seconds": result.seconds, "config": _plain(asdict(config)),
+                                    "seconds": result.seconds, "identity": identity,
                                     "scheduler": None if sched is None else sched.state_dict(),
                                     "rng": torch.get_rng_state()})
     model.eval()
@@ -147,6 +156,22 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
 
 
 
-def _plain(config: dict[str, object]) -> dict[str, object]:
-    """The config with enums as their values (the state file is read with weights_only)."""
-    return {k: v.value if isinstance(v, Enum) else v for k, v in config.items()}
+def _identity(config: TrainConfig, mix: StrengthMix, source: AdversarialSource,
+              pin: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a training state belongs to, as plain values (the state is read weights-only)."""
+    attack = getattr(source, "attack", None)
+    return {**{k: plain(v) for k, v in asdict(config).items() if k != "device"},
+            "strengths": list(mix.strengths), "reduced": mix.reduced, "sample": mix.sample,
+            "clean": mix.clean,
+            "source": type(source).__name__ + (f":{type(attack).__name__}" if attack else ""),
+            **{k: plain(v) for k, v in (pin or {}).items()}}
+
+
+def _check_identity(path: str | Path, stored: Any, current: dict[str, Any]) -> None:
+    if stored is None:  # states written before identities were recorded
+        return
+    diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if diff:
+        raise CheckpointError(f"{path} is the state of a different training run "
+                              f"({', '.join(diff)} differ); delete it to start afresh, or give "
+                              "the options it was started with to resume it")

@@ -9,6 +9,7 @@ from advguard import options as opts
 from advguard.attacks import check_strengths
 from advguard.data import dataset_info
 from advguard.errors import InputError
+from advguard.models import build_model
 from advguard.options import option
 
 
@@ -44,10 +45,13 @@ class DetectConfig:
         opts.check_at_least(self, 1, "epochs", "batch_size", "queries", "k", "pgd_steps",
                             "train_limit")
         opts.check_at_least(self, 0, "val_size", "lbfgs_queries")
-        if not 0 < self.keep <= 1:
-            raise InputError(f"keep must be in (0, 1], got {self.keep}")
-        if not 0 < self.lr < float("inf"):
-            raise InputError(f"lr must be a positive finite number, got {self.lr}")
+        opts.check_fraction("keep", self.keep)
+        opts.check_positive("lr", self.lr)
+        opts.device(self.device)
+        build_model(self.model or info.crafter, info)  # an unknown architecture fails here
+        if not 0 <= self.adaptive_weight < float("inf"):
+            raise InputError(f"adaptive_weight must be a finite number ≥ 0, got "
+                             f"{self.adaptive_weight!r}")
         return ResolvedDetectConfig(**{
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
             "dataset": info.name, "eps": float(eps), "model": self.model or info.crafter,

@@ -29,7 +29,7 @@ from advguard.reproduce.detect.stages import (
     query_sets,
     trained_model,
 )
-from advguard.reproduce.rundir import prepare_run_dir
+from advguard.reproduce.rundir import open_run
 
 Scores = dict[str, dict[str, dict[str, np.ndarray]]]  # pre-processing -> weighting -> set -> s
 NEGATIVES = ["lbfgs", "fgsm", "aggregated", "errors", "pgd", "adaptive"]
@@ -91,8 +91,12 @@ def _on_mat_model(d: Detect) -> dict[str, Any]:
 
 def run_detect(config: DetectConfig, out: str | Path, *, progress: bool = True
                ) -> DetectResults:
-    cfg, run = prepare_run_dir(config, out)
-    d = load(cfg, run, progress)
+    with open_run(config, out) as (cfg, run):
+        return _run(load(cfg, run, progress), out)
+
+
+def _run(d: Detect, out: str | Path) -> DetectResults:
+    cfg, run = d.cfg, d.run
     model: nn.Module = trained_model(d, "model")
     bank = bank_features(d, model)
     sets, counts = query_sets(d, model, "model", ("fgsm", "lbfgs", "pgd", "adaptive"), bank)

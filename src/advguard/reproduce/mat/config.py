@@ -12,6 +12,7 @@ from advguard.attacks import PGD, check_strengths
 from advguard.data import DatasetInfo, dataset_info
 from advguard.ensemble import VotingRule, parse_rule
 from advguard.errors import InputError, parse_choice
+from advguard.models import build_model
 from advguard.options import option
 from advguard.strengths import Walk
 from advguard.training import RecipeName, get_recipe
@@ -132,10 +133,15 @@ class MatConfig:
                             "walks", "voting_epochs", "workers", "matrix_pgd_steps",
                             "matrix_val_limit", "train_limit", "test_limit")
         opts.check_at_least(self, 0, "val_size", "walk_steps")
-        if self.pgd_step_size is not None and not 0 < self.pgd_step_size <= 1:
-            raise InputError(f"pgd_step_size must be in (0, 1], got {self.pgd_step_size}")
-        if self.lr is not None and not 0 < self.lr < float("inf"):
-            raise InputError(f"lr must be a positive finite number, got {self.lr}")
+        if self.pgd_step_size is not None:
+            opts.check_fraction("pgd_step_size", self.pgd_step_size)
+        if self.lr is not None:
+            opts.check_positive("lr", self.lr)
+        opts.check_fraction("tau", self.tau, low_open=False)
+        opts.device(self.device)
+        victim, crafter = self.victim or info.victim, self.crafter or info.crafter
+        for arch in (victim, crafter):
+            build_model(arch, info)  # an unknown architecture fails here, before any work
         return ResolvedMatConfig(**{
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
             "dataset": info.name, "setting": setting, "strengths": strengths,
@@ -146,7 +152,7 @@ class MatConfig:
                 MixedSize, self.mixed_size, "mixed size"),
             "lr": self.lr or recipe.lr, "batch_size": self.batch_size or recipe.batch_size,
             "matrix_val_limit": matrix_val_limit,
-            "victim": self.victim or info.victim, "crafter": self.crafter or info.crafter})
+            "victim": victim, "crafter": crafter})
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,18 @@ from advguard.reproduce.mat.methods import (
     voting_comparison,
 )
 from advguard.reproduce.mat.stages import Mat, load_data, selection
-from advguard.reproduce.rundir import prepare_run_dir
+from advguard.reproduce.rundir import open_run
 from advguard.training import PAPER_METHODS, Method, get_recipe
 
 
 def run_mat(config: MatConfig, out: str | Path, *, progress: bool = True) -> MatResults:
     """Run (or resume) the MAT experiment in ``out`` and write its report there."""
-    cfg, run = prepare_run_dir(config, out)
-    m = Mat(cfg, run, load_data(cfg), progress)
+    with open_run(config, out) as (cfg, run):
+        return _run(Mat(cfg, run, load_data(cfg), progress), out)
+
+
+def _run(m: Mat, out: str | Path) -> MatResults:
+    cfg, run = m.cfg, m.run
     chosen = selection(m)
     names = list(PAPER_METHODS) + ([Method.PGD_AT] if cfg.pgd_at else [])
     methods = {name.value: evaluate(m, name) for name in names}

@@ -1,0 +1,70 @@
+"""A user's images, as files or arrays, turned into a model's input — or refused with a reason.
+
+Everything a person hands advguard for classification passes through here (``advguard predict``
+reads ``.npy`` files with :func:`read_npy`): the dtype, byte order, shape and range are checked
+once, and nothing is read that could execute code (no pickles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from advguard.data.checks import check_images
+from advguard.errors import InputError
+
+NPY_MAGIC = b"\x93NUMPY"
+MAX_IMAGES = 100_000  # an array claiming more images than this is refused before it is read
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """The array stored in a ``.npy`` file (no pickled objects); an :class:`InputError` says
+    what the file is instead (missing, empty, a ``.npz`` archive, text, truncated, objects)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file")
+    with path.open("rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if not head:
+        raise InputError(f"{path} is empty (0 bytes): save the images with numpy.save")
+    if head.startswith(b"PK"):
+        raise InputError(f"{path} is a .npz archive: save one array with numpy.save (.npy)")
+    if head != NPY_MAGIC:
+        raise InputError(f"{path} is not a .npy file (no NumPy header): save the images with "
+                         "numpy.save")
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Python objects" in str(exc):
+            raise InputError(f"{path} holds Python objects (pickled data), which advguard does "
+                             "not load: save a float array") from None
+        raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    except (EOFError, OSError) as exc:
+        raise InputError(f"{path} is truncated or unreadable: {exc}") from None
+    if array.ndim >= 1 and array.shape[0] > MAX_IMAGES:
+        raise InputError(f"{path} holds {array.shape[0]} images; at most {MAX_IMAGES} per call")
+    return np.asarray(array)
+
+
+def images_from_array(array: np.ndarray, *, channels: int | None = None,
+                      size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A float array ``(N, C, H, W)`` in [0, 1] (any float width, either byte order) as a
+    float32 tensor, checked against the model's ``channels`` and ``size``."""
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"images must be a NumPy array, got {type(array).__name__}")
+    if array.dtype.fields is not None:
+        raise InputError(f"images must be a plain float array, got a structured array "
+                         f"{array.dtype}")
+    if array.dtype.kind != "f":
+        hint = (" (convert uint8 images with x / 255)" if array.dtype.kind in "ui"
+                else "")
+        raise InputError(f"images must be floating point in [0, 1], got dtype {array.dtype}"
+                         f"{hint}")
+    with np.errstate(over="ignore", invalid="ignore"):  # out of float32's range: inf, refused
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    check_images(x, channels=channels, size=size)
+    return x
