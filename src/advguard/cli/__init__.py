@@ -69,7 +69,7 @@ def _reproduce_detect(config: object, out: Path | None, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from advguard.cli import commands  # noqa: F401  (registers the single-model commands)
+    from advguard.cli import commands, guard  # noqa: F401  (registers their commands)
     from advguard.reproduce.detect.config import DetectConfig
     from advguard.reproduce.mat.config import MatConfig
 

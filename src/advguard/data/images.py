@@ -7,6 +7,7 @@ once, and nothing is read that could execute code (no pickles).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,67 @@ def images_from_array(array: np.ndarray, *, channels: int | None = None,
         x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     check_images(x, channels=channels, size=size)
     return x
+
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+MAX_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
+
+
+def decode_image(data: bytes, *, channels: int, size: tuple[int, int],
+                 max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """A PNG or JPEG file's bytes as a float32 ``(channels, H, W)`` image in [0, 1] for a
+    model that takes ``channels`` and ``size`` — and the conversions that took.
+
+    Documented conversions (and nothing silent): colour to grey with ITU-R 601 luma (Pillow's
+    ``L``), grey to RGB by repeating the channel, an alpha channel composited on black, and any
+    other size resized to the model's with bilinear filtering. Each is named in the list.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InputError("the upload is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in IMAGE_FORMATS:
+                raise InputError(f"images must be PNG or JPEG, got {img.format}")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(f"the image is {w}x{h} pixels; at most {max_pixels} pixels")
+            img.load()
+            notes = []
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                base = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(base, img.convert("RGBA"))
+                notes.append("alpha composited on black")
+            target = "L" if channels == 1 else "RGB"
+            source = img.mode
+            if source != target:
+                img = img.convert(target)
+                notes.append(f"{source} → {target}")
+            if (w, h) != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                notes.append(f"resized {w}x{h} → {size[1]}x{size[0]} (bilinear)")
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise InputError("the upload is not a PNG or JPEG image") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt files
+        raise InputError(f"the image is truncated or corrupt: {str(exc).splitlines()[0]}"
+                         ) from None
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array), notes
+
+
+def images_from_pixels(pixels: object, *, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """Nested lists of pixels in [0, 1] — one image ``(H, W)`` (grey) or ``(C, H, W)``, or a
+    batch ``(N, C, H, W)`` — as a float32 batch; the shape must be the model's (raw pixels are
+    never resized)."""
+    try:
+        array = np.asarray(pixels, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InputError("pixels must be nested lists of numbers of one rectangular shape "
+                         "(rows of equal length)") from None
+    if array.ndim == 2 and channels == 1:
+        array = array[None, None]
+    elif array.ndim == 3:
+        array = array[None]
+    return images_from_array(array, channels=channels, size=size)

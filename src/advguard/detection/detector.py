@@ -19,7 +19,12 @@ from torch import nn
 
 from advguard import options
 from advguard.data.checks import check_images, check_labels
-from advguard.detection.features import LayerSpec, extract_features, resolve_layer
+from advguard.detection.features import (
+    LayerSpec,
+    extract_features,
+    extract_outputs,
+    resolve_layer,
+)
 from advguard.detection.index import INDEX_KINDS, FeatureIndex
 from advguard.detection.preprocessing import Preprocessing, Preprocessor, parse_preprocessing
 from advguard.detection.scores import Weighting, class_scores, parse_weighting
@@ -40,6 +45,19 @@ class Neighbours:
                weighting: str | Weighting) -> np.ndarray:
         """``s(q, classes[q])`` under ``weighting`` (SPEC B3)."""
         return class_scores(self.sq_distances, self.labels, np.asarray(classes), weighting)
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What the detector says of a batch of inputs (SPEC B6): the model's class and class
+    probabilities, the kNN score of that class, and whether the prediction is trusted
+    (``score ≥ offset_``)."""
+
+    predicted: np.ndarray  # (N,) int
+    probabilities: np.ndarray  # (N, classes) float
+    scores: np.ndarray  # (N,) in [0, 1]
+    trusted: np.ndarray  # (N,) bool
+    threshold: float
 
 
 class KNNDetector:
@@ -125,6 +143,22 @@ class KNNDetector:
         """``(predicted classes, scores of those classes)`` for images ``x``."""
         predicted, neighbours = self.kneighbors(x)
         return predicted, neighbours.scores(predicted, self.weighting)
+
+    def verdicts(self, x: torch.Tensor) -> Verdicts:
+        """Class, probabilities, score and trusted/flagged for images ``x``, from one forward
+        pass and one neighbour search (the on-line use of paper §5.1)."""
+        self._check_fitted(model=True)
+        if getattr(self, "offset_", None) is None:
+            raise InputError("no threshold yet: fit with a calibration split or call "
+                             "set_threshold(x, y)")
+        check_images(x)
+        features, logits = extract_outputs(self.model_, x, self.layer_,
+                                           batch_size=self.batch_size, device=self.device)
+        predicted = logits.argmax(1).numpy()
+        scores = self.kneighbors_features(features).scores(predicted, self.weighting)
+        threshold = float(self.offset_)  # type: ignore[arg-type]
+        return Verdicts(predicted, logits.softmax(1).numpy(), scores, scores >= threshold,
+                        threshold)
 
     def score_samples(self, x: torch.Tensor) -> np.ndarray:
         """Trust score of each image's predicted class; higher = more trustworthy."""

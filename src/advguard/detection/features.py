@@ -86,13 +86,23 @@ class FeatureCapture:
 
 
 @torch.no_grad()
+def extract_outputs(model: nn.Module, x: torch.Tensor, layer: str | LayerSpec | None = None, *,
+                    batch_size: int = 1000, device: str | torch.device = "cpu",
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, D) float32, logits (N, classes))`` of ``model`` on ``x``, one forward
+    pass per batch."""
+    feats, logits = [], []
+    with eval_mode(model), FeatureCapture(model, layer) as cap:
+        for sl in batch_slices(len(x), batch_size, progress=progress, desc="features"):
+            logits.append(model(x[sl].to(device)).float().cpu())
+            feats.append(cap.features.float().cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
 def extract_features(model: nn.Module, x: torch.Tensor, layer: str | LayerSpec | None = None, *,
                      batch_size: int = 1000, device: str | torch.device = "cpu",
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, D) float32, predicted classes (N,))`` of ``model`` on ``x``."""
-    feats, preds = [], []
-    with eval_mode(model), FeatureCapture(model, layer) as cap:
-        for sl in batch_slices(len(x), batch_size, progress=progress, desc="features"):
-            preds.append(model(x[sl].to(device)).argmax(1).cpu())
-            feats.append(cap.features.float().cpu())
-    return torch.cat(feats), torch.cat(preds)
+    features, logits = extract_outputs(model, x, layer, batch_size=batch_size, device=device,
+                                       progress=progress)
+    return features, logits.argmax(1)

@@ -1,0 +1,99 @@
+"""``advguard guard fit`` (a guard folder from a trained model) and ``advguard serve`` (the
+HTTP service)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from advguard.cli import app, setup_logging
+from advguard.cli.options import Quiet
+from advguard.serve.policy import Policy
+
+guard_app = typer.Typer(help="Guard folders: a model with its fitted kNN detector.",
+                        no_args_is_help=True)
+app.add_typer(guard_app, name="guard")
+
+
+@guard_app.command("fit")
+def fit(
+    model: Annotated[Path, typer.Argument(help="a model or ensemble checkpoint, or a reproduce "
+                                               "detect run directory")],
+    out: Annotated[Path, typer.Option(help="the guard folder to write")],
+    dataset: Annotated[str | None, typer.Option(help="default: the checkpoint's")] = None,
+    k: int = 1000,
+    weighting: Annotated[str, typer.Option(help="knn, wknn or dwknn")] = "dwknn",
+    preprocessing: Annotated[str, typer.Option(help="none, l2 or pca-whiten")] = "pca-whiten",
+    keep: Annotated[float, typer.Option(help="share of clean validation images kept")] = 0.98,
+    val_size: Annotated[int, typer.Option(help="calibration images held out of the training "
+                                               "file")] = 5000,
+    train_limit: int | None = None,
+    seed: int = 0,
+    data_dir: Annotated[str | None, typer.Option(help="folder holding the dataset")] = None,
+    device: str = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Fit the kNN detector on the model's training-set features, calibrate its threshold on
+    validation data, and write a self-contained guard folder."""
+    from advguard.serve.guard import KEYS, fit_guard, read_keys
+
+    setup_logging(quiet)
+    g = fit_guard(model, out, dataset=dataset, k=k, weighting=weighting,
+                  preprocessing=preprocessing, keep=keep, val_size=val_size,
+                  train_limit=train_limit, seed=seed, data_dir=data_dir, device=device,
+                  progress=not quiet)
+    c = g.config
+    typer.echo(f"{out}: {c.dataset} guard, {c.preprocessing} + {c.weighting}, k = {c.k}, "
+               f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "
+               f"{c.calibration_images} clean validation images")
+    admins = [key for key, who in read_keys(out / KEYS).items() if who.admin]
+    typer.echo(f"API keys: {out / KEYS} (admin key {admins[0]})")
+
+
+@app.command()
+def serve(
+    guard_dir: Annotated[Path, typer.Argument(help="a guard folder (advguard guard fit)")],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    keys: Annotated[Path | None, typer.Option(help="API keys (default: GUARD_DIR/keys.json)")]
+    = None,
+    state: Annotated[str | None, typer.Option(
+        help="client state: sqlite:///FILE (default: GUARD_DIR/clients.db) or "
+             "redis://HOST:PORT/DB")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    window: int = Policy.window,
+    min_requests: int = Policy.min_requests,
+    flagged_limit: Annotated[float, typer.Option(
+        help="flagged share of the window that denies a client")] = Policy.flagged_limit,
+    cooldown: Annotated[float, typer.Option(
+        help="seconds a denial lasts; 0: until an admin clears it")] = Policy.cooldown_s,
+    max_batch: int = 64,
+    rate: Annotated[float, typer.Option(help="requests per second per key")] = 50.0,
+) -> None:
+    """Serve the guard over HTTP: POST /v1/predict, GET /v1/health, /v1/clients, /metrics, a
+    web page at /, the OpenAPI schema at /docs."""
+    import os
+
+    import uvicorn
+
+    from advguard.errors import InputError
+    from advguard.serve.app import ENV, Settings
+    from advguard.serve.guard import Guard, read_keys
+    from advguard.serve.stores import open_store
+
+    if not 0 < port < 65536:
+        raise InputError(f"port must be in 1..65535, got {port}")
+    if workers < 1:
+        raise InputError(f"workers must be ≥ 1, got {workers}")
+    settings = Settings(guard_dir=str(guard_dir.resolve()),
+                        keys=None if keys is None else str(keys.resolve()), state=state,
+                        policy=Policy(window, min_requests, flagged_limit, cooldown),
+                        max_batch=max_batch, rate=rate)
+    Guard.load(guard_dir)  # every file checked here, before a worker starts
+    read_keys(keys or guard_dir / "keys.json")
+    open_store(state, guard_dir / "clients.db", settings.policy).close()
+    os.environ[ENV] = settings.to_env()
+    uvicorn.run("advguard.serve.app:app_from_env", factory=True, host=host, port=port,
+                workers=workers, log_level="info", access_log=False)

@@ -1,0 +1,175 @@
+"""A guard folder: everything the service needs to classify, score and flag inputs, in one place.
+
+``GUARD_DIR/``
+  ``model.safetensors``     the classifier (any advguard model or ensemble checkpoint, copied)
+  ``detector.safetensors``  the fitted :class:`~advguard.detection.KNNDetector` (FAISS bank,
+                            pre-processing, threshold)
+  ``guard.json``            what was fitted on what: dataset, detector settings, calibration
+  ``keys.json``             API keys of the clients and admins (created once, never overwritten)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advguard import __version__
+from advguard.data import DatasetInfo, dataset_info, load_dataset, train_val_split
+from advguard.detection import KNNDetector, Verdicts
+from advguard.ensemble import load_any
+from advguard.errors import CheckpointError, InputError
+from advguard.io import check_output, read_json, write_json, write_text
+
+MODEL, DETECTOR, CONFIG, KEYS = ("model.safetensors", "detector.safetensors", "guard.json",
+                                 "keys.json")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    dataset: str
+    source: str  # the checkpoint or run directory the model came from
+    k: int
+    weighting: str
+    preprocessing: str
+    keep: float  # share of correctly classified calibration images kept
+    threshold: float
+    bank_images: int
+    calibration_images: int
+    calibration_kept: float  # measured share kept at the threshold
+    fitted_at: str
+    advguard: str
+
+
+@dataclass(frozen=True)
+class Client:
+    id: str
+    admin: bool = False
+
+
+class Guard:
+    """The model and its detector: ``verdicts(x)`` for a batch of images in [0, 1]."""
+
+    def __init__(self, model: nn.Module, detector: KNNDetector, config: GuardConfig) -> None:
+        self.model = model.eval()
+        self.detector = detector
+        self.config = config
+        self.info: DatasetInfo = dataset_info(config.dataset)
+
+    def verdicts(self, x: torch.Tensor) -> Verdicts:
+        return self.detector.verdicts(x)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Guard:
+        folder = Path(folder)
+        for name in (MODEL, DETECTOR, CONFIG):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder} is not a guard folder (no {name}); make one "
+                                      "with advguard guard fit")
+        try:
+            config = GuardConfig(**read_json(folder / CONFIG))
+        except TypeError as exc:
+            raise CheckpointError(f"{folder / CONFIG} is not a guard description: {exc}"
+                                  ) from None
+        model, _ = load_any(folder / MODEL)
+        detector = KNNDetector.load(folder / DETECTOR, model)
+        if detector.offset_ is None:
+            raise CheckpointError(f"{folder / DETECTOR} holds no threshold")
+        return cls(model, detector, config)
+
+
+def _model_file(source: Path) -> Path:
+    """A checkpoint, or the attacked model of a ``reproduce detect`` run directory."""
+    if source.is_dir():
+        candidate = source / "checkpoints" / "model.safetensors"
+        if not candidate.is_file():
+            raise CheckpointError(f"{source} holds no checkpoints/model.safetensors (a "
+                                  "reproduce detect run directory, or give a checkpoint)")
+        return candidate
+    if not source.is_file():
+        raise CheckpointError(f"checkpoint not found: {source}")
+    return source
+
+
+def fit_guard(source: str | Path, out: str | Path, *, dataset: str | None = None,
+              k: int = 1000, weighting: str = "dwknn", preprocessing: str = "pca-whiten",
+              keep: float = 0.98, val_size: int = 5000, train_limit: int | None = None,
+              seed: int = 0, data_dir: str | None = None, device: str = "cpu",
+              progress: bool = False) -> Guard:
+    """Fit a guard folder ``out`` for the model at ``source``: the detector's bank is the
+    model's training-set features (the training split the experiments use), its threshold
+    keeps ``keep`` of the correctly classified held-out validation images."""
+    source = Path(source)
+    out = check_output(out, directory=True)
+    detector = KNNDetector(k=k, weighting=weighting, preprocessing=preprocessing, keep=keep,
+                           device=device, seed=seed)  # bad settings fail before any work
+    path = _model_file(source)
+    model, meta = load_any(path)
+    name = dataset or meta.get("dataset")
+    if not isinstance(name, str):
+        raise InputError(f"{path} names no dataset: give --dataset")
+    info = dataset_info(name)
+    if info.name != dataset_info(meta["dataset"]).name:
+        raise InputError(f"{path} was trained on {meta['dataset']}, not {info.name}")
+    full = load_dataset(info.name, "train", data_dir=data_dir, limit=train_limit)
+    tr, va = train_val_split(len(full), min(val_size, len(full) // 5), seed)
+    bank, val = full.subset(tr), full.subset(va)
+    detector.fit(model, bank.x, bank.y, x_calibration=val.x, y_calibration=val.y,
+                 progress=progress)
+    v = detector.verdicts(val.x)
+    right = v.predicted == val.y.numpy()
+    config = GuardConfig(
+        dataset=info.name, source=str(source), k=detector.k,
+        weighting=detector.weighting.value, preprocessing=detector.preprocessing.value,
+        keep=keep, threshold=float(detector.offset_),  # type: ignore[arg-type]
+        bank_images=len(bank), calibration_images=int(right.sum()),
+        calibration_kept=float(v.trusted[right].mean()),
+        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, out / MODEL)
+    detector.save(out / DETECTOR)
+    write_json(out / CONFIG, asdict(config))
+    if not (out / KEYS).exists():
+        write_keys(out / KEYS, {secrets.token_urlsafe(24): Client("admin", admin=True),
+                                secrets.token_urlsafe(24): Client("client-1")})
+    return Guard(model, detector, config)
+
+
+def write_keys(path: Path, keys: dict[str, Client]) -> Path:
+    path = write_text(path, json.dumps({"keys": {k: asdict(c) for k, c in keys.items()}},
+                                       indent=2) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def read_keys(path: str | Path) -> dict[str, Client]:
+    """``{"keys": {"<key>": {"id": "alice", "admin": false}, …}}`` → key → client."""
+    obj: Any = read_json(path)
+    keys = obj.get("keys") if isinstance(obj, dict) else None
+    if not isinstance(keys, dict) or not keys:
+        raise InputError(f"{path} must hold {{\"keys\": {{\"<key>\": {{\"id\": \"alice\", "
+                         "\"admin\": false}}}}}} with at least one key")
+    out: dict[str, Client] = {}
+    for key, entry in keys.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or len(key) < 16:
+            raise InputError(f"{path}: every key needs an 'id' and at least 16 characters")
+        out[key] = Client(entry["id"], bool(entry.get("admin", False)))
+    return out
+
+
+def summary(v: Verdicts, i: int, classes: int) -> dict[str, Any]:
+    """One image's verdict as the service answers it."""
+    return {"class": int(v.predicted[i]),
+            "probabilities": [round(float(p), 6) for p in v.probabilities[i][:classes]],
+            "score": float(v.scores[i]), "threshold": v.threshold,
+            "verdict": "trusted" if bool(v.trusted[i]) else "flagged"}
+
+
+__all__ = ["Client", "Guard", "GuardConfig", "fit_guard", "read_keys", "summary", "write_keys"]

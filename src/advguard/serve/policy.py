@@ -1,0 +1,79 @@
+"""Per-client statistics of the guard's verdicts, and the denial of clients that keep sending
+adversarial inputs (paper 003 §5.1, SPEC B6: "a source of adversarial inputs can be isolated").
+
+Each client has a sliding window of its last ``window`` verdicts (flagged or trusted, with the
+kNN score). Once the window holds at least ``min_requests`` verdicts and the flagged share in it
+reaches ``flagged_limit``, the client is denied — for ``cooldown_s`` seconds (0: until an admin
+clears it). When a cool-down ends the window starts afresh.
+
+The stores that hold this state (SQLite, Redis) are in :mod:`advguard.serve.stores`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from advguard.errors import InputError
+
+
+@dataclass(frozen=True)
+class Policy:
+    window: int = 50  # verdicts per client kept in the sliding window
+    min_requests: int = 10  # verdicts in the window before a client can be denied
+    flagged_limit: float = 0.3  # flagged share of the window that denies the client
+    cooldown_s: float = 3600.0  # how long a denial lasts; 0 = until an admin clears it
+
+    def __post_init__(self) -> None:
+        for name in ("window", "min_requests"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if self.min_requests > self.window:
+            raise InputError(f"min_requests ({self.min_requests}) cannot exceed the window "
+                             f"({self.window})")
+        if not 0 < self.flagged_limit <= 1:
+            raise InputError(f"flagged_limit must be in (0, 1], got {self.flagged_limit!r}")
+        if not 0 <= self.cooldown_s < math.inf:
+            raise InputError(f"cooldown_s must be a finite number ≥ 0, got {self.cooldown_s!r}")
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    client: str
+    requests: int  # images judged, all time
+    flagged: int  # of which flagged, all time
+    window: int  # verdicts in the current window
+    window_flagged: int  # flagged verdicts in the current window
+    window_mean_score: float  # mean kNN score over the window (1.0 when empty)
+    denied_until: float | None  # epoch seconds; inf = until cleared; None = not denied
+    reason: str | None
+    denials: int  # times this client was denied
+    last_seen: float | None
+
+    def denied(self, now: float) -> bool:
+        return self.denied_until is not None and now < self.denied_until
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["denied_until"] == math.inf:
+            out["denied_until"] = "until cleared"
+        return out
+
+
+def reason(flagged: int, count: int, policy: Policy) -> str:
+    return (f"{flagged} of its last {count} inputs were flagged as adversarial (limit "
+            f"{100 * policy.flagged_limit:g}% after {policy.min_requests})")
+
+
+class Store(Protocol):
+    policy: Policy
+
+    def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+               now: float | None = None) -> ClientStatus: ...
+    def get(self, client: str, now: float | None = None) -> ClientStatus: ...
+    def clients(self, now: float | None = None) -> list[ClientStatus]: ...
+    def clear(self, client: str) -> ClientStatus: ...
+    def close(self) -> None: ...

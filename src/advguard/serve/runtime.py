@@ -1,0 +1,131 @@
+"""What keeps the service responsive under load: one inference thread fed by a queue that
+batches whatever waits, a token bucket per client, and a body-size limit before parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from advguard.detection import Verdicts
+
+
+class Batcher:
+    """One worker thread runs ``fn`` on batches; whatever requests wait when it is free are
+    concatenated into its next batch (up to ``max_images``)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], Verdicts], max_images: int = 256) -> None:
+        self.fn = fn
+        self.max_images = max_images
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-inference")
+        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future[Verdicts]]] = (
+            asyncio.Queue())
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, x: torch.Tensor) -> Verdicts:
+        future: asyncio.Future[Verdicts] = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, future))
+        return await future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            n = len(items[0][0])
+            while n < self.max_images and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                n += len(items[-1][0])
+            batch = torch.cat([x for x, _ in items])
+            try:
+                v = await loop.run_in_executor(self.pool, self.fn, batch)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for x, future in items:
+                end = start + len(x)
+                if not future.done():
+                    future.set_result(Verdicts(v.predicted[start:end],
+                                               v.probabilities[start:end], v.scores[start:end],
+                                               v.trusted[start:end], v.threshold))
+                start = end
+
+
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str, now: float) -> bool:
+        tokens, last = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return False
+        self.buckets[client] = (tokens - 1, now)
+        return True
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before it is read whole."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,57 @@
+"""The service's request and response bodies (pydantic), so the OpenAPI schema documents
+itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PixelsRequest(BaseModel):
+    """Images as pixels in [0, 1]: one ``(H, W)`` grey image, one ``(C, H, W)`` image or a batch
+    ``(N, C, H, W)``, of the model's size (raw pixels are never resized)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[Any] = Field(description="nested lists of pixel values in [0, 1]")
+
+
+class ImageResult(BaseModel):
+    name: str | None = Field(None, description="the upload's file name")
+    class_: int = Field(alias="class", description="the model's predicted class")
+    probabilities: list[float]
+    score: float = Field(description="kNN score of the predicted class, in [0, 1]")
+    threshold: float = Field(description="scores below it are flagged")
+    verdict: str = Field(description="trusted or flagged")
+    converted: list[str] = Field(default_factory=list,
+                                 description="conversions applied to fit the model's input")
+
+
+class ClientState(BaseModel):
+    client: str
+    requests: int
+    flagged: int
+    window: int
+    window_flagged: int
+    window_mean_score: float
+    denied_until: float | str | None
+    reason: str | None
+    denials: int
+    last_seen: float | None
+
+
+class PredictResponse(BaseModel):
+    client: str
+    results: list[ImageResult]
+    status: ClientState
+
+
+class Health(BaseModel):
+    status: str
+    dataset: str
+    input_shape: list[int]
+    classes: int
+    threshold: float
+    k: int
+    weighting: str
+    preprocessing: str
