@@ -48,7 +48,7 @@ def read_npy(path: str | Path) -> np.ndarray:
         raise InputError(f"{path} is truncated or unreadable: {exc}") from None
     if array.ndim >= 1 and array.shape[0] > MAX_IMAGES:
         raise InputError(f"{path} holds {array.shape[0]} images; at most {MAX_IMAGES} per call")
-    return np.asarray(array)
+    return np.array(array)  # a writable copy in memory
 
 
 def images_from_array(array: np.ndarray, *, channels: int | None = None,

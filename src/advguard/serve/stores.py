@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,28 +35,47 @@ CREATE TABLE IF NOT EXISTS verdicts (
 
 
 class SQLiteStore:
-    """Client state in one SQLite file, safe for several processes (WAL, immediate locks)."""
+    """Client state in one SQLite file, safe for several processes (WAL, immediate locks).
+
+    ``synchronous=NORMAL``: a committed update survives the service crashing or restarting;
+    only a power loss can take the last few back (SQLite's recommended setting for WAL)."""
 
     def __init__(self, path: str | Path, policy: Policy) -> None:
         self.path = Path(path)
         self.policy = policy
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        self._local = threading.local()
+        db = self._connect()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=30000")
+        """This thread's connection (sqlite3 connections stay in the thread that made them)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
         return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: the writers of every process take turns."""
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
         p = self.policy
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             self._expire(db, client, now)
             db.execute("INSERT OR IGNORE INTO clients (client) VALUES (?)", (client,))
             (seq,) = db.execute("SELECT seq FROM clients WHERE client = ?", (client,)).fetchone()
@@ -67,23 +88,15 @@ class SQLiteStore:
             db.execute("UPDATE clients SET requests = requests + ?, flagged = flagged + ?, "
                        "seq = ?, last_seen = ? WHERE client = ?",
                        (len(rows), sum(int(f) for f in flagged), seq, now, client))
-            count, bad = db.execute("SELECT COUNT(*), COALESCE(SUM(flagged), 0) FROM verdicts "
-                                    "WHERE client = ?", (client,)).fetchone()
-            row = db.execute("SELECT denied_until FROM clients WHERE client = ?",
-                             (client,)).fetchone()
-            if (row[0] is None and count >= p.min_requests
-                    and bad >= p.flagged_limit * count):
+            status = self._status(db, client)
+            if (status.denied_until is None and status.window >= p.min_requests
+                    and status.window_flagged >= p.flagged_limit * status.window):
                 until = now + p.cooldown_s if p.cooldown_s > 0 else math.inf
                 db.execute("UPDATE clients SET denied_until = ?, reason = ?, "
                            "denials = denials + 1 WHERE client = ?",
-                           (until, reason(bad, count, p), client))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
-        return self.get(client, now)
+                           (until, reason(status.window_flagged, status.window, p), client))
+                status = self._status(db, client)
+        return status
 
     def _expire(self, db: sqlite3.Connection, client: str, now: float) -> None:
         """A denial whose cool-down has passed ends, and the window starts afresh."""
@@ -96,14 +109,12 @@ class SQLiteStore:
 
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            self._expire(db, client, now)
-            db.execute("COMMIT")
-            return self._status(db, client)
-        finally:
-            db.close()
+        status = self._status(self._connect(), client)
+        if status.denied_until is not None and now >= status.denied_until:
+            with self._transaction() as db:
+                self._expire(db, client, now)
+                status = self._status(db, client)
+        return status
 
     def _status(self, db: sqlite3.Connection, client: str) -> ClientStatus:
         row = db.execute("SELECT requests, flagged, denied_until, reason, denials, last_seen "
@@ -117,27 +128,22 @@ class SQLiteStore:
                             row[4], row[5])
 
     def clients(self, now: float | None = None) -> list[ClientStatus]:
-        db = self._connect()
-        try:
-            names = [r[0] for r in db.execute("SELECT client FROM clients ORDER BY client")]
-        finally:
-            db.close()
+        names = [r[0] for r in self._connect().execute(
+            "SELECT client FROM clients ORDER BY client")]
         return [self.get(name, now) for name in names]
 
     def clear(self, client: str) -> ClientStatus:
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
                        (client,))
             db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
-            db.execute("COMMIT")
             return self._status(db, client)
-        finally:
-            db.close()
 
     def close(self) -> None:
-        pass
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
 
 
 # --- Redis ------------------------------------------------------------------------------------
