@@ -198,6 +198,17 @@ def evaluate(
     typer.echo(f"grid mean ({threat.value}): {result['mean']:.4f}")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a finished reproduce run directory")],
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page of the run (config, threat settings,
+    curves, tables beside the papers', strength selection, audits, detection figures)."""
+    from advguard.reports import write_html_report
+
+    typer.echo(write_html_report(run_dir))
+
+
 @app.command("select-strengths")
 def select_strengths(
     source: Annotated[Path, typer.Argument(

@@ -18,6 +18,7 @@ from torch import nn
 from advguard.detection import KNNDetector, Preprocessing, Weighting
 from advguard.evaluation import auc, eer_accuracy, keep_threshold, lbfgs_vs_fgsm
 from advguard.io import read_metadata
+from advguard.reports import write_html_report
 from advguard.reports.detect import DetectResults, write_detect_report
 from advguard.reproduce.detect.config import DetectConfig
 from advguard.reproduce.detect.stages import (
@@ -119,4 +120,5 @@ def _run(d: Detect, out: str | Path) -> DetectResults:
                                                 lbfgs_adv["success"].numpy())},
         mat=_on_mat_model(d) if cfg.mat else None)
     write_detect_report(out, results, scores["pca-whiten"]["dwknn"])
+    write_html_report(out)
     return results

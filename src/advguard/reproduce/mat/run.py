@@ -13,7 +13,7 @@ from pathlib import Path
 
 from advguard.attacks import PGD
 from advguard.io import read_metadata
-from advguard.reports import MatResults, write_report
+from advguard.reports import MatResults, write_html_report, write_report
 from advguard.reproduce.mat.config import MatConfig
 from advguard.reproduce.mat.methods import (
     PARALLEL_MEMBERS,
@@ -61,4 +61,5 @@ def _run(m: Mat, out: str | Path) -> MatResults:
                                        "peak_rss_mb": members_meta.get("peak_rss_mb")},
                  "selection": chosen.to_json(), "voting": voting})
     write_report(out, results)
+    write_html_report(out)
     return results
