@@ -93,12 +93,53 @@ def test_ivf_index_approximates_flat():
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((5000, 8)).astype(np.float32)
     labels = rng.integers(0, 3, 5000)
-    flat = FeatureIndex(bank, labels)
-    ivf = FeatureIndex(bank, labels, kind="ivf", nlist=32, nprobe=32)
+    flat = FeatureIndex.build(bank, labels)
+    ivf = FeatureIndex.build(bank, labels, kind="ivf", nlist=32, nprobe=32)
     q = rng.standard_normal((20, 8)).astype(np.float32)
     d_flat, _ = flat.search(q, 10)
     d_ivf, _ = ivf.search(q, 10)
     assert np.allclose(d_flat, d_ivf, atol=1e-4)  # nprobe = nlist searches every cell
+
+
+def test_ivfpq_compresses_the_bank_and_keeps_most_neighbours(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((20, 16)).astype(np.float32) * 4
+    bank = (centres[rng.integers(0, 20, 20000)] + rng.standard_normal((20000, 16))
+            ).astype(np.float32)
+    labels = rng.integers(0, 10, 20000)
+    q = bank[:200] + 0.1 * rng.standard_normal((200, 16)).astype(np.float32)
+    exact = FeatureIndex.build(bank, labels).search_ids(q, 20)
+    pq = FeatureIndex.build(bank, labels, kind="ivfpq", nlist=64, nprobe=8, pq_m=8)
+    ivf = FeatureIndex.build(bank, labels, kind="ivf", nlist=64, nprobe=8)
+    recall = {name: np.mean([len(set(a) & set(b)) / 20 for a, b in
+                             zip(exact, idx.search_ids(q, 20), strict=True)])
+              for name, idx in (("ivf", ivf), ("ivfpq", pq))}
+    assert recall["ivf"] > 0.9 and recall["ivfpq"] > 0.5
+    own = {name: idx.nbytes - labels.astype(np.int64).nbytes  # FAISS's part
+           for name, idx in (("flat", FeatureIndex.build(bank, labels)), ("ivf", ivf),
+                             ("ivfpq", pq))}
+    assert own["ivfpq"] < own["flat"] / 3 < own["ivf"]  # 8 + 8 bytes a vector instead of 64
+    det = KNNDetector(k=20, preprocessing="none", index="ivfpq", nlist=64, pq_m=8
+                      ).fit_features(bank, labels)
+    det.save(tmp_path / "pq.safetensors")
+    back = KNNDetector.load(tmp_path / "pq.safetensors")
+    assert back.index_.kind == "ivfpq" and len(back.index_) == 20000
+    np.testing.assert_array_equal(back.score_features(q, labels[:200]),
+                                  det.score_features(q, labels[:200]))
+
+
+@pytest.mark.parametrize("pre", ["none", "l2"])
+def test_a_bank_added_in_chunks_equals_one_added_at_once(pre):
+    rng = np.random.default_rng(2)
+    bank = rng.standard_normal((3000, 12)).astype(np.float32)
+    labels = rng.integers(0, 4, 3000)
+    q = rng.standard_normal((50, 12)).astype(np.float32)
+    whole = KNNDetector(k=30, preprocessing=pre).fit_features(bank, labels)
+    chunks = ((bank[s:s + 700], labels[s:s + 700]) for s in range(0, 3000, 700))
+    parts = KNNDetector(k=30, preprocessing=pre, fit_sample=1000).fit_feature_chunks(chunks)
+    assert len(parts.index_) == 3000
+    np.testing.assert_allclose(parts.score_features(q, labels[:50]),
+                               whole.score_features(q, labels[:50]), atol=1e-9)
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -45,14 +45,17 @@ OUT_AND_QUIET = [
 def _reproduce_mat(config: object, out: Path | None, quiet: bool) -> None:
     """Multi-strength adversarial training (MAT): original, single, mixed and parallel MAT,
     their robustness curves and the paper's Table 1."""
+    from advguard import distributed
     from advguard.reproduce.mat import MatConfig, run_mat
 
     assert isinstance(config, MatConfig)
-    setup_logging(quiet)
+    distributed.setup(config.device)  # under torchrun: join the process group
+    setup_logging(quiet or not distributed.is_main())
     out = out or Path("runs") / f"mat-{config.dataset}-{config.setting}"
-    run_mat(config, out, progress=not quiet)
-    typer.echo((out / "table.md").read_text(encoding="utf-8"))
-    typer.echo(f"run directory: {out}")
+    run_mat(config, out, progress=not quiet and distributed.is_main())
+    if distributed.is_main():
+        typer.echo((out / "table.md").read_text(encoding="utf-8"))
+        typer.echo(f"run directory: {out}")
 
 
 def _reproduce_detect(config: object, out: Path | None, quiet: bool) -> None:

@@ -43,9 +43,13 @@ def train(
     data_dir: DataDir = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train one model: clean, single-strength or mixed MAT (transfer or white-box)."""
+    """Train one model: clean, single-strength or mixed MAT (transfer or white-box). Runs
+    unchanged under torchrun --nproc_per_node=N (DistributedDataParallel, rank 0 writes)."""
+    import contextlib
+
     import torch
 
+    from advguard import distributed
     from advguard.attacks import fgsm_directions
     from advguard.data import load_dataset
     from advguard.io import hold_lock
@@ -60,7 +64,8 @@ def train(
     )
     from advguard.training import train as train_model
 
-    setup_logging(quiet)
+    distributed.setup(device)
+    setup_logging(quiet or not distributed.is_main())
     how = get_recipe(recipe)
     config = TrainConfig(epochs=epochs, seed=seed, device=device, schedule=how.schedule,
                          batch_size=how.batch_size if batch_size is None else batch_size,
@@ -76,7 +81,9 @@ def train(
     net = build_model(arch, dataset)  # an unknown architecture fails before the data loads
     data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
     test = load_dataset(dataset, "test", data_dir=data_dir)
-    with hold_lock(out.with_suffix(".lock"), f"output {out}"):
+    lock = (hold_lock(out.with_suffix(".lock"), f"output {out}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
         source: AdversarialSource = WhiteBox(how.attack)
         if crafting_model is not None and eps:
             source = Transfer(fgsm_directions(crafting_model, data.x, data.y, device=device,
@@ -85,10 +92,12 @@ def train(
                "recipe": how.name, "crafter": None if crafter is None else str(crafter)}
         result = train_model(net, data, how.mix(eps, reduced=reduced), source, config,
                              state_path=state, pin=pin, progress=not quiet)
-        acc = accuracy(net, test.x, test.y, device=device)
+        acc = accuracy(net, test.x, test.y, device=distributed.device_for_rank(device))
+        if not distributed.is_main():
+            return
         save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
                    train_seconds=result.seconds, history=result.history, test_accuracy=acc,
-                   recipe=how.name)
+                   recipe=how.name, processes=distributed.world_size())
         state.unlink(missing_ok=True)
     typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
 

@@ -9,6 +9,8 @@ input's deep features agree with it. scikit-learn's outlier-detector conventions
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from advguard import options
+from advguard.batching import batch_slices
 from advguard.data.checks import check_images, check_labels
 from advguard.detection.features import (
     LayerSpec,
@@ -64,7 +67,13 @@ class KNNDetector:
     def __init__(self, k: int = 1000, weighting: str | Weighting = Weighting.DWKNN,
                  preprocessing: str | Preprocessing = Preprocessing.PCA_WHITEN,
                  layer: str | None = None, index: str = "flat", keep: float = 0.98,
-                 batch_size: int = 1000, device: str = "cpu", seed: int = 0) -> None:
+                 batch_size: int = 1000, device: str = "cpu", seed: int = 0, *,
+                 nlist: int = 1024, nprobe: int = 16, pq_m: int | None = None,
+                 chunk_size: int = 10_000, fit_sample: int = 100_000) -> None:
+        """``index``: ``flat`` (exact), ``ivf`` or ``ivfpq`` (approximate; ``nlist`` cells,
+        ``nprobe`` searched, ``pq_m`` bytes a vector — see :mod:`advguard.detection.index`).
+        ``fit`` extracts features ``chunk_size`` images at a time and fits the
+        pre-processing and the IVF cells on the first ``fit_sample`` vectors."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be an integer ≥ 1, got {k!r}")
         options.check_fraction("keep", keep)
@@ -78,6 +87,12 @@ class KNNDetector:
         self.preprocessing = parse_preprocessing(preprocessing)
         self.layer = layer
         self.index = index
+        for name, value in (("nlist", nlist), ("nprobe", nprobe), ("chunk_size", chunk_size),
+                            ("fit_sample", fit_sample), ("pq_m", 1 if pq_m is None else pq_m)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        self.nlist, self.nprobe, self.pq_m = nlist, nprobe, pq_m
+        self.chunk_size, self.fit_sample = chunk_size, fit_sample
         self.keep = keep
         self.batch_size = batch_size
         self.device = device
@@ -88,10 +103,30 @@ class KNNDetector:
     def fit_features(self, features: np.ndarray | torch.Tensor,
                      labels: np.ndarray | torch.Tensor) -> KNNDetector:
         """Fit the pre-processing on the labelled bank and index it."""
-        f = np.asarray(features, dtype=np.float32)
-        self.preprocessor_ = Preprocessor(self.preprocessing).fit(f, seed=self.seed)
-        self.index_ = FeatureIndex(self.preprocessor_.transform(f), np.asarray(labels),
-                                   kind=self.index, seed=self.seed)
+        return self.fit_feature_chunks([(features, labels)])
+
+    def fit_feature_chunks(self, chunks: Iterable[tuple[Any, Any]]) -> KNNDetector:
+        """The bank from chunks of ``(features, labels)``: the pre-processing and the IVF cells
+        are fitted on the first ``fit_sample`` vectors, then every chunk is transformed and
+        added — the whole bank is never one array."""
+        it = iter(chunks)
+        head: list[tuple[np.ndarray, np.ndarray]] = []
+        seen = 0
+        for f, y in it:
+            head.append((np.asarray(f, dtype=np.float32), np.asarray(y)))
+            seen += len(head[-1][0])
+            if seen >= self.fit_sample:
+                break
+        if not head or seen == 0:
+            raise InputError("the bank is empty: give at least one labelled feature vector")
+        sample = np.concatenate([f for f, _ in head])[:self.fit_sample]
+        self.preprocessor_ = Preprocessor(self.preprocessing).fit(sample, seed=self.seed)
+        z = self.preprocessor_.transform(sample)
+        self.index_ = FeatureIndex(z.shape[1], self.index, nlist=self.nlist,
+                                   nprobe=self.nprobe, pq_m=self.pq_m, seed=self.seed).train(z)
+        for f, y in itertools.chain(head, it):
+            self.index_.add(self.preprocessor_.transform(np.asarray(f, dtype=np.float32)),
+                            np.asarray(y))
         self.offset_: float | None = None
         return self
 
@@ -124,9 +159,11 @@ class KNNDetector:
         check_labels(y, len(x))
         self.model_ = model
         self.layer_ = resolve_layer(model, self.layer)
-        features, _ = extract_features(model, x, self.layer_, batch_size=self.batch_size,
-                                       device=self.device, progress=progress)
-        self.fit_features(features, y)
+        chunks = ((extract_features(model, x[sl], self.layer_, batch_size=self.batch_size,
+                                    device=self.device)[0], y[sl])
+                  for sl in batch_slices(len(x), self.chunk_size, progress=progress,
+                                         desc="bank"))
+        self.fit_feature_chunks(chunks)
         if x_calibration is not None and y_calibration is not None:
             self.set_threshold(x_calibration, y_calibration)
         return self
@@ -191,7 +228,9 @@ class KNNDetector:
         return {"k": self.k, "weighting": self.weighting.value,
                 "preprocessing": self.preprocessing.value, "layer": self.layer,
                 "index": self.index, "keep": self.keep, "batch_size": self.batch_size,
-                "device": self.device, "seed": self.seed}
+                "device": self.device, "seed": self.seed, "nlist": self.nlist,
+                "nprobe": self.nprobe, "pq_m": self.pq_m, "chunk_size": self.chunk_size,
+                "fit_sample": self.fit_sample}
 
     def save(self, path: str | Path) -> Path:
         """The FAISS index (its own serialisation, the bank stored once), the labels and the
@@ -220,8 +259,8 @@ class KNNDetector:
         if "index" in tensors:
             det.index_ = FeatureIndex.from_bytes(tensors["index"].numpy(), labels, det.index)
         elif "bank" in tensors:  # files of advguard 0.1 stored the vectors themselves
-            det.index_ = FeatureIndex(tensors["bank"].numpy(), labels, kind=det.index,
-                                      seed=det.seed)
+            det.index_ = FeatureIndex.build(tensors["bank"].numpy(), labels, kind=det.index,
+                                            seed=det.seed)
         else:
             raise CheckpointError(f"{path} holds no feature bank")
         det.offset_ = meta.get("offset")

@@ -1,6 +1,22 @@
-"""The searchable bank of deep features: FAISS, exact flat L2 by default, IVF for large banks.
+"""The searchable bank of deep features: FAISS, exact flat L2 by default, IVF-Flat and IVF-PQ for
+banks too large for exact search.
 
-FAISS holds the only copy of the vectors; labels sit beside it, indexed by FAISS's ids.
+FAISS holds the only copy of the vectors; labels sit beside it, indexed by FAISS's ids. A bank
+is filled in chunks (``train`` on a sample, then ``add`` chunk by chunk), so it is never built
+from one array of the whole dataset.
+
+=========  =============================  ====================================================
+kind       FAISS index                    trade-off
+=========  =============================  ====================================================
+``flat``   ``IndexFlatL2``                exact; ``4·d`` bytes a vector; time ∝ bank size
+``ivf``    ``IndexIVFFlat``               the bank split into ``nlist`` cells, ``nprobe`` of
+                                          them searched: ~``nprobe/nlist`` of the distance
+                                          work, exact distances, misses neighbours in cells
+                                          not probed; ``4·d + 8`` bytes a vector
+``ivfpq``  ``IndexIVFPQ`` (8-bit codes)   as ``ivf``, vectors compressed to ``m`` bytes by
+                                          product quantisation: approximate distances too,
+                                          ``m + 8`` bytes a vector
+=========  =============================  ====================================================
 """
 
 from __future__ import annotations
@@ -12,67 +28,119 @@ import numpy as np
 
 from advguard.errors import CheckpointError, InputError
 
-INDEX_KINDS = ("flat", "ivf")
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+MIN_POINTS_PER_CELL = 39  # FAISS warns below this many training points per IVF cell
+
+
+def _as_matrix(x: np.ndarray, dim: int | None = None, what: str = "features") -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise InputError(f"{what} must be (n, {dim or 'd'}), got {x.shape}")
+    return x
 
 
 class FeatureIndex:
-    """``add``-once bank of (features, labels); ``search(q, k) -> (squared L2 distances, labels)``.
+    """A bank of (features, labels); ``search(q, k) -> (squared L2 distances, labels)``.
 
-    ``kind="flat"`` is exact; ``kind="ivf"`` clusters the bank into ``nlist`` cells and searches
-    ``nprobe`` of them (approximate, faster on large banks).
-    """
+    ``nlist`` IVF cells (at most one per 39 training vectors), ``nprobe`` searched;
+    ``pq_m`` bytes per vector for ``ivfpq`` (a divisor of the dimension; default: the largest
+    divisor ≤ d/2, so each sub-quantiser covers ≥ 2 dimensions)."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, kind: str = "flat",
-                 nlist: int = 256, nprobe: int = 16, seed: int = 0) -> None:
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if features.ndim != 2 or len(features) != len(labels) or len(features) == 0:
-            raise InputError(f"the bank must be (n, d) features with n ≥ 1 labels, got "
-                             f"{features.shape} and {len(labels)} labels")
+    def __init__(self, dim: int, kind: str = "flat", *, nlist: int = 1024, nprobe: int = 16,
+                 pq_m: int | None = None, seed: int = 0) -> None:
         if kind not in INDEX_KINDS:
             raise InputError(f"unknown index {kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.kind = kind
-        d = features.shape[1]
-        self.index: Any
-        if kind == "flat":
-            self.index = faiss.IndexFlatL2(d)
-        else:
-            nlist = max(1, min(nlist, len(features) // 39))
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-            self.index.cp.seed = seed
-            self.index.train(features)
-            self.index.nprobe = min(nprobe, nlist)
-        self.index.add(features)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise InputError(f"the feature dimension must be an integer ≥ 1, got {dim!r}")
+        self.kind, self.dim, self.nlist, self.nprobe, self.seed = kind, dim, nlist, nprobe, seed
+        self.pq_m = pq_m or max(m for m in range(1, max(dim // 2, 1) + 1) if dim % m == 0)
+        if dim % self.pq_m:
+            raise InputError(f"pq_m={self.pq_m} must divide the feature dimension {dim}")
+        self.index: Any = faiss.IndexFlatL2(dim) if kind == "flat" else None
+        self._labels: list[np.ndarray] = []
+
+    @classmethod
+    def build(cls, features: np.ndarray, labels: np.ndarray, kind: str = "flat",
+              **kw: Any) -> FeatureIndex:
+        """A bank of all ``features`` at once (trained on them if it is an IVF kind)."""
+        f = _as_matrix(features)
+        if len(f) == 0 or len(f) != len(labels):
+            raise InputError(f"the bank must be (n, d) features with n ≥ 1 labels, got "
+                             f"{f.shape} and {len(labels)} labels")
+        out = cls(f.shape[1], kind, **kw)
+        out.train(f)
+        out.add(f, labels)
+        return out
 
     @property
-    def dim(self) -> int:
-        return int(self.index.d)
+    def trained(self) -> bool:
+        return self.index is not None
+
+    def train(self, sample: np.ndarray) -> FeatureIndex:
+        """Learn the IVF cells (and PQ codebooks) from a sample of the bank; a no-op for flat."""
+        if self.kind == "flat":
+            return self
+        x = _as_matrix(sample, self.dim, "the training sample")
+        nlist = max(1, min(self.nlist, len(x) // MIN_POINTS_PER_CELL))
+        quantizer = faiss.IndexFlatL2(self.dim)
+        index: Any
+        if self.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist)
+        else:
+            if len(x) < 256:
+                raise InputError(f"IVF-PQ needs at least 256 training vectors, got {len(x)}")
+            index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_m, 8)
+        index.cp.seed = self.seed
+        index.train(x)
+        index.nprobe = min(self.nprobe, nlist)
+        self.index = index
+        return self
+
+    def add(self, features: np.ndarray, labels: np.ndarray) -> FeatureIndex:
+        """Append a chunk of the bank (after ``train`` for the IVF kinds)."""
+        if not self.trained:
+            raise InputError("train the IVF index on a sample before adding vectors")
+        x = _as_matrix(features, self.dim)
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        if len(labels) != len(x):
+            raise InputError(f"{len(x)} vectors but {len(labels)} labels")
+        self.index.add(x)
+        self._labels.append(labels)
+        return self
+
+    @property
+    def labels(self) -> np.ndarray:
+        if len(self._labels) != 1:
+            self._labels = [np.concatenate(self._labels) if self._labels
+                            else np.zeros(0, np.int64)]
+        return self._labels[0]
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return 0 if self.index is None else int(self.index.ntotal)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the bank: FAISS's codes (+ ids and centroids for IVF) and labels."""
-        codes = len(self) * self.index.sa_code_size()
-        if self.kind == "ivf":
-            codes += len(self) * 8 + self.index.nlist * self.dim * 4
-        return int(codes + self.labels.nbytes)
+        """Memory of the bank: FAISS's own serialisation of the index (codes, ids, centroids,
+        codebooks) and the labels."""
+        return int(len(faiss.serialize_index(self.index)) + self.labels.nbytes)
 
     def vectors(self) -> np.ndarray:
-        """The bank's vectors (n, d), reconstructed from FAISS (a copy)."""
-        if self.kind == "ivf":
+        """The bank's vectors (n, d), reconstructed from FAISS (a copy; approximate for PQ)."""
+        if self.kind != "flat":
             self.index.make_direct_map()
         return np.asarray(self.index.reconstruct_n(0, len(self)), dtype=np.float32)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise InputError(f"queries must be (n, {self.dim}), got {q.shape}")
-        k = min(k, len(self))
-        distances, ids = self.index.search(q, k)
+        if len(self) == 0:
+            raise InputError("the bank is empty")
+        q = _as_matrix(queries, self.dim, "queries")
+        distances, ids = self.index.search(q, min(k, len(self)))
         labels = np.where(ids >= 0, self.labels[np.maximum(ids, 0)], -1)
         return distances, labels
+
+    def search_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The bank ids of the ``k`` nearest vectors (−1 where fewer were found)."""
+        return self.index.search(_as_matrix(queries, self.dim, "queries"), min(k, len(self)))[1]
 
     def to_bytes(self) -> np.ndarray:
         """FAISS's own serialisation of the index (uint8), for safetensors files."""
@@ -87,6 +155,7 @@ class FeatureIndex:
         if index.ntotal != len(labels):
             raise CheckpointError(f"the stored index holds {index.ntotal} vectors but "
                                   f"{len(labels)} labels")
-        out = cls.__new__(cls)
-        out.index, out.labels, out.kind = index, np.asarray(labels, dtype=np.int64), kind
+        out = cls(int(index.d), kind if kind in INDEX_KINDS else "flat")
+        out.index = index
+        out._labels = [np.asarray(labels, dtype=np.int64)]
         return out

@@ -2,7 +2,7 @@
 
 Members are independent, so they may train concurrently: ``workers > 1`` trains them in separate
 processes (spawned; each gets ``threads // workers`` CPU threads), the paper's trade of memory
-for wall time.
+for wall time; under torchrun each rank trains every N-th member.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advguard import distributed
 from advguard.data import ImageSet
 from advguard.ensemble.voting import VotingEnsemble
 from advguard.training import AdversarialSource, StrengthMix, TrainConfig, TrainResult, train
@@ -38,7 +39,7 @@ def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: f
     member = build()
     result = train(member, data, StrengthMix((float(eps),), clean=clean), source, config,
                    val=val, state_path=state_path, progress=progress,
-                   desc=f"parallel[{k}] eps={eps:g}")
+                   desc=f"parallel[{k}] eps={eps:g}", distributed=False)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return member.state_dict(), result, rss_mb
 
@@ -60,7 +61,12 @@ def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Se
              for k in range(len(strengths))]
     jobs = [(k, build, data, eps, source, config, val, paths[k], clean) for k, eps in
             enumerate(strengths)]
-    if workers <= 1:
+    if distributed.active():  # under torchrun: every N-th member on each rank
+        def member(job: tuple[Any, ...]) -> tuple[dict[str, Any], TrainResult, float]:
+            return _train_member(*job, progress, None)  # type: ignore[call-arg]
+
+        outputs = distributed.spread(jobs, member)
+    elif workers <= 1:
         outputs = [_train_member(*job, progress, None) for job in jobs]
     else:
         threads = max(1, torch.get_num_threads() // workers)

@@ -1,17 +1,25 @@
 """A run directory: ``config.json`` pinned once and checked on every resume, and the one way a
 stage's result is cached in ``checkpoints/`` (computed once, written atomically, read back on a
-resumed run)."""
+resumed run).
+
+Under torchrun every rank runs the same stages. A stage says who computes it: ``"all"`` (the
+ranks together, e.g. a DistributedDataParallel training; rank 0 writes), ``"main"`` (rank 0
+alone, e.g. an evaluation; the others wait and read its file) or ``"self"`` (this rank alone,
+for work spread over ranks with :func:`advguard.distributed.spread`). The run directory must
+then be on a filesystem every rank sees."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from advguard import distributed
 from advguard.ensemble import VotingEnsemble, load_ensemble, save_ensemble
 from advguard.errors import CheckpointError
 from advguard.io import (
@@ -27,6 +35,9 @@ from advguard.options import as_json
 
 T = TypeVar("T")
 Saved = tuple[nn.Module, dict[str, Any]]  # a module and the metadata saved with it
+
+
+Who = Literal["all", "main", "self"]
 
 
 class _Config(Protocol):
@@ -53,7 +64,9 @@ class RunDir:
                 raise CheckpointError(
                     f"{self.root} holds a run with a different configuration "
                     f"({', '.join(diff)}); use another --out, or the same options to resume it")
-        write_json(stored, current)
+        if distributed.is_main():
+            write_json(stored, current)
+        distributed.barrier()
 
     def has_work(self) -> bool:
         """Whether any stage, finished or in training, is stored."""
@@ -64,23 +77,31 @@ class RunDir:
 
     def cached(self, name: str, compute: Callable[[], T], save: Callable[[Path, T], object],
                load: Callable[[Path], T], *, valid: Callable[[T], bool] | None = None,
-               cleanup: Iterable[str] = ()) -> T:
+               cleanup: Iterable[str] = (), who: Who = "all") -> T:
         """``load`` the stage ``name`` if it is stored (and ``valid``), else ``compute`` it,
-        ``save`` it and delete the ``cleanup`` files (e.g. the training state it resumed)."""
+        ``save`` it and delete the ``cleanup`` files (e.g. the training state it resumed).
+        ``who`` computes it under torchrun (module docstring)."""
         path = self.path(name)
         if path.exists():
             value = load(path)
             if valid is None or valid(value):
                 return value
+        writer = who == "self" or distributed.is_main()
+        if who == "main" and not writer:
+            distributed.barrier()  # rank 0 computes and writes; then read its file
+            return load(path)
         value = compute()
-        save(path, value)
-        for other in cleanup:
-            self.path(other).unlink(missing_ok=True)
+        if writer:
+            save(path, value)
+            for other in cleanup:
+                self.path(other).unlink(missing_ok=True)
+        if who != "self":
+            distributed.barrier()
         return value
 
     def json(self, name: str, compute: Callable[[], Any], *,
-             valid: Callable[[Any], bool] | None = None) -> Any:
-        return self.cached(f"{name}.json", compute, write_json, read_json, valid=valid)
+             valid: Callable[[Any], bool] | None = None, who: Who = "all") -> Any:
+        return self.cached(f"{name}.json", compute, write_json, read_json, valid=valid, who=who)
 
     def tensors(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
                 ) -> dict[str, torch.Tensor]:
@@ -109,6 +130,8 @@ def open_run(config: _Config, out: str | Path) -> Iterator[tuple[Any, RunDir]]:
     resolved = config.resolve()
     check_output(out, directory=True)
     run = RunDir(out)
-    with hold_lock(run.root / ".lock", f"run directory {run.root}"):
+    lock = (hold_lock(run.root / ".lock", f"run directory {run.root}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
         run.pin(resolved)
         yield resolved, run

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from advguard import distributed as distributed_
 from advguard import options
 from advguard.data import ImageSet
 from advguard.errors import CheckpointError, InputError
@@ -81,7 +82,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
           config: TrainConfig | None = None, *,
           val: ImageSet | None = None, state_path: str | Path | None = None,
           pin: Mapping[str, Any] | None = None, progress: bool = True,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", distributed: bool = True) -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
 
     ``source`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
@@ -90,14 +91,34 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
     an uninterrupted one would. The state also records what is being trained (the config, the
     mix, the source and the caller's ``pin``, e.g. architecture and data); a state left by a
     different run is refused instead of being continued.
+
+    Under torchrun (``distributed=True`` and more than one process) the ranks train ``model``
+    together: it is wrapped in ``DistributedDataParallel``, every epoch's shuffle is split
+    over the ranks (padded to equal shares), each rank takes ``batch_size / N`` clean examples
+    a step and crafts their adversarial copies against the synchronised model, and rank 0
+    alone saves the state. Random draws are then seeded per epoch and rank, so a state resumes
+    with any number of processes. ``distributed=False`` trains this rank's model alone (work
+    spread over ranks).
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
-    device = torch.device(config.device)
+    world = distributed_.world_size() if distributed else 1
+    rank = distributed_.rank() if world > 1 else 0
+    device = torch.device(distributed_.device_for_rank(config.device) if world > 1
+                          else config.device)
     model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n = len(data)
-    sched = _scheduler(opt, config, -(-n // config.batch_size))
+    per_rank = config.batch_size if world == 1 else max(1, config.batch_size // world)
+    share = -(-n // world)  # examples per rank and epoch (the shuffle padded to N equal shares)
+    steps = -(-share // per_rank)
+    sched = _scheduler(opt, config, steps)
     result, start_epoch = TrainResult(), 0
     torch.manual_seed(config.seed)
     identity = _identity(config, mix, source, pin)
@@ -107,14 +128,18 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            if sched is not None:
+            start = int(state["epoch"])
+            if sched is not None and state.get("steps_per_epoch", steps) == steps:
                 sched.load_state_dict(state["scheduler"])
-            if "rng" in state:
+            elif sched is not None:  # another world size: the schedule at the same epoch
+                for _ in range(start * steps):
+                    sched.step()
+            if "rng" in state and world == 1:
                 torch.set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"training state {state_path} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
-        start_epoch = int(state["epoch"])
+        start_epoch = start
         result = TrainResult(list(state["history"]), float(state["seconds"]))
         log.info("%s: resuming after epoch %d", desc, start_epoch)
     groups = mix.groups(n, config.seed)
@@ -122,13 +147,16 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+        if world > 1:
+            order = torch.cat([order, order[:share * world - n]])[rank::world]
+            torch.manual_seed(config.seed + 1_000_003 * (epoch + 1) + rank)
         loss_sum, seen = 0.0, 0
-        bar = tqdm(order.split(config.batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False)
+        bar = tqdm(order.split(per_rank), desc=f"{desc} {epoch + 1}/{config.epochs}",
+                   disable=not progress or rank > 0, leave=False)
         for index in bar:
             x, y = data.x[index].to(device), data.y[index].to(device)
-            xb, yb = mix.batch(model, x, y, index, source, groups)
-            loss = F.cross_entropy(model(xb), yb)
+            xb, yb = mix.batch(model, x, y, index, source, groups)  # against the synced model
+            loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -136,21 +164,28 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
                 sched.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
+        if world > 1:
+            totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, seen = float(totals[0]), int(totals[1])
         row: dict[str, float] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         if val is not None and len(val):
             row["val_accuracy"] = accuracy(model, val.x, val.y, device=device)
         result.seconds += time.perf_counter() - t0
         row["seconds"] = result.seconds
         result.history.append(row)
-        log.info("%s epoch %d/%d: loss %.4f, validation accuracy %s (%.1f s)", desc, epoch + 1,
-                 config.epochs, row["loss"], f"{row['val_accuracy']:.4f}" if val else "-",
-                 result.seconds)
-        if state_path is not None:
+        if rank == 0:
+            log.info("%s epoch %d/%d: loss %.4f, validation accuracy %s (%.1f s)", desc,
+                     epoch + 1, config.epochs, row["loss"],
+                     f"{row['val_accuracy']:.4f}" if val else "-", result.seconds)
+        if state_path is not None and rank == 0:
             save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "epoch": epoch + 1, "history": result.history,
                                     "seconds": result.seconds, "identity": identity,
                                     "scheduler": None if sched is None else sched.state_dict(),
-                                    "rng": torch.get_rng_state()})
+                                    "steps_per_epoch": steps, "rng": torch.get_rng_state()})
+        if world > 1:
+            torch.distributed.barrier()  # the state is written before any rank goes on
     model.eval()
     return result
 

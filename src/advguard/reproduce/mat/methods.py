@@ -139,7 +139,10 @@ def evaluate(m: Mat, method: Method) -> MethodResult:
                                    strengths=method_strengths(m, method), curves=cv,
                                    means={k: grid_mean(v) for k, v in cv.items()},
                                    train_seconds=seconds))
-    return MethodResult(**m.run.json(f"eval-{method.value}", compute))
+    # the stages it needs first, on every rank (a rank-0-only stage may not start collectives)
+    model(m, method)
+    directions(m, "test")
+    return MethodResult(**m.run.json(f"eval-{method.value}", compute, who="main"))
 
 
 def voting_comparison(m: Mat) -> dict[str, Any]:
@@ -156,4 +159,7 @@ def voting_comparison(m: Mat) -> dict[str, Any]:
             if rule is VotingRule.LEARNED:
                 out[rule.value]["weights"] = ens.logits.detach().softmax(0).tolist()
         return out
-    return dict(m.run.json("eval-voting", compute))
+    for rule in VotingRule:  # every ranks fits them first (see evaluate)
+        ensemble(m, rule)
+    directions(m, "test")
+    return dict(m.run.json("eval-voting", compute, who="main"))

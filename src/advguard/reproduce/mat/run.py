@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from advguard import distributed
 from advguard.attacks import PGD
 from advguard.io import read_metadata
 from advguard.reports import MatResults, write_html_report, write_report
@@ -60,6 +61,8 @@ def _run(m: Mat, out: str | Path) -> MatResults:
                  "parallel_training": {"workers": cfg.workers,
                                        "peak_rss_mb": members_meta.get("peak_rss_mb")},
                  "selection": chosen.to_json(), "voting": voting})
-    write_report(out, results)
-    write_html_report(out)
+    if distributed.is_main():
+        write_report(out, results)
+        write_html_report(out)
+    distributed.barrier()
     return results

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from advguard import distributed
 from advguard.attacks import PGD, fgsm_directions, perturb
 from advguard.data import ImageSet, load_dataset, train_val_split
 from advguard.evaluation import curve_from_directions, pgd_curve
@@ -167,7 +168,7 @@ def matrix(m: Mat) -> list[list[float]]:
         model = build_model(c.victim, c.dataset)
         train(model, train_set, get_recipe(c.recipe).mix([eps]), source(m, c.recipe),
               train_config(c, c.recipe, c.matrix_epochs), progress=m.progress,
-              desc=f"matrix row {i + 1}/{len(cands)} eps={eps:g}")
+              desc=f"matrix row {i + 1}/{len(cands)} eps={eps:g}", distributed=False)
         if c.matrix_attack is MatrixAttack.PGD:
             acc = pgd_curve(model, val.x, val.y, cands, PGD(steps=c.matrix_pgd_steps,
                                                            seed=c.seed), device=c.device)
@@ -180,8 +181,13 @@ def matrix(m: Mat) -> list[list[float]]:
     def fits(eps: float) -> Any:
         return lambda obj: obj["strength"] == eps and all(obj.get(k) == v for k, v in key.items())
 
-    return [list(m.run.json(f"matrix-{i}", lambda i=i, eps=eps: row(i, eps),  # type: ignore[misc]
-                            valid=fits(eps))["accuracy"]) for i, eps in enumerate(cands)]
+    def cached_row(item: tuple[int, float]) -> list[float]:
+        i, eps = item
+        return list(m.run.json(f"matrix-{i}", lambda: row(i, eps), valid=fits(eps),
+                               who="self")["accuracy"])
+
+    # the rows are independent trainings: under torchrun each rank trains every N-th row
+    return distributed.spread(list(enumerate(cands)), cached_row)
 
 
 def matrix_description(cfg: ResolvedMatConfig) -> str:
