@@ -1,0 +1,113 @@
+"""Training under torchrun: 2 CPU processes (gloo) on a small real MNIST subset reach the
+accuracy of one process on the same data and seed; a 2-process checkpoint resumes in one
+process; the MAT pipeline runs under torchrun with its matrix rows spread over the ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advguard.data import load_dataset
+from advguard.io import read_metadata
+from advguard.models import accuracy, build_model
+from advguard.training import StrengthMix, TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+TOLERANCE = 0.01  # accuracy points (fraction) between 2 processes and 1
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def advguard_script() -> str:
+    script = Path(sys.executable).with_name("advguard")
+    assert script.exists(), "the advguard console script is not installed"
+    return str(script)
+
+
+def test_two_processes_reach_the_accuracy_of_one(tmp_path):
+    args = ["train", "--model", "lenet5", "--train-limit", "2000", "--epochs", "2",
+            "--strengths", "0.1,0.2", "--quiet"]
+    two = torchrun(advguard_script(), args[0], "two.safetensors", *args[1:], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([advguard_script(), args[0], "one.safetensors", *args[1:]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    m2, m1 = (read_metadata(tmp_path / f"{n}.safetensors") for n in ("two", "one"))
+    assert m2["processes"] == 2 and m1["processes"] == 1
+    assert abs(m2["test_accuracy"] - m1["test_accuracy"]) <= TOLERANCE
+    assert m2["test_accuracy"] > 0.6  # it learned
+    assert not (tmp_path / "two.state.pt").exists() and not (tmp_path / "two.lock").exists()
+
+
+WORKER = """
+import sys, torch, torch.distributed as dist
+from advguard import distributed
+from advguard.data import load_dataset
+from advguard.models import build_model
+from advguard.training import StrengthMix, TrainConfig, train
+
+barrier = dist.barrier
+def stop_after_the_first_epoch():  # as an interrupted run would: the state is written
+    barrier()
+    raise SystemExit(0)
+dist.barrier = stop_after_the_first_epoch
+distributed.setup("cpu")
+data = load_dataset("mnist", limit=2000)
+torch.manual_seed(0)
+train(build_model("lenet5", "mnist"), data, StrengthMix((0.1,)), None,
+      TrainConfig(epochs=3, batch_size=64), state_path=sys.argv[1], progress=False)
+"""
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, caplog):
+    (tmp_path / "worker.py").write_text(WORKER)
+    state = tmp_path / "run.state.pt"
+    stopped = torchrun("worker.py", str(state), cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and saved["steps_per_epoch"] == 32  # 1000 images a rank, 32 a step
+    data = load_dataset("mnist", limit=2000)
+    test = load_dataset("mnist", "test", limit=500)
+    config = TrainConfig(epochs=3, batch_size=64)
+    torch.manual_seed(0)
+    resumed = build_model("lenet5", "mnist")
+    with caplog.at_level("INFO"):
+        result = train(resumed, data, StrengthMix((0.1,)), None, config, state_path=state,
+                       progress=False)
+    assert "resuming after epoch 1" in caplog.text
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    torch.manual_seed(0)
+    straight = build_model("lenet5", "mnist")
+    train(straight, data, StrengthMix((0.1,)), None, config, progress=False)
+    assert abs(accuracy(resumed, test.x, test.y) - accuracy(straight, test.x, test.y)) <= 0.02
+
+
+def test_the_mat_pipeline_under_torchrun(tmp_path):
+    args = ["reproduce", "mat", "--train-limit", "1500", "--test-limit", "200", "--epochs", "1",
+            "--crafter-epochs", "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size",
+            "300", "--grid", "0,0.1,0.2,0.3", "--matrix-epochs", "1", "--walks", "50",
+            "--quiet"]
+    two = torchrun(advguard_script(), *args, "--out", "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run directory: two") == 1  # rank 0 alone reports
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    matrix = results["details"]["selection"]["matrix"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert {p.name for p in (tmp_path / "two" / "checkpoints").glob("matrix-*.json")} == {
+        "matrix-0.json", "matrix-1.json", "matrix-2.json"}  # rows written by both ranks
+    assert (tmp_path / "two" / "report.html").is_file()
+    assert all(0.3 < results["methods"][m]["mean"] <= 1 for m in results["methods"])
