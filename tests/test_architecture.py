@@ -14,7 +14,7 @@ PACKAGE = Path(advguard.__file__).parent
 # Each top-level module or folder of the package, by its place in the pipeline: a module may
 # import from its own level or the levels above it (lower numbers), never from below.
 LEVELS = {
-    "errors": 0, "options": 0, "io": 0, "batching": 0, "__init__": 0,
+    "errors": 0, "options": 0, "io": 0, "batching": 0, "distributed": 0, "__init__": 0,
     "data": 1, "models": 2, "attacks": 3, "training": 4, "ensemble": 4, "strengths": 5,
     "evaluation": 6, "detection": 7, "reports": 8, "reproduce": 9, "cli": 10, "serve": 10,
 }

@@ -27,6 +27,7 @@ def fit(
     weighting: Annotated[str, typer.Option(help="knn, wknn or dwknn")] = "dwknn",
     preprocessing: Annotated[str, typer.Option(help="none, l2 or pca-whiten")] = "pca-whiten",
     keep: Annotated[float, typer.Option(help="share of clean validation images kept")] = 0.98,
+    index: Annotated[str, typer.Option(help="FAISS bank: flat (exact), ivf or ivfpq")] = "flat",
     val_size: Annotated[int, typer.Option(help="calibration images held out of the training "
                                                "file")] = 5000,
     train_limit: int | None = None,
@@ -43,7 +44,7 @@ def fit(
     g = fit_guard(model, out, dataset=dataset, k=k, weighting=weighting,
                   preprocessing=preprocessing, keep=keep, val_size=val_size,
                   train_limit=train_limit, seed=seed, data_dir=data_dir, device=device,
-                  progress=not quiet)
+                  index=index, progress=not quiet)
     c = g.config
     typer.echo(f"{out}: {c.dataset} guard, {c.preprocessing} + {c.weighting}, k = {c.k}, "
                f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "

@@ -102,14 +102,14 @@ def fit_guard(source: str | Path, out: str | Path, *, dataset: str | None = None
               k: int = 1000, weighting: str = "dwknn", preprocessing: str = "pca-whiten",
               keep: float = 0.98, val_size: int = 5000, train_limit: int | None = None,
               seed: int = 0, data_dir: str | None = None, device: str = "cpu",
-              progress: bool = False) -> Guard:
+              index: str = "flat", progress: bool = False) -> Guard:
     """Fit a guard folder ``out`` for the model at ``source``: the detector's bank is the
     model's training-set features (the training split the experiments use), its threshold
     keeps ``keep`` of the correctly classified held-out validation images."""
     source = Path(source)
     out = check_output(out, directory=True)
     detector = KNNDetector(k=k, weighting=weighting, preprocessing=preprocessing, keep=keep,
-                           device=device, seed=seed)  # bad settings fail before any work
+                           device=device, seed=seed, index=index)  # bad settings: refused now
     path = _model_file(source)
     model, meta = load_any(path)
     name = dataset or meta.get("dataset")
