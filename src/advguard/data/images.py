@@ -112,6 +112,8 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int],
             array = np.asarray(img, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise InputError("the upload is not a PNG or JPEG image") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"the image has more than {max_pixels} pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt files
         raise InputError(f"the image is truncated or corrupt: {str(exc).splitlines()[0]}"
                          ) from None

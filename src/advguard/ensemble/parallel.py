@@ -41,7 +41,7 @@ def _train_member(k: int, build: Callable[[], nn.Module], data: ImageSet, eps: f
                    val=val, state_path=state_path, progress=progress,
                    desc=f"parallel[{k}] eps={eps:g}", distributed=False)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return member.state_dict(), result, rss_mb
+    return {k: v.cpu() for k, v in member.state_dict().items()}, result, rss_mb
 
 
 def train_parallel(build: Callable[[], nn.Module], data: ImageSet, strengths: Sequence[float],

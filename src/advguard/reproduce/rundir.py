@@ -50,6 +50,7 @@ class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.ckpt = self.root / "checkpoints"
+        self._alone = 0  # > 0 while this rank computes a stage by itself
 
     def pin(self, config: Any) -> None:
         """Fix ``config`` (resolved) in ``config.json``; a different stored config is an error
@@ -82,20 +83,36 @@ class RunDir:
         ``save`` it and delete the ``cleanup`` files (e.g. the training state it resumed).
         ``who`` computes it under torchrun (module docstring)."""
         path = self.path(name)
-        if path.exists():
-            value = load(path)
-            if valid is None or valid(value):
-                return value
-        writer = who == "self" or distributed.is_main()
+
+        def stored() -> T | None:
+            if path.exists():
+                value = load(path)
+                if valid is None or valid(value):
+                    return value
+            return None
+
+        alone = who == "self" or self._alone > 0 or not distributed.active()
+        if alone:  # no collective: this rank works by itself here
+            found = stored()
+        else:  # rank 0 decides, so that every rank takes the same branch (and barriers)
+            found = stored() if distributed.main_only(lambda: stored() is not None) else None
+        if found is not None:
+            return found
+        writer = alone or distributed.is_main()
         if who == "main" and not writer:
             distributed.barrier()  # rank 0 computes and writes; then read its file
             return load(path)
-        value = compute()
+        solo = who != "all"  # one rank alone: the stages it asks for must not start
+        self._alone += solo  # collectives (the callers compute them on every rank first)
+        try:
+            value = compute()
+        finally:
+            self._alone -= solo
         if writer:
             save(path, value)
             for other in cleanup:
                 self.path(other).unlink(missing_ok=True)
-        if who != "self":
+        if not alone:
             distributed.barrier()
         return value
 

@@ -27,13 +27,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from advguard.data.images import MAX_PIXELS, decode_image, images_from_array, images_from_pixels
 from advguard.errors import AdvguardError, InputError
 from advguard.serve.guard import KEYS, Client, Guard, read_keys, summary
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy, Store
-from advguard.serve.runtime import Batcher, BodyLimit, RateLimiter
+from advguard.serve.runtime import Batcher, BodyLimit, BodyTooLarge, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse
 from advguard.serve.stores import open_store
 
@@ -222,8 +223,12 @@ async def _read_images(request: Request, info: Any, settings: Settings
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=settings.max_batch + 1, max_fields=8)
-        except HTTPException:
+        except BodyTooLarge:
             raise
+        except StarletteHTTPException as exc:  # too many files or fields
+            code = 413 if "Too many files" in str(exc.detail) else exc.status_code
+            raise HTTPException(code, f"{exc.detail} (at most {settings.max_batch} images)"
+                                ) from None
         except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
             raise InputError(f"unreadable multipart body: {exc}") from None
         uploads = [f for key in ("files", "file", "image") for f in form.getlist(key)
@@ -250,21 +255,27 @@ async def _read_images(request: Request, info: Any, settings: Settings
         x = images_from_array(np.stack(arrays), channels=info.channels, size=info.size)
         return x, names, notes
     if kind in ("application/json", ""):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"the body is not valid JSON: {exc}") from None
-        try:
-            pixels = PixelsRequest.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise InputError(f"{where}: {first['msg']}") from None
-        x = images_from_pixels(pixels.images, channels=info.channels, size=info.size)
+        x = await asyncio.to_thread(_pixels, await request.body(), info)  # off the event loop
         _check_batch(len(x), settings)
         return x, [None] * len(x), [[] for _ in range(len(x))]
     raise HTTPException(415, f"send multipart/form-data (PNG/JPEG files) or application/json "
                              f"pixels, not {kind}")
+
+
+def _pixels(raw: bytes, info: Any) -> torch.Tensor:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError("the JSON body is nested too deeply") from None
+    try:
+        pixels = PixelsRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InputError(f"{where}: {first['msg']}") from None
+    return images_from_pixels(pixels.images, channels=info.channels, size=info.size)
 
 
 def _check_batch(n: int, settings: Settings) -> None:

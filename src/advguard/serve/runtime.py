@@ -21,18 +21,25 @@ class Batcher:
     def __init__(self, fn: Callable[[torch.Tensor], Verdicts], max_images: int = 256) -> None:
         self.fn = fn
         self.max_images = max_images
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-inference")
+        self.pool: ThreadPoolExecutor | None = None
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future[Verdicts]]] = (
             asyncio.Queue())
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-inference")
+        self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        while not self.queue.empty():  # requests still waiting are answered, not left hanging
+            _, future = self.queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("the service is shutting down"))
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, x: torch.Tensor) -> Verdicts:
         future: asyncio.Future[Verdicts] = asyncio.get_running_loop().create_future()

@@ -66,10 +66,11 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus:

@@ -148,7 +148,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
         if world > 1:
-            order = torch.cat([order, order[:share * world - n]])[rank::world]
+            order = order.repeat(-(-share * world // n))[:share * world][rank::world]
             torch.manual_seed(config.seed + 1_000_003 * (epoch + 1) + rank)
         loss_sum, seen = 0.0, 0
         bar = tqdm(order.split(per_rank), desc=f"{desc} {epoch + 1}/{config.epochs}",

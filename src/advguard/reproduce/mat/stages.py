@@ -181,6 +181,8 @@ def matrix(m: Mat) -> list[list[float]]:
     def fits(eps: float) -> Any:
         return lambda obj: obj["strength"] == eps and all(obj.get(k) == v for k, v in key.items())
 
+    source(m, c.recipe)  # its stages run on every rank before the rows are spread
+
     def cached_row(item: tuple[int, float]) -> list[float]:
         i, eps = item
         return list(m.run.json(f"matrix-{i}", lambda: row(i, eps), valid=fits(eps),
