@@ -185,6 +185,8 @@ BAD = [  # (id, request keywords, expected status, part of the detail)
     ("unknown-field", dict(json={"images": [[0.0]], "eps": 0.3}), 422, "eps: Extra inputs"),
     ("missing-field", dict(json={"pixels": []}), 422, "images: Field required"),
     ("bad-json", dict(content=b'{"images": [[0.1,'), 422, "not valid JSON"),
+    ("nested-json", dict(content=b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 422,
+     "nested too deeply"),
     ("wrong-type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
      "multipart/form-data"),
     ("too-many-images", dict(json={"images": np.zeros((65, 1, 28, 28)).tolist()}), 413,
