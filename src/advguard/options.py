@@ -8,6 +8,7 @@ the command line's text becomes its value; the CLI builds its options from these
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from fractions import Fraction
@@ -128,11 +129,17 @@ def as_json(config: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
+def check_int(name: str, value: Any, minimum: int = 1,
+              types: tuple[type, ...] = (int,)) -> None:
+    """``value`` must be an integer (of ``types``, never a bool) ≥ ``minimum``."""
+    ok = not isinstance(value, bool) and isinstance(value, types)
+    if not ok or operator.lt(value, minimum):
+        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
 def check_at_least(config: Any, minimum: int, *names: str) -> None:
     """Each named integer field (``None`` allowed) must be an integer ≥ ``minimum``."""
     for name in names:
         value = getattr(config, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+        if value is not None:
+            check_int(name, value, minimum)

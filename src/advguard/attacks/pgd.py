@@ -17,6 +17,7 @@ from advguard.attacks.base import (
     with_restarts,
 )
 from advguard.errors import InputError
+from advguard.options import check_int
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,8 @@ class PGD(Attack):
     targeted: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"PGD steps must be an integer ≥ 1, got {self.steps!r}")
-        if (isinstance(self.restarts, bool) or not isinstance(self.restarts, int)
-                or self.restarts < 1):
-            raise InputError(f"PGD restarts must be an integer ≥ 1, got {self.restarts!r}")
+        check_int("PGD steps", self.steps)
+        check_int("PGD restarts", self.restarts)
         if self.step_size is not None and not 0.0 < float(self.step_size) <= 1.0:
             raise InputError(f"PGD step size must be in (0, 1] (pixel units), got "
                              f"{self.step_size!r}")

@@ -26,7 +26,8 @@ from advguard.data.readers import (
     load_idx_dataset,
     load_torchvision,
 )
-from advguard.errors import DataError, InputError
+from advguard.errors import DataError
+from advguard.options import check_int
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def load_dataset(name: str, split: str | Split = Split.TRAIN, *, data_dir: str |
     ``data_dir`` defaults to ``$ADVGUARD_DATA_DIR`` or ``./data``; MNIST needs none.
     """
     info = dataset_info(name)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InputError(f"limit must be an integer ≥ 1 (the first N images), got {limit!r}")
+    if limit is not None:
+        check_int("limit", limit)
     try:
         split = Split(split)
     except ValueError:

@@ -62,6 +62,11 @@ class Verdicts:
     trusted: np.ndarray  # (N,) bool
     threshold: float
 
+    def rows(self, start: int, end: int) -> Verdicts:
+        """The verdicts of inputs ``start`` to ``end`` (exclusive)."""
+        return Verdicts(self.predicted[start:end], self.probabilities[start:end],
+                        self.scores[start:end], self.trusted[start:end], self.threshold)
+
 
 class KNNDetector:
     def __init__(self, k: int = 1000, weighting: str | Weighting = Weighting.DWKNN,
@@ -74,12 +79,10 @@ class KNNDetector:
         ``nprobe`` searched, ``pq_m`` bytes a vector — see :mod:`advguard.detection.index`).
         ``fit`` extracts features ``chunk_size`` images at a time and fits the
         pre-processing and the IVF cells on the first ``fit_sample`` vectors."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be an integer ≥ 1, got {k!r}")
+        options.check_int("k", k, types=(int, np.integer))
         options.check_fraction("keep", keep)
         options.device(device)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+        options.check_int("batch_size", batch_size)
         if index not in INDEX_KINDS:
             raise InputError(f"unknown index {index!r}; choose one of: {', '.join(INDEX_KINDS)}")
         self.k = int(k)
@@ -89,8 +92,7 @@ class KNNDetector:
         self.index = index
         for name, value in (("nlist", nlist), ("nprobe", nprobe), ("chunk_size", chunk_size),
                             ("fit_sample", fit_sample), ("pq_m", 1 if pq_m is None else pq_m)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+            options.check_int(name, value)
         self.nlist, self.nprobe, self.pq_m = nlist, nprobe, pq_m
         self.chunk_size, self.fit_sample = chunk_size, fit_sample
         self.keep = keep
@@ -203,8 +205,13 @@ class KNNDetector:
 
     def set_threshold(self, x: torch.Tensor, y: torch.Tensor, keep: float | None = None) -> float:
         """Set ``offset_`` so that a share ``keep`` of the correctly classified ``x`` is kept."""
-        keep = self.keep if keep is None else keep
         predicted, scores = self.inspect(x)
+        return self.calibrate(predicted, scores, y, keep)
+
+    def calibrate(self, predicted: np.ndarray, scores: np.ndarray,
+                  y: np.ndarray | torch.Tensor, keep: float | None = None) -> float:
+        """:meth:`set_threshold` from predictions and scores already computed (``inspect``)."""
+        keep = self.keep if keep is None else keep
         authentic = scores[predicted == np.asarray(y)]
         if len(authentic) == 0:
             raise InputError("no correctly classified calibration input to set a threshold")

@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from advguard.errors import CheckpointError, InputError
+from advguard.options import check_int
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
 MIN_POINTS_PER_CELL = 39  # FAISS warns below this many training points per IVF cell
@@ -50,8 +51,7 @@ class FeatureIndex:
                  pq_m: int | None = None, seed: int = 0) -> None:
         if kind not in INDEX_KINDS:
             raise InputError(f"unknown index {kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise InputError(f"the feature dimension must be an integer ≥ 1, got {dim!r}")
+        check_int("the feature dimension", dim)
         self.kind, self.dim, self.nlist, self.nprobe, self.seed = kind, dim, nlist, nprobe, seed
         self.pq_m = pq_m or max(m for m in range(1, max(dim // 2, 1) + 1) if dim % m == 0)
         if dim % self.pq_m:

@@ -123,10 +123,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"detail": f"{where}: {first['msg']}" if where else first["msg"],
-                             "errors": exc.errors()}, status_code=422)
+        return JSONResponse({"detail": _first_error(exc.errors()), "errors": exc.errors()},
+                            status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -272,10 +270,16 @@ def _pixels(raw: bytes, info: Any) -> torch.Tensor:
     try:
         pixels = PixelsRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InputError(f"{where}: {first['msg']}") from None
+        raise InputError(_first_error(exc.errors())) from None
     return images_from_pixels(pixels.images, channels=info.channels, size=info.size)
+
+
+def _first_error(errors: Any) -> str:
+    """pydantic's first error as one line: ``field.path: message``."""
+    if not errors:
+        return "invalid request"
+    where = ".".join(str(p) for p in errors[0].get("loc", ())) or "body"
+    return f"{where}: {errors[0]['msg']}"
 
 
 def _check_batch(n: int, settings: Settings) -> None:

@@ -121,16 +121,16 @@ def fit_guard(source: str | Path, out: str | Path, *, dataset: str | None = None
     full = load_dataset(info.name, "train", data_dir=data_dir, limit=train_limit)
     tr, va = train_val_split(len(full), min(val_size, len(full) // 5), seed)
     bank, val = full.subset(tr), full.subset(va)
-    detector.fit(model, bank.x, bank.y, x_calibration=val.x, y_calibration=val.y,
-                 progress=progress)
-    v = detector.verdicts(val.x)
-    right = v.predicted == val.y.numpy()
+    detector.fit(model, bank.x, bank.y, progress=progress)
+    predicted, scores = detector.inspect(val.x)  # one pass: the threshold and its measured keep
+    threshold = detector.calibrate(predicted, scores, val.y)
+    right = predicted == val.y.numpy()
     config = GuardConfig(
         dataset=info.name, source=str(source), k=detector.k,
         weighting=detector.weighting.value, preprocessing=detector.preprocessing.value,
-        keep=keep, threshold=float(detector.offset_),  # type: ignore[arg-type]
-        bank_images=len(bank), calibration_images=int(right.sum()),
-        calibration_kept=float(v.trusted[right].mean()),
+        keep=keep, threshold=threshold, bank_images=len(bank),
+        calibration_images=int(right.sum()),
+        calibration_kept=float((scores[right] >= threshold).mean()),
         fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, out / MODEL)

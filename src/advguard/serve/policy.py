@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from advguard.errors import InputError
+from advguard.options import check_at_least
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,7 @@ class Policy:
     cooldown_s: float = 3600.0  # how long a denial lasts; 0 = until an admin clears it
 
     def __post_init__(self) -> None:
-        for name in ("window", "min_requests"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        check_at_least(self, 1, "window", "min_requests")
         if self.min_requests > self.window:
             raise InputError(f"min_requests ({self.min_requests}) cannot exceed the window "
                              f"({self.window})")

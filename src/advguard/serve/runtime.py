@@ -66,9 +66,7 @@ class Batcher:
             for x, future in items:
                 end = start + len(x)
                 if not future.done():
-                    future.set_result(Verdicts(v.predicted[start:end],
-                                               v.probabilities[start:end], v.scores[start:end],
-                                               v.trusted[start:end], v.threshold))
+                    future.set_result(v.rows(start, end))
                 start = end
 
 

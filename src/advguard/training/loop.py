@@ -49,10 +49,7 @@ class TrainConfig:
     schedule: Schedule = Schedule.CONSTANT  # learning rate over the run
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        options.check_at_least(self, 1, "epochs", "batch_size")
         options.check_positive("lr", self.lr)
         options.device(self.device)
         if not self.weight_decay >= 0:
