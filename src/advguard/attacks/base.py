@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Protocol, overload
+from typing import ClassVar, Protocol, overload
 
 import numpy as np
 import torch
@@ -123,7 +123,20 @@ def with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, restarts: 
 
 class Attack(ABC):
     """Base of every attack: validation, eval mode, projection; subclasses write
-    :meth:`perturb`. ``shares_gradient`` attacks (FGSM) craft all strengths from one gradient."""
+    :meth:`perturb`. ``shares_gradient`` attacks (FGSM) craft all strengths from one gradient.
+
+    ``reach`` is the L∞ radius of the result in units of ``eps`` (1: the ε-ball; a training
+    perturbation such as N-FGSM's deliberately goes further). :attr:`passes` counts the
+    forward-backward passes per example one strength costs (training cost is counted in them).
+    """
+
+    reach: ClassVar[float] = 1.0
+    shares_gradient: ClassVar[bool] = False
+
+    @property
+    def passes(self) -> int:
+        """Forward-backward passes per example and strength (one gradient by default)."""
+        return 1
 
     @overload
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -152,7 +165,7 @@ class Attack(ABC):
         e = as_strength(eps, x)
         with eval_mode(model):
             adv = self.perturb(model, x, y, e)
-        return project(x, adv.detach(), e)
+        return project(x, adv.detach(), e if self.reach == 1.0 else e * self.reach)
 
     def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    strengths: Sequence[Strength]) -> list[torch.Tensor]:

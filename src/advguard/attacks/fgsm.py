@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import ClassVar, overload
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ def perturb(x: torch.Tensor, direction: torch.Tensor, eps: float | torch.Tensor)
 @dataclass(frozen=True)
 class FGSM(Attack):
     """One signed-gradient step of size ε; every strength of a call shares the gradient."""
+
+    shares_gradient: ClassVar[bool] = True
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Strength) -> torch.Tensor:

@@ -57,6 +57,12 @@ class PGD(Attack):
         if not 0.0 < float(self.step_scale) <= 10.0:
             raise InputError(f"PGD step scale must be in (0, 10], got {self.step_scale!r}")
 
+    @property
+    def passes(self) -> int:
+        """Every step of every restart takes one gradient of the whole batch (an upper bound
+        with restarts, which attack only what earlier ones did not fool)."""
+        return self.steps * self.restarts
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             eps: Strength) -> torch.Tensor:
         """:meth:`craft` (no input checks), the name PGD's callers used before."""

@@ -33,10 +33,17 @@ def train(
     crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
                                                       "(default: white-box, online)")] = None,
     recipe: Annotated[str, typer.Option(
-        help="white-box recipe: fgsm (the paper's), fgsm-rs or pgd-at")] = RecipeName.FGSM.value,
+        help="white-box recipe: fgsm (the paper's), fgsm-rs, n-fgsm or pgd-at")]
+    = RecipeName.FGSM.value,
     epochs: int = TrainConfig.epochs,
     batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
     lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
+    ramp: Annotated[float | None, typer.Option(
+        help="strengths rise linearly from 0 over this fraction of training (default: the "
+             "recipe's)")] = None,
+    average: Annotated[float | None, typer.Option(
+        help="EMA decay of the weights per step, e.g. 0.999; 0: off (default: the recipe's)")]
+    = None,
     train_limit: int | None = None,
     seed: int = TrainConfig.seed,
     device: str = TrainConfig.device,
@@ -57,7 +64,6 @@ def train(
     from advguard.training import (
         AdversarialSource,
         RecipeName,
-        TrainConfig,
         Transfer,
         WhiteBox,
         get_recipe,
@@ -67,9 +73,8 @@ def train(
     distributed.setup(device)
     setup_logging(quiet or not distributed.is_main())
     how = get_recipe(recipe)
-    config = TrainConfig(epochs=epochs, seed=seed, device=device, schedule=how.schedule,
-                         batch_size=how.batch_size if batch_size is None else batch_size,
-                         lr=how.lr if lr is None else lr)
+    config = how.config(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
+                        ramp=ramp, average=average)
     check_output(out)
     state = check_output(out.with_suffix(".state.pt"))
     eps = () if strengths is None else opts.strengths(strengths)
@@ -115,14 +120,17 @@ def audit(
         help="other models whose PGD examples are transferred (black-box check); repeatable")]
     = None,
     test_limit: Annotated[int | None, typer.Option(help="first N test images")] = 1000,
+    only_autoattack: Annotated[bool, typer.Option(
+        help="AutoAttack and the cheap checks only (no PGD, sweep or transfer)")] = False,
     seed: int = 0,
     device: str = "cpu",
     data_dir: DataDir = None,
     out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Audit a white-box robustness claim: advguard's PGD, torchattacks' PGD and APGD (CE, DLR),
-    a PGD step sweep, black-box transfer, zero gradients and an unbounded attack."""
+    """Audit a white-box robustness claim: AutoAttack (standard: APGD-CE, APGD-T, FAB-T,
+    Square), advguard's PGD, torchattacks' PGD and APGD (CE, DLR), a PGD step sweep, black-box
+    transfer, zero gradients and an unbounded attack."""
     from advguard.attacks import PGD
     from advguard.data import load_dataset
     from advguard.ensemble import load_any
@@ -139,18 +147,25 @@ def audit(
     test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
-                       pgd=pgd,
+                       pgd=pgd, suite=not only_autoattack,
                        sources=sources, device=device, seed=seed, progress=not quiet)
     typer.echo(f"{checkpoint.name}: ε = {strength:g}, {report.images} test images")
     typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
     for name, acc in report.attacks.items():
         typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
+    aa = report.autoattack or {}
+    for name, acc in aa.get("robust_after", {}).items():
+        typer.echo(f"    AutoAttack after {name:<13} {100 * acc:6.2f}%")
+    if aa.get("square_alone_accuracy") is not None:
+        typer.echo(f"    Square (black-box) alone     {100 * aa['square_alone_accuracy']:6.2f}%")
     typer.echo(f"  worst case over all attacks    {100 * report.worst_case_accuracy:6.2f}%")
     for name, acc in report.transfer.items():
         typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
     typer.echo(f"  zero-gradient inputs           {100 * report.zero_gradient_fraction:6.2f}%")
     typer.echo(f"  unbounded PGD (ε = 1)          {100 * report.unbounded_accuracy:6.2f}%")
     typer.echo("  warnings: " + ("; ".join(report.warnings) or "none"))
+    typer.echo("  gradient masking: " + ("signal, see the warnings" if report.masking_signal
+                                         else "no signal"))
     if out is not None:
         write_json(out, {"checkpoint": str(checkpoint), **report.to_json()})
 

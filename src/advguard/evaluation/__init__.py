@@ -1,5 +1,5 @@
 """Robustness curves (accuracy vs. strength) and their grid means (SPEC A6), detection metrics,
-and the robustness audit (independent attacks, gradient-masking checks)."""
+and the robustness audit (AutoAttack, independent attacks, gradient-masking checks)."""
 
 from advguard.evaluation.audit import (
     AUDIT_PGD,
@@ -10,6 +10,7 @@ from advguard.evaluation.audit import (
     audit,
     independent_attacks,
 )
+from advguard.evaluation.autoattack import AutoAttack, AutoAttackResult
 from advguard.evaluation.detection import (
     OperatingPoint,
     auc,
@@ -30,7 +31,8 @@ from advguard.evaluation.robustness import (
     pgd_curve,
 )
 
-__all__ = ["AUDIT_PGD", "AuditReport", "OperatingPoint", "ThreatSetting", "TorchattacksAPGD",
+__all__ = ["AUDIT_PGD", "AuditReport", "AutoAttack", "AutoAttackResult", "OperatingPoint",
+           "ThreatSetting", "TorchattacksAPGD",
            "TorchattacksPGD", "Transferred", "attack_curve", "audit", "auc",
            "curve_from_directions", "eer", "eer_accuracy", "fgsm_curve", "grid_mean",
            "independent_attacks", "keep_threshold", "lbfgs_vs_fgsm", "operating_point",

@@ -6,9 +6,15 @@ security").
   APGD with the cross-entropy and DLR losses, Croce & Hein 2020) next to advguard's own PGD; the
   robust accuracy is the per-example minimum over all of them (an example counts as robust only
   if no attack fools it).
+* **AutoAttack** — the standard version at the published budgets
+  (:mod:`advguard.evaluation.autoattack`), the reference number; its worst case joins the
+  per-example minimum.
 * **Gradient-masking signals** — robust accuracy that *rises* with more PGD steps; a black-box
-  transfer attack (crafted on another model) that beats the white-box attack; inputs whose loss
-  gradient is exactly zero; an unbounded attack (ε = 1) that does not drive accuracy to ~0.
+  attack (AutoAttack's Square, or PGD transferred from another model) that beats the white-box
+  attacks; inputs whose loss gradient is exactly zero; an unbounded attack (ε = 1) that does not
+  drive accuracy to ~0. "No masking signal" is said only when none of them fires.
+
+``suite=False`` runs AutoAttack and the cheap checks only (zero gradients, ε = 1).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from advguard.attacks import (
 )
 from advguard.batching import map_batches
 from advguard.errors import AdvguardError
+from advguard.evaluation.autoattack import AutoAttack
 from advguard.models import correct
 
 
@@ -104,7 +111,12 @@ class AuditReport:
     transfer: dict[str, float] = field(default_factory=dict)  # black-box accuracy by source
     zero_gradient_fraction: float = 0.0
     unbounded_accuracy: float = 0.0  # PGD at ε = 1
+    autoattack: dict[str, Any] | None = None  # AutoAttackResult.to_json()
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def masking_signal(self) -> bool:
+        return any("masking" in w or "zero loss gradient" in w for w in self.warnings)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,16 +139,21 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
           attacks: dict[str, Attack] | None = None, step_sweep: Sequence[int] = AUDIT_STEP_SWEEP,
           sources: dict[str, nn.Module] | None = None, batch_size: int = 500,
           device: str | torch.device = "cpu", seed: int = 0,
+          autoattack: AutoAttack | None = None, suite: bool = True,
           progress: bool = False) -> AuditReport:
     """Attack ``model`` on ``(x, y)`` at strength ``eps`` with advguard's ``pgd``, PGD with
     ``step_sweep`` steps (step 2.5·ε/steps) and ``attacks`` (default:
     :func:`independent_attacks` with ``pgd``'s steps, step and restarts), and check the
     gradient-masking signals. ``sources`` are other models whose PGD examples are transferred
-    to ``model`` (black-box)."""
+    to ``model`` (black-box). ``autoattack`` (default: the standard version, seeded with
+    ``seed``) runs too; ``suite=False`` leaves out every attack but AutoAttack."""
     check_attack_inputs(x, y)
     (eps,) = check_strengths(eps)
     model = model.to(device).eval()
-    if attacks is None:
+    autoattack = autoattack or AutoAttack(seed=seed)
+    if not suite:
+        attacks, step_sweep, sources = {}, (), None
+    elif attacks is None:
         attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
                                       pgd.restarts, seed=seed)
     kw: dict[str, Any] = {"batch_size": batch_size, "device": device}
@@ -145,7 +162,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                          attacks={}, worst_case_accuracy=0.0, steps_sweep={})
     step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
     every: dict[str, Attack] = {
-        f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd,
+        **({f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
         **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
     for name, attack in tqdm(every.items(), desc="audit", disable=not progress, leave=False):
         adv = attack.craft_dataset(model, x, y, eps, batch_size=batch_size, device=device)
@@ -155,6 +172,13 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         ok = correct(model, adv, y, **kw)
         report.attacks[name] = float(ok.float().mean())
         robust &= ok
+    aa = autoattack.evaluate(model, x, y, eps, batch_size=batch_size, device=device,
+                             progress=progress)
+    report.autoattack = aa.to_json()
+    report.attacks[f"AutoAttack ({'standard' if aa.standard else 'reduced budget'})"] = (
+        aa.robust_accuracy)
+    report.warnings.extend(aa.warnings)
+    robust &= aa.robust
     report.worst_case_accuracy = float(robust.float().mean())
     report.steps_sweep = {str(n): report.attacks[f"advguard PGD-{n}"] for n in step_sweep}
     white_box = min(report.attacks.values())

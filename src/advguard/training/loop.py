@@ -47,6 +47,8 @@ class TrainConfig:
     seed: int = 0  # shuffling, reduced-size groups, sampled strengths and random starts
     device: str = "cpu"
     schedule: Schedule = Schedule.CONSTANT  # learning rate over the run
+    ramp: float = 0.0  # strengths rise linearly from 0 over this fraction of the steps
+    average: float = 0.0  # EMA decay of the weights per step (0: off); the model ends averaged
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -54,7 +56,15 @@ class TrainConfig:
         options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        for name in ("ramp", "average"):
+            value = getattr(self, name)
+            if not (options.is_number(value) and 0.0 <= value < 1.0):
+                raise InputError(f"{name} must be in [0, 1), got {value!r}")
         self.schedule = Schedule(self.schedule)
+
+    def strength_scale(self, step: int, steps: int) -> float:
+        """The fraction of every strength used at global ``step`` of ``steps`` (the ε ramp)."""
+        return 1.0 if self.ramp == 0 else min(1.0, (step + 1) / (self.ramp * steps))
 
 
 def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig,
@@ -111,6 +121,7 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         net = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    averaged = _averaged(model, config.average)
     n = len(data)
     per_rank = config.batch_size if world == 1 else max(1, config.batch_size // world)
     share = -(-n // world)  # examples per rank and epoch (the shuffle padded to N equal shares)
@@ -133,6 +144,8 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
                     sched.step()
             if "rng" in state and world == 1:
                 torch.set_rng_state(state["rng"])
+            if averaged is not None:
+                averaged.load_state_dict(state["averaged"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"training state {state_path} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
@@ -150,15 +163,19 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         loss_sum, seen = 0.0, 0
         bar = tqdm(order.split(per_rank), desc=f"{desc} {epoch + 1}/{config.epochs}",
                    disable=not progress or rank > 0, leave=False)
-        for index in bar:
+        for i, index in enumerate(bar):
             x, y = data.x[index].to(device), data.y[index].to(device)
-            xb, yb = mix.batch(model, x, y, index, source, groups)  # against the synced model
+            scale = config.strength_scale(epoch * steps + i, config.epochs * steps)
+            xb, yb = mix.batch(model, x, y, index, source, groups,  # against the synced model
+                               scale=scale)
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
         if world > 1:
@@ -167,7 +184,8 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
             loss_sum, seen = float(totals[0]), int(totals[1])
         row: dict[str, float] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         if val is not None and len(val):
-            row["val_accuracy"] = accuracy(model, val.x, val.y, device=device)
+            row["val_accuracy"] = accuracy(model if averaged is None else averaged.module,
+                                           val.x, val.y, device=device)
         result.seconds += time.perf_counter() - t0
         row["seconds"] = result.seconds
         result.history.append(row)
@@ -180,11 +198,25 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
                                     "epoch": epoch + 1, "history": result.history,
                                     "seconds": result.seconds, "identity": identity,
                                     "scheduler": None if sched is None else sched.state_dict(),
-                                    "steps_per_epoch": steps, "rng": torch.get_rng_state()})
+                                    "steps_per_epoch": steps, "rng": torch.get_rng_state(),
+                                    **({} if averaged is None
+                                       else {"averaged": averaged.state_dict()})})
         if world > 1:
             torch.distributed.barrier()  # the state is written before any rank goes on
+    if averaged is not None:
+        model.load_state_dict(averaged.module.state_dict())
     model.eval()
     return result
+
+
+def _averaged(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (``decay`` per step),
+    torch's :class:`~torch.optim.swa_utils.AveragedModel`; ``None`` when ``decay`` is 0."""
+    if decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 
@@ -192,7 +224,10 @@ def _identity(config: TrainConfig, mix: StrengthMix, source: AdversarialSource,
               pin: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a training state belongs to, as plain values (the state is read weights-only)."""
     attack = getattr(source, "attack", None)
-    return {**{k: plain(v) for k, v in asdict(config).items() if k != "device"},
+    # the ε ramp and weight averaging are named only when on (older states lack them)
+    fields = {k: v for k, v in asdict(config).items()
+              if k != "device" and not (k in ("ramp", "average") and v == 0)}
+    return {**{k: plain(v) for k, v in fields.items()},
             "strengths": list(mix.strengths), "reduced": mix.reduced, "sample": mix.sample,
             "clean": mix.clean,
             "source": type(source).__name__ + (f":{type(attack).__name__}" if attack else ""),

@@ -67,12 +67,13 @@ class StrengthMix:
         return groups
 
     def batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-              source: AdversarialSource,
-              groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training batch built from the clean batch ``(x, y)`` of dataset rows ``index``."""
+              source: AdversarialSource, groups: torch.Tensor | None = None, *,
+              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch built from the clean batch ``(x, y)`` of dataset rows ``index``;
+        every strength multiplied by ``scale`` (a strength curriculum)."""
         if not self.strengths:
             return x, y
-        levels = self._levels.to(x.device)
+        levels = self._levels.to(x.device) * scale
         if self.reduced:
             if groups is None:
                 raise ValueError("reduced-size mixing needs the groups from StrengthMix.groups")

@@ -28,15 +28,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from advguard.attacks import FGSM, PGD, Attack, RandomStartFGSM
+from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM
 from advguard.errors import parse_choice
-from advguard.training.loop import Schedule
+from advguard.training.loop import Schedule, TrainConfig
 from advguard.training.mixing import StrengthMix
 
 
 class RecipeName(str, Enum):
     FGSM = "fgsm"
     FGSM_RS = "fgsm-rs"
+    N_FGSM = "n-fgsm"
     PGD_AT = "pgd-at"
 
 
@@ -50,6 +51,34 @@ class Recipe:
     schedule: Schedule  # TrainConfig.schedule
     lr: float  # Adam learning rate (the peak of a one-cycle schedule)
     batch_size: int  # clean examples per step
+    ramp: float = 0.0  # TrainConfig.ramp: strengths rise from 0 over this fraction of training
+    average: float = 0.0  # TrainConfig.average: EMA decay of the weights (0: off)
+
+    def config(self, *, epochs: int, seed: int = 0, device: str = "cpu",
+               batch_size: int | None = None, lr: float | None = None,
+               ramp: float | None = None, average: float | None = None) -> TrainConfig:
+        """The training configuration of this recipe (batch size, lr, ε ramp and weight
+        averaging: the recipe's unless given)."""
+        return TrainConfig(epochs=epochs, seed=seed, device=device, schedule=self.schedule,
+                           batch_size=self.batch_size if batch_size is None else batch_size,
+                           lr=self.lr if lr is None else lr,
+                           ramp=self.ramp if ramp is None else ramp,
+                           average=self.average if average is None else average)
+
+    def passes(self, strengths: Sequence[float], epochs: int, *,
+               reduced: bool = False) -> int:
+        """Forward-backward passes per training example over ``epochs`` white-box epochs:
+        crafting (the attack's passes per strength, or one shared gradient) plus one training
+        pass per copy in the batch."""
+        mix = self.mix(strengths, reduced=reduced)
+        if not mix.strengths:
+            return epochs
+        if mix.reduced:
+            return epochs * (self.attack.passes + 1)
+        crafted = 1 if mix.sample else len(mix.strengths)
+        craft = self.attack.passes * (1 if self.attack.shares_gradient
+                                      else crafted)
+        return epochs * (craft + crafted + int(mix.clean))
 
     def mix(self, strengths: Sequence[float], *, reduced: bool = False) -> StrengthMix:
         """The batch mixing of a method trained at ``strengths`` (empty: clean training)."""
@@ -71,6 +100,11 @@ RECIPES: dict[RecipeName, Recipe] = {
         RecipeName.FGSM_RS, "FGSM from a random start (step 1.25·ε) at strengths sampled per "
         "example, adversarial copies only, one-cycle learning rate", RandomStartFGSM(1.25),
         clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
+    RecipeName.N_FGSM: Recipe(
+        RecipeName.N_FGSM, "N-FGSM: FGSM from noise U(-2ε, 2ε), step ε, not projected back to "
+        "the ε-ball (de Jorge et al. 2022), strengths sampled per example, adversarial copies "
+        "only, one-cycle learning rate", NoiseFGSM(2.0, 1.0), clean=False, sample=True,
+        schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
     RecipeName.PGD_AT: Recipe(
         RecipeName.PGD_AT, "PGD-40 with random start (step 2.5·ε/40), adversarial copies only, "
         "early-stopped per example, one-cycle learning rate (Madry et al.'s PGD adversarial "

@@ -83,8 +83,8 @@ def load_data(cfg: ResolvedMatConfig) -> Data:
 def train_config(cfg: ResolvedMatConfig, recipe: RecipeName, epochs: int | None = None,
                  ) -> TrainConfig:
     """The training configuration of a victim model trained with ``recipe``."""
-    return TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       seed=cfg.seed, device=cfg.device, schedule=get_recipe(recipe).schedule)
+    return get_recipe(recipe).config(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size,
+                                     lr=cfg.lr, seed=cfg.seed, device=cfg.device)
 
 
 def crafter(m: Mat) -> nn.Module:
