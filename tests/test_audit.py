@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from advguard.attacks import PGD
-from advguard.evaluation import audit
+from advguard.evaluation import AutoAttack, audit
+
+QUICK_AA = AutoAttack(steps=10, queries=300)  # the standard budgets are 100 steps, 5,000 queries
 
 
 class Quantised(nn.Module):
@@ -31,7 +33,7 @@ def test_honest_model_passes_and_attacks_agree(trained_mlp, images):
     pytest.importorskip("torchattacks")
     x, y = images
     report = audit(trained_mlp, x, y, 0.1, pgd=PGD(steps=10, restarts=2), step_sweep=(5, 20),
-                   batch_size=60)
+                   batch_size=60, autoattack=QUICK_AA)
     names = list(report.attacks)
     assert any(n.startswith("torchattacks PGD") for n in names)
     assert any("APGD-DLR" in n for n in names) and any("APGD-CE" in n for n in names)
@@ -49,9 +51,44 @@ def test_masked_gradients_are_flagged(trained_mlp, images):
     x, y = images
     masked = Quantised(trained_mlp).eval()
     report = audit(masked, x, y, 0.2, pgd=PGD(steps=10), attacks={}, step_sweep=(5, 20),
-                   sources={"the unmasked model": trained_mlp}, batch_size=60)
+                   sources={"the unmasked model": trained_mlp}, batch_size=60,
+                   autoattack=QUICK_AA)
     assert report.zero_gradient_fraction == 1.0
-    assert report.transfer["the unmasked model"] < min(report.attacks.values())
+    gradient = [v for k, v in report.attacks.items() if not k.startswith("AutoAttack")]
+    assert report.transfer["the unmasked model"] < min(gradient)
     text = " ".join(report.warnings)
     assert "zero loss gradient" in text and "transfer from the unmasked model" in text
     assert "unbounded attack" in text
+    # Square needs no gradient: it beats the gradient attacks, and AutoAttack says so
+    aa = report.autoattack
+    assert aa["square_alone_accuracy"] < aa["gradient_accuracy"] - 0.05
+    assert "Square (black-box) alone" in text and report.masking_signal
+    assert report.worst_case_accuracy <= aa["square_alone_accuracy"]
+
+
+def test_autoattack_counts_every_attack_and_stays_in_the_ball(trained_mlp, images):
+    x, y = images
+    result = QUICK_AA.evaluate(trained_mlp, x, y, 0.1, batch_size=50)
+    after = list(result.robust_after.values())
+    assert list(result.robust_after) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+    # cumulative: an attack only removes examples; all below clean accuracy
+    assert result.clean_accuracy >= after[0] and after == sorted(after, reverse=True)
+    assert result.robust_accuracy == after[-1] == int(result.robust.sum()) / len(x)
+    assert result.robust_accuracy < result.clean_accuracy  # ε = 0.1 breaks the MLP somewhere
+    assert (result.adv - x).abs().amax() <= 0.1 + 1e-6 and 0 <= result.adv.min()
+    # the images it returns are what it counted: robust examples are still classified right
+    with torch.no_grad():
+        right = trained_mlp(result.adv).argmax(1) == y
+    assert torch.equal(right[~result.robust], torch.zeros_like(right[~result.robust]))
+    assert not result.standard and AutoAttack().standard
+    assert result.to_json()["implementation"].startswith("torchattacks")
+    # an honest model: Square does not beat the gradient attacks
+    assert result.warnings == [] and not result.masking_signal
+
+
+def test_autoattack_refuses_more_targets_than_classes(trained_mlp, images):
+    from advguard.errors import AdvguardError
+
+    x, y = images
+    with pytest.raises(AdvguardError, match="target classes"):
+        AutoAttack(targets=10, steps=1, queries=1).evaluate(trained_mlp, x[:4], y[:4], 0.1)

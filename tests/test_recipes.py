@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advguard.attacks import PGD, RandomStartFGSM, fgsm
+from advguard.attacks import PGD, NoiseFGSM, RandomStartFGSM, fgsm
 from advguard.errors import AdvguardError
 from advguard.models import accuracy, build_model
 from advguard.reproduce import MatConfig
 from advguard.training import (
     RECIPES,
+    Recipe,
     RecipeName,
+    Schedule,
     StrengthMix,
     TrainConfig,
     WhiteBox,
@@ -132,12 +134,14 @@ def _tiny():
     return load_dataset("mnist", limit=200)
 
 
+@pytest.mark.parametrize("extra", [{}, {"ramp": 0.6, "average": 0.9}])
 def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, extra):
     data = mnist_train.subset(slice(0, 400))
     recipe = get_recipe("fgsm-rs")
     mix = recipe.mix([0.1, 0.3])
-    config = TrainConfig(epochs=2, batch_size=50, seed=3, schedule="one-cycle", lr=5e-3)
+    config = TrainConfig(epochs=2, batch_size=50, seed=3, schedule="one-cycle", lr=5e-3,
+                         **extra)
 
     torch.manual_seed(0)
     straight = build_model("small-cnn", "mnist")
@@ -168,7 +172,7 @@ def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_pat
 
 
 def test_recipes_describe_their_mixing():
-    assert set(RECIPES) == {"fgsm", "fgsm-rs", "pgd-at"}
+    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-at"}
     paper = get_recipe("fgsm").mix([0.1, 0.2])
     assert paper.clean and not paper.sample
     fast = get_recipe("fgsm-rs").mix([0.1, 0.2])
@@ -189,3 +193,84 @@ def test_settings_pick_their_recipe_and_matrix_attack():
             MatConfig(**bad).resolve()  # type: ignore[arg-type]
     with pytest.raises(AdvguardError, match="matrix attack"):
         MatConfig(setting="white-box", matrix_attack="cw").resolve()
+
+
+def test_n_fgsm_goes_past_the_ball_by_design_and_stays_an_image(trained_mlp, batch):
+    x, y = batch
+    attack = NoiseFGSM()
+    assert attack.reach == 3.0
+    torch.manual_seed(0)
+    adv = attack.craft(trained_mlp, x, y, 0.1)
+    dist = linf(adv, x)
+    assert dist.max() > 0.1 + 1e-3 and dist.max() <= 0.3 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    torch.manual_seed(0)
+    no_noise = NoiseFGSM(noise=0.0).craft(trained_mlp, x, y, 0.1)
+    assert torch.allclose(no_noise, fgsm(trained_mlp, x, y, 0.1))  # k = 0, α = 1: plain FGSM
+    with pytest.raises(AdvguardError, match="noise"):
+        NoiseFGSM(noise=-1.0)
+
+
+class CountingModel(torch.nn.Module):
+    """Counts the examples that go through a forward pass with gradients on."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.seen += len(x)
+        return self.model(x)
+
+
+@pytest.mark.parametrize("recipe, strengths", [
+    (get_recipe("fgsm"), (0.1, 0.2)),  # one shared gradient + clean and two copies
+    (get_recipe("fgsm-rs"), (0.1, 0.3)),  # one gradient + one sampled copy
+    (get_recipe("n-fgsm"), (0.3,)),
+    (Recipe(RecipeName.PGD_AT, "PGD-3", PGD(steps=3, seed=None, early_stop=True), clean=False,
+            sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=50), (0.3,)),
+])
+def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, strengths):
+    data = mnist_train.subset(slice(0, 200))
+    torch.manual_seed(0)
+    net = CountingModel(build_model("small-cnn", "mnist"))
+    train(net, data, recipe.mix(strengths), WhiteBox(recipe.attack),
+          recipe.config(epochs=2, batch_size=50), progress=False)
+    assert net.seen == recipe.passes(strengths, 2) * len(data)
+
+
+def test_strength_ramp_rises_from_zero_and_holds(mnist_train):
+    config = TrainConfig(ramp=0.5)
+    scales = [config.strength_scale(i, 100) for i in range(100)]
+    assert scales[0] == pytest.approx(0.02) and scales[49] == 1.0 and scales[-1] == 1.0
+    assert scales == sorted(scales)
+    assert TrainConfig().strength_scale(0, 100) == 1.0
+    for bad in ({"ramp": 1.0}, {"average": -0.1}, {"average": float("nan")}):
+        with pytest.raises(AdvguardError, match="must be in"):
+            TrainConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_ramped_training_starts_weak_and_weight_averaging_changes_the_model(mnist_train):
+    data = mnist_train.subset(slice(0, 300))
+    recipe = get_recipe("fgsm-rs")
+    seen: list[float] = []
+
+    class Spy(WhiteBox):
+        def copies(self, model, x, y, index, strengths):
+            seen.append(float(strengths[0].max()))
+            return super().copies(model, x, y, index, strengths)
+
+    models = {}
+    for name, extra in {"plain": {}, "ramp": {"ramp": 0.5}, "avg": {"average": 0.9}}.items():
+        seen.clear()
+        torch.manual_seed(0)
+        models[name] = build_model("small-cnn", "mnist")
+        train(models[name], data, recipe.mix([0.3]), Spy(recipe.attack),
+              recipe.config(epochs=2, batch_size=50, **extra), progress=False)
+        if name == "ramp":
+            assert seen[0] == pytest.approx(0.3 / 6) and seen[-1] == pytest.approx(0.3) and seen == sorted(seen)
+        else:
+            assert seen == pytest.approx([0.3] * len(seen))
+    a, b = models["plain"].state_dict(), models["avg"].state_dict()
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
