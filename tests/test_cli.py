@@ -77,7 +77,8 @@ def test_unknown_names_and_missing_data(tmp_path, cli):
 
 
 TINY = ["--train-limit", "1500", "--test-limit", "200", "--epochs", "1", "--crafter-epochs",
-        "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size", "300", "--quiet"]
+        "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size", "300",
+        "--autoattack-limit", "40", "--quiet"]
 
 
 def test_reproduce_mat_end_to_end_and_resume(tmp_path, cli):
@@ -96,7 +97,12 @@ def test_reproduce_mat_end_to_end_and_resume(tmp_path, cli):
         assert len(entry["curve"]) == 11 and entry["mean"] == pytest.approx(
             sum(entry["curve"]) / 11)
         assert set(entry["curves"]) == {"transfer-fgsm", "white-box-fgsm", "white-box-pgd"}
+        aa = entry["autoattack"]  # the AutoAttack column at the top of the grid
+        assert aa["images"] == 40 and aa["eps"] == 0.3 and aa["standard"]
+        assert aa["robust_accuracy"] <= aa["clean_accuracy"]
     assert not list((out / "checkpoints").glob("*.state.pt"))
+    assert "| AutoAttack (standard) at ε = 0.3, first 40 test images |" in proc.stdout
+    assert results["details"]["autoattack"]["test_images"] == 40
 
     # resuming a finished run retrains nothing and reproduces the same numbers
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}

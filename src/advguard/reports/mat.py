@@ -42,6 +42,7 @@ class MethodResult:
     curves: dict[str, list[float]] = field(default_factory=dict)  # attack -> curve
     means: dict[str, float] = field(default_factory=dict)  # attack -> grid mean
     train_seconds: float = 0.0
+    autoattack: dict[str, Any] | None = None  # AutoAttackResult.to_json() at the target ε
 
 
 @dataclass
@@ -148,6 +149,12 @@ def table_markdown(results: MatResults) -> str:
         top = f"{ATTACK_LABELS.get(attack, attack)} at ε = {results.grid[-1]:g}"
         lines.append(f"| {top} | " + " | ".join(
             f"{100 * results.methods[m].curves[attack][-1]:.2f}" for m in methods) + " |")
+    aa = [results.methods[m].autoattack for m in methods]
+    if any(aa):
+        first = next(a for a in aa if a)
+        lines.append(f"| AutoAttack (standard) at ε = {first['eps']:g}, first {first['images']} "
+                     "test images | " + " | ".join(
+                         f"{100 * a['robust_accuracy']:.2f}" if a else "—" for a in aa) + " |")
     paper = PAPER_TABLE1.get(results.dataset)
     if paper and results.setting == "transfer":
         lines.append("| paper (Table 1, transfer FGSM) | "

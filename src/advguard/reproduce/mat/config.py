@@ -40,6 +40,7 @@ class MixedSize(str, Enum):
 # The recipe each setting runs by default (see advguard.training.recipes).
 DEFAULT_RECIPES = {Setting.TRANSFER: RecipeName.FGSM, Setting.WHITE_BOX: RecipeName.FGSM_RS}
 PGD_MATRIX_VALIDATION_IMAGES = 1000  # a PGD accuracy matrix's default validation slice
+AUTOATTACK_TEST_IMAGES = 1000  # the AutoAttack column's default test slice
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ class MatConfig:
     pgd_step_size: float | None = option(None, "PGD evaluation step in pixel units (default: "
                                                f"{PGD.step_scale}·ε/steps)")
     pgd_limit: int | None = option(None, "PGD on the first N test images only (default: all)")
+    autoattack_limit: int = option(
+        AUTOATTACK_TEST_IMAGES, "AutoAttack (standard) at the target strength on the first N "
+        "test images; 0: off")
+    autoattack_eps: float | None = option(
+        None, "AutoAttack's target strength (default: the top of the grid)",
+        parse=opts.strength)
     seed: int = option(0, "seed of every random choice")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     data_dir: str | None = option(None, "folder holding the dataset (MNIST: optional, a copy "
@@ -132,7 +139,9 @@ class MatConfig:
                             "pgd_restarts", "pgd_limit", "matrix_epochs", "matrix_train_limit",
                             "walks", "voting_epochs", "workers", "matrix_pgd_steps",
                             "matrix_val_limit", "train_limit", "test_limit")
-        opts.check_at_least(self, 0, "val_size", "walk_steps")
+        opts.check_at_least(self, 0, "val_size", "walk_steps", "autoattack_limit")
+        if self.autoattack_eps is not None:
+            check_strengths(self.autoattack_eps)
         if self.pgd_step_size is not None:
             opts.check_fraction("pgd_step_size", self.pgd_step_size)
         if self.lr is not None:
@@ -145,7 +154,9 @@ class MatConfig:
         return ResolvedMatConfig(**{
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
             "dataset": info.name, "setting": setting, "strengths": strengths,
-            "grid": tuple(check_strengths(self.grid or info.grid)),
+            "grid": (grid := tuple(check_strengths(self.grid or info.grid))),
+            "autoattack_eps": float(max(grid) if self.autoattack_eps is None
+                                    else self.autoattack_eps),
             "single_strength": None if single is None else float(single),
             "voting": parse_rule(self.voting), "recipe": recipe.name,
             "matrix_attack": matrix_attack, "mixed_size": parse_choice(
@@ -193,6 +204,8 @@ class ResolvedMatConfig:
     pgd_restarts: int
     pgd_step_size: float | None
     pgd_limit: int | None
+    autoattack_limit: int  # 0: no AutoAttack column
+    autoattack_eps: float
     seed: int
     device: str
     data_dir: str | None

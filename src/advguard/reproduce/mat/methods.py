@@ -12,6 +12,7 @@ from torch import nn
 
 from advguard.ensemble import VotingEnsemble, VotingRule, fit_voting, train_parallel
 from advguard.evaluation import (
+    AutoAttack,
     ThreatSetting,
     curve_from_directions,
     fgsm_curve,
@@ -125,6 +126,18 @@ def curves(m: Mat, net: nn.Module, name: str, pgd_limit: int | None) -> dict[str
     }
 
 
+def autoattack(m: Mat, net: nn.Module) -> dict[str, Any] | None:
+    """AutoAttack (standard) at the target strength on the first test images (the column
+    beside the PGD curve); ``None`` when switched off."""
+    c, test = m.cfg, m.data.test
+    if c.autoattack_limit == 0:
+        return None
+    n = min(c.autoattack_limit, len(test))
+    result = AutoAttack(seed=c.seed).evaluate(net, test.x[:n], test.y[:n], c.autoattack_eps,
+                                              device=c.device, progress=m.progress)
+    return result.to_json()
+
+
 def primary_attack(m: Mat) -> ThreatSetting:
     return ThreatSetting.TRANSFER_FGSM if m.cfg.transfer else ThreatSetting.WHITE_BOX_FGSM
 
@@ -138,7 +151,7 @@ def evaluate(m: Mat, method: Method) -> MethodResult:
         return asdict(MethodResult(curve=primary, mean=grid_mean(primary),
                                    strengths=method_strengths(m, method), curves=cv,
                                    means={k: grid_mean(v) for k, v in cv.items()},
-                                   train_seconds=seconds))
+                                   train_seconds=seconds, autoattack=autoattack(m, net)))
     # the stages it needs first, on every rank (a rank-0-only stage may not start collectives)
     model(m, method)
     directions(m, "test")

@@ -58,6 +58,9 @@ def _run(m: Mat, out: str | Path) -> MatResults:
                          "step_size": (cfg.pgd_step_size if cfg.pgd_step_size is not None
                                        else f"{PGD.step_scale}*eps/steps"),
                          "random_start": True},
+                 "autoattack": {"eps": cfg.autoattack_eps,
+                                "test_images": min(cfg.autoattack_limit, len(d.test)),
+                                "version": "standard (APGD-CE, APGD-T, FAB-T, Square)"},
                  "parallel_training": {"workers": cfg.workers,
                                        "peak_rss_mb": members_meta.get("peak_rss_mb")},
                  "selection": chosen.to_json(), "voting": voting})
