@@ -257,9 +257,9 @@ def test_ramped_training_starts_weak_and_weight_averaging_changes_the_model(mnis
     seen: list[float] = []
 
     class Spy(WhiteBox):
-        def copies(self, model, x, y, index, strengths):
+        def copies(self, model, x, y, index, strengths, augment=None):
             seen.append(float(strengths[0].max()))
-            return super().copies(model, x, y, index, strengths)
+            return super().copies(model, x, y, index, strengths, augment)
 
     models = {}
     for name, extra in {"plain": {}, "ramp": {"ramp": 0.5}, "avg": {"average": 0.9}}.items():

@@ -115,3 +115,47 @@ def test_white_box_adversarial_training_buys_fgsm_robustness(mnist_train, mnist_
               progress=False)
         robust[strengths] = accuracy(model, fgsm(model, x, y, 0.1), y)
     assert robust[(0.1, 0.2)] > robust[()] + 0.2
+
+
+def test_flip_crop_shifts_and_mirrors_each_example_and_commutes_with_perturbation():
+    from advguard.attacks import perturb
+    from advguard.data import FlipCrop
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    aug = FlipCrop.draw(x, flip=True, pad=1)
+    out = aug(x)
+    assert out.shape == x.shape
+    for i in range(6):  # each example is a window of its reflect-padded image, maybe mirrored
+        padded = torch.nn.functional.pad(x[i:i + 1], (1, 1, 1, 1), mode="reflect")[0]
+        dy, dx = int(aug.dy[i]), int(aug.dx[i])
+        window = padded[:, dy:dy + 8, dx:dx + 8]
+        assert torch.equal(out[i], window.flip(2) if aug.mirror[i] else window)
+    assert 0 < int(aug.mirror.sum()) < 6
+    assert not FlipCrop.draw(x, flip=False).mirror.any()  # digits are never mirrored
+    # the transfer setting's directions get the same draw: the copy of the augmented image
+    # is the augmented copy
+    d = torch.randint(-1, 2, x.shape).float()
+    assert torch.allclose(perturb(aug(x), aug(d), 0.1), aug(perturb(x, d, 0.1)))
+
+
+def test_augmented_transfer_training_runs_and_resumes_its_draws(mnist_train, trained_mlp,
+                                                                tmp_path):
+    from advguard.attacks import fgsm_directions
+    from advguard.training import Transfer
+
+    data = mnist_train.subset(slice(0, 200))
+    source = Transfer(fgsm_directions(trained_mlp, data.x, data.y))
+    config = TrainConfig(epochs=1, batch_size=50, augment=True, label_smoothing=0.1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = build_model("mlp3", "mnist")
+        train(net, data, StrengthMix((0.1,)), source, config, progress=False)
+        runs.append(net.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # seeded draws
+    torch.manual_seed(0)
+    plain = build_model("mlp3", "mnist")
+    train(plain, data, StrengthMix((0.1,)), source, TrainConfig(epochs=1, batch_size=50),
+          progress=False)
+    assert any(not torch.equal(runs[0][k], plain.state_dict()[k]) for k in runs[0])

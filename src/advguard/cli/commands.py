@@ -44,6 +44,12 @@ def train(
     average: Annotated[float | None, typer.Option(
         help="EMA decay of the weights per step, e.g. 0.999; 0: off (default: the recipe's)")]
     = None,
+    schedule: Annotated[str | None, typer.Option(
+        help="learning rate: constant or one-cycle (default: the recipe's)")] = None,
+    augment: Annotated[bool, typer.Option(
+        help="random crop, and flip where the dataset allows, of every training batch")]
+    = False,
+    label_smoothing: float = 0.0,
     train_limit: int | None = None,
     seed: int = TrainConfig.seed,
     device: str = TrainConfig.device,
@@ -74,7 +80,8 @@ def train(
     setup_logging(quiet or not distributed.is_main())
     how = get_recipe(recipe)
     config = how.config(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
-                        ramp=ramp, average=average)
+                        ramp=ramp, average=average, schedule=schedule, augment=augment,
+                        label_smoothing=label_smoothing)
     check_output(out)
     state = check_output(out.with_suffix(".state.pt"))
     eps = () if strengths is None else opts.strengths(strengths)

@@ -46,6 +46,7 @@ class DatasetInfo:
     grid: tuple[float, ...]  # the paper's test strengths, also the selection's candidates
     detect_eps: float  # FGSM/PGD strength of the detection experiment
     unit: float  # strengths are shown as multiples of 1/unit (1: pixel units, 255: /255)
+    flips: bool = False  # a left-right mirror keeps the label (natural images, not digits)
 
 
 @dataclass
@@ -81,9 +82,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, (28, 28), 10, (0.2860,), (0.3530,),
                                  **_GREY),
     "cifar10": DatasetInfo("cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465),
-                           (0.2470, 0.2435, 0.2616), **_RGB),
+                           (0.2470, 0.2435, 0.2616), **_RGB, flips=True),
     "cifar100": DatasetInfo("cifar100", 3, (32, 32), 100, (0.5071, 0.4865, 0.4409),
-                            (0.2673, 0.2564, 0.2762), **_RGB),
+                            (0.2673, 0.2564, 0.2762), **_RGB, flips=True),
     "svhn": DatasetInfo("svhn", 3, (32, 32), 10, (0.4377, 0.4438, 0.4728),
                         (0.1980, 0.2010, 0.1970), **{**_RGB, "victim": "svhn-victim"}),
 }

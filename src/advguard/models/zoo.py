@@ -116,7 +116,41 @@ def svhn_victim(info: DatasetInfo) -> nn.Sequential:
     )
 
 
+class Residual(nn.Module):
+    """``x + block(x)``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True), *([nn.MaxPool2d(2)] if pool else [])]
+
+
+def resnet_small(info: DatasetInfo, width: int = 16) -> nn.Sequential:
+    """A small ResNet for natural images: the 9-layer residual network of the DAWNBench
+    CIFAR-10 entries (Page 2018; prep conv, 3 pooled stages, residual blocks after the first
+    and last) at a quarter of its width (16/32/64/128 channels, 0.6M weights) so that it trains
+    on 2 CPU cores; global max-pool, one FC layer."""
+    w = [width, 2 * width, 4 * width, 8 * width]
+    return nn.Sequential(
+        InputNorm(info), *_conv_bn(info.channels, w[0]),
+        *_conv_bn(w[0], w[1], pool=True),
+        Residual(nn.Sequential(*_conv_bn(w[1], w[1]), *_conv_bn(w[1], w[1]))),
+        *_conv_bn(w[1], w[2], pool=True),
+        *_conv_bn(w[2], w[3], pool=True),
+        Residual(nn.Sequential(*_conv_bn(w[3], w[3]), *_conv_bn(w[3], w[3]))),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w[3], info.num_classes),
+    )
+
+
 MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
+    "resnet-s": resnet_small,
     "lenet5": lenet5,
     "mlp3": mlp3,
     "small-cnn": small_cnn,

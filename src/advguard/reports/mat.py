@@ -166,7 +166,10 @@ def table_markdown(results: MatResults) -> str:
     if recipe:
         lines += ["", f"Training recipe: `{recipe['name']}` — {recipe['summary']}; "
                   f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, "
-                  f"{recipe['schedule']} learning rate (peak {recipe['lr']:g})."]
+                  f"{recipe['schedule']} learning rate (peak {recipe['lr']:g})"
+                  + (", random crop and flip" if recipe.get("augment") else "")
+                  + (f", label smoothing {recipe['label_smoothing']:g}"
+                     if recipe.get("label_smoothing") else "") + "."]
     lines += _selection_lines(results.details.get("selection"))
     lines += _voting_lines(results.details.get("voting"), results.details.get("voting_rule"))
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from advguard import distributed as distributed_
 from advguard import options
-from advguard.data import ImageSet
+from advguard.data import FlipCrop, ImageSet
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
 from advguard.models import accuracy
@@ -31,6 +31,9 @@ from advguard.training.mixing import StrengthMix
 from advguard.training.sources import AdversarialSource, WhiteBox
 
 log = logging.getLogger(__name__)
+
+
+OPTIONAL = ("ramp", "average", "augment", "label_smoothing")  # TrainConfig fields added later
 
 
 class Schedule(str, Enum):
@@ -49,6 +52,8 @@ class TrainConfig:
     schedule: Schedule = Schedule.CONSTANT  # learning rate over the run
     ramp: float = 0.0  # strengths rise linearly from 0 over this fraction of the steps
     average: float = 0.0  # EMA decay of the weights per step (0: off); the model ends averaged
+    augment: bool = False  # random crop (+ flip where the dataset allows) of every clean batch
+    label_smoothing: float = 0.0  # of the cross-entropy loss
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -56,7 +61,7 @@ class TrainConfig:
         options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
-        for name in ("ramp", "average"):
+        for name in ("ramp", "average", "label_smoothing"):
             value = getattr(self, name)
             if not (options.is_number(value) and 0.0 <= value < 1.0):
                 raise InputError(f"{name} must be in [0, 1), got {value!r}")
@@ -165,10 +170,13 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
                    disable=not progress or rank > 0, leave=False)
         for i, index in enumerate(bar):
             x, y = data.x[index].to(device), data.y[index].to(device)
+            augment = FlipCrop.draw(x, flip=data.info.flips) if config.augment else None
+            if augment is not None:
+                x = augment(x)
             scale = config.strength_scale(epoch * steps + i, config.epochs * steps)
             xb, yb = mix.batch(model, x, y, index, source, groups,  # against the synced model
-                               scale=scale)
-            loss = F.cross_entropy(net(xb), yb)
+                               scale=scale, augment=augment)
+            loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,9 +232,9 @@ def _identity(config: TrainConfig, mix: StrengthMix, source: AdversarialSource,
               pin: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a training state belongs to, as plain values (the state is read weights-only)."""
     attack = getattr(source, "attack", None)
-    # the ε ramp and weight averaging are named only when on (older states lack them)
+    # options added later are named only when on (older states lack them)
     fields = {k: v for k, v in asdict(config).items()
-              if k != "device" and not (k in ("ramp", "average") and v == 0)}
+              if k != "device" and not (k in OPTIONAL and not v)}
     return {**{k: plain(v) for k, v in fields.items()},
             "strengths": list(mix.strengths), "reduced": mix.reduced, "sample": mix.sample,
             "clean": mix.clean,

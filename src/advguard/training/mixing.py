@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from advguard.attacks import check_strengths
+from advguard.data import FlipCrop
 from advguard.training.sources import AdversarialSource
 
 
@@ -68,9 +69,11 @@ class StrengthMix:
 
     def batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
               source: AdversarialSource, groups: torch.Tensor | None = None, *,
-              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float = 1.0, augment: FlipCrop | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch built from the clean batch ``(x, y)`` of dataset rows ``index``;
-        every strength multiplied by ``scale`` (a strength curriculum)."""
+        every strength multiplied by ``scale`` (a strength curriculum). ``augment``: the crop
+        and flip ``x`` has been through, for sources that hold per-row data."""
         if not self.strengths:
             return x, y
         levels = self._levels.to(x.device) * scale
@@ -78,13 +81,15 @@ class StrengthMix:
             if groups is None:
                 raise ValueError("reduced-size mixing needs the groups from StrengthMix.groups")
             eps = levels[groups[index].to(x.device)]
-            return _keep_clean_at_zero(source.copies(model, x, y, index, [eps])[0], x, eps), y
+            (copy,) = source.copies(model, x, y, index, [eps], augment)
+            return _keep_clean_at_zero(copy, x, eps), y
         if self.sample:
             pick = torch.randint(len(self.strengths), (len(x),)).to(x.device)
-            adv = source.copies(model, x, y, index, [levels[1:][pick]])
+            adv = source.copies(model, x, y, index, [levels[1:][pick]], augment)
         else:  # one copy per strength (FGSM: all from one gradient, SPEC A1)
             adv = source.copies(model, x, y, index,
-                                [levels[s].expand(len(x)) for s in range(1, len(levels))])
+                                [levels[s].expand(len(x)) for s in range(1, len(levels))],
+                                augment)
         copies = [x, *adv] if self.clean else adv
         return torch.cat(copies), y.repeat(len(copies))
 

@@ -56,10 +56,15 @@ class Recipe:
 
     def config(self, *, epochs: int, seed: int = 0, device: str = "cpu",
                batch_size: int | None = None, lr: float | None = None,
-               ramp: float | None = None, average: float | None = None) -> TrainConfig:
-        """The training configuration of this recipe (batch size, lr, ε ramp and weight
-        averaging: the recipe's unless given)."""
-        return TrainConfig(epochs=epochs, seed=seed, device=device, schedule=self.schedule,
+               ramp: float | None = None, average: float | None = None,
+               schedule: Schedule | str | None = None, augment: bool = False,
+               label_smoothing: float = 0.0) -> TrainConfig:
+        """The training configuration of this recipe (batch size, lr, schedule, ε ramp and
+        weight averaging: the recipe's unless given)."""
+        return TrainConfig(epochs=epochs, seed=seed, device=device,
+                           schedule=(self.schedule if schedule is None
+                                     else parse_choice(Schedule, schedule, "schedule")),
+                           augment=augment, label_smoothing=label_smoothing,
                            batch_size=self.batch_size if batch_size is None else batch_size,
                            lr=self.lr if lr is None else lr,
                            ramp=self.ramp if ramp is None else ramp,

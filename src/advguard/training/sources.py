@@ -17,15 +17,17 @@ import torch
 from torch import nn
 
 from advguard.attacks import FGSM, Attack, perturb
+from advguard.data import FlipCrop
 
 
 class AdversarialSource(Protocol):
-    """``copies(model, x, y, index, strengths) -> one adversarial copy of the batch per
-    strength``; each strength is a per-example tensor (B,) and ``index`` holds the batch's
-    dataset rows."""
+    """``copies(model, x, y, index, strengths, augment) -> one adversarial copy of the batch
+    per strength``; each strength is a per-example tensor (B,), ``index`` holds the batch's
+    dataset rows and ``augment`` the crop and flip ``x`` went through (or ``None``)."""
 
     def copies(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+               strengths: Sequence[torch.Tensor],
+               augment: FlipCrop | None = None) -> list[torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,9 @@ class WhiteBox:
     attack: Attack = field(default_factory=FGSM)
 
     def copies(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.attack.craft_many(model, x, y, strengths)
+               strengths: Sequence[torch.Tensor],
+               augment: FlipCrop | None = None) -> list[torch.Tensor]:
+        return self.attack.craft_many(model, x, y, strengths)  # on the augmented images
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Transfer:
     directions: torch.Tensor
 
     def copies(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+               strengths: Sequence[torch.Tensor],
+               augment: FlipCrop | None = None) -> list[torch.Tensor]:
         direction = self.directions[index].to(x.device)
+        if augment is not None:  # the crop and flip its image went through
+            direction = augment(direction)
         return [perturb(x, direction, e) for e in strengths]

@@ -15,7 +15,7 @@ from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
 from advguard.options import option
 from advguard.strengths import Walk
-from advguard.training import RecipeName, get_recipe
+from advguard.training import RecipeName, Schedule, get_recipe
 
 
 class Setting(str, Enum):
@@ -87,6 +87,11 @@ class MatConfig:
     batch_size: int | None = option(None, "clean examples per step (default: the recipe's)")
     lr: float | None = option(None, "Adam learning rate, the peak of a one-cycle schedule "
                                     "(default: the recipe's)")
+    schedule: str | None = option(None, "victims' learning rate: constant or one-cycle "
+                                        "(default: the recipe's)")
+    augment: bool = option(False, "random crop, and flip where the dataset allows, of every "
+                                  "victim training batch")
+    label_smoothing: float = option(0.0, "label smoothing of the victims' training loss")
     val_size: int = option(5000, "validation images held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     test_limit: int | None = option(None, "first N test images only")
@@ -146,6 +151,9 @@ class MatConfig:
             opts.check_fraction("pgd_step_size", self.pgd_step_size)
         if self.lr is not None:
             opts.check_positive("lr", self.lr)
+        schedule = parse_choice(Schedule, self.schedule or recipe.schedule, "schedule")
+        if not (opts.is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise InputError(f"label smoothing must be in [0, 1), got {self.label_smoothing!r}")
         opts.check_fraction("tau", self.tau, low_open=False)
         opts.device(self.device)
         victim, crafter = self.victim or info.victim, self.crafter or info.crafter
@@ -161,7 +169,8 @@ class MatConfig:
             "voting": parse_rule(self.voting), "recipe": recipe.name,
             "matrix_attack": matrix_attack, "mixed_size": parse_choice(
                 MixedSize, self.mixed_size, "mixed size"),
-            "lr": self.lr or recipe.lr, "batch_size": self.batch_size or recipe.batch_size,
+            "lr": self.lr or recipe.lr, "schedule": schedule,
+            "batch_size": self.batch_size or recipe.batch_size,
             "matrix_val_limit": matrix_val_limit,
             "victim": victim, "crafter": crafter})
 
@@ -197,6 +206,9 @@ class ResolvedMatConfig:
     crafter_epochs: int
     batch_size: int
     lr: float
+    schedule: Schedule
+    augment: bool
+    label_smoothing: float
     val_size: int
     train_limit: int | None
     test_limit: int | None

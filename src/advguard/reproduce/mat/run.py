@@ -51,8 +51,9 @@ def _run(m: Mat, out: str | Path) -> MatResults:
                  "voting_rule": cfg.voting.value, "train_size": len(d.train),
                  "val_size": len(d.val), "test_size": len(d.test),
                  "recipe": {"name": recipe.name.value, "summary": recipe.summary,
-                            "schedule": recipe.schedule.value, "lr": cfg.lr,
-                            "epochs": cfg.epochs, "batch_size": cfg.batch_size},
+                            "schedule": cfg.schedule.value, "lr": cfg.lr,
+                            "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                            "augment": cfg.augment, "label_smoothing": cfg.label_smoothing},
                  "pgd": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts,
                          "test_images": min(cfg.pgd_limit or len(d.test), len(d.test)),
                          "step_size": (cfg.pgd_step_size if cfg.pgd_step_size is not None

@@ -84,7 +84,9 @@ def train_config(cfg: ResolvedMatConfig, recipe: RecipeName, epochs: int | None 
                  ) -> TrainConfig:
     """The training configuration of a victim model trained with ``recipe``."""
     return get_recipe(recipe).config(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, seed=cfg.seed, device=cfg.device)
+                                     lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                                     schedule=cfg.schedule, augment=cfg.augment,
+                                     label_smoothing=cfg.label_smoothing)
 
 
 def crafter(m: Mat) -> nn.Module:

@@ -1,0 +1,48 @@
+"""Label-preserving augmentation of a training batch, one draw per example: a random crop of
+the image padded by an eighth of its side (reflected), and a horizontal flip where the dataset
+allows it (natural images, not digits). Draws come from torch's global generator, which the
+training loop seeds and checkpoints.
+
+A drawn :class:`FlipCrop` can be applied to more than the images: the transfer setting's fixed
+FGSM directions of a batch get the same crop and flip as their images, so the adversarial copy
+of an augmented image is the augmented adversarial copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FlipCrop:
+    """One batch's draw: per-example shifts ``dy``, ``dx`` in [0, 2·pad] and ``mirror``."""
+
+    pad: int
+    dy: torch.Tensor  # (N,)
+    dx: torch.Tensor  # (N,)
+    mirror: torch.Tensor  # (N,) bool
+
+    @classmethod
+    def draw(cls, x: torch.Tensor, *, flip: bool, pad: int | None = None) -> FlipCrop:
+        n, h = len(x), x.shape[2]
+        pad = h // 8 if pad is None else pad
+        dy = torch.randint(0, 2 * pad + 1, (n,))
+        dx = torch.randint(0, 2 * pad + 1, (n,))
+        mirror = torch.rand(n) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        return cls(pad, dy, dx, mirror)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (N, C, H, W), each example shifted and mirrored as drawn."""
+        n, _, h, w = t.shape
+        dev = t.device
+        if self.pad:
+            p = self.pad
+            padded = F.pad(t, (p, p, p, p), mode="reflect").permute(0, 2, 3, 1)
+            rows = torch.arange(h, device=dev).view(1, h, 1) + self.dy.to(dev).view(n, 1, 1)
+            cols = torch.arange(w, device=dev).view(1, 1, w) + self.dx.to(dev).view(n, 1, 1)
+            batch = torch.arange(n, device=dev).view(n, 1, 1)
+            t = padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        return torch.where(self.mirror.to(dev).view(n, 1, 1, 1), t.flip(3), t)
