@@ -159,3 +159,18 @@ def test_augmented_transfer_training_runs_and_resumes_its_draws(mnist_train, tra
     train(plain, data, StrengthMix((0.1,)), source, TrainConfig(epochs=1, batch_size=50),
           progress=False)
     assert any(not torch.equal(runs[0][k], plain.state_dict()[k]) for k in runs[0])
+
+
+def test_channels_last_trains_the_same_model_and_returns_it_contiguous(mnist_train):
+    data = mnist_train.subset(slice(0, 200))
+    nets = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = build_model("small-cnn", "mnist")
+        train(net, data, StrengthMix((0.1,)), None,
+              TrainConfig(epochs=1, batch_size=50, channels_last=channels_last), progress=False)
+        nets.append(net)
+    conv = nets[1][1].weight
+    assert conv.is_contiguous()
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

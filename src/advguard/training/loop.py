@@ -33,7 +33,8 @@ from advguard.training.sources import AdversarialSource, WhiteBox
 log = logging.getLogger(__name__)
 
 
-OPTIONAL = ("ramp", "average", "augment", "label_smoothing")  # TrainConfig fields added later
+# TrainConfig fields added later: a state names them only when they are on
+OPTIONAL = ("ramp", "average", "augment", "label_smoothing", "channels_last")
 
 
 class Schedule(str, Enum):
@@ -54,6 +55,7 @@ class TrainConfig:
     average: float = 0.0  # EMA decay of the weights per step (0: off); the model ends averaged
     augment: bool = False  # random crop (+ flip where the dataset allows) of every clean batch
     label_smoothing: float = 0.0  # of the cross-entropy loss
+    channels_last: bool = False  # NHWC weights and batches (faster convolutions on CPUs)
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -119,6 +121,9 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
     device = torch.device(distributed_.device_for_rank(config.device) if world > 1
                           else config.device)
     model.to(device)
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        model.to(memory_format=layout)
     net: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -169,10 +174,10 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
         bar = tqdm(order.split(per_rank), desc=f"{desc} {epoch + 1}/{config.epochs}",
                    disable=not progress or rank > 0, leave=False)
         for i, index in enumerate(bar):
-            x, y = data.x[index].to(device), data.y[index].to(device)
+            x, y = data.x[index].to(device, memory_format=layout), data.y[index].to(device)
             augment = FlipCrop.draw(x, flip=data.info.flips) if config.augment else None
             if augment is not None:
-                x = augment(x)
+                x = augment(x).contiguous(memory_format=layout)
             scale = config.strength_scale(epoch * steps + i, config.epochs * steps)
             xb, yb = mix.batch(model, x, y, index, source, groups,  # against the synced model
                                scale=scale, augment=augment)
@@ -213,6 +218,8 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
             torch.distributed.barrier()  # the state is written before any rank goes on
     if averaged is not None:
         model.load_state_dict(averaged.module.state_dict())
+    if config.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return result
 

@@ -58,13 +58,14 @@ class Recipe:
                batch_size: int | None = None, lr: float | None = None,
                ramp: float | None = None, average: float | None = None,
                schedule: Schedule | str | None = None, augment: bool = False,
-               label_smoothing: float = 0.0) -> TrainConfig:
+               label_smoothing: float = 0.0, channels_last: bool = False) -> TrainConfig:
         """The training configuration of this recipe (batch size, lr, schedule, ε ramp and
         weight averaging: the recipe's unless given)."""
         return TrainConfig(epochs=epochs, seed=seed, device=device,
                            schedule=(self.schedule if schedule is None
                                      else parse_choice(Schedule, schedule, "schedule")),
                            augment=augment, label_smoothing=label_smoothing,
+                           channels_last=channels_last,
                            batch_size=self.batch_size if batch_size is None else batch_size,
                            lr=self.lr if lr is None else lr,
                            ramp=self.ramp if ramp is None else ramp,

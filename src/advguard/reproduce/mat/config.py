@@ -92,6 +92,8 @@ class MatConfig:
     augment: bool = option(False, "random crop, and flip where the dataset allows, of every "
                                   "victim training batch")
     label_smoothing: float = option(0.0, "label smoothing of the victims' training loss")
+    channels_last: bool = option(False, "NHWC memory layout while training (faster "
+                                        "convolutions on CPUs)")
     val_size: int = option(5000, "validation images held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     test_limit: int | None = option(None, "first N test images only")
@@ -209,6 +211,7 @@ class ResolvedMatConfig:
     schedule: Schedule
     augment: bool
     label_smoothing: float
+    channels_last: bool
     val_size: int
     train_limit: int | None
     test_limit: int | None

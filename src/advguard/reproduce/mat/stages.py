@@ -86,7 +86,8 @@ def train_config(cfg: ResolvedMatConfig, recipe: RecipeName, epochs: int | None 
     return get_recipe(recipe).config(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size,
                                      lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                                      schedule=cfg.schedule, augment=cfg.augment,
-                                     label_smoothing=cfg.label_smoothing)
+                                     label_smoothing=cfg.label_smoothing,
+                                     channels_last=cfg.channels_last)
 
 
 def crafter(m: Mat) -> nn.Module:
