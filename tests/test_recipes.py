@@ -172,7 +172,7 @@ def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_pat
 
 
 def test_recipes_describe_their_mixing():
-    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-at"}
+    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-3", "pgd-at"}
     paper = get_recipe("fgsm").mix([0.1, 0.2])
     assert paper.clean and not paper.sample
     fast = get_recipe("fgsm-rs").mix([0.1, 0.2])

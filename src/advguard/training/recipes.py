@@ -38,6 +38,7 @@ class RecipeName(str, Enum):
     FGSM = "fgsm"
     FGSM_RS = "fgsm-rs"
     N_FGSM = "n-fgsm"
+    PGD_3 = "pgd-3"
     PGD_AT = "pgd-at"
 
 
@@ -111,6 +112,11 @@ RECIPES: dict[RecipeName, Recipe] = {
         "the ε-ball (de Jorge et al. 2022), strengths sampled per example, adversarial copies "
         "only, one-cycle learning rate", NoiseFGSM(2.0, 1.0), clean=False, sample=True,
         schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
+    RecipeName.PGD_3: Recipe(
+        RecipeName.PGD_3, "PGD-3 from a random start (step 2.5·ε/3), early-stopped per "
+        "example, strengths sampled per example, adversarial copies only, one-cycle learning "
+        "rate: a tenth of PGD-40's passes", PGD(steps=3, seed=None, early_stop=True),
+        clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
     RecipeName.PGD_AT: Recipe(
         RecipeName.PGD_AT, "PGD-40 with random start (step 2.5·ε/40), adversarial copies only, "
         "early-stopped per example, one-cycle learning rate (Madry et al.'s PGD adversarial "
