@@ -1,10 +1,11 @@
 """Cost of the white-box training recipes, side by side in one run on real MNIST.
 
-One epoch-slice (the same batches, the same small CNN, fresh weights each time) trained with
-every recipe of ``advguard.training.recipes``: the paper's plain FGSM (clean + one copy per
-strength), multi-strength random-start FGSM (strengths sampled per example), single-strength
-random-start FGSM, and Madry et al.'s PGD-40 adversarial training. Interleaved repeats; the
-ratio to PGD-40 AT is the number the white-box goal is judged by (≤ 1/10).
+Two measures for each recipe as ``benchmarks/recipe_study.py`` trains it: forward-backward
+passes per training example over the whole training (counted by
+:meth:`advguard.training.Recipe.passes`), and wall time — one epoch over the same 3,000 images
+(same small CNN, fresh weights each time, repeats interleaved so machine noise hits every
+recipe alike) times the recipe's epochs. Both are reported as ratios to PGD-40 adversarial
+training for 10 epochs, the baseline the AutoAttack goal is judged against (≤ 1/10).
 
 Run: ``python benchmarks/bench_recipes.py``.
 """
@@ -16,36 +17,52 @@ from common import save, summarise, time_interleaved
 
 from advguard.data import load_dataset
 from advguard.models import build_model
-from advguard.training import TrainConfig, get_recipe, train
+from advguard.training import WhiteBox, get_recipe, train
 
+BASELINE = "pgd-at, 0.3, 10 epochs"
+# name: (recipe, strengths, epochs, weight averaging)
 RUNS = {
-    "fgsm (paper), {0.2,0.3,0.4}": ("fgsm", (0.2, 0.3, 0.4)),
-    "fgsm-rs, {0.2,0.3,0.4} sampled": ("fgsm-rs", (0.2, 0.3, 0.4)),
-    "fgsm-rs, 0.3": ("fgsm-rs", (0.3,)),
-    "pgd-at (PGD-40), 0.3": ("pgd-at", (0.3,)),
+    "fgsm (paper), {0.2,0.3,0.4}, 10 epochs": ("fgsm", (0.2, 0.3, 0.4), 10, 0.0),
+    "fgsm-rs, 0.3, 10 epochs": ("fgsm-rs", (0.3,), 10, 0.0),
+    "fgsm-rs, {0.2,0.3,0.4} sampled, 10 epochs": ("fgsm-rs", (0.2, 0.3, 0.4), 10, 0.0),
+    "fgsm-rs, {0.2,0.3,0.4} sampled, 20 epochs, EMA": ("fgsm-rs", (0.2, 0.3, 0.4), 20, 0.999),
+    "n-fgsm, {0.2,0.3,0.4} sampled, 20 epochs": ("n-fgsm", (0.2, 0.3, 0.4), 20, 0.0),
+    "pgd-3, {0.2,0.3,0.4} sampled, 10 epochs": ("pgd-3", (0.2, 0.3, 0.4), 10, 0.0),
+    "pgd-3, {0.2,0.3,0.4} sampled, 10 epochs, EMA": ("pgd-3", (0.2, 0.3, 0.4), 10, 0.999),
+    BASELINE: ("pgd-at", (0.3,), 10, 0.0),
 }
 
 
 def main(train_size: int = 3000, repeats: int = 3) -> dict:
     data = load_dataset("mnist", "train", limit=train_size)
 
-    def run(name: str) -> None:
-        recipe = get_recipe(RUNS[name][0])
+    def one_epoch(name: str) -> None:
+        recipe_name, strengths, _, average = RUNS[name]
+        recipe = get_recipe(recipe_name)
         torch.manual_seed(0)
         model = build_model("small-cnn", "mnist")
-        cfg = TrainConfig(epochs=1, batch_size=recipe.batch_size, lr=recipe.lr,
-                          schedule=recipe.schedule)
-        train(model, data, recipe.mix(RUNS[name][1]), recipe.source, cfg, progress=False)
+        train(model, data, recipe.mix(strengths), WhiteBox(recipe.attack),
+              recipe.config(epochs=1, average=average), progress=False)
 
-    times = time_interleaved({name: (lambda n=name: run(n)) for name in RUNS}, repeats)
-    summary = summarise(times, "pgd-at (PGD-40), 0.3")
-    for name, row in summary.items():
-        print(f"{name:<32} {row['median_s']:7.2f} s  = {row['ratio_to_pgd-at (PGD-40), 0.3']:.3f}"
-              " x PGD-40 AT")
+    times = time_interleaved({name: (lambda n=name: one_epoch(n)) for name in RUNS}, repeats)
+    epoch = summarise(times, BASELINE)
+    base_epochs = RUNS[BASELINE][2]
+    base_passes = get_recipe(RUNS[BASELINE][0]).passes(RUNS[BASELINE][1], base_epochs)
+    results = {}
+    for name, (recipe, strengths, epochs, _) in RUNS.items():
+        passes = get_recipe(recipe).passes(strengths, epochs)
+        wall = epoch[name]["median_s"] * epochs
+        results[name] = {
+            "epoch_median_s": epoch[name]["median_s"], "epoch_min_s": epoch[name]["min_s"],
+            "epochs": epochs, "passes_per_example": passes,
+            "passes_ratio_to_pgd_at": passes / base_passes,
+            "wall_ratio_to_pgd_at": wall / (epoch[BASELINE]["median_s"] * base_epochs)}
+        print(f"{name:<48} {passes:4d} passes = {results[name]['passes_ratio_to_pgd_at']:.3f}x, "
+              f"wall {results[name]['wall_ratio_to_pgd_at']:.3f}x PGD-AT", flush=True)
     path = save("recipes", {"dataset": "mnist", "model": "small-cnn", "train_size": train_size,
-                            "repeats": repeats, "results": summary})
+                            "repeats": repeats, "baseline": BASELINE, "results": results})
     print(f"written {path}")
-    return summary
+    return results
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
                                   ["--ramp", "0.3", "--average", "0.999"]),
     "n-fgsm-mixed-20": ("n-fgsm", "0.2,0.3,0.4", 20, []),
     "n-fgsm-mixed-20-avg": ("n-fgsm", "0.2,0.3,0.4", 20, ["--average", "0.999"]),
-    "pgd-3-mixed-10": ("pgd-3", "0.2,0.3,0.4", 10, []),
-    "pgd-3-mixed-10-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--average", "0.999"]),
-    "pgd-3-0.3-10": ("pgd-3", "0.3", 10, []),
+    "pgd-3-mixed-10-ramp": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3"]),
+    "pgd-3-mixed-10-ramp-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3", "--average",
+                                                            "0.999"]),
 }
 
 
