@@ -1,14 +1,16 @@
-"""Training recipes under AutoAttack on MNIST at ε = 0.3, every one run from the CLI.
+"""Training recipes under AutoAttack, every one run from the CLI: MNIST at ε = 0.3 (the small
+CNN) and CIFAR-10 at ε = 8/255 (``resnet-s``).
 
-For each candidate: ``advguard train`` (the full 60,000-image training set, seed 0, the small
-CNN), ``advguard evaluate --attack white-box-pgd`` (PGD-40 with 5 restarts, step 2.5·ε/40, on
-the first 1,000 test images at every grid strength) and ``advguard audit --only-autoattack``
-(AutoAttack standard at ε = 0.3 on the same 1,000 images). Each step writes its file into
-``OUT/NAME/`` and is skipped when the file exists, so the study resumes where it stopped.
-Training cost is counted as forward-backward passes per training example
+For each candidate: ``advguard train`` (the whole training set, seed 0),
+``advguard evaluate --attack white-box-pgd`` (MNIST: PGD-40 with 5 restarts on the first 1,000
+test images at every grid strength; CIFAR-10: PGD-20, one start, on the first 1,000 at 0, 2, 4,
+6, 8/255) and ``advguard audit --only-autoattack`` (AutoAttack standard at the target ε on the
+first 1,000 MNIST or 500 CIFAR-10 test images). Each step writes its file into ``OUT/NAME/``
+and is skipped when the file exists, so the study resumes where it stopped. Training cost is
+counted as forward-backward passes per training example
 (:meth:`advguard.training.Recipe.passes`) and as the training wall time.
 
-Run: ``python benchmarks/recipe_study.py OUT [NAME ...]`` (default: every candidate).
+Run: ``python benchmarks/recipe_study.py OUT [NAME ...]`` (default: every MNIST candidate).
 Results: ``OUT/summary.json`` and one line per candidate on stdout.
 """
 
@@ -17,13 +19,31 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from advguard.io import read_metadata, write_json
+from advguard.options import strength
 from advguard.training import get_recipe
 
-EPS = 0.3
-TEST_IMAGES = 1000
+CIFAR = ["--dataset", "cifar10", "--data-dir", "../shared/data/cifar-10"]
+CIFAR_VICTIM = [*CIFAR, "--model", "resnet-s", "--augment", "--channels-last"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    eps: str
+    model: list[str]  # `advguard train` options naming the data and the architecture
+    data: list[str]  # the evaluation commands' data options
+    pgd: list[str]  # `advguard evaluate` options of the PGD curve
+    autoattack_images: int
+
+
+MNIST_SETUP = Setup("0.3", ["--model", "small-cnn"], [],
+                    ["--pgd-steps", "40", "--pgd-restarts", "5", "--test-limit", "1000"], 1000)
+CIFAR_SETUP = Setup("8/255", CIFAR_VICTIM, CIFAR[2:],
+                    ["--pgd-steps", "20", "--test-limit", "1000", "--grid",
+                     "0,2/255,4/255,6/255,8/255"], 500)
 
 # name: (recipe, strengths, epochs, extra `advguard train` options)
 CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
@@ -39,6 +59,10 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     "pgd-3-mixed-10-ramp": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3"]),
     "pgd-3-mixed-10-ramp-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3", "--average",
                                                             "0.999"]),
+    # CIFAR-10 (names start with "cifar10-")
+    "cifar10-clean": ("fgsm", "", 15, ["--schedule", "one-cycle", "--lr", "3e-3",
+                                       "--label-smoothing", "0.1"]),
+    "cifar10-fgsm-rs-mixed": ("fgsm-rs", "6/255,8/255,10/255", 15, []),
 }
 
 
@@ -49,38 +73,44 @@ def _run(args: list[str], log: Path) -> None:
 
 def study(out: Path, name: str) -> dict:
     recipe, strengths, epochs, extra = CANDIDATES[name]
+    setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     model, log = d / "model.safetensors", d / "log.txt"
     if not model.exists():
-        _run(["train", str(model), "--model", "small-cnn", "--recipe", recipe, "--strengths",
-              strengths, "--epochs", str(epochs), "--seed", "0", "-q", *extra], log)
+        _run(["train", str(model), *setup.model, "--recipe", recipe,
+              *(["--strengths", strengths] if strengths else []), "--epochs", str(epochs),
+              "--seed", "0", "-q", *extra], log)
     if not (d / "pgd.json").exists():
-        _run(["evaluate", str(model), "--attack", "white-box-pgd", "--pgd-steps", "40",
-              "--pgd-restarts", "5", "--test-limit", str(TEST_IMAGES), "--out",
-              str(d / "pgd.json"), "-q"], log)
+        _run(["evaluate", str(model), "--attack", "white-box-pgd", *setup.pgd, *setup.data,
+              "--out", str(d / "pgd.json"), "-q"], log)
     if not (d / "autoattack.json").exists():
-        _run(["audit", str(model), "--eps", str(EPS), "--only-autoattack", "--test-limit",
-              str(TEST_IMAGES), "--out", str(d / "autoattack.json"), "-q"], log)
+        _run(["audit", str(model), "--eps", setup.eps, "--only-autoattack", "--test-limit",
+              str(setup.autoattack_images), *setup.data, "--out", str(d / "autoattack.json"),
+              "-q"], log)
     meta = read_metadata(model)
     pgd = json.loads((d / "pgd.json").read_text())
     aa = json.loads((d / "autoattack.json").read_text())["autoattack"]
-    eps = tuple(float(e) for e in strengths.split(","))
+    eps = tuple(strength(e) for e in strengths.split(",")) if strengths else ()
     return {"recipe": recipe, "strengths": list(eps), "epochs": epochs, "options": extra,
+            "train_command": " ".join(["advguard", "train", "OUT", *setup.model, "--recipe",
+                                       recipe, *(["--strengths", strengths] if strengths
+                                                 else []), "--epochs", str(epochs), *extra]),
             "clean_accuracy_10k": meta["test_accuracy"], "train_seconds": meta["train_seconds"],
             "passes_per_example": get_recipe(recipe).passes(eps, epochs),
-            "pgd40x5_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
-            "pgd40x5_min": min(pgd["curve"]), "autoattack": aa}
+            "pgd_options": setup.pgd,
+            "pgd_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
+            "pgd_min": min(pgd["curve"]), "autoattack": aa}
 
 
 def main(out: Path, names: list[str]) -> None:
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    for name in names or list(CANDIDATES):
+    for name in names or [n for n in CANDIDATES if not n.startswith("cifar10-")]:
         summary[name] = study(out, name)
         s = summary[name]
         print(f"{name:<28} clean {100 * s['clean_accuracy_10k']:.2f}  PGD min "
-              f"{100 * s['pgd40x5_min']:.1f}  AA {100 * s['autoattack']['robust_accuracy']:.1f}"
+              f"{100 * s['pgd_min']:.1f}  AA {100 * s['autoattack']['robust_accuracy']:.1f}"
               f"  passes {s['passes_per_example']}  train {s['train_seconds']:.0f} s",
               flush=True)
         write_json(summary_path, summary)
