@@ -62,7 +62,7 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     # CIFAR-10 (names start with "cifar10-")
     "cifar10-clean": ("fgsm", "", 15, ["--schedule", "one-cycle", "--lr", "3e-3",
                                        "--label-smoothing", "0.1"]),
-    "cifar10-fgsm-rs-mixed": ("fgsm-rs", "6/255,8/255,10/255", 15, []),
+    "cifar10-fgsm-rs-mixed-ramp": ("fgsm-rs", "6/255,8/255,10/255", 12, ["--ramp", "0.3"]),
 }
 
 

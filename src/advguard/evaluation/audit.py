@@ -47,7 +47,7 @@ def _torchattacks() -> Any:
         import torchattacks
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise AdvguardError("the independent-attack audit needs torchattacks: "
-                            "pip install 'advguard[audit]'") from exc
+                            "pip install torchattacks") from exc
     return torchattacks
 
 

@@ -50,7 +50,7 @@ def _torchattacks() -> Any:
     try:
         import torchattacks
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise AdvguardError("AutoAttack needs torchattacks: pip install 'advguard[audit]'"
+        raise AdvguardError("AutoAttack needs torchattacks: pip install torchattacks"
                             ) from exc
     return torchattacks
 
