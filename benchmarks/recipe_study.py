@@ -10,7 +10,8 @@ and is skipped when the file exists, so the study resumes where it stopped. Trai
 counted as forward-backward passes per training example
 (:meth:`advguard.training.Recipe.passes`) and as the training wall time.
 
-Run: ``python benchmarks/recipe_study.py OUT [NAME ...]`` (default: every MNIST candidate).
+Run: ``python benchmarks/recipe_study.py OUT [NAME ...]`` (default: every MNIST candidate);
+``python benchmarks/recipe_study.py OUT --table`` prints the summary as a markdown table.
 Results: ``OUT/summary.json`` and one line per candidate on stdout.
 """
 
@@ -103,7 +104,26 @@ def study(out: Path, name: str) -> dict:
             "pgd_min": min(pgd["curve"]), "autoattack": aa}
 
 
+def table(summary: dict) -> str:
+    """The recipes as one markdown table (accuracies in %, AutoAttack per attack)."""
+    rows = ["| candidate | train command options | passes / example | train (s) | clean (10k) "
+            "| PGD min over the grid | AA after APGD-CE | APGD-T | FAB-T | **AutoAttack** "
+            "| Square alone |", "|---" * 11 + "|"]
+    for name, s in summary.items():
+        aa = s["autoattack"]
+        after = [f"{100 * aa['robust_after'][k]:.1f}" for k in ("APGD-CE", "APGD-T", "FAB-T")]
+        rows.append(f"| {name} | `{s['train_command'].split(' OUT ', 1)[1]}` | "
+                    f"{s['passes_per_example']} | {s['train_seconds']:.0f} | "
+                    f"{100 * s['clean_accuracy_10k']:.2f} | {100 * s['pgd_min']:.1f} | "
+                    + " | ".join(after) + f" | **{100 * aa['robust_accuracy']:.1f}** | "
+                    f"{100 * aa['square_alone_accuracy']:.1f} |")
+    return "\n".join(rows)
+
+
 def main(out: Path, names: list[str]) -> None:
+    if names == ["--table"]:
+        print(table(json.loads((out / "summary.json").read_text())))
+        return
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name in names or [n for n in CANDIDATES if not n.startswith("cifar10-")]:
