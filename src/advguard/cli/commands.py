@@ -166,7 +166,7 @@ def audit(
     for name, acc in aa.get("robust_after", {}).items():
         typer.echo(f"    AutoAttack after {name:<13} {100 * acc:6.2f}%")
     if aa.get("square_alone_accuracy") is not None:
-        typer.echo(f"    Square (black-box) alone     {100 * aa['square_alone_accuracy']:6.2f}%")
+        typer.echo(f"    Square (black-box) alone       {100 * aa['square_alone_accuracy']:6.2f}%")
     typer.echo(f"  worst case over all attacks    {100 * report.worst_case_accuracy:6.2f}%")
     for name, acc in report.transfer.items():
         typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
