@@ -90,8 +90,9 @@ def tiny_data() -> Data:
 
 
 def _mat(tmp_path, data: Data, **overrides) -> Mat:
-    config = MatConfig(grid=(0.0, 0.1, 0.3), epochs=1, crafter_epochs=1, matrix_epochs=1,
-                       walks=50, pgd_steps=2, pgd_limit=50, **overrides)
+    config = MatConfig(**{"grid": (0.0, 0.1, 0.3), "epochs": 1, "crafter_epochs": 1,
+                          "matrix_epochs": 1, "walks": 50, "pgd_steps": 2, "pgd_limit": 50,
+                          "autoattack_limit": 20, **overrides})
     cfg = config.resolve()
     run = RunDir(tmp_path)
     run.pin(cfg)
@@ -144,6 +145,15 @@ def test_a_methods_evaluation_starts_at_its_clean_accuracy(tmp_path, tiny_data):
     assert all(len(curve) == 3 for curve in result.curves.values())
     assert result.mean == pytest.approx(sum(result.curve) / 3)
     assert evaluate(m, Method.ORIGINAL) == result  # read back, not recomputed
+    aa = result.autoattack  # the column at the top of the grid, first 20 test images
+    assert aa["eps"] == 0.3 and aa["images"] == 20
+    assert aa["clean_accuracy"] == pytest.approx(
+        accuracy(net, tiny_data.test.x[:20], tiny_data.test.y[:20]))
+    assert aa["robust_accuracy"] < aa["clean_accuracy"]  # a clean MLP at 0.3 falls
+    off = _mat(tmp_path / "off", tiny_data, strengths=(0.1, 0.3), autoattack_limit=0)
+    assert evaluate(off, Method.ORIGINAL).autoattack is None
+    chosen = _mat(tmp_path / "eps", tiny_data, strengths=(0.1, 0.3), autoattack_eps=0.1)
+    assert chosen.cfg.autoattack_eps == 0.1
 
 
 # --- the detection experiment's scoring -------------------------------------------------------
