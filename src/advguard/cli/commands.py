@@ -50,8 +50,7 @@ def train(
         help="random crop, and flip where the dataset allows, of every training batch")]
     = False,
     label_smoothing: float = 0.0,
-    channels_last: Annotated[bool, typer.Option(
-        help="NHWC memory layout while training (faster convolutions on CPUs)")] = False,
+    channels_last: Annotated[bool, typer.Option(help="NHWC layout while training")] = False,
     train_limit: int | None = None,
     seed: int = TrainConfig.seed,
     device: str = TrainConfig.device,
