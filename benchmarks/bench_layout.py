@@ -4,12 +4,14 @@ The same ``resnet-s`` victim (fresh weights each time), the same 2,000 real CIFA
 images, one epoch of clean training with crop/flip augmentation, interleaved repeats; the
 only difference is ``TrainConfig.channels_last``.
 
-Run: ``python benchmarks/bench_layout.py [CIFAR-10 folder]`` (default ``../shared/data/cifar-10``).
+Run: ``python benchmarks/bench_layout.py [CIFAR-10 folder]`` (default: ``shared/data/cifar-10``
+beside the project root).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from common import save, summarise, time_interleaved
@@ -18,8 +20,10 @@ from advguard.data import load_dataset
 from advguard.models import build_model
 from advguard.training import StrengthMix, TrainConfig, train
 
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
 
-def main(data_dir: str = "../shared/data/cifar-10", images: int = 2000, repeats: int = 3) -> dict:
+
+def main(data_dir: str = str(CIFAR), images: int = 2000, repeats: int = 3) -> dict:
     data = load_dataset("cifar10", "train", data_dir=data_dir, limit=images)
 
     def epoch(channels_last: bool) -> None:
