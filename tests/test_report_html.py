@@ -16,7 +16,8 @@ from advguard.reports import write_html_report
 from advguard.reports.html import lookup
 
 RESULTS = Path(__file__).parents[1] / "docs" / "results"
-RUNS = ["mnist-transfer", "mnist-white-box-walk", "mnist-white-box-cnn", "mnist-detect"]
+RUNS = ["mnist-transfer", "mnist-white-box-walk", "mnist-white-box-cnn", "mnist-detect",
+        "mnist-default"]
 
 
 class Page(HTMLParser):
@@ -113,3 +114,14 @@ def test_chromium_shows_the_tables_and_figures(report, tmp_path):
             assert "Table 1" in heading or "Table 2" in heading
         finally:
             browser.close()
+
+
+def test_the_autoattack_column_is_in_the_report(tmp_path):
+    run = shutil.copytree(RESULTS / "mnist-default", tmp_path / "run")
+    page = Page()
+    page.feed(write_html_report(run).read_text(encoding="utf-8"))
+    keys = [json.loads(c["data-key"]) for c in page.cells]
+    results = json.loads((run / "results.json").read_text())
+    for method in results["methods"]:
+        assert ["methods", method, "autoattack", "robust_after", "Square"] in keys
+        assert ["methods", method, "autoattack", "square_alone_accuracy"] in keys
