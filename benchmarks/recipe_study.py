@@ -70,7 +70,8 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
 
 def _run(args: list[str], log: Path) -> None:
     with log.open("a") as f:
-        subprocess.run(["advguard", *args], check=True, stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, "-m", "advguard.cli", *args], check=True, stdout=f,
+                       stderr=subprocess.STDOUT)
 
 
 def study(out: Path, name: str) -> dict:
