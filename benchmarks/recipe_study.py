@@ -59,6 +59,7 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     "n-fgsm-mixed-20-avg": ("n-fgsm", "0.2,0.3,0.4", 20, ["--average", "0.999"]),
     "pgd-3-mixed-10-ramp": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3"]),
     "pgd-3-0.3-10-ramp": ("pgd-3", "0.3", 10, ["--ramp", "0.3"]),  # single-strength control
+    "pgd-3-narrow-10-ramp": ("pgd-3", "0.25,0.3,0.35", 10, ["--ramp", "0.3"]),
     "pgd-3-mixed-10-ramp-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3", "--average",
                                                             "0.999"]),
     # CIFAR-10 (names start with "cifar10-")
