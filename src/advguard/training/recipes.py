@@ -113,11 +113,12 @@ RECIPES: dict[RecipeName, Recipe] = {
         "only, one-cycle learning rate", NoiseFGSM(2.0, 1.0), clean=False, sample=True,
         schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
     RecipeName.PGD_3: Recipe(
-        RecipeName.PGD_3, "PGD-3 from a random start (step 2.5·ε/3), strengths sampled per "
-        "example, adversarial copies only, one-cycle learning rate: a tenth of PGD-40's "
-        "passes (with the per-example early stop it did not become robust; train it with an "
-        "ε ramp instead, --ramp)", PGD(steps=3, seed=None),
-        clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
+        RecipeName.PGD_3, "PGD-3 from a random start (step 2.5·ε/3), strengths ramped up "
+        "from 0 over the first 30% of the steps and sampled per example, adversarial copies "
+        "only, one-cycle learning rate: a tenth of PGD-40's passes (the ramp, not PGD-AT's "
+        "per-example early stop, is what lets it train)", PGD(steps=3, seed=None),
+        clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100,
+        ramp=0.3),
     RecipeName.PGD_AT: Recipe(
         RecipeName.PGD_AT, "PGD-40 with random start (step 2.5·ε/40), adversarial copies only, "
         "early-stopped per example, one-cycle learning rate (Madry et al.'s PGD adversarial "
