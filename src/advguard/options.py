@@ -76,6 +76,12 @@ def check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
                          f"{value!r}")
 
 
+def check_below_one(name: str, value: float) -> None:
+    """``value`` must be a finite number in [0, 1) (a decay, a share, a smoothing)."""
+    if not (is_number(value) and 0.0 <= value < 1.0):
+        raise InputError(f"{name} must be in [0, 1), got {value!r}")
+
+
 def check_positive(name: str, value: float) -> None:
     """``value`` must be a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -165,7 +165,7 @@ class Attack(ABC):
         e = as_strength(eps, x)
         with eval_mode(model):
             adv = self.perturb(model, x, y, e)
-        return project(x, adv.detach(), e if self.reach == 1.0 else e * self.reach)
+        return project(x, adv.detach(), e * self.reach)
 
     def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    strengths: Sequence[Strength]) -> list[torch.Tensor]:

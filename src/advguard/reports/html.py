@@ -148,17 +148,17 @@ def _mat_context(run_dir: Path, r: dict[str, Any]) -> dict[str, Any]:
                        "clean": percent(a, "clean_accuracy", source=src),
                        "worst": percent(a, "worst_case_accuracy", source=src),
                        "warnings": a.get("warnings", [])})
-    aa_methods = [m for m in methods if r["methods"][m].get("autoattack")]
-    autoattack = None if not aa_methods else {
-        "eps": f"{info.unit * r['methods'][aa_methods[0]]['autoattack']['eps']:.3g}",
-        "images": r["methods"][aa_methods[0]]["autoattack"]["images"],
-        "attacks": list(r["methods"][aa_methods[0]]["autoattack"]["robust_after"]),
+    aa = {m: r["methods"][m]["autoattack"] for m in methods if r["methods"][m].get("autoattack")}
+    first = next(iter(aa.values()), None)
+    autoattack = None if first is None else {
+        "eps": f"{info.unit * first['eps']:.3g}", "images": first["images"],
+        "attacks": list(first["robust_after"]),
         "rows": [{"method": m, "clean": percent(r, "methods", m, "autoattack", "clean_accuracy"),
                   "after": [percent(r, "methods", m, "autoattack", "robust_after", a)
-                            for a in r["methods"][m]["autoattack"]["robust_after"]],
+                            for a in a_m["robust_after"]],
                   "square": percent(r, "methods", m, "autoattack", "square_alone_accuracy"),
-                  "warnings": r["methods"][m]["autoattack"].get("warnings", [])}
-                 for m in aa_methods]}
+                  "warnings": a_m.get("warnings", [])}
+                 for m, a_m in aa.items()]}
     return {"kind": "mat", "methods": methods, "autoattack": autoattack,
             "grid": [f"{info.unit * e:.3g}" for e in r["grid"]], "unit": info.unit,
             "curves": curves, "paper": paper,

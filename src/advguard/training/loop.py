@@ -64,9 +64,7 @@ class TrainConfig:
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         for name in ("ramp", "average", "label_smoothing"):
-            value = getattr(self, name)
-            if not (options.is_number(value) and 0.0 <= value < 1.0):
-                raise InputError(f"{name} must be in [0, 1), got {value!r}")
+            options.check_below_one(name, getattr(self, name))
         self.schedule = Schedule(self.schedule)
 
     def strength_scale(self, step: int, steps: int) -> float:

@@ -154,8 +154,7 @@ class MatConfig:
         if self.lr is not None:
             opts.check_positive("lr", self.lr)
         schedule = parse_choice(Schedule, self.schedule or recipe.schedule, "schedule")
-        if not (opts.is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
-            raise InputError(f"label smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        opts.check_below_one("label smoothing", self.label_smoothing)
         opts.check_fraction("tau", self.tau, low_open=False)
         opts.device(self.device)
         victim, crafter = self.victim or info.victim, self.crafter or info.crafter
