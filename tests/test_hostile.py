@@ -112,6 +112,10 @@ CLI_ROWS = [
      "label smoothing must be in [0, 1)"),
     ("reproduce-schedule-bogus", "reproduce mat --schedule warm --out {d}/run",
      "unknown schedule 'warm'"),
+    ("detect-label-smoothing-1", "reproduce detect --label-smoothing 1 --out {d}/det",
+     "label smoothing must be in [0, 1)"),
+    ("detect-schedule-bogus", "reproduce detect --schedule cosine --out {d}/det",
+     "unknown schedule 'cosine'"),
     # tracebacks before
     ("train-lr-negative", "train {d}/m.safetensors --lr -1", "lr must be a positive finite"),
     ("train-lr-nan", "train {d}/m.safetensors --lr nan", "lr must be a positive finite"),

@@ -194,3 +194,17 @@ def test_metrics_of_a_table_entry():
     assert out["aggregated"]["eer_accuracy"] == eer_accuracy(s["authentic"], agg)
     assert out["fgsm"]["filtered"] == pytest.approx((s["fgsm"] < out["threshold"]).mean())
     assert "pgd" not in out  # a negative set the run did not make is left out, not zeroed
+
+
+def test_detection_models_train_with_the_victim_options():
+    from advguard.reproduce.detect.config import DetectConfig
+    from advguard.training import Schedule, TrainConfig
+
+    plain = DetectConfig(epochs=3, lr=2e-3).resolve().train_config()
+    # the default is the paper-era training: a run made before these options resumes
+    assert plain == TrainConfig(epochs=3, batch_size=128, lr=2e-3, seed=0, device="cpu")
+    strong = DetectConfig(dataset="cifar10", model="resnet-s", schedule="one-cycle",
+                          augment=True, label_smoothing=0.1,
+                          channels_last=True).resolve().train_config()
+    assert strong.schedule is Schedule.ONE_CYCLE
+    assert (strong.augment, strong.label_smoothing, strong.channels_last) == (True, 0.1, True)

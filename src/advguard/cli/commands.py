@@ -33,7 +33,7 @@ def train(
     crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
                                                       "(default: white-box, online)")] = None,
     recipe: Annotated[str, typer.Option(
-        help="white-box recipe: fgsm (the paper's), fgsm-rs, n-fgsm, pgd-3 or pgd-at")]
+        help=f"white-box recipe: {', '.join(r.value for r in RecipeName)}")]
     = RecipeName.FGSM.value,
     epochs: int = TrainConfig.epochs,
     batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from advguard import options as opts
 from advguard.attacks import check_strengths
 from advguard.data import dataset_info
-from advguard.errors import InputError
+from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
 from advguard.options import option
+from advguard.reproduce import victims
+from advguard.training import Schedule, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,11 @@ class DetectConfig:
                                      "CNN, LeNet-5 / CIFAR)")
     epochs: int = option(5, "training epochs of the attacked model")
     batch_size: int = option(128, "training batch size")
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float = option(1e-3, "Adam learning rate (the peak of a one-cycle schedule)")
+    schedule: str | None = victims.schedule_option("constant")
+    augment: bool = victims.augment_option()
+    label_smoothing: float = victims.label_smoothing_option()
+    channels_last: bool = victims.channels_last_option()
     val_size: int = option(5000, "calibration split held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     queries: int = option(2000, "first N test images are attacked and scored")
@@ -47,6 +53,7 @@ class DetectConfig:
         opts.check_at_least(self, 0, "val_size", "lbfgs_queries")
         opts.check_fraction("keep", self.keep)
         opts.check_positive("lr", self.lr)
+        victims.check(self.label_smoothing)
         opts.device(self.device)
         build_model(self.model or info.crafter, info)  # an unknown architecture fails here
         if not 0 <= self.adaptive_weight < float("inf"):
@@ -54,7 +61,9 @@ class DetectConfig:
                              f"{self.adaptive_weight!r}")
         return ResolvedDetectConfig(**{
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
-            "dataset": info.name, "eps": float(eps), "model": self.model or info.crafter,
+            "dataset": info.name, "eps": float(eps),
+            "schedule": parse_choice(Schedule, self.schedule or Schedule.CONSTANT.value,
+                                     "schedule"), "model": self.model or info.crafter,
             "lbfgs_queries": min(self.lbfgs_queries, self.queries)})
 
 
@@ -65,6 +74,10 @@ class ResolvedDetectConfig:
     epochs: int
     batch_size: int
     lr: float
+    schedule: Schedule
+    augment: bool
+    label_smoothing: float
+    channels_last: bool
     val_size: int
     train_limit: int | None
     queries: int
@@ -79,3 +92,10 @@ class ResolvedDetectConfig:
     device: str
     data_dir: str | None
     download: bool
+
+    def train_config(self) -> TrainConfig:
+        """The training configuration of every attacked model (clean or mixed MAT)."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           seed=self.seed, device=self.device, schedule=self.schedule,
+                           augment=self.augment, label_smoothing=self.label_smoothing,
+                           channels_last=self.channels_last)

@@ -17,7 +17,7 @@ from advguard.detection import FeaturePull, KNNDetector, extract_features
 from advguard.models import accuracy, build_model
 from advguard.reproduce.detect.config import ResolvedDetectConfig
 from advguard.reproduce.rundir import RunDir
-from advguard.training import StrengthMix, TrainConfig, train
+from advguard.training import StrengthMix, train
 
 ATTACK_BATCH, LBFGS_BATCH = 500, 100
 
@@ -51,8 +51,7 @@ def trained_model(d: Detect, name: str, strengths: tuple[float, ...] = ()) -> nn
         torch.manual_seed(c.seed)
         model = build_model(c.model, c.dataset)
         result = train(model, d.train_set, StrengthMix(strengths), None,
-                       TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                                   seed=c.seed, device=c.device),
+                       c.train_config(),
                        val=d.val, state_path=d.run.path(f"{name}.state.pt"),
                        progress=d.progress, desc=name)
         acc = accuracy(model, d.test.x, d.test.y, device=c.device)

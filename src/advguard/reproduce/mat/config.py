@@ -14,6 +14,7 @@ from advguard.ensemble import VotingRule, parse_rule
 from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
 from advguard.options import option
+from advguard.reproduce import victims
 from advguard.strengths import Walk
 from advguard.training import RecipeName, Schedule, get_recipe
 
@@ -67,8 +68,9 @@ class MatConfig:
         None, "accuracy matrix on the first N validation images (default: all for FGSM, "
         f"{PGD_MATRIX_VALIDATION_IMAGES} for PGD)")
     recipe: str | None = option(
-        None, "training recipe: fgsm (the paper's), fgsm-rs (random-start FGSM, sampled "
-        "strengths, one-cycle lr) or pgd-at; default: fgsm (transfer), fgsm-rs (white-box)")
+        None, f"training recipe: {', '.join(r.value for r in RecipeName)} (METHODS.md); "
+        f"default: {DEFAULT_RECIPES[Setting.TRANSFER].value} (transfer, the paper's), "
+        f"{DEFAULT_RECIPES[Setting.WHITE_BOX].value} (white-box)")
     pgd_at: bool = option(False, "also train the PGD-40 adversarial training baseline "
                                  "(white-box setting)")
     walks: int = option(Walk.walks, "random walks t (strength selection)")
@@ -87,13 +89,10 @@ class MatConfig:
     batch_size: int | None = option(None, "clean examples per step (default: the recipe's)")
     lr: float | None = option(None, "Adam learning rate, the peak of a one-cycle schedule "
                                     "(default: the recipe's)")
-    schedule: str | None = option(None, "victims' learning rate: constant or one-cycle "
-                                        "(default: the recipe's)")
-    augment: bool = option(False, "random crop, and flip where the dataset allows, of every "
-                                  "victim training batch")
-    label_smoothing: float = option(0.0, "label smoothing of the victims' training loss")
-    channels_last: bool = option(False, "NHWC memory layout while training (faster "
-                                        "convolutions on CPUs)")
+    schedule: str | None = victims.schedule_option("the recipe's")
+    augment: bool = victims.augment_option()
+    label_smoothing: float = victims.label_smoothing_option()
+    channels_last: bool = victims.channels_last_option()
     val_size: int = option(5000, "validation images held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     test_limit: int | None = option(None, "first N test images only")
@@ -154,7 +153,7 @@ class MatConfig:
         if self.lr is not None:
             opts.check_positive("lr", self.lr)
         schedule = parse_choice(Schedule, self.schedule or recipe.schedule, "schedule")
-        opts.check_below_one("label smoothing", self.label_smoothing)
+        victims.check(self.label_smoothing)
         opts.check_fraction("tau", self.tau, low_open=False)
         opts.device(self.device)
         victim, crafter = self.victim or info.victim, self.crafter or info.crafter
