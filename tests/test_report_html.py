@@ -17,7 +17,8 @@ from advguard.reports.html import lookup
 
 RESULTS = Path(__file__).parents[1] / "docs" / "results"
 RUNS = ["mnist-transfer", "mnist-white-box-walk", "mnist-white-box-cnn", "mnist-detect",
-        "mnist-default", "cifar10-transfer-resnet"]
+        "mnist-default", "cifar10-transfer-resnet",
+        "cifar10-detect-resnet"]
 
 
 class Page(HTMLParser):
