@@ -61,9 +61,9 @@ class DetectConfig:
                              f"{self.adaptive_weight!r}")
         return ResolvedDetectConfig(**{
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
-            "dataset": info.name, "eps": float(eps),
+            "dataset": info.name, "eps": float(eps), "model": self.model or info.crafter,
             "schedule": parse_choice(Schedule, self.schedule or Schedule.CONSTANT.value,
-                                     "schedule"), "model": self.model or info.crafter,
+                                     "schedule"),
             "lbfgs_queries": min(self.lbfgs_queries, self.queries)})
 
 
