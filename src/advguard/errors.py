@@ -16,6 +16,19 @@ class InputError(AdvguardError):
     """Images or labels of the wrong shape, dtype, range, or containing NaN/inf."""
 
 
+class TooLargeError(InputError):
+    """Input over a size limit: too many images, pixels or bytes (a service answers 413)."""
+
+
+class UnsupportedFormatError(InputError):
+    """A readable file in a format advguard does not take (a service answers 415)."""
+
+
+class StateError(AdvguardError):
+    """A store of state (the guard's client state) that is unreadable, corrupt or unreachable:
+    the message names it and what to do (a service answers 503)."""
+
+
 class DataError(AdvguardError):
     """A dataset that is unknown, missing, or does not match its checksum/format."""
 
