@@ -46,20 +46,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def server(guard: Path, *args: str) -> Iterator[str]:
-    """``advguard serve GUARD …`` in its own process until the block ends; yields its URL."""
-    port = free_port()
+def serve_command(guard: Path, port: int, *args: str) -> list[str]:
     script = Path(sys.executable).with_name("advguard")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "advguard.cli"]
-    proc = subprocess.Popen([*command, "serve", str(guard), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return [*command, "serve", str(guard), "--port", str(port), *args]
+
+
+@contextmanager
+def server(guard: Path, *args: str, log: Path | None = None) -> Iterator[str]:
+    """``advguard serve GUARD …`` in its own process until the block ends; yields its URL. Its
+    output goes to ``log`` (a file, so that a talkative server never blocks on a full pipe)."""
+    port = free_port()
+    log = log or guard.parent / f"serve-{port}.log"
+    out = log.open("a")
+    proc = subprocess.Popen(serve_command(guard, port, *args), stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"the server exited: {proc.stdout.read()}")  # type: ignore[union-attr]
+                raise AssertionError(f"the server exited: {log.read_text()}")
             try:
                 if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
                     break
@@ -75,6 +82,7 @@ def server(guard: Path, *args: str) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        out.close()
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +175,61 @@ def test_a_valid_image_gets_every_field(guard_dir, keys, digits):
             metrics
 
 
-BAD = [  # (id, request keywords, expected status, part of the detail)
+def encoded(fmt: str, **kw) -> bytes:
+    """A real 28x28 grey image file in ``fmt`` (Pillow's encoder)."""
+    out = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def apng() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (28, 28), 0).save(out, "PNG", save_all=True,
+                                     append_images=[Image.new("L", (28, 28), 255)])
+    return out.getvalue()
+
+
+def blank_png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (side, side)).save(out, "PNG")
+    return out.getvalue()
+
+
+def grid(value: str) -> bytes:
+    """A 28x28 JSON image of zeros whose first pixel is ``value`` (raw JSON text)."""
+    rows = json.dumps(np.zeros((28, 28)).tolist())
+    return b'{"images": ' + rows.replace("0.0", value, 1).encode() + b"}"
+
+
+def upload(data: bytes, name: str = "x.png") -> dict:
+    return dict(files=[("files", (name, data, "image/png"))])
+
+
+# The service's hostile-input table: (id, request keywords, status, part of the one-line
+# detail). Each row is sent to one real server; docs/SERVING.md lists the same rows.
+BAD = [
     ("no-key", dict(key=None, json={"images": [[0.0]]}), 401, "valid API key"),
     ("wrong-key", dict(key="not-a-key-of-anyone", json={"images": [[0.0]]}), 401, "API key"),
-    ("not-an-image", dict(files=[("files", ("x.png", b"GIF89a not really", "image/png"))]), 422,
-     "not a PNG or JPEG"),
-    ("empty-upload", dict(files=[("files", ("x.png", b"", "image/png"))]), 422, "empty"),
+    ("not-an-image", upload(b"no image format at all"), 422, "not a PNG or JPEG"),
+    ("empty-upload", upload(b""), 422, "empty"),
     ("truncated-png", dict(truncate=True), 422, "truncated or corrupt"),
-    ("nan-pixels", dict(content=b'{"images": ' + json.dumps(np.zeros((28, 28)).tolist())
-                        .replace("0.0", "NaN", 1).encode() + b"}"), 422, "NaN"),
+    ("gif", upload(encoded("GIF")), 415, "GIF images are not accepted"),
+    ("tiff", upload(encoded("TIFF")), 415, "TIFF images are not accepted"),
+    ("webp", upload(encoded("WEBP")), 415, "WebP images are not accepted"),
+    ("bmp", upload(encoded("BMP")), 415, "BMP images are not accepted"),
+    ("animated-png", upload(apng()), 422, "animated PNG of 2 frames"),
+    ("huge-dimensions", upload(blank_png(5000), "huge.png"), 413, "5000x5000"),
+    ("pixel-bomb-batch", dict(files=[("files", (f"{i}.png", blank_png(4096), "image/png"))
+                                     for i in range(64)]), 413, "pixels; at most"),
+    ("nan-pixels", dict(content=grid("NaN")), 422, "NaN"),
     ("out-of-range", dict(json={"images": (np.ones((28, 28)) * 2).tolist()}), 422,
      "must lie in [0, 1]"),
+    ("integer-401-digits", dict(content=grid("9" * 401)), 422, "integer of 401 digits"),
+    ("integer-5000-digits", dict(content=grid("9" * 5000)), 422, "integer of 5000 digits"),
+    ("numeric-strings", dict(content=grid('"0.5"')), 422, "got strings"),
+    ("booleans", dict(content=grid("true")), 422, "not true/false"),
+    ("all-booleans", dict(json={"images": [[True] * 28] * 28}), 422, "not true/false"),
+    ("nulls", dict(content=grid("null")), 422, "null"),
     ("wrong-shape", dict(json={"images": np.zeros((3, 28, 28)).tolist()}), 422, "3 channels"),
     ("wrong-size", dict(json={"images": np.zeros((20, 20)).tolist()}), 422, "expects 28x28"),
     ("ragged", dict(json={"images": [[0.1, 0.2], [0.3]]}), 422, "rows of equal length"),
@@ -190,42 +242,137 @@ BAD = [  # (id, request keywords, expected status, part of the detail)
     ("wrong-type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
      "multipart/form-data"),
     ("too-many-images", dict(json={"images": np.zeros((65, 1, 28, 28)).tolist()}), 413,
-     "at most 64"),
-    ("body-too-large", dict(content=b"0" * (9 * 2 ** 20)), 413, "request body over"),
-    ("huge-dimensions", dict(huge=True), 422, "at most"),
+     "65 images in one request; at most 64"),
+    ("too-many-numbers", dict(content=b'{"images": [' + b"0," * 60_000 + b"0]}"), 413,
+     "more numbers than 64 images of 1x28x28"),
+    ("too-many-files", dict(files=[("files", (f"{i}.png", b"x", "image/png"))
+                                   for i in range(66)]), 413, "at most 64 images"),
+    ("json-body-too-large", dict(content=b"0" * (2 * 2 ** 20)), 413,
+     "a JSON body of pixels is at most"),
+    ("body-too-large", dict(content=b"0" * (9 * 2 ** 20),
+                            headers={"content-type": "multipart/form-data; boundary=x"}), 413,
+     "a request body is at most 8388608 bytes"),
     ("unknown-form-field", dict(files=[("picture", ("x.png", b"x", "image/png"))]), 422,
      "unknown form fields"),
 ]
 
 
+def counted(url: str, status: int) -> float:
+    """How many answers of ``status`` /metrics has counted, over every endpoint."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("advguard_requests_total{") and f'status="{status}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @pytest.mark.parametrize("kw, status, detail", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input_gets_the_right_4xx(kw, status, detail, guard_dir, keys, digits, bad_server):
+def test_bad_input_gets_the_right_4xx(kw, status, detail, keys, digits, bad_server):
+    url, log = bad_server
     kw = dict(kw)
     key = kw.pop("key", keys["client-1"])
     if kw.pop("truncate", False):
         kw["files"] = [("files", ("t.png", png(digits["x"][0])[:80], "image/png"))]
-    if kw.pop("huge", False):
-        big = io.BytesIO()
-        Image.new("L", (5000, 5000)).save(big, "PNG")
-        kw["files"] = [("files", ("huge.png", big.getvalue(), "image/png"))]
+    before, lines = counted(url, status), len(log.read_text().splitlines())
     if "content" in kw:
         kw.setdefault("headers", {"content-type": "application/json"})
-        kw["headers"] = {**kw["headers"], "X-API-Key": key}
-        r = httpx.post(f"{bad_server}/v1/predict", timeout=30, **kw)
+        kw["headers"] = {**kw["headers"], "X-API-Key": key or ""}
+        r = httpx.post(f"{url}/v1/predict", timeout=30, **kw)
     else:
-        r = post(bad_server, key, **kw)
+        r = post(url, key, **kw)
     assert r.status_code == status, r.text
-    assert detail in r.json()["detail"]
-    assert httpx.get(f"{bad_server}/v1/health").status_code == 200  # the worker lives on
+    assert detail in r.json()["detail"] and "\n" not in r.json()["detail"]
+    assert httpx.get(f"{url}/v1/health").status_code == 200  # the worker lives on
+    assert counted(url, status) == before + 1
+    new = log.read_text().splitlines()[lines:]
+    assert not any("Traceback" in line or "ERROR" in line for line in new), new
 
 
 @pytest.fixture(scope="module")
-def bad_server(guard_dir) -> Iterator[str]:
-    with server(guard_dir, *POLICY, "--state", f"sqlite:///{guard_dir}/bad.db") as url:
-        yield url
+def bad_server(guard_dir) -> Iterator[tuple[str, Path]]:
+    log = guard_dir.parent / "bad-server.log"
+    with server(guard_dir, *POLICY, "--state", f"sqlite:///{guard_dir}/bad.db",
+                "--header-timeout", "2", "--body-timeout", "2", log=log) as url:
+        yield url, log
+
+
+def raw_exchange(url: str, data: list[bytes], pause: float = 0.0, wait: float = 10.0
+                 ) -> tuple[bytes, float]:
+    """Send ``data`` piece by piece over one TCP connection (``pause`` seconds apart) and read
+    until the server closes it; returns what came back and how long the server took."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as conn:
+        t0 = time.monotonic()
+        try:
+            for piece in data:
+                conn.sendall(piece)
+                time.sleep(pause)
+        except OSError:  # closed by the server while we were still sending
+            pass
+        answer = b""
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer, time.monotonic() - t0
+
+
+def test_slow_and_idle_connections_are_closed(bad_server, keys):
+    url, log = bad_server
+    lines = len(log.read_text().splitlines())
+    key = keys["client-1"].encode()
+    head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-API-Key: " + key + b"\r\n")
+    # idle: a connection that never sends a byte is closed after the header timeout (2 s)
+    answer, took = raw_exchange(url, [])
+    assert answer == b"" and 1.5 < took < 6
+    # slow headers: one byte every 0.5 s
+    answer, took = raw_exchange(url, [bytes([b]) for b in head], pause=0.5)
+    assert answer == b"" and 1.5 < took < 6
+    # a Content-Length larger than the body: 408 after the body timeout (2 s), not a hang
+    before = counted(url, 408)
+    answer, took = raw_exchange(url, [head + b"Content-Length: 1000\r\n\r\n" + b'{"images"'])
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer
+    assert 1.5 < took < 6 and counted(url, 408) == before + 1
+    # a body sent a byte at a time: 408 too
+    answer, took = raw_exchange(url, [head + b"Content-Length: 100\r\n\r\n"] + [b" "] * 40,
+                                pause=0.25)
+    assert answer.startswith(b"HTTP/1.1 408") and took < 8
+    # a client that leaves mid-body: one line, no traceback, counted as 499
+    before = counted(url, 499)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"images": [')
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while counted(url, 499) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted(url, 499) == before + 1
+    assert httpx.get(f"{url}/v1/health").status_code == 200
+    new = log.read_text().splitlines()[lines:]
+    assert not any("Traceback" in line or "ERROR" in line for line in new), new
+    assert any('"event": "disconnect"' in line for line in new)
+
+
+def test_refused_requests_spend_the_rate_limit(guard_dir, keys, digits):
+    """Bodies refused with 413 count toward the sender's rate, like answered ones."""
+    with server(guard_dir, *POLICY, "--state", f"sqlite:///{guard_dir}/rate.db", "--rate",
+                "0.01", "--burst", "3") as url:
+        for _ in range(3):
+            r = httpx.post(f"{url}/v1/predict", content=b"0" * (3 * 2 ** 20), timeout=30,
+                           headers={"X-API-Key": keys["attacker"],
+                                    "content-type": "application/json"})
+            assert r.status_code == 413
+        r = post(url, keys["attacker"], json={"images": digits["x"][0].tolist()})
+        assert r.status_code == 429 and "requests/s" in r.json()["detail"]
+        assert post(url, keys["honest"], json={"images": digits["x"][0].tolist()}
+                    ).status_code == 200  # another key's bucket is its own
+        assert counted(url, 429) == 1
 
 
 def test_admin_endpoints_need_an_admin_key(bad_server, keys):
+    bad_server, _ = bad_server
     assert httpx.get(f"{bad_server}/v1/clients").status_code == 401
     r = httpx.get(f"{bad_server}/v1/clients", headers={"X-API-Key": keys["client-1"]})
     assert r.status_code == 403 and "not an admin" in r.json()["detail"]
@@ -270,12 +417,13 @@ def test_the_attacker_is_denied_the_honest_client_served_and_it_survives_a_resta
         assert post(url, keys["attacker"], json={"images": x[0].tolist()}).status_code == 200
 
 
-@pytest.fixture
-def redis_url(tmp_path) -> Iterator[str]:
+@contextmanager
+def redis_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real ``redis-server`` on a loopback port until the block ends; yields its URL."""
     program = _needs("redis-server")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
+                             "--appendonly", "no", "--dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import redis
@@ -293,6 +441,12 @@ def redis_url(tmp_path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture
+def redis_url(tmp_path) -> Iterator[str]:
+    with redis_server(tmp_path) as url:
+        yield url
 
 
 def test_two_servers_sharing_redis_both_deny_the_attacker(guard_dir, keys, digits, redis_url):
@@ -342,3 +496,139 @@ def test_the_page_classifies_a_dropped_digit_in_chromium(guard_dir, keys, digits
             assert "client-1" in page.inner_text("#clients")
         finally:
             browser.close()
+
+
+# --- the client-state store checks itself --------------------------------------------------
+
+def _filled_state(path: Path, clients: int = 400) -> Path:
+    """A real client-state file with enough rows to span many pages."""
+    from advguard.serve import Policy, SQLiteStore
+
+    store = SQLiteStore(path, Policy())
+    for i in range(clients):
+        store.record(f"client-{i:04d}", [i % 3 == 0] * 5, [0.5] * 5)
+    store.close()
+    import sqlite3
+
+    sqlite3.connect(path).execute("PRAGMA wal_checkpoint(TRUNCATE)").close()
+    return path
+
+
+def _scrambled(path: Path) -> Path:
+    """Random bytes over every page but the first: the header stays intact."""
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    rng = np.random.default_rng(0)
+    data[page:] = rng.integers(0, 256, len(data) - page, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+CORRUPT = [  # (id, how the state file is made)
+    ("garbage", lambda p: p.write_bytes(b"this is not a database " * 100) and p),
+    ("truncated", lambda p: p.write_bytes(_filled_state(p).read_bytes()[:5000]) and p),
+    ("scrambled-pages", lambda p: _scrambled(_filled_state(p))),
+    ("another-schema", lambda p: __import__("sqlite3").connect(p).execute(
+        "CREATE TABLE clients (name TEXT)").connection.commit()),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
+def test_a_corrupt_state_file_is_refused_in_one_line_and_reset_keeps_a_copy(
+        make, guard_dir, keys, digits, tmp_path, cli):
+    from conftest import assert_one_line_error
+
+    path = tmp_path / "clients.db"
+    make(path)
+    broken = path.read_bytes()
+    result = cli("serve", str(guard_dir), "--state", f"sqlite:///{path}")
+    assert_one_line_error(result, f"{path} is not a usable client-state database")
+    assert "--reset-state" in result.stderr and path.read_bytes() == broken  # untouched
+    with server(guard_dir, *POLICY, "--state", f"sqlite:///{path}", "--reset-state") as url:
+        r = post(url, keys["client-1"], json={"images": digits["x"][0].tolist()})
+        assert r.status_code == 200 and r.json()["status"]["requests"] == 1
+        assert httpx.get(f"{url}/v1/health").json()["store"] == {"kind": "sqlite", "ok": True,
+                                                                 "detail": None}
+    (copy,) = tmp_path.glob("clients.db.*.bak")
+    assert copy.read_bytes() == broken
+
+
+def test_a_state_error_while_serving_is_a_503_and_health_says_so(guard_dir, keys, digits,
+                                                                 tmp_path):
+    import sqlite3
+
+    path = tmp_path / "clients.db"
+    one = {"images": digits["x"][0].tolist()}
+    with server(guard_dir, *POLICY, "--state", f"sqlite:///{path}") as url:
+        assert post(url, keys["client-1"], json=one).status_code == 200
+        with sqlite3.connect(path) as db:  # another program breaks the file under the service
+            db.execute("DROP TABLE verdicts")
+        r = post(url, keys["client-1"], json=one)
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"].startswith("client state unavailable") and \
+            "no such table: verdicts" in r.json()["detail"]
+        health = httpx.get(f"{url}/v1/health")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "verdicts" in health.json()["store"]["detail"]
+        assert counted(url, 503) == 2
+
+
+def test_redis_going_away_is_a_503_and_its_return_heals_the_service(guard_dir, keys, digits,
+                                                                    tmp_path):
+    port = free_port()
+    one = {"images": digits["x"][0].tolist()}
+    with redis_server(tmp_path, port) as redis_url:
+        with server(guard_dir, *POLICY, "--state", redis_url) as url:
+            assert post(url, keys["client-1"], json=one).status_code == 200
+            _stop_redis(port)
+            r = post(url, keys["client-1"], json=one)
+            assert r.status_code == 503 and "Redis at 127.0.0.1" in r.json()["detail"]
+            assert httpx.get(f"{url}/v1/health").status_code == 503
+            with redis_server(tmp_path, port):
+                assert httpx.get(f"{url}/v1/health").status_code == 200
+                assert post(url, keys["client-1"], json=one).status_code == 200
+
+
+def _stop_redis(port: int) -> None:
+    import redis
+
+    try:
+        redis.Redis(port=port).shutdown(nosave=True)
+    except redis.ConnectionError:  # it closes the connection as it goes
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+        except redis.ConnectionError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("redis-server did not stop")
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    """Every stored digest is compared with hmac.compare_digest, the right key or not."""
+    import hmac
+
+    from advguard.serve import Client
+    from advguard.serve.guard import KeyRing
+
+    ring = KeyRing({f"key-{i:02d}-0123456789abcdef": Client(f"c{i}") for i in range(5)})
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    assert ring.lookup("key-00-0123456789abcdef") == Client("c0")
+    assert len(calls) == 5  # no early exit at the first match
+    assert ring.lookup("key-00-0123456789abcdeX") is None and len(calls) == 10
+    assert ring.lookup("") is None
+
+
+def test_the_documented_refusals_are_the_tested_ones():
+    """docs/SERVING.md's list of what is refused is this file's hostile-input table."""
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "SERVING.md").read_text(encoding="utf-8")
+    section = doc.split("### Refused", 1)[1].split("\n### ", 1)[0]
+    documented = {(m[1], int(m[2])) for m in re.finditer(r"^\| `([\w-]+)` \| (\d{3}) \|", section,
+                                                         re.MULTILINE)}
+    assert documented == {(row[0], row[2]) for row in BAD}

@@ -10,6 +10,7 @@ import typer
 
 from advguard.cli import app, setup_logging
 from advguard.cli.options import Quiet
+from advguard.serve.app import Settings
 from advguard.serve.policy import Policy
 
 guard_app = typer.Typer(help="Guard folders: a model with its fitted kNN detector.",
@@ -70,19 +71,31 @@ def serve(
         help="flagged share of the window that denies a client")] = Policy.flagged_limit,
     cooldown: Annotated[float, typer.Option(
         help="seconds a denial lasts; 0: until an admin clears it")] = Policy.cooldown_s,
-    max_batch: int = 64,
-    rate: Annotated[float, typer.Option(help="requests per second per key")] = 50.0,
+    max_batch: int = Settings.max_batch,
+    rate: Annotated[float, typer.Option(
+        help="requests per second per key (refused requests count)")] = Settings.rate,
+    burst: Annotated[int, typer.Option(help="requests a key may send at once")] = Settings.burst,
+    header_timeout: Annotated[float, typer.Option(
+        help="seconds a connection has to send its request headers")] = Settings.header_timeout_s,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds a request body has to arrive")] = Settings.body_timeout_s,
+    reset_state: Annotated[bool, typer.Option(
+        "--reset-state", help="move the SQLite client state aside (a copy is kept beside it) "
+                              "and start with an empty one")] = False,
 ) -> None:
     """Serve the guard over HTTP: POST /v1/predict, GET /v1/health, /v1/clients, /metrics, a
     web page at /, the OpenAPI schema at /docs."""
+    import functools
     import os
+    from urllib.parse import urlparse
 
     import uvicorn
 
     from advguard.errors import InputError
-    from advguard.serve.app import ENV, Settings
+    from advguard.serve.app import ENV
     from advguard.serve.guard import Guard, read_keys
-    from advguard.serve.stores import open_store
+    from advguard.serve.http import TimedH11Protocol
+    from advguard.serve.stores import open_store, reset_sqlite
 
     if not 0 < port < 65536:
         raise InputError(f"port must be in 1..65535, got {port}")
@@ -91,10 +104,23 @@ def serve(
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
                         policy=Policy(window, min_requests, flagged_limit, cooldown),
-                        max_batch=max_batch, rate=rate)
+                        max_batch=max_batch, rate=rate, burst=burst,
+                        header_timeout_s=header_timeout, body_timeout_s=body_timeout)
     Guard.load(guard_dir)  # every file checked here, before a worker starts
     read_keys(keys or guard_dir / "keys.json")
-    open_store(state, guard_dir / "clients.db", settings.policy).close()
+    if reset_state:
+        if state is not None and urlparse(state).scheme != "sqlite":
+            raise InputError("--reset-state is for SQLite client state (sqlite:///FILE); "
+                             "clear Redis keys with the admin endpoint or redis-cli")
+        path = Path(state[len("sqlite:///"):]) if state else guard_dir / "clients.db"
+        copy = reset_sqlite(path)
+        typer.echo(f"client state {path} starts empty" + ("" if copy is None else
+                                                          f"; the old one is at {copy}"))
+    open_store(state, guard_dir / "clients.db", settings.policy).close()  # checks itself
     os.environ[ENV] = settings.to_env()
     uvicorn.run("advguard.serve.app:app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level="info", access_log=False)
+                workers=workers, log_level="info", access_log=False,
+                http=functools.partial(TimedH11Protocol,  # type: ignore[arg-type]
+                                       header_timeout=settings.header_timeout_s),
+                timeout_keep_alive=int(settings.keep_alive_s),
+                limit_concurrency=settings.max_connections)

@@ -14,28 +14,28 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from advguard.data.images import MAX_PIXELS, decode_image, images_from_array, images_from_pixels
-from advguard.errors import AdvguardError, InputError
-from advguard.serve.guard import KEYS, Client, Guard, read_keys, summary
+from advguard.data.images import MAX_PIXELS
+from advguard.errors import AdvguardError, StateError, TooLargeError, UnsupportedFormatError
+from advguard.options import check_at_least, check_positive
+from advguard.serve.guard import KEYS, Client, Guard, KeyRing, read_keys, summary
+from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
+from advguard.serve.inputs import first_error, json_limit, read_images
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy, Store
-from advguard.serve.runtime import Batcher, BodyLimit, BodyTooLarge, RateLimiter
-from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse
+from advguard.serve.runtime import Batcher, RateLimiter
+from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
 from advguard.serve.stores import open_store
 
 log = logging.getLogger("advguard.serve")
@@ -48,11 +48,22 @@ class Settings:
     keys: str | None = None  # default: GUARD_DIR/keys.json
     state: str | None = None  # default: sqlite:///GUARD_DIR/clients.db
     policy: Policy = Policy()
-    max_body_bytes: int = 8 * 2 ** 20
+    max_body_bytes: int = 8 * 2 ** 20  # JSON bodies: at most what max_batch images need
     max_batch: int = 64  # images per request
     max_pixels: int = MAX_PIXELS  # per uploaded image, before decoding
+    max_request_pixels: int = 4 * MAX_PIXELS  # all uploads of a request, before decoding
     rate: float = 50.0  # requests per second per key (token bucket, per worker process)
     burst: int = 100
+    header_timeout_s: float = 10.0  # request line and headers must arrive within this
+    body_timeout_s: float = 30.0  # a whole request body must arrive within this
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 512  # open connections and requests per worker; more get 503
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_body_bytes", "max_batch", "max_pixels",
+                       "max_request_pixels", "burst", "max_connections")
+        for name in ("rate", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            check_positive(name, getattr(self, name))
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -73,12 +84,12 @@ def create_app(settings: Settings) -> FastAPI:
         log.setLevel(logging.INFO)
         log.propagate = False
     guard = Guard.load(settings.guard_dir)
-    keys = read_keys(settings.keys or Path(settings.guard_dir) / KEYS)
+    keys = KeyRing(read_keys(settings.keys or Path(settings.guard_dir) / KEYS))
     store: Store = open_store(settings.state, Path(settings.guard_dir) / "clients.db",
                               settings.policy)
     metrics = Metrics()
-    limiter = RateLimiter(settings.rate, settings.burst)
     batcher = Batcher(guard.verdicts, max_images=max(256, settings.max_batch))
+    heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode")
     info = guard.info
 
     @asynccontextmanager
@@ -86,31 +97,29 @@ def create_app(settings: Settings) -> FastAPI:
         batcher.start()
         yield
         await batcher.stop()
+        heavy.shutdown(wait=False, cancel_futures=True)
         store.close()
 
     app = FastAPI(title="advguard guard", version=guard.config.advguard, lifespan=lifespan,
                   description="Classifies images, scores each prediction with the kNN "
                               "deep-feature detector, and denies clients that keep sending "
                               "adversarial inputs.")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+    # added innermost first: Observe → RateLimit → BodyLimit → the endpoints (see serve.http)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       json_bytes=json_limit(info, settings.max_batch, settings.max_body_bytes),
+                       timeout_s=settings.body_timeout_s)
+    app.add_middleware(RateLimit, keys=keys, limiter=RateLimiter(settings.rate, settings.burst))
+    app.add_middleware(Observe, metrics=metrics,  # paths of answers refused before routing
+                       paths=lambda: {"/", *app.openapi()["paths"]})
 
     header = APIKeyHeader(name="X-API-Key", auto_error=False,
                           description="the client's API key (keys.json)")
 
-    def client(key: Annotated[str | None, Depends(header)]) -> Client:
-        if key is None or key not in keys:
+    def client(request: Request, _key: Annotated[str | None, Depends(header)]) -> Client:
+        who: Client | None = request.scope.get(CLIENT)  # looked up once, by RateLimit
+        if who is None:
             raise HTTPException(401, "a valid API key is needed in the X-API-Key header")
-        return keys[key]
+        return who
 
     def admin(who: Annotated[Client, Depends(client)]) -> Client:
         if not who.admin:
@@ -119,27 +128,29 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(AdvguardError)
     async def bad_input(_request: Request, exc: AdvguardError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        status = (503 if isinstance(exc, StateError) else 413 if isinstance(exc, TooLargeError)
+                  else 415 if isinstance(exc, UnsupportedFormatError) else 422)
+        return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _first_error(exc.errors()), "errors": exc.errors()},
+        return JSONResponse({"detail": first_error(exc.errors()), "errors": exc.errors()},
                             status_code=422)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"},
-                            status_code=500)
 
     api = APIRouter(prefix="/v1")
 
-    @api.get("/health", response_model=Health, tags=["service"])
-    async def health() -> Health:
+    @api.get("/health", response_model=Health, tags=["service"],
+             responses={503: {"model": Health, "description": "the client state is unusable"}})
+    async def health() -> JSONResponse:
+        """The model, the detector, and whether the client state can be read and written
+        (503 while it cannot: predictions are refused then)."""
         c = guard.config
-        return Health(status="ok", dataset=c.dataset, input_shape=[info.channels, *info.size],
-                      classes=info.num_classes, threshold=c.threshold, k=c.k,
-                      weighting=c.weighting, preprocessing=c.preprocessing)
+        state = await asyncio.to_thread(store.health)
+        body = Health(status="ok" if state.ok else "degraded", dataset=c.dataset,
+                      input_shape=[info.channels, *info.size], classes=info.num_classes,
+                      threshold=c.threshold, k=c.k, weighting=c.weighting,
+                      preprocessing=c.preprocessing, store=StoreState(**asdict(state)))
+        return JSONResponse(body.model_dump(), status_code=200 if state.ok else 503)
 
     predict_body = {"requestBody": {"content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
@@ -150,24 +161,28 @@ def create_app(settings: Settings) -> FastAPI:
               openapi_extra=predict_body, tags=["guard"],
               responses={401: {"description": "no valid API key"},
                          403: {"description": "the client is denied"},
-                         413: {"description": "body or batch too large"},
+                         408: {"description": "the body stopped arriving"},
+                         413: {"description": "body, batch or pixels too large"},
+                         415: {"description": "not PNG/JPEG or JSON"},
                          422: {"description": "not images this model can take"},
-                         429: {"description": "rate limit"}})
+                         429: {"description": "rate limit"},
+                         503: {"description": "the client state is unusable"}})
     async def predict(request: Request, who: Annotated[Client, Depends(client)]) -> Any:
         """Classify one or a batch of images: PNG/JPEG uploads (multipart field ``files``;
         other sizes and channel counts are converted and the conversion is reported) or a JSON
         body ``{"images": [...]}`` of pixels in [0, 1] of the model's shape."""
         t0 = time.perf_counter()
         now = time.time()
-        if not limiter.allow(who.id, time.monotonic()):
-            raise HTTPException(429, f"client {who.id!r} exceeds {settings.rate:g} requests/s")
         status = await asyncio.to_thread(store.get, who.id, now)
         if status.denied(now):
             metrics.refused.inc()
             until = ("until an admin clears it" if status.denied_until == float("inf")
                      else f"until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status.denied_until))}")  # noqa: E501
             raise HTTPException(403, f"client {who.id!r} is denied {until}: {status.reason}")
-        x, names, notes = await _read_images(request, info, settings)
+        batch = await read_images(request, info, max_batch=settings.max_batch,
+                                  max_pixels=settings.max_pixels,
+                                  max_request_pixels=settings.max_request_pixels, heavy=heavy)
+        x, names, notes = batch.x, batch.names, batch.notes
         v = await batcher.submit(x)
         status = await asyncio.to_thread(store.record, who.id, (~v.trusted).tolist(),
                                          v.scores.tolist(), now)
@@ -214,82 +229,9 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _read_images(request: Request, info: Any, settings: Settings
-                       ) -> tuple[torch.Tensor, list[str | None], list[list[str]]]:
-    """The request's images as a checked float32 batch, their names and conversions."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
-        try:
-            form = await request.form(max_files=settings.max_batch + 1, max_fields=8)
-        except BodyTooLarge:
-            raise
-        except StarletteHTTPException as exc:  # too many files or fields
-            code = 413 if "Too many files" in str(exc.detail) else exc.status_code
-            raise HTTPException(code, f"{exc.detail} (at most {settings.max_batch} images)"
-                                ) from None
-        except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
-            raise InputError(f"unreadable multipart body: {exc}") from None
-        uploads = [f for key in ("files", "file", "image") for f in form.getlist(key)
-                   if not isinstance(f, str)]
-        unknown = set(form.keys()) - {"files", "file", "image"}
-        if unknown:
-            raise InputError(f"unknown form fields: {', '.join(sorted(unknown))} (send images "
-                             "as 'files')")
-        if not uploads:
-            raise InputError("no image in the upload: send PNG/JPEG files as the field 'files'")
-        _check_batch(len(uploads), settings)
-        arrays, names, notes = [], [], []
-        for upload in uploads:
-            data = await upload.read()
-            try:
-                array, note = await asyncio.to_thread(
-                    decode_image, data, channels=info.channels, size=info.size,
-                    max_pixels=settings.max_pixels)
-            except InputError as exc:
-                raise InputError(f"{upload.filename or 'upload'}: {exc}") from None
-            arrays.append(array)
-            names.append(upload.filename)
-            notes.append(note)
-        x = images_from_array(np.stack(arrays), channels=info.channels, size=info.size)
-        return x, names, notes
-    if kind in ("application/json", ""):
-        x = await asyncio.to_thread(_pixels, await request.body(), info)  # off the event loop
-        _check_batch(len(x), settings)
-        return x, [None] * len(x), [[] for _ in range(len(x))]
-    raise HTTPException(415, f"send multipart/form-data (PNG/JPEG files) or application/json "
-                             f"pixels, not {kind}")
-
-
-def _pixels(raw: bytes, info: Any) -> torch.Tensor:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InputError("the JSON body is nested too deeply") from None
-    try:
-        pixels = PixelsRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InputError(_first_error(exc.errors())) from None
-    return images_from_pixels(pixels.images, channels=info.channels, size=info.size)
-
-
-def _first_error(errors: Any) -> str:
-    """pydantic's first error as one line: ``field.path: message``."""
-    if not errors:
-        return "invalid request"
-    where = ".".join(str(p) for p in errors[0].get("loc", ())) or "body"
-    return f"{where}: {errors[0]['msg']}"
-
-
-def _check_batch(n: int, settings: Settings) -> None:
-    if n > settings.max_batch:
-        raise HTTPException(413, f"{n} images in one request; at most {settings.max_batch}")
-
-
 def app_from_env() -> FastAPI:
     """uvicorn's factory for ``advguard serve`` (settings from ``$ADVGUARD_SERVE``)."""
     return create_app(Settings.from_env())
 
 
-__all__ = ["Batcher", "RateLimiter", "Settings", "app_from_env", "create_app"]
+__all__ = ["Settings", "app_from_env", "create_app"]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import shutil
@@ -164,6 +166,30 @@ def read_keys(path: str | Path) -> dict[str, Client]:
     return out
 
 
+class KeyRing:
+    """The API keys of a service, looked up in constant time: only SHA-256 digests are kept,
+    and a presented key's digest is compared with every one (``hmac.compare_digest``, no early
+    exit), so the time an answer takes says nothing about how much of a key was right."""
+
+    def __init__(self, keys: dict[str, Client]) -> None:
+        self._entries = [(_digest(key), client) for key, client in keys.items()]
+
+    def lookup(self, key: str) -> Client | None:
+        presented = _digest(key)
+        found = None
+        for digest, client in self._entries:
+            if hmac.compare_digest(digest, presented):
+                found = client
+        return found
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
 def summary(v: Verdicts, i: int, classes: int) -> dict[str, Any]:
     """One image's verdict as the service answers it."""
     return {"class": int(v.predicted[i]),
@@ -172,4 +198,5 @@ def summary(v: Verdicts, i: int, classes: int) -> dict[str, Any]:
             "verdict": "trusted" if bool(v.trusted[i]) else "flagged"}
 
 
-__all__ = ["Client", "Guard", "GuardConfig", "fit_guard", "read_keys", "summary", "write_keys"]
+__all__ = ["Client", "Guard", "GuardConfig", "KeyRing", "fit_guard", "read_keys", "summary",
+           "write_keys"]

@@ -6,17 +6,20 @@ kNN score). Once the window holds at least ``min_requests`` verdicts and the fla
 reaches ``flagged_limit``, the client is denied — for ``cooldown_s`` seconds (0: until an admin
 clears it). When a cool-down ends the window starts afresh.
 
-The stores that hold this state (SQLite, Redis) are in :mod:`advguard.serve.stores`.
+The stores that hold this state are in :mod:`advguard.serve.stores` (SQLite) and
+:mod:`advguard.serve.redis_store`; what every store offers is :class:`Store`, and
+:func:`reporting` turns a store's backend errors into one :class:`StateError`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from advguard.errors import InputError
+from advguard.errors import InputError, StateError
 from advguard.options import check_at_least
 
 
@@ -66,6 +69,13 @@ def reason(flagged: int, count: int, policy: Policy) -> str:
             f"{100 * policy.flagged_limit:g}% after {policy.min_requests})")
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    kind: str  # sqlite or redis
+    ok: bool
+    detail: str | None  # what went wrong, when it did
+
+
 class Store(Protocol):
     policy: Policy
 
@@ -74,4 +84,25 @@ class Store(Protocol):
     def get(self, client: str, now: float | None = None) -> ClientStatus: ...
     def clients(self, now: float | None = None) -> list[ClientStatus]: ...
     def clear(self, client: str) -> ClientStatus: ...
+    def health(self) -> StoreHealth: ...
     def close(self) -> None: ...
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reporting(fn: F) -> F:
+    """A store method whose backend errors become one :class:`StateError`, remembered by the
+    store's ``error`` until a later call succeeds."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            out = fn(self, *args, **kwargs)
+        except self.backend_errors as exc:
+            self.error = f"{self.where}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            raise StateError(f"client state unavailable ({self.error})") from None
+        self.error = None
+        return out
+
+    return wrapper  # type: ignore[return-value]

@@ -46,8 +46,14 @@ class PredictResponse(BaseModel):
     status: ClientState
 
 
+class StoreState(BaseModel):
+    kind: str = Field(description="sqlite or redis")
+    ok: bool = Field(description="whether the client state can be read and written")
+    detail: str | None = Field(None, description="the last error, while there is one")
+
+
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok, or degraded while the client state is unusable")
     dataset: str
     input_shape: list[int]
     classes: int
@@ -55,3 +61,4 @@ class Health(BaseModel):
     k: int
     weighting: str
     preprocessing: str
+    store: StoreState

@@ -3,13 +3,23 @@ semantics.
 
 * :class:`SQLiteStore` — one file (WAL mode), every update one ``BEGIN IMMEDIATE`` transaction,
   so several worker processes on one machine share it and it survives a restart;
-* :class:`RedisStore` — a Redis server, every update one Lua script (atomic on the server), so
-  service replicas on several machines share one view of every client.
+* :class:`~advguard.serve.redis_store.RedisStore` — a Redis server, every update one Lua
+  script (atomic on the server), so service replicas on several machines share one view of
+  every client.
+
+:func:`open_store` opens either from a URL.
+
+A store checks itself when it opens (SQLite: ``PRAGMA quick_check`` and the schema; Redis: a
+ping) and refuses to open with a :class:`~advguard.errors.StateError` that names the file or
+server and what to do. An error while serving is a ``StateError`` too (the service answers 503:
+it does not answer a client whose verdicts it cannot count), and :meth:`health` reports it
+until an operation succeeds again.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sqlite3
 import threading
 import time
@@ -18,8 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from advguard.errors import InputError
-from advguard.serve.policy import ClientStatus, Policy, Store, reason
+from advguard.errors import InputError, StateError
+from advguard.serve.policy import ClientStatus, Policy, Store, StoreHealth, reason, reporting
+from advguard.serve.redis_store import RedisStore
 
 # --- SQLite -----------------------------------------------------------------------------------
 
@@ -34,20 +45,48 @@ CREATE TABLE IF NOT EXISTS verdicts (
 """
 
 
+_COLUMNS = {"clients": ["client", "requests", "flagged", "seq", "denied_until", "reason",
+                        "denials", "last_seen"],
+            "verdicts": ["client", "seq", "flagged", "score"]}
+
+
 class SQLiteStore:
     """Client state in one SQLite file, safe for several processes (WAL, immediate locks).
 
     ``synchronous=NORMAL``: a committed update survives the service crashing or restarting;
     only a power loss can take the last few back (SQLite's recommended setting for WAL)."""
 
+    kind = "sqlite"
+    backend_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
     def __init__(self, path: str | Path, policy: Policy) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
         self.policy = policy
+        self.error: str | None = None
+        if self.path.is_dir():
+            raise StateError(f"client state {self.path} is a folder: give a file, "
+                             "sqlite:///path/to/clients.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        db = self._connect()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(_SCHEMA)
+        try:
+            db = self._connect()
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            for table, columns in _COLUMNS.items():  # before anything is written to it
+                found = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+                if found and found != columns:
+                    raise sqlite3.DatabaseError(f"table {table} has columns {found}, not the "
+                                                "client state's")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self.close()
+            raise StateError(
+                f"{self.path} is not a usable client-state database "
+                f"({str(exc).splitlines()[0]}): move it aside, or start with --reset-state "
+                "(which keeps a copy beside it)") from None
 
     def _connect(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections stay in the thread that made them)."""
@@ -72,6 +111,7 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
             raise
 
+    @reporting
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
@@ -108,6 +148,7 @@ class SQLiteStore:
                        (client,))
             db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
 
+    @reporting
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
         status = self._status(self._connect(), client)
@@ -128,17 +169,30 @@ class SQLiteStore:
         return ClientStatus(client, row[0], row[1], count, bad, float(mean), row[2], row[3],
                             row[4], row[5])
 
+    @reporting
     def clients(self, now: float | None = None) -> list[ClientStatus]:
         names = [r[0] for r in self._connect().execute(
             "SELECT client FROM clients ORDER BY client")]
         return [self.get(name, now) for name in names]
 
+    @reporting
     def clear(self, client: str) -> ClientStatus:
         with self._transaction() as db:
             db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
                        (client,))
             db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
             return self._status(db, client)
+
+    def health(self) -> StoreHealth:
+        try:
+            db = self._connect()
+            db.execute("SELECT client FROM clients LIMIT 1").fetchall()
+            db.execute("SELECT seq FROM verdicts LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            self.error = f"{self.where}: {type(exc).__name__}: {exc}"
+            return StoreHealth(self.kind, False, self.error)
+        self.error = None  # the probe read both tables: the last error is over
+        return StoreHealth(self.kind, True, None)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -147,113 +201,19 @@ class SQLiteStore:
             self._local.db = None
 
 
-# --- Redis ------------------------------------------------------------------------------------
-
-# KEYS: client hash, verdict list, client set. ARGV: client, now, window, min_requests,
-# flagged_limit, cooldown (0 = until cleared), then flagged/score pairs.
-_RECORD = """
-local h, v, all = KEYS[1], KEYS[2], KEYS[3]
-local now, window, minreq = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local limit, cooldown = tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('SADD', all, ARGV[1])
-local denied = redis.call('HGET', h, 'denied_until')
-if denied and denied ~= 'inf' and now >= tonumber(denied) then
-  redis.call('HDEL', h, 'denied_until', 'reason'); redis.call('DEL', v); denied = false
-end
-local n, bad = 0, 0
-for i = 7, #ARGV, 2 do
-  redis.call('LPUSH', v, ARGV[i] .. ':' .. ARGV[i + 1]); n = n + 1
-  bad = bad + tonumber(ARGV[i])
-end
-redis.call('LTRIM', v, 0, window - 1)
-redis.call('HINCRBY', h, 'requests', n); redis.call('HINCRBY', h, 'flagged', bad)
-redis.call('HSET', h, 'last_seen', ARGV[2])
-local items = redis.call('LRANGE', v, 0, -1)
-local count, flagged = #items, 0
-for _, item in ipairs(items) do flagged = flagged + tonumber(string.sub(item, 1, 1)) end
-if (not denied) and count >= minreq and flagged >= limit * count then
-  local t = 'inf'
-  if cooldown > 0 then t = tostring(now + cooldown) end
-  redis.call('HSET', h, 'denied_until', t, 'reason', flagged .. '/' .. count)
-  redis.call('HINCRBY', h, 'denials', 1)
-end
-return 1
-"""
-
-_EXPIRE = """
-local denied = redis.call('HGET', KEYS[1], 'denied_until')
-if denied and denied ~= 'inf' and tonumber(ARGV[1]) >= tonumber(denied) then
-  redis.call('HDEL', KEYS[1], 'denied_until', 'reason'); redis.call('DEL', KEYS[2])
-end
-return 1
-"""
-
-
-class RedisStore:
-    """Client state on a Redis server (``redis://host:port/db``), shared by every replica."""
-
-    def __init__(self, url: str, policy: Policy, prefix: str = "advguard") -> None:
-        import redis
-
-        self.policy = policy
-        self.prefix = prefix
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
-        try:
-            self.redis.ping()
-        except redis.RedisError as exc:
-            raise InputError(f"cannot reach Redis at {url}: {exc}") from None
-        self._record = self.redis.register_script(_RECORD)
-        self._expire = self.redis.register_script(_EXPIRE)
-
-    def _keys(self, client: str) -> list[str]:
-        return [f"{self.prefix}:client:{client}", f"{self.prefix}:verdicts:{client}",
-                f"{self.prefix}:clients"]
-
-    def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               now: float | None = None) -> ClientStatus:
-        now = time.time() if now is None else now
-        p = self.policy
-        pairs: list[str] = []
-        for f, s in zip(flagged, scores, strict=True):
-            pairs += [str(int(f)), repr(float(s))]
-        self._record(keys=self._keys(client),
-                     args=[client, repr(now), p.window, p.min_requests, repr(p.flagged_limit),
-                           repr(p.cooldown_s), *pairs])
-        return self.get(client, now)
-
-    def get(self, client: str, now: float | None = None) -> ClientStatus:
-        now = time.time() if now is None else now
-        h, v, _ = self._keys(client)
-        self._expire(keys=[h, v], args=[repr(now)])
-        info: dict[str, str] = self.redis.hgetall(h)  # type: ignore[assignment]
-        items: list[str] = self.redis.lrange(v, 0, -1)  # type: ignore[assignment]
-        if not info:
-            return ClientStatus(client, 0, 0, 0, 0, 1.0, None, None, 0, None)
-        flags = [int(i.split(":", 1)[0]) for i in items]
-        scores = [float(i.split(":", 1)[1]) for i in items]
-        until = info.get("denied_until")
-        why = None
-        if until is not None:
-            bad, count = (int(t) for t in info.get("reason", "0/0").split("/"))
-            why = reason(bad, count, self.policy)
-        return ClientStatus(
-            client, int(info.get("requests", 0)), int(info.get("flagged", 0)), len(items),
-            sum(flags), sum(scores) / len(scores) if scores else 1.0,
-            None if until is None else float(until), why, int(info.get("denials", 0)),
-            float(info["last_seen"]) if "last_seen" in info else None)
-
-    def clients(self, now: float | None = None) -> list[ClientStatus]:
-        names: set[str] = self.redis.smembers(self._keys("")[2])  # type: ignore[assignment]
-        return [self.get(c, now) for c in sorted(names)]
-
-    def clear(self, client: str) -> ClientStatus:
-        h, v, _ = self._keys(client)
-        self.redis.hdel(h, "denied_until", "reason")
-        self.redis.delete(v)
-        return self.get(client)
-
-    def close(self) -> None:
-        self.redis.close()
+def reset_sqlite(path: str | Path) -> Path | None:
+    """Move a SQLite state file (and its WAL files) aside, so the next store starts empty;
+    returns where the copy went (None when there was no file)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    copy = path.with_name(f"{path.name}.{stamp}.bak")
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            shutil.move(part, copy.with_name(copy.name + suffix))
+    return copy
 
 
 def open_store(url: str | None, default_path: Path, policy: Policy) -> Store:
