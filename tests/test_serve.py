@@ -318,6 +318,29 @@ def raw_exchange(url: str, data: list[bytes], pause: float = 0.0, wait: float = 
         return answer, time.monotonic() - t0
 
 
+def test_16_bit_and_sideways_uploads_are_read_as_their_8_bit_upright_versions(bad_server, keys,
+                                                                              digits):
+    """Over HTTP: a 16-bit PNG of a digit and a JPEG-style sideways copy with its EXIF
+    orientation get the class and score of the plain 8-bit upload, with the conversion named."""
+    from test_images import png16
+
+    url, _ = bad_server
+    grey = digits["x"][3, 0].numpy()
+    plain = post(url, keys["client-1"], **upload(png(digits["x"][3]))).json()["results"][0]
+    deep = post(url, keys["client-1"],
+                **upload(png16(np.round(grey * 65535).astype(np.uint16)))).json()["results"][0]
+    assert deep["converted"] == ["16-bit samples scaled by 1/65535"]
+    assert deep["class"] == plain["class"] and abs(deep["score"] - plain["score"]) < 0.02
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned clockwise; the tag says: turn counter-clockwise to view
+    out = io.BytesIO()
+    Image.fromarray(np.rot90(np.round(grey * 255).astype(np.uint8), -1), "L").save(
+        out, "PNG", exif=exif.tobytes())
+    turned = post(url, keys["client-1"], **upload(out.getvalue())).json()["results"][0]
+    assert turned["converted"] == ["EXIF orientation 8 applied (rotated 90° counter-clockwise)"]
+    assert turned["class"] == plain["class"] and abs(turned["score"] - plain["score"]) < 1e-6
+
+
 def test_slow_and_idle_connections_are_closed(bad_server, keys):
     url, log = bad_server
     lines = len(log.read_text().splitlines())
