@@ -86,6 +86,7 @@ def serve(
     """Serve the guard over HTTP: POST /v1/predict, GET /v1/health, /v1/clients, /metrics, a
     web page at /, the OpenAPI schema at /docs."""
     import functools
+    import math
     import os
     from urllib.parse import urlparse
 
@@ -122,5 +123,5 @@ def serve(
                 workers=workers, log_level="info", access_log=False,
                 http=functools.partial(TimedH11Protocol,  # type: ignore[arg-type]
                                        header_timeout=settings.header_timeout_s),
-                timeout_keep_alive=int(settings.keep_alive_s),
+                timeout_keep_alive=math.ceil(settings.keep_alive_s),
                 limit_concurrency=settings.max_connections)
