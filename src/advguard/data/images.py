@@ -118,9 +118,8 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Any:
         raise InputError("the upload is not a PNG or JPEG image") from None
     except Image.DecompressionBombError:
         raise TooLargeError(f"the image has more than {max_pixels} pixels") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # a broken header
-        raise InputError(f"the image is truncated or corrupt: {str(exc).splitlines()[0]}"
-                         ) from None
+    except _BROKEN as exc:  # a broken header
+        raise _corrupt(exc) from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -137,7 +136,16 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Any:
 def decode_image(data: bytes, *, channels: int, size: tuple[int, int],
                  max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
     """A PNG or JPEG file's bytes as a float32 ``(channels, H, W)`` image in [0, 1] for a
-    model that takes ``channels`` and ``size`` — and the conversions that took.
+    model that takes ``channels`` and ``size`` — and the conversions that took
+    (:func:`open_image`, then :func:`convert_image`)."""
+    with open_image(data, max_pixels=max_pixels) as img:
+        return convert_image(img, channels=channels, size=size)
+
+
+def convert_image(img: Any, *, channels: int, size: tuple[int, int]
+                  ) -> tuple[np.ndarray, list[str]]:
+    """An image from :func:`open_image`, decoded as a float32 ``(channels, H, W)`` image in
+    [0, 1] for a model that takes ``channels`` and ``size`` — and the conversions that took.
 
     Documented conversions (and nothing silent): the EXIF orientation applied, 16-bit samples
     scaled by 1/65535 (grey) or read as 8 bits (colour, Pillow's reading of 16-bit RGB PNGs),
@@ -147,27 +155,32 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int],
     """
     from PIL import ImageOps
 
-    with open_image(data, max_pixels=max_pixels) as img:
-        notes: list[str] = []
-        try:
-            rawmode = str(img.tile[0][3]) if img.tile else ""
-            img.load()
-            orientation = img.getexif().get(_EXIF_ORIENTATION)
-            if orientation in _ORIENTATIONS:
-                img = ImageOps.exif_transpose(img)
-                notes.append(f"EXIF orientation {orientation} applied "
-                             f"({_ORIENTATIONS[orientation]})")
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = _sixteen_bit(img, channels, size, notes)
-            else:
-                if ";16" in rawmode:
-                    notes.append("16 → 8 bits per channel")
-                array = _eight_bit(img, channels, size, notes)
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt
-            raise InputError(f"the image is truncated or corrupt: {str(exc).splitlines()[0]}"
-                             ) from None
+    notes: list[str] = []
+    try:
+        rawmode = str(img.tile[0][3]) if img.tile else ""
+        img.load()
+        orientation = img.getexif().get(_EXIF_ORIENTATION)
+        if orientation in _ORIENTATIONS:
+            img = ImageOps.exif_transpose(img)
+            notes.append(f"EXIF orientation {orientation} applied "
+                         f"({_ORIENTATIONS[orientation]})")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = _sixteen_bit(img, channels, size, notes)
+        else:
+            if ";16" in rawmode:
+                notes.append("16 → 8 bits per channel")
+            array = _eight_bit(img, channels, size, notes)
+    except _BROKEN as exc:  # truncated or corrupt pixel data
+        raise _corrupt(exc) from None
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return np.ascontiguousarray(array), notes
+
+
+_BROKEN = (OSError, ValueError, SyntaxError, EOFError)  # what Pillow raises for broken files
+
+
+def _corrupt(exc: BaseException) -> InputError:
+    return InputError(f"the image is truncated or corrupt: {str(exc).splitlines()[0]}")
 
 
 def _eight_bit(img: Any, channels: int, size: tuple[int, int], notes: list[str]
@@ -181,8 +194,10 @@ def _eight_bit(img: Any, channels: int, size: tuple[int, int], notes: list[str]
     target = "L" if channels == 1 else "RGB"
     source = img.mode
     if source != target:
-        img = img.convert(target if source in ("1", "L", "P", "RGB", "RGBA") else "RGB"
-                          ).convert(target)
+        if source not in ("1", "L", "P", "RGB", "RGBA"):  # CMYK, YCbCr, …: by way of RGB
+            img = img.convert("RGB")
+        if img.mode != target:
+            img = img.convert(target)
         notes.append(f"{source} → {target}")
     img = _resize(img, size, notes)
     return np.asarray(img, dtype=np.float32) / 255.0

@@ -167,8 +167,8 @@ class BodyLimit:
         self.app, self.max_bytes, self.json_bytes = app, max_bytes, json_bytes
         self.timeout_s = timeout_s
 
-    def limit(self, scope: Any) -> tuple[int, str]:
-        kind = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0]
+    def limit(self, headers: dict[bytes, bytes]) -> tuple[int, str]:
+        kind = headers.get(b"content-type", b"").split(b";")[0]
         if kind.strip().lower() in (b"application/json", b""):
             return self.json_bytes, (f"a JSON body of pixels is at most {self.json_bytes} "
                                      "bytes here (send larger batches as PNG files)")
@@ -178,8 +178,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, why = self.limit(scope)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        limit, why = self.limit(headers)
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await refuse(send, 413, f"request body of {int(length)} bytes: {why}", close=True)
             return

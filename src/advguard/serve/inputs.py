@@ -3,7 +3,7 @@ what is wrong with it.
 
 Two kinds of body:
 
-* ``multipart/form-data`` with PNG/JPEG files (:func:`advguard.data.images.decode_image` does
+* ``multipart/form-data`` with PNG/JPEG files (:func:`advguard.data.images.convert_image` does
   the conversions and reports them). Every file's header is read before any file is decoded,
   so a request's *decoded* pixels are bounded (``max_request_pixels``), not only its bytes.
 * ``application/json`` ``{"images": [...]}`` of pixels in [0, 1]. Integers of any length,
@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from advguard.data import DatasetInfo
-from advguard.data.images import decode_image, images_from_array, images_from_pixels, open_image
+from advguard.data.images import convert_image, images_from_array, images_from_pixels, open_image
 from advguard.errors import InputError, TooLargeError
 from advguard.serve.http import BodyTimeout, BodyTooLarge
 from advguard.serve.schemas import PixelsRequest
@@ -97,46 +99,54 @@ async def _uploads(request: Request, info: DatasetInfo, max_batch: int, max_pixe
         raise InputError("no image in the upload: send PNG/JPEG files as the field 'files'")
     check_batch(len(uploads), max_batch)
     files = [(upload.filename, await upload.read()) for upload in uploads]
-    total = 0
-    for name, data in files:  # headers only: what decoding all of them would cost
-        with _named(name):
-            with open_image(data, max_pixels=max_pixels) as img:
-                total += img.size[0] * img.size[1]
-    if total > max_request_pixels:
-        raise TooLargeError(f"the {len(files)} images hold {total} pixels; at most "
-                            f"{max_request_pixels} per request (resize them before sending)")
+    opened: list[tuple[str | None, Any]] = []
+    try:
+        for name, data in files:  # headers only: what decoding all of them would cost
+            with _named(name):
+                opened.append((name, open_image(data, max_pixels=max_pixels)))
+        total = sum(img.size[0] * img.size[1] for _, img in opened)
+        if total > max_request_pixels:
+            raise TooLargeError(f"the {len(files)} images hold {total} pixels; at most "
+                                f"{max_request_pixels} per request (resize them before "
+                                "sending)")
+    except BaseException:
+        _close(opened)
+        raise
     if total <= LIGHT_PIXELS:
-        decoded = _decode_all(files, info, max_pixels)
+        decoded = _convert_all(opened, info)
     else:
         decoded = await asyncio.get_running_loop().run_in_executor(
-            heavy, _decode_all, files, info, max_pixels)
+            heavy, _convert_all, opened, info)
     x = images_from_array(np.stack([a for a, _ in decoded]), channels=info.channels,
                           size=info.size)
     return Batch(x, [name for name, _ in files], [notes for _, notes in decoded])
 
 
-def _decode_all(files: list[tuple[str | None, bytes]], info: DatasetInfo, max_pixels: int
-                ) -> list[tuple[np.ndarray, list[str]]]:
-    out = []
-    for name, data in files:
-        with _named(name):
-            out.append(decode_image(data, channels=info.channels, size=info.size,
-                                    max_pixels=max_pixels))
-    return out
+def _convert_all(opened: list[tuple[str | None, Any]], info: DatasetInfo
+                 ) -> list[tuple[np.ndarray, list[str]]]:
+    """Decode the opened uploads, and close them (in the thread that decodes them)."""
+    try:
+        out = []
+        for name, img in opened:
+            with _named(name):
+                out.append(convert_image(img, channels=info.channels, size=info.size))
+        return out
+    finally:
+        _close(opened)
 
 
-class _named:
+def _close(opened: list[tuple[str | None, Any]]) -> None:
+    for _, img in opened:
+        img.close()
+
+
+@contextmanager
+def _named(name: str | None) -> Iterator[None]:
     """Prefix an upload's errors with its file name (keeping the error's class)."""
-
-    def __init__(self, name: str | None) -> None:
-        self.name = name or "upload"
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, _tb: Any) -> None:
-        if isinstance(exc, InputError):
-            raise type(exc)(f"{self.name}: {exc}") from None
+    try:
+        yield
+    except InputError as exc:
+        raise type(exc)(f"{name or 'upload'}: {exc}") from None
 
 
 def parse_pixels(raw: bytes, info: DatasetInfo, max_batch: int) -> torch.Tensor:
