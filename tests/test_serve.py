@@ -547,12 +547,18 @@ def _scrambled(path: Path) -> Path:
     return path
 
 
-CORRUPT = [  # (id, how the state file is made)
-    ("garbage", lambda p: p.write_bytes(b"this is not a database " * 100) and p),
-    ("truncated", lambda p: p.write_bytes(_filled_state(p).read_bytes()[:5000]) and p),
+def _another_schema(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE clients (name TEXT)")
+
+
+CORRUPT = [  # (id, how the state file at the path is made)
+    ("garbage", lambda p: p.write_bytes(b"this is not a database " * 100)),
+    ("truncated", lambda p: p.write_bytes(_filled_state(p).read_bytes()[:5000])),
     ("scrambled-pages", lambda p: _scrambled(_filled_state(p))),
-    ("another-schema", lambda p: __import__("sqlite3").connect(p).execute(
-        "CREATE TABLE clients (name TEXT)").connection.commit()),
+    ("another-schema", _another_schema),
 ]
 
 

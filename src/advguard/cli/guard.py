@@ -88,7 +88,6 @@ def serve(
     import functools
     import math
     import os
-    from urllib.parse import urlparse
 
     import uvicorn
 
@@ -96,7 +95,7 @@ def serve(
     from advguard.serve.app import ENV
     from advguard.serve.guard import Guard, read_keys
     from advguard.serve.http import TimedH11Protocol
-    from advguard.serve.stores import open_store, reset_sqlite
+    from advguard.serve.stores import open_store, reset_sqlite, sqlite_path
 
     if not 0 < port < 65536:
         raise InputError(f"port must be in 1..65535, got {port}")
@@ -110,10 +109,10 @@ def serve(
     Guard.load(guard_dir)  # every file checked here, before a worker starts
     read_keys(keys or guard_dir / "keys.json")
     if reset_state:
-        if state is not None and urlparse(state).scheme != "sqlite":
+        path = sqlite_path(state, guard_dir / "clients.db")
+        if path is None:
             raise InputError("--reset-state is for SQLite client state (sqlite:///FILE); "
                              "clear Redis keys with the admin endpoint or redis-cli")
-        path = Path(state[len("sqlite:///"):]) if state else guard_dir / "clients.db"
         copy = reset_sqlite(path)
         typer.echo(f"client state {path} starts empty" + ("" if copy is None else
                                                           f"; the old one is at {copy}"))

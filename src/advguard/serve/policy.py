@@ -92,8 +92,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def reporting(fn: F) -> F:
-    """A store method whose backend errors become one :class:`StateError`, remembered by the
-    store's ``error`` until a later call succeeds."""
+    """A :class:`CheckedStore` method whose backend errors become one :class:`StateError`,
+    remembered by the store's ``error`` until a later call succeeds."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -106,3 +106,26 @@ def reporting(fn: F) -> F:
         return out
 
     return wrapper  # type: ignore[return-value]
+
+
+class CheckedStore:
+    """What both stores share: their backend's errors (``backend_errors``) reported by
+    :func:`reporting` as one line naming ``where``, and :meth:`health` from a cheap probe."""
+
+    kind: str  # sqlite or redis
+    where: str  # the file or server, as errors name it
+    backend_errors: tuple[type[Exception], ...]
+    error: str | None = None  # the last backend error, until a call succeeds
+
+    def probe(self) -> None:
+        """A cheap read that fails while the store is unusable (decorated with
+        :func:`reporting` by each store)."""
+        raise NotImplementedError
+
+    def health(self) -> StoreHealth:
+        try:
+            self.probe()
+        except StateError:
+            pass
+        return StoreHealth(self.kind, self.error is None, self.error)
+

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from urllib.parse import urlparse
 
 from advguard.errors import StateError
-from advguard.serve.policy import ClientStatus, Policy, StoreHealth, reason, reporting
+from advguard.serve.policy import CheckedStore, ClientStatus, Policy, reason, reporting
 
 # KEYS: client hash, verdict list, client set. ARGV: client, now, window, min_requests,
 # flagged_limit, cooldown (0 = until cleared), then flagged/score pairs.
@@ -51,7 +51,7 @@ return 1
 """
 
 
-class RedisStore:
+class RedisStore(CheckedStore):
     """Client state on a Redis server (``redis://host:port/db``), shared by every replica."""
 
     kind = "redis"
@@ -63,7 +63,6 @@ class RedisStore:
         self.prefix = prefix
         parsed = urlparse(url)  # named without its password
         self.where = f"Redis at {parsed.hostname or parsed.path}:{parsed.port or 6379}"
-        self.error: str | None = None
         self.backend_errors = (redis.RedisError,)
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                           socket_connect_timeout=5)
@@ -125,14 +124,9 @@ class RedisStore:
         self.redis.delete(v)
         return self.get(client)
 
-    def health(self) -> StoreHealth:
-        try:
-            self.redis.ping()
-        except self.backend_errors as exc:
-            self.error = f"{self.where}: {type(exc).__name__}: {exc}"
-            return StoreHealth(self.kind, False, self.error)
-        self.error = None
-        return StoreHealth(self.kind, True, None)
+    @reporting
+    def probe(self) -> None:
+        self.redis.ping()
 
     def close(self) -> None:
         self.redis.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from advguard.errors import InputError, StateError
-from advguard.serve.policy import ClientStatus, Policy, Store, StoreHealth, reason, reporting
+from advguard.serve.policy import CheckedStore, ClientStatus, Policy, Store, reason, reporting
 from advguard.serve.redis_store import RedisStore
 
 # --- SQLite -----------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ _COLUMNS = {"clients": ["client", "requests", "flagged", "seq", "denied_until", 
             "verdicts": ["client", "seq", "flagged", "score"]}
 
 
-class SQLiteStore:
+class SQLiteStore(CheckedStore):
     """Client state in one SQLite file, safe for several processes (WAL, immediate locks).
 
     ``synchronous=NORMAL``: a committed update survives the service crashing or restarting;
@@ -63,7 +63,6 @@ class SQLiteStore:
         self.path = Path(path)
         self.where = str(self.path)
         self.policy = policy
-        self.error: str | None = None
         if self.path.is_dir():
             raise StateError(f"client state {self.path} is a folder: give a file, "
                              "sqlite:///path/to/clients.db")
@@ -183,16 +182,11 @@ class SQLiteStore:
             db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
             return self._status(db, client)
 
-    def health(self) -> StoreHealth:
-        try:
-            db = self._connect()
-            db.execute("SELECT client FROM clients LIMIT 1").fetchall()
-            db.execute("SELECT seq FROM verdicts LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
-            self.error = f"{self.where}: {type(exc).__name__}: {exc}"
-            return StoreHealth(self.kind, False, self.error)
-        self.error = None  # the probe read both tables: the last error is over
-        return StoreHealth(self.kind, True, None)
+    @reporting
+    def probe(self) -> None:
+        db = self._connect()
+        db.execute("SELECT client FROM clients LIMIT 1").fetchall()
+        db.execute("SELECT seq FROM verdicts LIMIT 1").fetchall()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -216,16 +210,25 @@ def reset_sqlite(path: str | Path) -> Path | None:
     return copy
 
 
-def open_store(url: str | None, default_path: Path, policy: Policy) -> Store:
-    """``sqlite:///path`` (default: ``default_path``) or ``redis://host:port/db``."""
+def sqlite_path(url: str | None, default_path: Path) -> Path | None:
+    """The SQLite file a state URL names (``default_path`` for None), or None for Redis."""
     if url is None:
-        return SQLiteStore(default_path, policy)
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
+        return default_path
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
         if not path:
             raise InputError(f"give SQLite state as sqlite:///path/to/file.db, got {url!r}")
-        return SQLiteStore(path, policy)
-    if parsed.scheme in ("redis", "rediss", "unix"):
-        return RedisStore(url, policy)
+        return Path(path)
+    if scheme in ("redis", "rediss", "unix"):
+        return None
     raise InputError(f"unknown state store {url!r}: use sqlite:///FILE or redis://HOST:PORT/DB")
+
+
+def open_store(url: str | None, default_path: Path, policy: Policy) -> Store:
+    """``sqlite:///path`` (default: ``default_path``) or ``redis://host:port/db``."""
+    path = sqlite_path(url, default_path)
+    if path is None:
+        assert url is not None
+        return RedisStore(url, policy)
+    return SQLiteStore(path, policy)
