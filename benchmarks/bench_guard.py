@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8711)
     args = parser.parse_args()
     if not (args.guard_dir / "guard.json").exists():
-        fit_guard(args.run_dir, args.guard_dir, k=1000, progress=True)
+        fit_guard(args.run_dir, args.guard_dir, progress=True)  # k: KNNOptions' default
     guard = Guard.load(args.guard_dir)
     keys = {k: c for k, c in read_keys(args.guard_dir / KEYS).items() if c.admin}
     test = load_dataset("mnist", "test")

@@ -145,13 +145,14 @@ CLI_ROWS = [
      "unknown voting rule 'vote'"),
     ("reproduce-pgd-step-size-0", "reproduce mat --pgd-step-size 0 --out {d}/run",
      "pgd_step_size must be a number in (0, 1]"),
-    ("ensemble-without-arch", "evaluate {d}/no-arch.safetensors", "needs 'arch' and 'dataset'"),
+    ("ensemble-without-arch", "evaluate {d}/no-arch.safetensors",
+     "needs a model description, or 'arch' and 'dataset'"),
     ("ensemble-members-abc", "evaluate {d}/members-abc.safetensors",
      "'members' must be an integer in [1, 64]"),
     ("ensemble-members-huge", "evaluate {d}/members-huge.safetensors",
      "'members' must be an integer in [1, 64]"),
     ("model-dataset-number", "evaluate {d}/dataset-number.safetensors",
-     "needs 'arch' and 'dataset' names"),
+     "needs a model description, or 'arch' and 'dataset' names"),
     ("matrix-bare-number", "select-strengths {d}/matrix-bare.json", "must be square"),
     ("matrix-ragged", "select-strengths {d}/matrix-ragged.json", "rows of equal length"),
     ("matrix-strings", "select-strengths {d}/matrix-strings.json", "list of lists of numbers"),
@@ -204,7 +205,8 @@ CLI_ROWS = [
     ("option-not-a-number", "train {d}/m.safetensors --epochs abc", "Invalid value for '--epochs'"),
     ("option-unknown", "train {d}/m.safetensors --bogus 1", "No such option"),
     ("command-unknown", "fly", "No such command 'fly'"),
-    ("argument-missing", "evaluate", "Missing argument"),
+    ("argument-missing", "evaluate", "give a checkpoint, or --model (with --weights) and --data"),
+    ("predict-argument-missing", "predict", "Missing argument"),
     ("dataset-unknown", "reproduce mat --dataset imagenet --out {d}/run",
      "unknown dataset 'imagenet'"),
 ]
@@ -370,7 +372,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, cli, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(advguard.data, "load_dataset", interrupted)
+    monkeypatch.setattr(advguard.data.sources, "load_dataset", interrupted)
     result = cli("train", str(tmp_path / "m.safetensors"))
     assert result.returncode == 130
     assert "interrupted: finished stages and epochs are saved; run the same command to " \

@@ -75,5 +75,5 @@ def test_truncated_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "none.safetensors")
     save_model(tmp_path / "wrong.safetensors", model, arch="lenet5", dataset="mnist")
-    with pytest.raises(CheckpointError, match="does not match architecture 'lenet5'"):
+    with pytest.raises(CheckpointError, match="does not match its model 'lenet5'"):
         load_model(tmp_path / "wrong.safetensors")

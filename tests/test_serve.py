@@ -23,8 +23,10 @@ from PIL import Image
 
 from advguard.attacks import FGSM, PGD
 from advguard.data import load_dataset
+from advguard.detection import KNNOptions
 from advguard.models import build_model, save_model
 from advguard.serve import fit_guard, read_keys
+from advguard.serve.guard import GuardFit
 from advguard.training import StrengthMix, TrainConfig, train
 
 POLICY = ["--window", "20", "--min-requests", "10", "--flagged-limit", "0.25", "--cooldown", "0"]
@@ -94,7 +96,8 @@ def guard_dir(tmp_path_factory) -> Path:
     model = build_model("lenet5", "mnist")
     train(model, data, StrengthMix(), None, TrainConfig(epochs=3, batch_size=64), progress=False)
     save_model(d / "lenet.safetensors", model, arch="lenet5", dataset="mnist")
-    fit_guard(d / "lenet.safetensors", d / "guard", k=100, train_limit=8000, val_size=1000)
+    fit_guard(d / "lenet.safetensors", d / "guard", knn=KNNOptions(k=100),
+              fit=GuardFit(train_limit=8000, val_size=1000))
     return d / "guard"
 
 

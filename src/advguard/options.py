@@ -24,13 +24,23 @@ Parser = Callable[[str], Any]
 
 
 def option(default: Any, help: str, *, parse: Parser | None = None,  # noqa: A002
-           cli: bool = True) -> Any:
+           cli: bool = True, fallback: str | None = None,
+           aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its help text; ``parse`` turns the command line's text into the
-    value (the CLI then takes text); ``cli=False`` keeps the field off the command line."""
-    meta = {"help": help, "parse": parse, "cli": cli}
+    value (the CLI then takes text); ``cli=False`` keeps the field off the command line;
+    ``fallback`` names where a command that leaves it out takes its value from instead (e.g.
+    "the recipe's"); ``aliases``: other spellings of the option (``--dataset``)."""
+    meta = {"help": help, "parse": parse, "cli": cli, "fallback": fallback, "aliases": aliases}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple default, not a mutable one")
     return dataclasses.field(default=default, metadata=meta)
+
+
+def same_as(cls: type, name: str) -> Any:
+    """A field declared as ``cls``'s field ``name`` is: its default and help, declared there
+    once (e.g. ``k`` of the detection experiment is the detector's ``k``)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return option(f.default, f.metadata["help"], parse=f.metadata.get("parse"))
 
 
 def strengths(text: str) -> tuple[float, ...]:
@@ -48,7 +58,10 @@ def strengths(text: str) -> tuple[float, ...]:
 
 
 def device(name: str) -> str:
-    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
+    ``auto`` is ``cuda`` where CUDA is available, else ``cpu``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError):

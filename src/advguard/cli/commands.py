@@ -10,114 +10,52 @@ import typer
 from advguard import options as opts
 from advguard.attacks import PGD
 from advguard.cli import app, setup_logging
-from advguard.cli.options import Quiet
+from advguard.cli.options import Quiet, config_command, with_configs
+from advguard.cli.options import option_param as opts_param
+from advguard.data import DataOptions
 from advguard.errors import InputError, parse_choice
 from advguard.evaluation import AUDIT_PGD
 from advguard.io import check_output
+from advguard.models import ModelOptions
 from advguard.strengths import Walk
-from advguard.training import Method, RecipeName, TrainConfig
-
-DataDir = Annotated[str | None, typer.Option(help="Folder holding the dataset (MNIST: optional, "
-                                                  "a copy ships with advguard).")]
+from advguard.training import Method, TrainConfig, TrainJob
 
 
-@app.command()
-def train(
-    out: Annotated[Path, typer.Argument(help="where to write the model (.safetensors)")],
-    dataset: str = "mnist",
-    model: Annotated[str | None, typer.Option(help="architecture (default: the paper's victim)")]
-    = None,
-    strengths: Annotated[str | None, typer.Option(help="FGSM strengths mixed into each batch; "
-                                                       "none: clean training")] = None,
-    reduced: Annotated[bool, typer.Option(help="mixed MAT, reduced size")] = False,
-    crafter: Annotated[Path | None, typer.Option(help="crafting model for the transfer setting "
-                                                      "(default: white-box, online)")] = None,
-    recipe: Annotated[str, typer.Option(
-        help=f"white-box recipe: {', '.join(r.value for r in RecipeName)}")]
-    = RecipeName.FGSM.value,
-    epochs: int = TrainConfig.epochs,
-    batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
-    lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
-    ramp: Annotated[float | None, typer.Option(
-        help="strengths rise linearly from 0 over this fraction of training (default: the "
-             "recipe's)")] = None,
-    average: Annotated[float | None, typer.Option(
-        help="EMA decay of the weights per step, e.g. 0.999; 0: off (default: the recipe's)")]
-    = None,
-    schedule: Annotated[str | None, typer.Option(
-        help="learning rate: constant or one-cycle (default: the recipe's)")] = None,
-    augment: Annotated[bool, typer.Option(
-        help="random crop, and flip where the dataset allows, of every training batch")]
-    = False,
-    label_smoothing: float = 0.0,
-    channels_last: Annotated[bool, typer.Option(help="NHWC layout while training")] = False,
-    train_limit: int | None = None,
-    seed: int = TrainConfig.seed,
-    device: str = TrainConfig.device,
-    data_dir: DataDir = None,
-    quiet: Quiet = False,
-) -> None:
-    """Train one model: clean, single-strength or mixed MAT (transfer or white-box). Runs
-    unchanged under torchrun --nproc_per_node=N (DistributedDataParallel, rank 0 writes)."""
-    import contextlib
-
-    import torch
-
+def _train(data: DataOptions, model: ModelOptions, job: TrainJob, overrides: dict[str, Any], *,
+           out: Path, quiet: bool) -> None:
+    """Train one model: clean, single-strength or mixed MAT (transfer or white-box), any model
+    (--model torchvision:resnet18, timm:…, package.module:factory) on any data (--data
+    imagefolder:PATH). Runs unchanged under torchrun --nproc_per_node=N
+    (DistributedDataParallel, rank 0 writes)."""
     from advguard import distributed
-    from advguard.attacks import fgsm_directions
-    from advguard.data import load_dataset
-    from advguard.io import hold_lock
-    from advguard.models import accuracy, build_model, load_model, model_for, save_model
-    from advguard.training import (
-        AdversarialSource,
-        RecipeName,
-        Transfer,
-        WhiteBox,
-        get_recipe,
-    )
-    from advguard.training import train as train_model
+    from advguard.training import train_job
 
-    distributed.setup(device)
+    distributed.setup(overrides.get("device", TrainConfig.device))
     setup_logging(quiet or not distributed.is_main())
-    how = get_recipe(recipe)
-    config = how.config(epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
-                        ramp=ramp, average=average, schedule=schedule, augment=augment,
-                        label_smoothing=label_smoothing, channels_last=channels_last)
-    check_output(out)
-    state = check_output(out.with_suffix(".state.pt"))
-    eps = () if strengths is None else opts.strengths(strengths)
-    if crafter is not None and how.name is not RecipeName.FGSM:
-        raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
-    crafting_model = None if crafter is None else load_model(crafter)[0]
-    arch = model or model_for(dataset, "victim")
-    torch.manual_seed(seed)
-    net = build_model(arch, dataset)  # an unknown architecture fails before the data loads
-    data = load_dataset(dataset, "train", data_dir=data_dir, limit=train_limit)
-    test = load_dataset(dataset, "test", data_dir=data_dir)
-    lock = (hold_lock(out.with_suffix(".lock"), f"output {out}") if distributed.is_main()
-            else contextlib.nullcontext())
-    with lock:
-        source: AdversarialSource = WhiteBox(how.attack)
-        if crafting_model is not None and eps:
-            source = Transfer(fgsm_directions(crafting_model, data.x, data.y, device=device,
-                                              progress=not quiet))
-        pin = {"arch": arch, "dataset": data.info.name, "train_images": len(data),
-               "recipe": how.name, "crafter": None if crafter is None else str(crafter)}
-        result = train_model(net, data, how.mix(eps, reduced=reduced), source, config,
-                             state_path=state, pin=pin, progress=not quiet)
-        acc = accuracy(net, test.x, test.y, device=distributed.device_for_rank(device))
-        if not distributed.is_main():
-            return
-        save_model(out, net, arch=arch, dataset=data.info.name, strengths=list(eps),
-                   train_seconds=result.seconds, history=result.history, test_accuracy=acc,
-                   recipe=how.name, processes=distributed.world_size())
-        state.unlink(missing_ok=True)
-    typer.echo(f"{out}: clean test accuracy {acc:.4f}, {result.seconds:.1f} s")
+    done = train_job(out, job, model, data, overrides, progress=not quiet)
+    if done is not None:
+        typer.echo(f"{out}: clean test accuracy {done.test_accuracy:.4f}, "
+                   f"{done.seconds:.1f} s")
+
+
+app.command("train")(config_command(
+    (DataOptions, ModelOptions, TrainJob, TrainConfig), _train,
+    [opts_param("out", Annotated[Path, typer.Argument(help="where to write the model "
+                                                       "(.safetensors)")]),
+     opts_param("quiet", Quiet, False)],
+    partial=(TrainConfig,)))
+
+
+CHECKPOINT_HELP = ("model or ensemble (.safetensors); or leave it out and give --model (with "
+                   "--weights) and --data")
 
 
 @app.command()
+@with_configs(data=DataOptions, model_options=ModelOptions)
 def audit(
-    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    data: DataOptions,
+    model_options: ModelOptions,
+    checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
     eps: Annotated[str, typer.Option(help="L∞ strength to audit at (pixel units), e.g. 0.3 "
                                            "or 8/255")] = "0.3",
     pgd_steps: int = AUDIT_PGD.steps,
@@ -132,7 +70,6 @@ def audit(
         help="AutoAttack and the cheap checks only (no PGD, sweep or transfer)")] = False,
     seed: int = 0,
     device: str = "cpu",
-    data_dir: DataDir = None,
     out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -140,8 +77,8 @@ def audit(
     Square), advguard's PGD, torchattacks' PGD and APGD (CE, DLR), a PGD step sweep, black-box
     transfer, zero gradients and an unbounded attack."""
     from advguard.attacks import PGD
-    from advguard.data import load_dataset
-    from advguard.ensemble import load_any
+    from advguard.data import materialise
+    from advguard.ensemble import load_any, open_model
     from advguard.evaluation import audit as run_audit
     from advguard.io import write_json
 
@@ -151,13 +88,14 @@ def audit(
     opts.device(device)
     if out is not None:
         check_output(out)
-    model, meta = load_any(checkpoint)
-    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    model, meta, data = open_model(checkpoint, model_options, data)
+    test = materialise(data.load("test", limit=test_limit), workers=data.workers)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
                        pgd=pgd, suite=not only_autoattack,
                        sources=sources, device=device, seed=seed, progress=not quiet)
-    typer.echo(f"{checkpoint.name}: ε = {strength:g}, {report.images} test images")
+    name = checkpoint.name if checkpoint is not None else model_options.model
+    typer.echo(f"{name}: ε = {strength:g}, {report.images} test images")
     typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
     for name, acc in report.attacks.items():
         typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
@@ -175,12 +113,16 @@ def audit(
     typer.echo("  gradient masking: " + ("signal, see the warnings" if report.masking_signal
                                          else "no signal"))
     if out is not None:
-        write_json(out, {"checkpoint": str(checkpoint), **report.to_json()})
+        write_json(out, {"checkpoint": str(checkpoint or model_options.model),
+                         **report.to_json()})
 
 
 @app.command()
+@with_configs(data=DataOptions, model_options=ModelOptions)
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
+    data: DataOptions,
+    model_options: ModelOptions,
+    checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
     attack: Annotated[str, typer.Option(help="white-box-fgsm, white-box-pgd or transfer-fgsm")]
     = "white-box-fgsm",
     crafter: Annotated[Path | None, typer.Option(help="crafting model (transfer-fgsm)")] = None,
@@ -191,13 +133,12 @@ def evaluate(
     test_limit: int | None = None,
     seed: int = 0,
     device: str = "cpu",
-    data_dir: DataDir = None,
     out: Annotated[Path | None, typer.Option(help="write the curve as JSON here")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Accuracy vs. strength of a saved model under one attack."""
-    from advguard.data import load_dataset
-    from advguard.ensemble import load_any
+    from advguard.data import materialise
+    from advguard.ensemble import load_any, open_model
     from advguard.evaluation import ThreatSetting, fgsm_curve, grid_mean, pgd_curve
     from advguard.io import write_json
 
@@ -208,8 +149,8 @@ def evaluate(
     if out is not None:
         check_output(out)
     chosen = None if grid is None else opts.strengths(grid)
-    model, meta = load_any(checkpoint)
-    test = load_dataset(meta["dataset"], "test", data_dir=data_dir, limit=test_limit)
+    model, meta, data = open_model(checkpoint, model_options, data)
+    test = materialise(data.load("test", limit=test_limit), workers=data.workers)
     strengths = list(test.info.grid if chosen is None else chosen)
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
@@ -221,7 +162,8 @@ def evaluate(
                 raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
             crafting = load_any(crafter)[0]
         curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
-    result = {"checkpoint": str(checkpoint), "dataset": test.info.name, "attack": threat.value,
+    result = {"checkpoint": str(checkpoint or model_options.model), "dataset": test.info.name,
+              "attack": threat.value,
               "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
     if out is not None:
         write_json(out, result)
@@ -283,18 +225,26 @@ def select_strengths(
 
 
 @app.command()
+@with_configs(model_options=ModelOptions)
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="model or ensemble (.safetensors)")],
-    images: Annotated[Path, typer.Argument(help=".npy array (N, C, H, W) float in [0, 1]")],
+    model_options: ModelOptions,
+    paths: Annotated[list[Path], typer.Argument(
+        help="CHECKPOINT IMAGES.npy, or IMAGES.npy alone with --model (and --weights) and "
+             "--data; the images an array (N, C, H, W) float in [0, 1]", show_default=False)],
+    data: Annotated[str | None, typer.Option(
+        help="with --model: the data whose shape and classes the model takes")] = None,
 ) -> None:
     """Classify images stored as a NumPy array."""
-    from advguard.data import dataset_info
+    if len(paths) not in (1, 2):
+        raise InputError(f"give CHECKPOINT IMAGES.npy or IMAGES.npy, got {len(paths)} paths")
+    checkpoint, images = (None, paths[0]) if len(paths) == 1 else paths
     from advguard.data.images import images_from_array, read_npy
-    from advguard.ensemble import load_any
+    from advguard.ensemble import open_model
+    from advguard.models import model_card
     from advguard.models import predict as classify
 
-    model, meta = load_any(checkpoint)
-    info = dataset_info(meta["dataset"])
-    x = images_from_array(read_npy(images), channels=info.channels, size=info.size)
+    model, meta, _ = open_model(checkpoint, model_options, DataOptions(data=data))
+    card = model_card(meta, checkpoint or "the model")
+    x = images_from_array(read_npy(images), channels=card.channels, size=card.size)
     for i, c in enumerate(classify(model, x).tolist()):
         typer.echo(f"{i}\t{c}")

@@ -9,8 +9,12 @@ from typing import Annotated
 import typer
 
 from advguard.cli import app, setup_logging
-from advguard.cli.options import Quiet
+from advguard.cli.options import Quiet, with_configs
+from advguard.data import DataOptions
+from advguard.detection import KNNOptions
+from advguard.models import ModelOptions
 from advguard.serve.app import Settings
+from advguard.serve.guard import GuardFit
 from advguard.serve.policy import Policy
 
 guard_app = typer.Typer(help="Guard folders: a model with its fitted kNN detector.",
@@ -19,33 +23,26 @@ app.add_typer(guard_app, name="guard")
 
 
 @guard_app.command("fit")
+@with_configs(knn=KNNOptions, fit=GuardFit, data=DataOptions, model_options=ModelOptions)
 def fit(
-    model: Annotated[Path, typer.Argument(help="a model or ensemble checkpoint, or a reproduce "
-                                               "detect run directory")],
+    knn: KNNOptions,
+    fit: GuardFit,
+    data: DataOptions,
+    model_options: ModelOptions,
     out: Annotated[Path, typer.Option(help="the guard folder to write")],
-    dataset: Annotated[str | None, typer.Option(help="default: the checkpoint's")] = None,
-    k: int = 1000,
-    weighting: Annotated[str, typer.Option(help="knn, wknn or dwknn")] = "dwknn",
-    preprocessing: Annotated[str, typer.Option(help="none, l2 or pca-whiten")] = "pca-whiten",
-    keep: Annotated[float, typer.Option(help="share of clean validation images kept")] = 0.98,
-    index: Annotated[str, typer.Option(help="FAISS bank: flat (exact), ivf or ivfpq")] = "flat",
-    val_size: Annotated[int, typer.Option(help="calibration images held out of the training "
-                                               "file")] = 5000,
-    train_limit: int | None = None,
-    seed: int = 0,
-    data_dir: Annotated[str | None, typer.Option(help="folder holding the dataset")] = None,
-    device: str = "cpu",
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="a model or ensemble checkpoint, or a reproduce detect run directory; or leave it "
+             "out and give --model (with --weights) and --data")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Fit the kNN detector on the model's training-set features, calibrate its threshold on
-    validation data, and write a self-contained guard folder."""
+    """Fit the kNN detector on the model's training-set features (streamed), calibrate its
+    threshold on validation images held out of them, and write a self-contained guard
+    folder."""
     from advguard.serve.guard import KEYS, fit_guard, read_keys
 
     setup_logging(quiet)
-    g = fit_guard(model, out, dataset=dataset, k=k, weighting=weighting,
-                  preprocessing=preprocessing, keep=keep, val_size=val_size,
-                  train_limit=train_limit, seed=seed, data_dir=data_dir, device=device,
-                  index=index, progress=not quiet)
+    g = fit_guard(checkpoint, out, knn=knn, fit=fit, model=model_options, data=data,
+                  progress=not quiet)
     c = g.config
     typer.echo(f"{out}: {c.dataset} guard, {c.preprocessing} + {c.weighting}, k = {c.k}, "
                f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "

@@ -1,4 +1,9 @@
-"""Datasets as in-memory tensors: float32 NCHW in [0, 1] and int64 labels.
+"""Named datasets as in-memory tensors: float32 NCHW in [0, 1] and int64 labels.
+
+An :class:`ImageSet` is a map-style :class:`torch.utils.data.Dataset` like any other (it yields
+``(image, label)``); it is the fast path for sets that fit in memory, and fetches a whole batch
+at once (``__getitems__``), so the training loop and every streamed pass read it through the
+same :func:`advguard.data.loading.batches` as a folder of images.
 
 * ``mnist`` ships inside the package (the four original IDX files, MD5-checked at load), so the
   main job runs offline; ``fashion-mnist`` (the same format) is read by the same IDX reader from
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from advguard.data.readers import (
     IDX_DATASETS,
@@ -47,10 +53,26 @@ class DatasetInfo:
     detect_eps: float  # FGSM/PGD strength of the detection experiment
     unit: float  # strengths are shown as multiples of 1/unit (1: pixel units, 255: /255)
     flips: bool = False  # a left-right mirror keeps the label (natural images, not digits)
+    classes: tuple[str, ...] = ()  # class names, where the data has them (folder names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return (self.channels, *self.size)
+
+
+def custom_info(name: str, *, channels: int, size: tuple[int, int], num_classes: int,
+                mean: tuple[float, ...], std: tuple[float, ...],
+                classes: tuple[str, ...] = ()) -> DatasetInfo:
+    """The facts of a user's dataset: natural images, strengths in /255 units (the grid
+    0, 1/255, …, 8/255 and detection at 8/255, the field's usual L∞ budget), left-right flips
+    allowed, ``resnet-s`` as the victim and crafting architecture."""
+    return DatasetInfo(name, channels, tuple(size), num_classes, tuple(mean),  # type: ignore[arg-type]
+                       tuple(std), **_CUSTOM, flips=True, classes=tuple(classes))
 
 
 @dataclass
-class ImageSet:
+class ImageSet(Dataset):
     """Images ``x`` (N, C, H, W) float32 in [0, 1] and labels ``y`` (N,) int64."""
 
     x: torch.Tensor
@@ -59,6 +81,14 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch by one tensor index (the in-memory fast path)."""
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return self.x[rows], self.y[rows]
 
     def subset(self, index: torch.Tensor | slice) -> ImageSet:
         return ImageSet(self.x[index], self.y[index], self.info)
@@ -76,6 +106,9 @@ _GREY: dict[str, Any] = {"grid": tuple(strength_grid(0.3, 0.03)), "detect_eps": 
                          "unit": 1.0, "crafter": "lenet5", "victim": "mlp3"}
 _RGB: dict[str, Any] = {"grid": tuple(strength_grid(5 / 255, 0.5 / 255)), "detect_eps": 8 / 255,
                         "unit": 255.0, "crafter": "cifar-crafter", "victim": "cifar-victim"}
+
+_CUSTOM: dict[str, Any] = {"grid": tuple(strength_grid(8 / 255, 1 / 255)), "detect_eps": 8 / 255,
+                           "unit": 255.0, "crafter": "resnet-s", "victim": "resnet-s"}
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 1, (28, 28), 10, (0.1307,), (0.3081,), **_GREY),
@@ -128,6 +161,9 @@ def load_dataset(name: str, split: str | Split = Split.TRAIN, *, data_dir: str |
         x = x.unsqueeze(1)
     y = torch.tensor(np.asarray(labels), dtype=torch.int64)
     return ImageSet(x, y, info)
+
+
+VAL_SIZE = 5000  # validation images held out of a training split (calibration, selection)
 
 
 def train_val_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,54 +23,26 @@ from advguard.batching import batch_slices
 from advguard.data.checks import check_images, check_labels
 from advguard.detection.features import (
     LayerSpec,
+    dataset_features,
     extract_features,
     extract_outputs,
     resolve_layer,
 )
 from advguard.detection.index import INDEX_KINDS, FeatureIndex
+from advguard.detection.options import KNNOptions
 from advguard.detection.preprocessing import Preprocessing, Preprocessor, parse_preprocessing
-from advguard.detection.scores import Weighting, class_scores, parse_weighting
+from advguard.detection.scores import Weighting, parse_weighting
+from advguard.detection.verdicts import Neighbours, Verdicts
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import keep_threshold
 from advguard.io import load_tensors, save_tensors
 
 
-@dataclass(frozen=True)
-class Neighbours:
-    """The k nearest bank entries of each query: squared L2 distances and labels (Q, k),
-    nearest first (label −1 where FAISS found fewer than k)."""
-
-    sq_distances: np.ndarray
-    labels: np.ndarray
-
-    def scores(self, classes: np.ndarray | torch.Tensor,
-               weighting: str | Weighting) -> np.ndarray:
-        """``s(q, classes[q])`` under ``weighting`` (SPEC B3)."""
-        return class_scores(self.sq_distances, self.labels, np.asarray(classes), weighting)
-
-
-@dataclass(frozen=True)
-class Verdicts:
-    """What the detector says of a batch of inputs (SPEC B6): the model's class and class
-    probabilities, the kNN score of that class, and whether the prediction is trusted
-    (``score ≥ offset_``)."""
-
-    predicted: np.ndarray  # (N,) int
-    probabilities: np.ndarray  # (N, classes) float
-    scores: np.ndarray  # (N,) in [0, 1]
-    trusted: np.ndarray  # (N,) bool
-    threshold: float
-
-    def rows(self, start: int, end: int) -> Verdicts:
-        """The verdicts of inputs ``start`` to ``end`` (exclusive)."""
-        return Verdicts(self.predicted[start:end], self.probabilities[start:end],
-                        self.scores[start:end], self.trusted[start:end], self.threshold)
-
-
 class KNNDetector:
-    def __init__(self, k: int = 1000, weighting: str | Weighting = Weighting.DWKNN,
-                 preprocessing: str | Preprocessing = Preprocessing.PCA_WHITEN,
-                 layer: str | None = None, index: str = "flat", keep: float = 0.98,
+    def __init__(self, k: int = KNNOptions.k, weighting: str | Weighting = KNNOptions.weighting,
+                 preprocessing: str | Preprocessing = KNNOptions.preprocessing,
+                 layer: str | None = None, index: str = KNNOptions.index,
+                 keep: float = KNNOptions.keep,
                  batch_size: int = 1000, device: str = "cpu", seed: int = 0, *,
                  nlist: int = 1024, nprobe: int = 16, pq_m: int | None = None,
                  chunk_size: int = 10_000, fit_sample: int = 100_000) -> None:
@@ -152,19 +123,29 @@ class KNNDetector:
 
     # --- image level --------------------------------------------------------------------
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+    def fit(self, model: nn.Module, x: Any, y: torch.Tensor | None = None, *,
             x_calibration: torch.Tensor | None = None,
-            y_calibration: torch.Tensor | None = None, progress: bool = False) -> KNNDetector:
-        """Bank = deep features of ``(x, y)`` (the training set, true labels). With a
-        calibration split, ``offset_`` keeps ``keep`` of its correctly classified inputs."""
-        check_images(x)
-        check_labels(y, len(x))
+            y_calibration: torch.Tensor | None = None, progress: bool = False,
+            workers: int | None = None) -> KNNDetector:
+        """Bank = deep features of ``(x, y)`` (the training set, true labels), or of a Dataset
+        or DataLoader of ``(image, label)`` given as ``x`` alone, read batch by batch
+        (``workers`` DataLoader workers): the bank is filled chunk by chunk, never held as
+        images. With a calibration split, ``offset_`` keeps ``keep`` of its correctly
+        classified inputs."""
         self.model_ = model
         self.layer_ = resolve_layer(model, self.layer)
-        chunks = ((extract_features(model, x[sl], self.layer_, batch_size=self.batch_size,
-                                    device=self.device)[0], y[sl])
-                  for sl in batch_slices(len(x), self.chunk_size, progress=progress,
-                                         desc="bank"))
+        chunks: Iterable[tuple[Any, Any]]
+        if y is None:
+            chunks = dataset_features(model, x, self.layer_, chunk_size=self.chunk_size,
+                                      batch_size=self.batch_size, device=self.device,
+                                      workers=workers, progress=progress)
+        else:
+            check_images(x)
+            check_labels(y, len(x))
+            chunks = ((extract_features(model, x[sl], self.layer_, batch_size=self.batch_size,
+                                        device=self.device)[0], y[sl])
+                      for sl in batch_slices(len(x), self.chunk_size, progress=progress,
+                                             desc="bank"))
         self.fit_feature_chunks(chunks)
         if x_calibration is not None and y_calibration is not None:
             self.set_threshold(x_calibration, y_calibration)
@@ -182,6 +163,21 @@ class KNNDetector:
         """``(predicted classes, scores of those classes)`` for images ``x``."""
         predicted, neighbours = self.kneighbors(x)
         return predicted, neighbours.scores(predicted, self.weighting)
+
+    def inspect_dataset(self, data: Any, *, workers: int | None = None, progress: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed."""
+        self._check_fitted(model=True)
+        out = [(*self.inspect_features(f, p), y) for f, y, p in dataset_features(
+            self.model_, data, self.layer_, chunk_size=self.chunk_size,
+            batch_size=self.batch_size, device=self.device, workers=workers,
+            progress=progress, predictions=True)]
+        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+
+    def inspect_features(self, features: np.ndarray | torch.Tensor,
+                         predicted: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        predicted = np.asarray(predicted)
+        return predicted, self.score_features(features, predicted)
 
     def verdicts(self, x: torch.Tensor) -> Verdicts:
         """Class, probabilities, score and trusted/flagged for images ``x``, from one forward

@@ -8,12 +8,15 @@ global-average-pooled over space, so φ(x) is (N, D).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from advguard.batching import batch_slices
+from advguard.data import as_dataset, batches
 from advguard.errors import InputError
 from advguard.models import eval_mode
 
@@ -106,3 +109,36 @@ def extract_features(model: nn.Module, x: torch.Tensor, layer: str | LayerSpec |
     features, logits = extract_outputs(model, x, layer, batch_size=batch_size, device=device,
                                        progress=progress)
     return features, logits.argmax(1)
+
+
+def dataset_features(model: nn.Module, data: Any, layer: str | LayerSpec | None = None, *,
+                     chunk_size: int = 10_000, batch_size: int = 1000,
+                     device: str | torch.device = "cpu", workers: int | None = None,
+                     progress: bool = False, predictions: bool = False) -> Iterator[tuple]:
+    """φ of a Dataset or DataLoader of ``(image, label)``, in chunks of about ``chunk_size``
+    rows: ``(features (n, D) float32, labels (n,))`` numpy arrays, plus the predicted classes
+    with ``predictions``. Images are read ``batch_size`` at a time (``workers`` DataLoader
+    workers); memory holds one chunk of features, never the images."""
+    from tqdm.auto import tqdm
+
+    dataset, loader_workers = as_dataset(data)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    held = 0
+
+    def chunk() -> tuple:
+        f, y, p = (torch.cat(t).numpy() for t in zip(*parts, strict=True))
+        return (f, y, p) if predictions else (f, y)
+
+    for x, y, _ in tqdm(batches(dataset, batch_size=batch_size,
+                                workers=loader_workers if workers is None else workers),
+                        total=-(-len(dataset) // batch_size), desc="features",
+                        disable=not progress, leave=False):
+        features, predicted = extract_features(model, x, layer, batch_size=batch_size,
+                                               device=device)
+        parts.append((features, y, predicted))
+        held += len(y)
+        if held >= chunk_size:
+            yield chunk()
+            parts, held = [], 0
+    if parts:
+        yield chunk()

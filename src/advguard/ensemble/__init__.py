@@ -7,10 +7,11 @@ from advguard.ensemble.voting import (
     fit_voting,
     load_any,
     load_ensemble,
+    open_model,
     parse_rule,
     save_ensemble,
 )
 
-__all__ = ["ParallelResult", "VotingEnsemble", "VotingRule", "fit_voting", "load_any",
+__all__ = ["ParallelResult", "VotingEnsemble", "VotingRule", "fit_voting", "load_any", "open_model",
            "load_ensemble",
            "parse_rule", "save_ensemble", "train_parallel"]

@@ -16,6 +16,7 @@ the whole ensemble, voting unit included.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -26,10 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from advguard.batching import map_batches
-from advguard.data import dataset_info
-from advguard.errors import CheckpointError, parse_choice
+from advguard.data import DataOptions
+from advguard.errors import CheckpointError, InputError, parse_choice
 from advguard.io import load_tensors, read_metadata, save_tensors
-from advguard.models import build_model, load_model
+from advguard.models import (
+    ModelCard,
+    ModelOptions,
+    build,
+    card_for,
+    load_model,
+    model_card,
+)
+
+log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 64  # an ensemble file claiming more is refused before anything is built
 
@@ -117,11 +127,13 @@ def fit_voting(ensemble: VotingEnsemble, x: torch.Tensor, y: torch.Tensor, *, ep
 
 
 def save_ensemble(path: str | Path, ensemble: VotingEnsemble, *, arch: str, dataset: str,
-                  **meta: Any) -> Path:
-    """Write all members and the voting unit to one safetensors file."""
+                  card: ModelCard | None = None, **meta: Any) -> Path:
+    """Write all members (built from ``card``, or zoo ``arch`` on ``dataset``) and the voting
+    unit to one safetensors file."""
+    card = card or card_for(arch, dataset)
     return save_tensors(path, ensemble.state_dict(),
-                        {"arch": arch, "dataset": dataset, "members": len(ensemble.members),
-                         "rule": ensemble.rule, **meta})
+                        {"arch": arch, "dataset": dataset, "model": card.to_json(),
+                         "members": len(ensemble.members), "rule": ensemble.rule, **meta})
 
 
 def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
@@ -132,11 +144,10 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_MEMBERS:
         raise CheckpointError(f"{path}: 'members' must be an integer in [1, {MAX_MEMBERS}], "
                               f"got {count!r}")
-    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
-        raise CheckpointError(f"{path}: ensemble metadata needs 'arch' and 'dataset' names")
-    members = [build_model(meta["arch"], meta["dataset"]) for _ in range(count)]
+    card = model_card(meta, path)
+    members = [build(card) for _ in range(count)]
     ensemble = VotingEnsemble(members, rule=meta.get("rule", VotingRule.MEAN.value),
-                              num_classes=dataset_info(meta["dataset"]).num_classes)
+                              num_classes=card.num_classes)
     if "weights" in tensors and "logits" not in tensors:  # files of advguard 0.1's first format
         tensors["logits"] = tensors.pop("weights").log()
     try:
@@ -150,3 +161,25 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
 def load_any(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A model or an ensemble checkpoint, whichever ``path`` holds: ``(module, metadata)``."""
     return load_ensemble(path) if "members" in read_metadata(path) else load_model(path)
+
+
+def open_model(checkpoint: str | Path | None, model: ModelOptions, data: DataOptions
+               ) -> tuple[nn.Module, dict[str, Any], DataOptions]:
+    """The model a command works on, ``(module in eval mode, metadata, data options)``: an
+    advguard checkpoint (model or ensemble; the data options left out are the checkpoint's),
+    or a builder with a user's weights (``--model … --weights … --data …``)."""
+    if checkpoint is not None:
+        if model.model is not None or model.weights is not None:
+            raise InputError("give a checkpoint, or --model and --weights, not both")
+        net, meta = load_any(checkpoint)
+        return net, meta, data.with_checkpoint(meta)
+    if model.model is None:
+        raise InputError("give a checkpoint, or --model (with --weights) and --data")
+    if data.data is None:
+        raise InputError("--model needs --data: the images the model classifies")
+    info = data.info()
+    if model.weights is None:
+        log.warning("no --weights: %s is untrained", model.model)
+    net, card = model.build(info)
+    return net.eval(), {"model": card.to_json(), "arch": card.builder, "dataset": info.name,
+                        "data": data.to_json()}, data

@@ -77,10 +77,10 @@ class AutoAttack:
     def _attacks(self, model: nn.Module, eps: float, classes: int
                  ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         ta = _torchattacks()
-        if self.targets > classes - 1:
-            raise AdvguardError(f"AutoAttack with {self.targets} target classes needs at least "
-                                f"{self.targets + 1} classes, the model has {classes}")
-        n = self.targets + 1  # torchattacks takes the targets as "n_classes - 1"
+        if classes < 2:
+            raise AdvguardError(f"AutoAttack needs a model of at least 2 classes, got {classes}")
+        # every class but the true one is a target where there are fewer than `targets` + 1
+        n = min(self.targets, classes - 1) + 1  # torchattacks takes them as "n_classes - 1"
         return {
             "APGD-CE": ta.APGD(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
                                seed=self.seed, loss="ce"),

@@ -1,8 +1,20 @@
-"""The papers' architectures (SPEC A2), model checkpoints, and running a model for predictions."""
+"""Models from anywhere: the papers' architectures (SPEC A2), torchvision, timm or a user's
+factory (:class:`ModelCard`), a user's own module (:func:`wrap`), checkpoints that rebuild
+themselves, and running a model for its predictions."""
 
-from advguard.models.checkpoint import load_model, save_model
+from advguard.models.builders import (
+    ModelCard,
+    ModelOptions,
+    build,
+    build_model,
+    card_for,
+    load_weights,
+)
+from advguard.models.checkpoint import load_model, model_card, save_model
 from advguard.models.inference import accuracy, correct, eval_mode, predict
-from advguard.models.zoo import MODELS, InputNorm, build_model, model_for
+from advguard.models.wrap import Wrapped, pick_logits, wrap
+from advguard.models.zoo import MODELS, InputNorm, model_for
 
-__all__ = ["MODELS", "InputNorm", "accuracy", "build_model", "correct", "eval_mode",
-           "load_model", "model_for", "predict", "save_model"]
+__all__ = ["MODELS", "InputNorm", "ModelCard", "ModelOptions", "Wrapped", "accuracy", "build",
+           "build_model", "card_for", "correct", "eval_mode", "load_model", "load_weights",
+           "model_card", "model_for", "pick_logits", "predict", "save_model", "wrap"]

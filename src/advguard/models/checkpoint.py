@@ -1,4 +1,5 @@
-"""Saving and loading models: safetensors weights + the metadata that rebuilds the module."""
+"""Saving and loading models: safetensors weights + the :class:`ModelCard` that rebuilds the
+module, so any advguard checkpoint loads from itself alone (no dataset or zoo lookup)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,41 @@ from torch import nn
 
 from advguard.errors import CheckpointError
 from advguard.io import load_tensors, save_tensors
-from advguard.models.zoo import build_model
+from advguard.models.builders import ModelCard, build, card_for
 
 
-def save_model(path: str | Path, model: nn.Module, *, arch: str, dataset: str,
-               **meta: Any) -> Path:
-    """Write ``model``'s weights with ``arch``/``dataset`` so :func:`load_model` can rebuild it."""
-    return save_tensors(path, model.state_dict(), {"arch": arch, "dataset": dataset, **meta})
+def save_model(path: str | Path, model: nn.Module, *, card: ModelCard | None = None,
+               arch: str | None = None, dataset: str | None = None, **meta: Any) -> Path:
+    """Write ``model``'s weights with the card that rebuilds it (``card``, or that of zoo
+    architecture ``arch`` on dataset ``dataset``) and ``meta`` (e.g. the training config)."""
+    if card is None:
+        if arch is None or dataset is None:
+            raise ValueError("save_model needs a ModelCard, or arch and dataset")
+        card = card_for(arch, dataset)
+    return save_tensors(path, model.state_dict(),
+                        {"arch": card.builder if arch is None else arch,
+                         "dataset": dataset or "custom", "model": card.to_json(), **meta})
+
+
+def model_card(meta: dict[str, Any], where: str | Path = "checkpoint") -> ModelCard:
+    """The card in a checkpoint's metadata; checkpoints written before cards were saved name a
+    zoo ``arch`` and a ``dataset``."""
+    if "model" in meta:
+        return ModelCard.from_json(meta["model"], str(where))
+    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
+        raise CheckpointError(f"{where} is not an advguard model checkpoint (its metadata "
+                              "needs a model description, or 'arch' and 'dataset' names)")
+    return card_for(meta["arch"], meta["dataset"])
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved at ``path``; returns ``(model in eval mode, metadata)``."""
     tensors, meta = load_tensors(path)
-    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
-        raise CheckpointError(f"{path} is not an advguard model checkpoint (its metadata "
-                              "needs 'arch' and 'dataset' names)")
-    model = build_model(meta["arch"], meta["dataset"])
+    card = model_card(meta, path)
+    model = build(card)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match architecture {meta['arch']!r}: "
+        raise CheckpointError(f"{path} does not match its model {card.builder!r}: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval(), meta

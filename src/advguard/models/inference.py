@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from advguard.batching import map_batches
+from advguard.data import as_dataset, batches
 
 
 @contextmanager
@@ -37,8 +39,34 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: object
     return predict(model, x, **kwargs) == y.cpu()  # type: ignore[arg-type]
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: object) -> float:
-    """Fraction of ``x`` that ``model`` (in eval mode) classifies as ``y``."""
+def accuracy(model: nn.Module, x: Any, y: torch.Tensor | None = None,
+             **kwargs: Any) -> float:
+    """Fraction of ``x`` that ``model`` (in eval mode) classifies as ``y``; ``x`` may also be a
+    Dataset or DataLoader of ``(image, label)`` (``y`` omitted), read batch by batch."""
+    if y is None:
+        predicted, labels = predict_dataset(model, x, **kwargs)
+        return float((predicted == labels).double().mean())
     if len(x) == 0:
         return 0.0
     return float(correct(model, x, y, **kwargs).double().mean())
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, data: Any, *, batch_size: int = 1000,
+                    device: str | torch.device = "cpu", workers: int | None = None,
+                    progress: bool = False, desc: str = "predict",
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted classes, labels)`` (N,) of ``model`` on a Dataset or DataLoader, streamed
+    ``batch_size`` images at a time (``workers``: DataLoader worker processes; default: the
+    DataLoader's, or none)."""
+    from tqdm.auto import tqdm
+
+    dataset, loader_workers = as_dataset(data)
+    out, labels = [], []
+    with eval_mode(model):
+        for x, y, _ in tqdm(batches(dataset, batch_size=batch_size,
+                                    workers=loader_workers if workers is None else workers),
+                            desc=desc, disable=not progress, leave=False):
+            out.append(model(x.to(device)).argmax(1).cpu())
+            labels.append(y)
+    return torch.cat(out), torch.cat(labels)

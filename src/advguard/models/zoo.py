@@ -159,14 +159,6 @@ MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     "svhn-victim": svhn_victim,
 }
 
-def build_model(name: str, dataset: str | DatasetInfo) -> nn.Sequential:
-    """Build architecture ``name`` for ``dataset`` (name or :class:`DatasetInfo`)."""
-    info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](info)
-
-
 def model_for(dataset: str, role: str) -> str:
     """The architecture name playing ``role`` ('crafter' or 'victim') on ``dataset`` (SPEC A2,
     declared on the dataset's :class:`~advguard.data.DatasetInfo`)."""

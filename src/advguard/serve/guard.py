@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from advguard import __version__
-from advguard.data import DatasetInfo, dataset_info, load_dataset, train_val_split
-from advguard.detection import KNNDetector, Verdicts
-from advguard.ensemble import load_any
+from advguard import __version__, options
+from advguard.data import VAL_SIZE, DataOptions, DatasetInfo, subset, train_val_split
+from advguard.detection import KNNDetector, KNNOptions, Verdicts
+from advguard.ensemble import load_any, open_model
 from advguard.errors import CheckpointError, InputError
 from advguard.io import check_output, read_json, write_json, write_text
+from advguard.models import ModelOptions, model_card, save_model
+from advguard.options import option
 
 MODEL, DETECTOR, CONFIG, KEYS = ("model.safetensors", "detector.safetensors", "guard.json",
                                  "keys.json")
@@ -59,11 +61,12 @@ class Client:
 class Guard:
     """The model and its detector: ``verdicts(x)`` for a batch of images in [0, 1]."""
 
-    def __init__(self, model: nn.Module, detector: KNNDetector, config: GuardConfig) -> None:
+    def __init__(self, model: nn.Module, detector: KNNDetector, config: GuardConfig,
+                 info: DatasetInfo) -> None:
         self.model = model.eval()
         self.detector = detector
         self.config = config
-        self.info: DatasetInfo = dataset_info(config.dataset)
+        self.info = info  # the input the model takes and its classes (from its card)
 
     def verdicts(self, x: torch.Tensor) -> Verdicts:
         return self.detector.verdicts(x)
@@ -80,11 +83,11 @@ class Guard:
         except TypeError as exc:
             raise CheckpointError(f"{folder / CONFIG} is not a guard description: {exc}"
                                   ) from None
-        model, _ = load_any(folder / MODEL)
+        model, meta = load_any(folder / MODEL)
         detector = KNNDetector.load(folder / DETECTOR, model)
         if detector.offset_ is None:
             raise CheckpointError(f"{folder / DETECTOR} holds no threshold")
-        return cls(model, detector, config)
+        return cls(model, detector, config, model_card(meta, folder / MODEL).info)
 
 
 def _model_file(source: Path) -> Path:
@@ -100,48 +103,63 @@ def _model_file(source: Path) -> Path:
     return source
 
 
-def fit_guard(source: str | Path, out: str | Path, *, dataset: str | None = None,
-              k: int = 1000, weighting: str = "dwknn", preprocessing: str = "pca-whiten",
-              keep: float = 0.98, val_size: int = 5000, train_limit: int | None = None,
-              seed: int = 0, data_dir: str | None = None, device: str = "cpu",
-              index: str = "flat", progress: bool = False) -> Guard:
-    """Fit a guard folder ``out`` for the model at ``source``: the detector's bank is the
-    model's training-set features (the training split the experiments use), its threshold
-    keeps ``keep`` of the correctly classified held-out validation images."""
-    source = Path(source)
+@dataclass(frozen=True)
+class GuardFit:
+    """How a guard's detector is fitted, beside its :class:`KNNOptions`."""
+
+    val_size: int = option(VAL_SIZE, "calibration images held out of the training split")
+    train_limit: int | None = option(None, "first N training images (bank and calibration)")
+    seed: int = option(0, "the calibration split's seed")
+    device: str = option("cpu", "torch device of the feature extraction")
+
+    def __post_init__(self) -> None:
+        options.check_int("val_size", self.val_size, minimum=0)
+        if self.train_limit is not None:
+            options.check_int("train_limit", self.train_limit)
+        options.device(self.device)
+
+
+def fit_guard(source: str | Path | None, out: str | Path, *,
+              knn: KNNOptions = KNNOptions(), fit: GuardFit = GuardFit(),  # noqa: B008
+              model: ModelOptions = ModelOptions(), data: DataOptions = DataOptions(),
+              progress: bool = False) -> Guard:
+    """Fit a guard folder ``out`` for the model at ``source`` (a checkpoint or a ``reproduce
+    detect`` run directory; or ``None`` and a builder with weights in ``model``): the
+    detector's bank is the model's training-set features, streamed batch by batch; its
+    threshold keeps ``knn.keep`` of the correctly classified held-out validation images."""
     out = check_output(out, directory=True)
-    detector = KNNDetector(k=k, weighting=weighting, preprocessing=preprocessing, keep=keep,
-                           device=device, seed=seed, index=index)  # bad settings: refused now
-    path = _model_file(source)
-    model, meta = load_any(path)
-    name = dataset or meta.get("dataset")
-    if not isinstance(name, str):
-        raise InputError(f"{path} names no dataset: give --dataset")
-    info = dataset_info(name)
-    if info.name != dataset_info(meta["dataset"]).name:
-        raise InputError(f"{path} was trained on {meta['dataset']}, not {info.name}")
-    full = load_dataset(info.name, "train", data_dir=data_dir, limit=train_limit)
-    tr, va = train_val_split(len(full), min(val_size, len(full) // 5), seed)
-    bank, val = full.subset(tr), full.subset(va)
-    detector.fit(model, bank.x, bank.y, progress=progress)
-    predicted, scores = detector.inspect(val.x)  # one pass: the threshold and its measured keep
-    threshold = detector.calibrate(predicted, scores, val.y)
-    right = predicted == val.y.numpy()
+    detector = KNNDetector(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing,
+                           keep=knn.keep, device=fit.device, seed=fit.seed,
+                           index=knn.index)  # bad settings: refused now
+    path = None if source is None else _model_file(Path(source))
+    net, meta, data = open_model(path, model, data)
+    full = data.load("train", limit=fit.train_limit)
+    tr, va = train_val_split(len(full), min(fit.val_size, len(full) // 5), fit.seed)
+    bank, val = subset(full, tr), subset(full, va)
+    detector.fit(net, bank, progress=progress, workers=data.workers)
+    # one pass over the calibration images: the threshold and its measured keep
+    predicted, scores, labels = detector.inspect_dataset(val, workers=data.workers)
+    threshold = detector.calibrate(predicted, scores, labels)
+    right = predicted == labels
+    card = model_card(meta, path or "the model")
     config = GuardConfig(
-        dataset=info.name, source=str(source), k=detector.k,
-        weighting=detector.weighting.value, preprocessing=detector.preprocessing.value,
-        keep=keep, threshold=threshold, bank_images=len(bank),
-        calibration_images=int(right.sum()),
+        dataset=str(meta.get("dataset", data.source)), source=str(source or model.model),
+        k=detector.k, weighting=detector.weighting.value,
+        preprocessing=detector.preprocessing.value, keep=knn.keep, threshold=threshold,
+        bank_images=len(bank), calibration_images=int(right.sum()),
         calibration_kept=float((scores[right] >= threshold).mean()),
         fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, out / MODEL)
+    if path is not None:
+        shutil.copyfile(path, out / MODEL)
+    else:  # a builder with a user's weights becomes an advguard checkpoint
+        save_model(out / MODEL, net, card=card, dataset=config.dataset, data=data.to_json())
     detector.save(out / DETECTOR)
     write_json(out / CONFIG, asdict(config))
     if not (out / KEYS).exists():
         write_keys(out / KEYS, {secrets.token_urlsafe(24): Client("admin", admin=True),
                                 secrets.token_urlsafe(24): Client("client-1")})
-    return Guard(model, detector, config)
+    return Guard(net, detector, config, card.info)
 
 
 def write_keys(path: Path, keys: dict[str, Client]) -> Path:
@@ -198,5 +216,6 @@ def summary(v: Verdicts, i: int, classes: int) -> dict[str, Any]:
             "verdict": "trusted" if bool(v.trusted[i]) else "flagged"}
 
 
-__all__ = ["Client", "Guard", "GuardConfig", "KeyRing", "fit_guard", "read_keys", "summary",
+__all__ = ["Client", "Guard", "GuardConfig", "GuardFit", "KeyRing", "fit_guard", "read_keys",
+           "summary",
            "write_keys"]

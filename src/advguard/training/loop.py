@@ -1,4 +1,7 @@
-"""The one training loop: Adam over in-memory tensors, parameterised by a :class:`StrengthMix`.
+"""The one training loop, parameterised by a :class:`StrengthMix`: any map-style Dataset of
+``(image, label)`` (in-memory :class:`~advguard.data.ImageSet`, a streamed image folder, a
+user's own) or a DataLoader, read batch by batch (:func:`advguard.data.batches`); Adam or SGD
+with momentum; optional mixed precision and gradient clipping.
 
 Resumable: with ``state_path`` the model, optimiser and history are saved atomically after every
 epoch and a later call continues from there. Each epoch's shuffle comes from ``seed + epoch``, so
@@ -11,7 +14,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,66 +23,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard import distributed as distributed_
-from advguard import options
-from advguard.data import FlipCrop, ImageSet
+from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
 from advguard.models import accuracy
 from advguard.options import plain
+from advguard.training.config import (
+    OPTIONAL,
+    TrainConfig,
+    optimizer_for,
+    precision,
+    scheduler,
+)
 from advguard.training.mixing import StrengthMix
 from advguard.training.sources import AdversarialSource, WhiteBox
 
 log = logging.getLogger(__name__)
-
-
-# TrainConfig fields added later: a state names them only when they are on
-OPTIONAL = ("ramp", "average", "augment", "label_smoothing", "channels_last")
-
-
-class Schedule(str, Enum):
-    CONSTANT = "constant"
-    ONE_CYCLE = "one-cycle"  # 0 -> lr -> 0, linear (Wong et al. 2020)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10  # passes over the clean training set
-    batch_size: int = 128  # clean examples per step (the mixed batch holds (S+1)x as many)
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 0.0
-    seed: int = 0  # shuffling, reduced-size groups, sampled strengths and random starts
-    device: str = "cpu"
-    schedule: Schedule = Schedule.CONSTANT  # learning rate over the run
-    ramp: float = 0.0  # strengths rise linearly from 0 over this fraction of the steps
-    average: float = 0.0  # EMA decay of the weights per step (0: off); the model ends averaged
-    augment: bool = False  # random crop (+ flip where the dataset allows) of every clean batch
-    label_smoothing: float = 0.0  # of the cross-entropy loss
-    channels_last: bool = False  # NHWC weights and batches (faster convolutions on CPUs)
-
-    def __post_init__(self) -> None:
-        options.check_at_least(self, 1, "epochs", "batch_size")
-        options.check_positive("lr", self.lr)
-        options.device(self.device)
-        if not self.weight_decay >= 0:
-            raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
-        for name in ("ramp", "average", "label_smoothing"):
-            options.check_below_one(name, getattr(self, name))
-        self.schedule = Schedule(self.schedule)
-
-    def strength_scale(self, step: int, steps: int) -> float:
-        """The fraction of every strength used at global ``step`` of ``steps`` (the ε ramp)."""
-        return 1.0 if self.ramp == 0 else min(1.0, (step + 1) / (self.ramp * steps))
-
-
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig,
-               steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-step learning-rate schedule: "one-cycle" rises linearly from ~0 to ``lr`` over the
-    first 40% of the steps and falls back to ~0 (the schedule of Wong et al. 2020)."""
-    if config.schedule is Schedule.CONSTANT:
-        return None
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.4,
-        anneal_strategy="linear", cycle_momentum=False, div_factor=1e4, final_div_factor=1.0)
 
 
 @dataclass
@@ -89,13 +47,19 @@ class TrainResult:
     seconds: float = 0.0  # wall time spent training, summed over resumed sessions
 
 
-def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
+def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
           source: AdversarialSource | None = None,
           config: TrainConfig | None = None, *,
-          val: ImageSet | None = None, state_path: str | Path | None = None,
+          val: Any = None, state_path: str | Path | None = None,
           pin: Mapping[str, Any] | None = None, progress: bool = True,
-          desc: str = "train", distributed: bool = True) -> TrainResult:
+          desc: str = "train", distributed: bool = True,
+          workers: int | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` mixed by ``mix`` (SPEC A3); returns its history.
+
+    ``data`` and ``val``: any map-style Dataset of ``(image in [0, 1], label)`` or a DataLoader
+    (its dataset and workers are used; the order is the loop's), read batch by batch with
+    ``workers`` DataLoader workers (default: the DataLoader's, or none). Peak memory does not
+    grow with the dataset: only the epoch's shuffled row order is held.
 
     ``source`` (where adversarial copies come from) defaults to white-box FGSM on ``model``
     itself. Random draws (sampled strengths, random starts) come from torch's global generator,
@@ -114,6 +78,14 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
+    dataset, loader_workers = as_dataset(data)
+    workers = loader_workers if workers is None else workers
+    info = info_of(dataset)
+    # a dataset that crops and flips its own images (a folder with --augment) gets no more
+    batch_augment = config.augment and not getattr(dataset, "augments", False)
+    if getattr(dataset, "augments", False) and not isinstance(source, WhiteBox):
+        raise InputError("the transfer setting's fixed directions cannot follow a dataset's "
+                         "own random crops: train it without augmentation")
     world = distributed_.world_size() if distributed else 1
     rank = distributed_.rank() if world > 1 else 0
     device = torch.device(distributed_.device_for_rank(config.device) if world > 1
@@ -128,13 +100,14 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
 
         net = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = optimizer_for(model, config)
+    autocast, scaler = precision(config, device)
     averaged = _averaged(model, config.average)
-    n = len(data)
+    n = len(dataset)
     per_rank = config.batch_size if world == 1 else max(1, config.batch_size // world)
     share = -(-n // world)  # examples per rank and epoch (the shuffle padded to N equal shares)
     steps = -(-share // per_rank)
-    sched = _scheduler(opt, config, steps)
+    sched = scheduler(opt, config, steps)
     result, start_epoch = TrainResult(), 0
     torch.manual_seed(config.seed)
     identity = _identity(config, mix, source, pin)
@@ -169,20 +142,29 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
             order = order.repeat(-(-share * world // n))[:share * world][rank::world]
             torch.manual_seed(config.seed + 1_000_003 * (epoch + 1) + rank)
         loss_sum, seen = 0.0, 0
-        bar = tqdm(order.split(per_rank), desc=f"{desc} {epoch + 1}/{config.epochs}",
+        rows = order.split(per_rank)
+        bar = tqdm(batches(dataset, rows, workers=workers, pin_memory=device.type == "cuda"),
+                   total=len(rows), desc=f"{desc} {epoch + 1}/{config.epochs}",
                    disable=not progress or rank > 0, leave=False)
-        for i, index in enumerate(bar):
-            x, y = data.x[index].to(device, memory_format=layout), data.y[index].to(device)
-            augment = FlipCrop.draw(x, flip=data.info.flips) if config.augment else None
+        for i, (x, y, index) in enumerate(bar):
+            x = x.to(device, memory_format=layout, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            augment = (FlipCrop.draw(x, flip=info is not None and info.flips)
+                       if batch_augment else None)
             if augment is not None:
                 x = augment(x).contiguous(memory_format=layout)
             scale = config.strength_scale(epoch * steps + i, config.epochs * steps)
             xb, yb = mix.batch(model, x, y, index, source, groups,  # against the synced model
-                               scale=scale, augment=augment)
-            loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
+                               scale=scale, augment=augment)  # crafted in float32
+            with autocast():
+                loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            if config.clip_grad > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            scaler.step(opt)
+            scaler.update()
             if sched is not None:
                 sched.step()
             if averaged is not None:
@@ -195,8 +177,10 @@ def train(model: nn.Module, data: ImageSet, mix: StrengthMix = StrengthMix(),
             loss_sum, seen = float(totals[0]), int(totals[1])
         row: dict[str, float] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         if val is not None and len(val):
-            row["val_accuracy"] = accuracy(model if averaged is None else averaged.module,
-                                           val.x, val.y, device=device)
+            evaluated = model if averaged is None else averaged.module
+            row["val_accuracy"] = (accuracy(evaluated, val.x, val.y, device=device)
+                                   if isinstance(val, ImageSet)
+                                   else accuracy(evaluated, val, device=device))
         result.seconds += time.perf_counter() - t0
         row["seconds"] = result.seconds
         result.history.append(row)
@@ -238,8 +222,9 @@ def _identity(config: TrainConfig, mix: StrengthMix, source: AdversarialSource,
     """What a training state belongs to, as plain values (the state is read weights-only)."""
     attack = getattr(source, "attack", None)
     # options added later are named only when on (older states lack them)
+    defaults = asdict(TrainConfig())
     fields = {k: v for k, v in asdict(config).items()
-              if k != "device" and not (k in OPTIONAL and not v)}
+              if k != "device" and not (k in OPTIONAL and v == defaults[k])}
     return {**{k: plain(v) for k, v in fields.items()},
             "strengths": list(mix.strengths), "reduced": mix.reduced, "sample": mix.sample,
             "clean": mix.clean,

@@ -27,10 +27,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM
 from advguard.errors import parse_choice
-from advguard.training.loop import Schedule, TrainConfig
+from advguard.training.config import Schedule, TrainConfig
 from advguard.training.mixing import StrengthMix
 
 
@@ -55,22 +56,14 @@ class Recipe:
     ramp: float = 0.0  # TrainConfig.ramp: strengths rise from 0 over this fraction of training
     average: float = 0.0  # TrainConfig.average: EMA decay of the weights (0: off)
 
-    def config(self, *, epochs: int, seed: int = 0, device: str = "cpu",
-               batch_size: int | None = None, lr: float | None = None,
-               ramp: float | None = None, average: float | None = None,
-               schedule: Schedule | str | None = None, augment: bool = False,
-               label_smoothing: float = 0.0, channels_last: bool = False) -> TrainConfig:
-        """The training configuration of this recipe (batch size, lr, schedule, ε ramp and
-        weight averaging: the recipe's unless given)."""
-        return TrainConfig(epochs=epochs, seed=seed, device=device,
-                           schedule=(self.schedule if schedule is None
-                                     else parse_choice(Schedule, schedule, "schedule")),
-                           augment=augment, label_smoothing=label_smoothing,
-                           channels_last=channels_last,
-                           batch_size=self.batch_size if batch_size is None else batch_size,
-                           lr=self.lr if lr is None else lr,
-                           ramp=self.ramp if ramp is None else ramp,
-                           average=self.average if average is None else average)
+    def config(self, **overrides: Any) -> TrainConfig:
+        """The training configuration of this recipe: batch size, lr, schedule, ε ramp and
+        weight averaging are the recipe's unless given (``None`` counts as not given), every
+        other field :class:`TrainConfig`'s default unless given."""
+        own = {"batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
+               "ramp": self.ramp, "average": self.average}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return TrainConfig(**{**own, **given})
 
     def passes(self, strengths: Sequence[float], epochs: int, *,
                reduced: bool = False) -> int:

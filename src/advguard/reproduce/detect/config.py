@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from advguard import options as opts
 from advguard.attacks import check_strengths
-from advguard.data import dataset_info
+from advguard.data import VAL_SIZE, dataset_info
+from advguard.detection import KNNOptions
 from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
-from advguard.options import option
+from advguard.options import option, same_as
 from advguard.reproduce import victims
 from advguard.training import Schedule, TrainConfig
 
@@ -27,16 +28,16 @@ class DetectConfig:
     augment: bool = victims.augment_option()
     label_smoothing: float = victims.label_smoothing_option()
     channels_last: bool = victims.channels_last_option()
-    val_size: int = option(5000, "calibration split held out of the training file")
+    val_size: int = option(VAL_SIZE, "calibration split held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     queries: int = option(2000, "first N test images are attacked and scored")
     lbfgs_queries: int = option(300, "of which the first N are attacked with L-BFGS")
-    k: int = option(1000, "neighbours searched (the paper's k)")
+    k: int = same_as(KNNOptions, "k")
     eps: float | None = option(None, "FGSM/PGD strength, e.g. 0.2 or 8/255 (default: the "
                                      "dataset's, 0.2 on MNIST, 8/255 on colour images)",
                                parse=opts.strength)
     pgd_steps: int = option(20, "PGD and adaptive-attack steps")
-    keep: float = option(0.98, "operating point: share of authentic inputs kept")
+    keep: float = same_as(KNNOptions, "keep")
     adaptive_weight: float = option(1.0, "adaptive attack: weight of the feature-pull term")
     mat: bool = option(True, "also run the detector on a mixed-MAT (white-box) model")
     seed: int = option(0, "seed of every random choice")

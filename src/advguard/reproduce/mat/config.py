@@ -9,7 +9,7 @@ from enum import Enum
 
 from advguard import options as opts
 from advguard.attacks import PGD, check_strengths
-from advguard.data import DatasetInfo, dataset_info
+from advguard.data import VAL_SIZE, DatasetInfo, dataset_info
 from advguard.ensemble import VotingRule, parse_rule
 from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
@@ -93,7 +93,7 @@ class MatConfig:
     augment: bool = victims.augment_option()
     label_smoothing: float = victims.label_smoothing_option()
     channels_last: bool = victims.channels_last_option()
-    val_size: int = option(5000, "validation images held out of the training file")
+    val_size: int = option(VAL_SIZE, "validation images held out of the training file")
     train_limit: int | None = option(None, "first N training images only")
     test_limit: int | None = option(None, "first N test images only")
     pgd_steps: int = option(20, "white-box PGD evaluation: steps")

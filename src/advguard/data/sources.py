@@ -1,0 +1,95 @@
+"""Data by name: a dataset advguard knows (``mnist``, ``cifar10``, …, held in memory) or a
+user's image folder (``imagefolder:PATH``, streamed) — one function for both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from advguard.data.datasets import DatasetInfo, dataset_info, load_dataset
+from advguard.data.folder import PREFIX, folder_root, is_folder_source, load_folder
+from advguard.data.loading import ImageDataset
+from advguard.data.readers import Split
+from advguard.errors import DataError
+from advguard.options import check_int, option
+
+
+def load_data(source: str, split: str | Split = Split.TRAIN, *,
+              data_dir: str | Path | None = None, image_size: int | None = None,
+              channels: int | None = None, augment: bool = False, limit: int | None = None,
+              download: bool = False) -> ImageDataset:
+    """Split ``split`` of ``source``: a named dataset as an in-memory
+    :class:`~advguard.data.ImageSet`, or ``imagefolder:PATH`` as a streamed
+    :class:`~advguard.data.folder.FolderImages` (``image_size``, ``channels`` and ``augment``
+    apply to folders)."""
+    if is_folder_source(source):
+        return load_folder(source, split, image_size=image_size, channels=channels,
+                           augment=augment, limit=limit)
+    if image_size is not None or channels is not None:
+        raise DataError(f"{source} has a fixed image shape: --image-size and --channels are "
+                        "for image folders (imagefolder:PATH)")
+    return load_dataset(source, split, data_dir=data_dir, limit=limit, download=download)
+
+
+def data_info(source: str, *, image_size: int | None = None,
+              channels: int | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``source`` (a folder's is read from its training images)."""
+    if is_folder_source(source):
+        return load_folder(source, Split.TRAIN, image_size=image_size, channels=channels).info
+    return dataset_info(source)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where a command's images come from; every data option of the command line is a field
+    here (defaults and help declared once). ``source`` left out: the checkpoint's data (or
+    MNIST, for training)."""
+
+    data: str | None = option(
+        None, "a dataset name (mnist, fashion-mnist, cifar10, cifar100, svhn) or "
+        "imagefolder:PATH (a folder of class folders; default: the checkpoint's, or mnist)",
+        aliases=("--dataset",))
+    data_dir: str | None = option(None, "folder holding a named dataset (MNIST: optional, a "
+                                        "copy ships with advguard)")
+    image_size: int | None = option(
+        None, "image folders: resize and centre-crop (random-resized-crop with --augment) to "
+        "N×N; default: the checkpoint's, or the images' own size")
+    channels: int | None = option(None, "image folders: 1 (grey) or 3 (RGB); default: the "
+                                        "checkpoint's, or the first image's")
+    workers: int = option(0, "DataLoader worker processes that decode images")
+
+    def __post_init__(self) -> None:
+        check_int("workers", self.workers, minimum=0)
+        if self.image_size is not None:
+            check_int("image_size", self.image_size)
+
+    @property
+    def source(self) -> str:
+        return self.data or "mnist"
+
+    def with_checkpoint(self, meta: dict[str, Any]) -> DataOptions:
+        """These options with what was left out taken from a checkpoint's metadata."""
+        saved: dict[str, Any] = meta["data"] if isinstance(meta.get("data"), dict) else {}
+        name = self.data or saved.get("source") or meta.get("dataset")
+        if not isinstance(name, str) or name == "custom":
+            raise DataError("the checkpoint names no data it was trained on: give --data")
+        return replace(self, data=name,
+                       image_size=self.image_size or saved.get("image_size"),
+                       channels=self.channels or saved.get("channels"))
+
+    def load(self, split: str | Split = Split.TRAIN, *, augment: bool = False,
+             limit: int | None = None) -> ImageDataset:
+        return load_data(self.source, split, data_dir=self.data_dir, image_size=self.image_size,
+                         channels=self.channels, augment=augment, limit=limit)
+
+    def info(self) -> DatasetInfo:
+        return data_info(self.source, image_size=self.image_size, channels=self.channels)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a checkpoint records of its data (enough to load it again)."""
+        source = self.source
+        if is_folder_source(source):  # a path that still holds from another folder
+            source = PREFIX + str(folder_root(source).resolve())
+        return {"source": source, "image_size": self.image_size,
+                "channels": self.channels}

@@ -1,0 +1,231 @@
+"""Models from anywhere, described by a :class:`ModelCard` that rebuilds them.
+
+A *builder* is named by one string, the same in Python, on the command line and in a
+checkpoint:
+
+==============================  ===========================================================
+``lenet5``, ``resnet-s``, …      advguard's own architectures (:data:`~advguard.models.MODELS`)
+``torchvision:resnet18``         ``torchvision.models.get_model(name, weights=None,
+                                 num_classes=…)``; grey images are repeated to 3 channels
+``timm:resnet18``                ``timm.create_model(name, pretrained=False, num_classes=…,
+                                 in_chans=…)``
+``my_package.my_module:build``   a factory the user writes, called with those of
+                                 ``num_classes``, ``in_channels``, ``in_chans`` and
+                                 ``image_size`` it accepts
+==============================  ===========================================================
+
+No weights are downloaded: a builder's model starts untrained, or takes a user's weights
+(:func:`load_weights`: safetensors, or a torch file read weights-only). Every model but the zoo's
+(which normalise inside) is :func:`~advguard.models.wrap`-ped: the data's per-channel mean/std
+is applied inside it, so every model takes images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advguard.data import DatasetInfo, custom_info, dataset_info
+from advguard.errors import CheckpointError, InputError
+from advguard.models.wrap import Wrapped
+from advguard.models.zoo import MODELS
+from advguard.options import option
+
+TORCHVISION, TIMM = "torchvision:", "timm:"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What rebuilds a model: its builder and arguments, the input it takes and its classes,
+    and the normalisation inside it. Saved in every checkpoint (``"model"`` metadata)."""
+
+    builder: str
+    channels: int
+    size: tuple[int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # the builder's own arguments
+    output: str | int | None = None  # where the logits are in the model's output
+    classes: tuple[str, ...] = ()  # class names, where the data has them
+
+    @classmethod
+    def for_data(cls, builder: str, info: DatasetInfo, **kwargs: Any) -> ModelCard:
+        """The card of ``builder`` for the data described by ``info``."""
+        return cls(builder, info.channels, tuple(info.size), info.num_classes,  # type: ignore[arg-type]
+                   tuple(info.mean), tuple(info.std), dict(kwargs), classes=info.classes)
+
+    @property
+    def info(self) -> DatasetInfo:
+        return custom_info("model", channels=self.channels, size=self.size,
+                           num_classes=self.num_classes, mean=self.mean, std=self.std,
+                           classes=self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
+        d["kwargs"], d["classes"] = dict(self.kwargs), list(self.classes)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "checkpoint") -> ModelCard:
+        try:
+            return cls(str(obj["builder"]), int(obj["channels"]),
+                       (int(obj["size"][0]), int(obj["size"][1])), int(obj["num_classes"]),
+                       tuple(float(m) for m in obj["mean"]), tuple(float(s) for s in obj["std"]),
+                       dict(obj.get("kwargs") or {}), obj.get("output"),
+                       tuple(str(c) for c in obj.get("classes") or ()))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{where}: the model description is malformed ({exc!r})"
+                                  ) from None
+
+
+def build(card: ModelCard) -> nn.Module:
+    """The untrained model ``card`` describes (images in [0, 1] → logits)."""
+    name = card.builder
+    if name in MODELS:
+        return MODELS[name](card.info)
+    if name.startswith(TORCHVISION):
+        net = _torchvision(name[len(TORCHVISION):], card)
+        return Wrapped(net, card.mean, card.std, card.output,
+                       expand_channels=3 if card.channels == 1 else None)
+    if name.startswith(TIMM):
+        net = _timm(name[len(TIMM):], card)
+    elif ":" in name:
+        net = _factory(name, card)
+    else:
+        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or "
+                         "torchvision:NAME, timm:NAME, package.module:factory")
+    return Wrapped(net, card.mean, card.std, card.output)
+
+
+def _torchvision(name: str, card: ModelCard) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise InputError(f"torchvision has no model {name!r} (torchvision.models.list_models() "
+                         "lists them)")
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=card.num_classes,
+                                            **card.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"torchvision:{name}: {exc}") from None
+
+
+def _timm(name: str, card: ModelCard) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise InputError("timm:… models need timm: pip install timm") from None
+    if not timm.is_model(name):
+        raise InputError(f"timm has no model {name!r} (timm.list_models() lists them)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=card.num_classes,
+                                  in_chans=card.channels, **card.kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"timm:{name}: {exc}") from None
+
+
+def _factory(spec: str, card: ModelCard) -> nn.Module:
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import the model builder {spec!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"the model builder {spec!r}: {module_name} has no function {attr!r}")
+    offered = {"num_classes": card.num_classes, "in_channels": card.channels,
+               "in_chans": card.channels, "image_size": card.size[0]}
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in offered.items() if k in params} if not takes_any else {
+        "num_classes": card.num_classes, "in_channels": card.channels}
+    net = factory(**args, **card.kwargs)
+    if not isinstance(net, nn.Module):
+        raise InputError(f"the model builder {spec!r} returned {type(net).__name__}, not a "
+                         "torch.nn.Module")
+    return net
+
+
+def card_for(builder: str, data: str | DatasetInfo, **kwargs: Any) -> ModelCard:
+    """The card of ``builder`` for a dataset name or :class:`DatasetInfo`."""
+    info = data if isinstance(data, DatasetInfo) else dataset_info(data)
+    return ModelCard.for_data(builder, info, **kwargs)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a user's state dict into ``model``: a safetensors file, or a torch file read with
+    ``weights_only=True`` (a plain state dict, or ``{"state_dict": …}`` / ``{"model": …}``).
+    The weights of a wrapped model's inner module are taken as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and weights-only refusals all land here
+            raise CheckpointError(f"{path} is not a weights file torch can read weights-only: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    target = model
+    if isinstance(model, Wrapped) and not any(k.startswith("module.") for k in state):
+        target = model.module
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights in {path} do not fit the model: "
+                              f"{_first_problem(str(exc))}") from None
+    return model
+
+
+def _first_problem(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+
+
+def build_model(name: str, data: str | DatasetInfo, **kwargs: Any) -> nn.Module:
+    """Build ``name`` (any builder above) for a dataset name or :class:`DatasetInfo`."""
+    return build(card_for(name, data, **kwargs))
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model a command builds; every model option of the command line is a field here."""
+
+    model: str | None = option(
+        None, "lenet5, resnet-s, … (advguard's), torchvision:NAME, timm:NAME or "
+        "package.module:factory; default: the data's victim architecture, or the checkpoint's")
+    weights: str | None = option(
+        None, "the model's weights: safetensors, or a torch file read weights-only (a state "
+        "dict); default: untrained, or the checkpoint's")
+
+    def build(self, info: DatasetInfo, default: str | None = None) -> tuple[nn.Module, ModelCard]:
+        """``(model, card)`` of this builder (or ``default``, or the data's victim) for data
+        ``info``, with the weights loaded if given."""
+        card = ModelCard.for_data(self.model or default or info.victim, info)
+        net = build(card)
+        if self.weights is not None:
+            load_weights(net, self.weights)
+        return net, card

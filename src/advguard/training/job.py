@@ -1,0 +1,105 @@
+"""One model trained from start to checkpoint: what ``advguard train`` runs.
+
+The data (:class:`~advguard.data.DataOptions`), the model (:class:`~advguard.models.ModelOptions`),
+the method (:class:`TrainJob`) and the optimisation (:class:`~advguard.training.TrainConfig`,
+the recipe's where not given) are four dataclasses whose fields are the command's options. The
+checkpoint describes itself: the model card (builder, input, classes, normalisation), the data
+it was trained on and the whole training config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advguard import distributed
+from advguard import options as opts
+from advguard.data import DataOptions, ImageSet
+from advguard.errors import InputError
+from advguard.io import check_output, hold_lock
+from advguard.models import ModelOptions, accuracy, load_model, save_model
+from advguard.options import option
+from advguard.training.loop import train
+from advguard.training.recipes import RecipeName, get_recipe
+from advguard.training.sources import AdversarialSource, Transfer, WhiteBox
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one model is trained for; the options of ``advguard train`` beside data, model and
+    optimisation."""
+
+    strengths: tuple[float, ...] = option(
+        (), "FGSM strengths mixed into each batch, e.g. 0.1,0.2 or 4/255,8/255; none: clean "
+        "training", parse=opts.strengths)
+    reduced: bool = option(False, "mixed MAT, reduced size")
+    crafter: str | None = option(None, "crafting model checkpoint for the transfer setting "
+                                       "(default: white-box, online)")
+    recipe: RecipeName = option(
+        RecipeName.FGSM, "white-box recipe: " + ", ".join(r.value for r in RecipeName))
+    train_limit: int | None = option(None, "first N training images")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
+        if self.train_limit is not None:
+            opts.check_int("train_limit", self.train_limit)
+
+
+@dataclass(frozen=True)
+class Trained:
+    path: Path
+    test_accuracy: float
+    seconds: float
+
+
+def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOptions,
+              overrides: dict[str, Any] | None = None, *, progress: bool = True) -> Trained | None:
+    """Train the model ``job`` describes and write it to ``out`` (``.safetensors``); returns
+    what was written (``None`` on ranks other than 0 under torchrun). ``overrides``:
+    :class:`TrainConfig` fields given (the recipe's for the rest). Resumable: an interrupted
+    run continues from ``out``'s ``.state.pt``."""
+    out = Path(out)
+    how = get_recipe(job.recipe)
+    config = how.config(**(overrides or {}))
+    check_output(out)
+    state = check_output(out.with_suffix(".state.pt"))
+    if job.crafter is not None and how.name is not RecipeName.FGSM:
+        raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
+    crafting_model = None if job.crafter is None else load_model(job.crafter)[0]
+    info = data.info()
+    torch.manual_seed(config.seed)
+    net, card = model.build(info)  # an unknown builder fails before the data loads
+    train_set = data.load("train", augment=config.augment, limit=job.train_limit)
+    test = data.load("test")
+    lock = (hold_lock(out.with_suffix(".lock"), f"output {out}") if distributed.is_main()
+            else contextlib.nullcontext())
+    with lock:
+        source: AdversarialSource = WhiteBox(how.attack)
+        if crafting_model is not None and job.strengths:
+            if not isinstance(train_set, ImageSet):
+                raise InputError("the transfer setting (--crafter) needs a dataset held in "
+                                 "memory; image folders train white-box")
+            from advguard.attacks import fgsm_directions
+
+            source = Transfer(fgsm_directions(crafting_model, train_set.x, train_set.y,
+                                              device=config.device, progress=progress))
+        pin = {"arch": card.builder, "dataset": info.name, "train_images": len(train_set),
+               "recipe": how.name, "crafter": job.crafter,
+               **({} if model.weights is None else {"weights": str(model.weights)})}
+        result = train(net, train_set, how.mix(job.strengths, reduced=job.reduced), source,
+                       config, state_path=state, pin=pin, progress=progress,
+                       workers=data.workers)
+        device = distributed.device_for_rank(config.device)
+        acc = accuracy(net, test, device=device, workers=data.workers)
+        if not distributed.is_main():
+            return None
+        save_model(out, net, card=card, dataset=info.name, data=data.to_json(),
+                   train_config=opts.as_json(config), strengths=list(job.strengths),
+                   train_seconds=result.seconds, history=result.history, test_accuracy=acc,
+                   recipe=how.name.value, processes=distributed.world_size())
+        state.unlink(missing_ok=True)
+    return Trained(out, acc, result.seconds)

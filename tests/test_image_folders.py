@@ -1,0 +1,184 @@
+"""A user's folder of images (ImageFolder layout, real PNG/JPEG files written here from real
+MNIST and CIFAR-10 images): read right, streamed through training, detection and the CLI
+exactly as the in-memory path, and refused in one clear line when it is malformed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from advguard.data import (
+    ImageSet,
+    batches,
+    load_data,
+    load_dataset,
+    load_folder,
+    materialise,
+    with_info,
+)
+from advguard.detection import KNNDetector
+from advguard.errors import DataError
+from advguard.models import build_model, load_model
+from advguard.training import StrengthMix, TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_folder(root: Path, data: ImageSet, split: str | None, fmt: str = "png") -> Path:
+    """``data`` as image files in ImageFolder layout (``root/split/<class>/<row>.fmt``)."""
+    base = root / split if split else root
+    for i in range(len(data)):
+        folder = base / f"class_{int(data.y[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.x[i] * 255).round().byte().permute(1, 2, 0).squeeze(2).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:05d}.{fmt}", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory) -> tuple[Path, ImageSet, ImageSet]:
+    root = tmp_path_factory.mktemp("cifar")
+    train = load_dataset("cifar10", "train", data_dir=SHARED / "cifar-10", limit=300)
+    test = load_dataset("cifar10", "test", data_dir=SHARED / "cifar-10", limit=100)
+    write_folder(root, train, "train")
+    write_folder(root, test, "test")
+    return root, train, test
+
+
+def _class_major(data: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data`` in ImageFolder's order: by class folder name, then file name (the row)."""
+    order = sorted(range(len(data)), key=lambda i: (f"class_{int(data.y[i])}", i))
+    return data.x[order], data.y[order]
+
+
+def test_a_png_folder_reads_the_same_pixels_as_the_dataset(cifar_folder):
+    root, train, _ = cifar_folder
+    folder = load_folder(root, "train")
+    assert folder.info.shape == (3, 32, 32) and folder.info.num_classes == 10
+    assert folder.info.classes[0] == "class_0"
+    x, y = _class_major(train)
+    stacked = materialise(folder)
+    assert torch.equal(stacked.x, x) and torch.equal(stacked.y, y)
+    assert load_data(f"imagefolder:{root}", "test").info.num_classes == 10
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_streamed_from_a_folder_equals_training_in_memory(cifar_folder, workers):
+    root, _, _ = cifar_folder
+    folder = load_folder(root, "train")
+    memory = materialise(folder)
+    config = TrainConfig(epochs=2, batch_size=50, device="cpu", seed=3)
+    models = []
+    for data in (memory, folder):
+        torch.manual_seed(0)
+        model = build_model("cifar-victim", folder.info)
+        result = train(model, data, StrengthMix((4 / 255,)), None, config, progress=False,
+                       workers=workers)
+        models.append((model, result))
+    (a, ra), (b, rb) = models
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in ra.history] == pytest.approx([r["loss"] for r in rb.history],
+                                                            rel=1e-5)
+
+
+def test_a_detector_bank_fitted_streamed_equals_one_fitted_in_memory(cifar_folder):
+    root, _, test = cifar_folder
+    folder = load_folder(root, "train")
+    memory = materialise(folder)
+    torch.manual_seed(0)
+    model = build_model("resnet-s", folder.info).eval()
+    streamed = KNNDetector(k=20, preprocessing="l2", chunk_size=64, batch_size=32).fit(
+        model, DataLoader(folder, num_workers=2))
+    in_memory = KNNDetector(k=20, preprocessing="l2").fit(model, memory.x, memory.y)
+    np.testing.assert_allclose(streamed.score_samples(test.x), in_memory.score_samples(test.x),
+                               rtol=1e-5, atol=1e-6)
+    predicted, scores, labels = streamed.inspect_dataset(load_folder(root, "test"))
+    assert len(predicted) == len(scores) == len(labels) == 100
+
+
+def test_grey_jpegs_without_test_folder_are_split_by_seed(tmp_path):
+    digits = load_dataset("mnist", "test", limit=50)
+    write_folder(tmp_path, digits, None, fmt="jpg")
+    train, test = load_folder(tmp_path, "train"), load_folder(tmp_path, "test")
+    assert train.info.channels == 1 and train.info.size == (28, 28)
+    assert len(train) + len(test) == 50 and len(test) == 10
+    assert not {p for p, _ in train.samples} & {p for p, _ in test.samples}
+    x, _, _ = next(iter(batches(test, batch_size=10)))
+    assert x.shape == (10, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_image_size_resizes_every_image_and_augment_crops_train_only(cifar_folder):
+    root, _, _ = cifar_folder
+    train = load_folder(root, "train", image_size=48, augment=True)
+    test = load_folder(root, "test", image_size=48, augment=True)
+    assert train.augments and not test.augments
+    assert train[0][0].shape == test[0][0].shape == (3, 48, 48)
+
+
+def test_any_torch_dataset_trains_with_info_from_its_first_item(mnist_train):
+    class Plain(torch.utils.data.Dataset):
+        classes = [str(c) for c in range(10)]
+
+        def __len__(self) -> int:
+            return 200
+
+        def __getitem__(self, i: int):
+            return mnist_train.x[i], int(mnist_train.y[i])
+
+    data = with_info(Plain())
+    model = build_model("lenet5", data.info)
+    train(model, DataLoader(data, batch_size=7), config=TrainConfig(epochs=1, device="cpu"),
+          progress=False)
+    assert data.info.shape == (1, 28, 28) and data.info.num_classes == 10
+
+
+def _bad_folder(root: Path, kind: str) -> Path:
+    digits = load_dataset("mnist", "test", limit=30)
+    write_folder(root, digits, "train")
+    first = sorted((root / "train").iterdir())[0]
+    if kind == "one-class":
+        for extra in sorted((root / "train").iterdir())[1:]:
+            for f in extra.iterdir():
+                f.unlink()
+            extra.rmdir()
+    elif kind == "empty-class":
+        (root / "train" / "class_empty").mkdir()
+    elif kind == "corrupt-image":
+        (first / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    elif kind == "mixed-sizes":
+        Image.new("L", (40, 30)).save(first / "big.png")
+    return root
+
+
+@pytest.mark.parametrize(("kind", "needle"), [
+    ("one-class", "a classifier needs at least 2"),
+    ("empty-class", "Found no valid file for the classes class_empty"),
+    ("corrupt-image", "broken.png is not a readable image"),
+    ("mixed-sizes", "images of different sizes"),
+    ("missing", "image folder not found"),
+])
+def test_a_malformed_folder_is_refused_in_one_line(kind, needle, tmp_path, cli):
+    root = tmp_path / "missing" if kind == "missing" else _bad_folder(tmp_path / "f", kind)
+    result = cli("train", str(tmp_path / "m.safetensors"), "--data", f"imagefolder:{root}",
+                 "--model", "lenet5", "--epochs", "1", "-q")
+    assert_one_line_error(result, needle)
+
+
+def test_non_image_files_are_skipped_and_mixed_sizes_train_with_image_size(tmp_path, cli):
+    root = _bad_folder(tmp_path / "f", "mixed-sizes")
+    (root / "train" / "class_0" / "notes.txt").write_text("not an image")
+    out = tmp_path / "m.safetensors"
+    result = cli("train", str(out), "--data", f"imagefolder:{root}", "--image-size", "28",
+                 "--model", "lenet5", "--epochs", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    model, meta = load_model(out)
+    assert meta["data"]["image_size"] == 28 and meta["model"]["size"] == [28, 28]
+    with pytest.raises(DataError, match="no 'val' split"):
+        load_folder(root, "val")
