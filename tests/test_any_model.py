@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from advguard.errors import CheckpointError, InputError
 from advguard.io import read_metadata
 from advguard.models import build_model, load_model, load_weights, pick_logits, wrap
 from advguard.training import StrengthMix, TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class DictLeNet(nn.Module):
@@ -112,25 +115,26 @@ def test_every_model_source_through_every_entry_point(source, tmp_path, cli, fac
                                                        mnist_test):
     name, weights = (factory_module if source == "factory" else (source, None))
     extra = ["--weights", str(weights)] if weights else []
+    trust = ["--trust-builder"] if weights else []  # its checkpoint runs the factory's code
     ckpt = tmp_path / "m.safetensors"
     trained = cli("train", str(ckpt), "--model", name, *extra, "--train-limit", "64",
                   "--epochs", "1", "--batch-size", "32", "--strengths", "0.1", "-q")
     assert trained.returncode == 0, trained.stderr
     meta = read_metadata(ckpt)
     assert meta["model"]["builder"] == name and meta["train_config"]["batch_size"] == 32
-    model, _ = load_model(ckpt)  # rebuilt from the checkpoint alone
+    model, _ = load_model(ckpt, trust_builder=True)  # rebuilt from the checkpoint alone
     assert model(mnist_test.x[:2]).shape == (2, 10)
-    evaluated = cli("evaluate", str(ckpt), "--test-limit", "16", "--grid", "0,0.1",
+    evaluated = cli("evaluate", str(ckpt), *trust, "--test-limit", "16", "--grid", "0,0.1",
                     "--attack", "white-box-pgd", "--pgd-steps", "2", "--pgd-restarts", "1",
                     "-q")
     assert evaluated.returncode == 0 and "grid mean (white-box-pgd)" in evaluated.stdout
-    audited = cli("audit", str(ckpt), "--only-autoattack", "--test-limit", "4", "--eps", "0.1",
-                  "-q")
+    audited = cli("audit", str(ckpt), *trust, "--only-autoattack", "--test-limit", "4",
+                  "--eps", "0.5", "-q")  # large: the attacks end at once
     assert audited.returncode == 0 and "AutoAttack" in audited.stdout, audited.stderr
     np.save(tmp_path / "x.npy", mnist_test.x[:3].numpy())
-    predicted = cli("predict", str(ckpt), str(tmp_path / "x.npy"))
+    predicted = cli("predict", str(ckpt), str(tmp_path / "x.npy"), *trust)
     assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 3
-    guard = cli("guard", "fit", str(ckpt), "--out", str(tmp_path / "guard"), "--k", "10",
+    guard = cli("guard", "fit", str(ckpt), *trust, "--out", str(tmp_path / "guard"), "--k", "10",
                 "--train-limit", "200", "--val-size", "40", "-q")
     assert guard.returncode == 0 and "threshold" in guard.stdout, guard.stderr
     # the same model without an advguard checkpoint: builder + the user's weights + data
@@ -140,7 +144,35 @@ def test_every_model_source_through_every_entry_point(source, tmp_path, cli, fac
     direct = cli("evaluate", "--model", name, "--weights", str(tmp_path / "w.safetensors"),
                  "--data", "mnist", "--test-limit", "16", "--grid", "0", "-q")
     assert direct.returncode == 0 and direct.stdout.split()[-1] == \
-        cli("evaluate", str(ckpt), "--test-limit", "16", "--grid", "0", "-q").stdout.split()[-1]
+        cli("evaluate", str(ckpt), *trust, "--test-limit", "16", "--grid", "0",
+            "-q").stdout.split()[-1]
+
+
+def test_a_checkpoint_cannot_run_code_by_being_opened(factory_module, tmp_path, cli):
+    name, weights = factory_module
+    ckpt = tmp_path / "m.safetensors"
+    assert cli("train", str(ckpt), "--model", name, "--weights", str(weights), "--train-limit",
+               "32", "--epochs", "1", "-q").returncode == 0
+    for args in (("evaluate", str(ckpt)), ("predict", str(ckpt), str(weights))):
+        assert_one_line_error(cli(*args), "loading it imports and runs that package's code")
+    with pytest.raises(CheckpointError, match="--trust-builder"):
+        load_model(ckpt)
+    (tmp_path / "evil.safetensors").write_bytes(b"")
+    from advguard.io import save_tensors
+
+    save_tensors(tmp_path / "evil.safetensors", {}, {"arch": "subprocess:getoutput",
+                                                     "dataset": "mnist"})
+    with pytest.raises(CheckpointError, match="names no zoo architecture"):
+        load_model(tmp_path / "evil.safetensors")
+
+
+def test_a_checkpoint_is_checked_against_the_data_it_is_given(tmp_path, cli):
+    ckpt = tmp_path / "m.safetensors"
+    assert cli("train", str(ckpt), "--model", "lenet5", "--train-limit", "32", "--epochs", "1",
+               "-q").returncode == 0
+    result = cli("evaluate", str(ckpt), "--data", "cifar10", "--data-dir",
+                 str(SHARED / "cifar-10"), "--test-limit", "8")
+    assert_one_line_error(result, "takes 1x28x28 images of 10 classes; cifar10 has 3x32x32")
 
 
 def test_a_users_weights_load_into_the_builders_model(factory_module, tmp_path):

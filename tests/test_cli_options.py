@@ -25,7 +25,8 @@ BUILT = [(name, cb) for name, cb in _commands(app) if hasattr(cb, "__configs__")
 
 def test_the_commands_that_take_data_and_models_build_their_options_from_fields():
     assert {name for name, _ in BUILT} >= {"train", "evaluate", "audit", "predict",
-                                           "guard fit", "reproduce mat", "reproduce detect"}
+                                           "guard fit", "serve", "reproduce mat",
+                                           "reproduce detect"}
 
 
 def _expected_default(field: dataclasses.Field, fallback: bool) -> object:

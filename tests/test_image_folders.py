@@ -157,6 +157,15 @@ def _bad_folder(root: Path, kind: str) -> Path:
     return root
 
 
+def test_a_corrupt_image_read_by_a_worker_is_one_clear_line(tmp_path):
+    root = _bad_folder(tmp_path / "f", "none")
+    folder = load_folder(root, "train")
+    Path(folder.samples[3][0]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DataError) as caught:
+        list(batches(folder, batch_size=4, workers=2))
+    assert "\n" not in str(caught.value) and "is not a readable image" in str(caught.value)
+
+
 @pytest.mark.parametrize(("kind", "needle"), [
     ("one-class", "a classifier needs at least 2"),
     ("empty-class", "Found no valid file for the classes class_empty"),

@@ -30,7 +30,7 @@ def _train(data: DataOptions, model: ModelOptions, job: TrainJob, overrides: dic
     from advguard import distributed
     from advguard.training import train_job
 
-    distributed.setup(overrides.get("device", TrainConfig.device))
+    distributed.setup(opts.device(overrides.get("device", TrainConfig.device)))  # auto: CUDA?
     setup_logging(quiet or not distributed.is_main())
     done = train_job(out, job, model, data, overrides, progress=not quiet)
     if done is not None:
@@ -243,8 +243,9 @@ def predict(
     from advguard.models import model_card
     from advguard.models import predict as classify
 
-    model, meta, _ = open_model(checkpoint, model_options, DataOptions(data=data))
-    card = model_card(meta, checkpoint or "the model")
+    model, meta, _ = open_model(checkpoint, model_options, DataOptions(data=data),
+                                need_data=False)
+    card = model_card(meta, checkpoint or "the model", trust_builder=True)  # opened above
     x = images_from_array(read_npy(images), channels=card.channels, size=card.size)
     for i, c in enumerate(classify(model, x).tolist()):
         typer.echo(f"{i}\t{c}")

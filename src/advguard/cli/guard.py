@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from advguard.cli import app, setup_logging
-from advguard.cli.options import Quiet, with_configs
+from advguard.cli.options import Quiet, field_help, with_configs
 from advguard.data import DataOptions
 from advguard.detection import KNNOptions
 from advguard.models import ModelOptions
@@ -52,7 +52,9 @@ def fit(
 
 
 @app.command()
+@with_configs(policy=Policy)
 def serve(
+    policy: Policy,
     guard_dir: Annotated[Path, typer.Argument(help="a guard folder (advguard guard fit)")],
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -62,12 +64,6 @@ def serve(
         help="client state: sqlite:///FILE (default: GUARD_DIR/clients.db) or "
              "redis://HOST:PORT/DB")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
-    window: int = Policy.window,
-    min_requests: int = Policy.min_requests,
-    flagged_limit: Annotated[float, typer.Option(
-        help="flagged share of the window that denies a client")] = Policy.flagged_limit,
-    cooldown: Annotated[float, typer.Option(
-        help="seconds a denial lasts; 0: until an admin clears it")] = Policy.cooldown_s,
     max_batch: int = Settings.max_batch,
     rate: Annotated[float, typer.Option(
         help="requests per second per key (refused requests count)")] = Settings.rate,
@@ -79,6 +75,8 @@ def serve(
     reset_state: Annotated[bool, typer.Option(
         "--reset-state", help="move the SQLite client state aside (a copy is kept beside it) "
                               "and start with an empty one")] = False,
+    trust_builder: Annotated[bool, typer.Option(help=field_help(ModelOptions, "trust_builder"))]
+    = False,
 ) -> None:
     """Serve the guard over HTTP: POST /v1/predict, GET /v1/health, /v1/clients, /metrics, a
     web page at /, the OpenAPI schema at /docs."""
@@ -100,10 +98,11 @@ def serve(
         raise InputError(f"workers must be ≥ 1, got {workers}")
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
-                        policy=Policy(window, min_requests, flagged_limit, cooldown),
+                        policy=policy,
                         max_batch=max_batch, rate=rate, burst=burst,
-                        header_timeout_s=header_timeout, body_timeout_s=body_timeout)
-    Guard.load(guard_dir)  # every file checked here, before a worker starts
+                        header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                        trust_builder=trust_builder)
+    Guard.load(guard_dir, trust_builder=trust_builder)  # every file checked before a worker
     read_keys(keys or guard_dir / "keys.json")
     if reset_state:
         path = sqlite_path(state, guard_dir / "clients.db")

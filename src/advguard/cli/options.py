@@ -112,3 +112,8 @@ def option_param(name: str, annotation: Any,
                  default: Any = inspect.Parameter.empty) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=annotation)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text declared on field ``name`` of config class ``cls``."""
+    return str(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"])

@@ -88,8 +88,9 @@ def load_folder(source: str | Path, split: str | Split = Split.TRAIN, *,
             else "; choose train, val or test"))
     info = folder_info(root.resolve(), image_size, channels)
     samples = layout[split]
-    if limit is not None:
-        samples = samples[:limit]
+    if limit is not None and limit < len(samples):  # a seeded sample of every class, in order
+        rows = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+        samples = [samples[int(i)] for i in rows[:limit].sort().values]
     return FolderImages(samples, info, image_size=image_size,
                         augment=augment and split == "train")
 

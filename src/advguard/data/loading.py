@@ -22,7 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advguard.data.datasets import DatasetInfo, ImageSet
-from advguard.errors import DataError, InputError
+from advguard.errors import AdvguardError, DataError, InputError
+
+MATERIALISE_BYTES = 4 * 2**30  # the most a slice read into memory (for attacks) may take
 
 
 class ImageDataset(Protocol):
@@ -68,11 +70,15 @@ def subset(data: ImageDataset, rows: torch.Tensor | Sequence[int]) -> ImageDatas
 
 
 class _InfoSubset(Subset):
-    """A Subset that keeps its dataset's ``info``."""
+    """A Subset that keeps its dataset's ``info`` and says whether it augments itself."""
 
     @property
     def info(self) -> DatasetInfo | None:
         return info_of(self.dataset)
+
+    @property
+    def augments(self) -> bool:
+        return bool(getattr(self.dataset, "augments", False))
 
 
 def as_image(image: Any, where: str) -> torch.Tensor:
@@ -87,8 +93,9 @@ def as_image(image: Any, where: str) -> torch.Tensor:
             import torchvision.transforms.functional as TF
 
             image = TF.pil_to_tensor(image)
-        elif isinstance(image, np.ndarray):
-            image = torch.from_numpy(image)
+        elif isinstance(image, np.ndarray):  # NumPy's layout is PIL's: (H, W) or (H, W, C)
+            array = np.ascontiguousarray(image)
+            image = torch.from_numpy(array if array.ndim == 2 else array.transpose(2, 0, 1).copy())
         else:
             raise InputError(f"{where}: an image must be a tensor (C, H, W) in [0, 1] or a PIL "
                              f"image, got {type(image).__name__}")
@@ -141,25 +148,41 @@ def _as_batch(batch: Any) -> Any:
 
 
 def batches(data: ImageDataset, rows: Sequence[torch.Tensor] | None = None, *,
-            batch_size: int = 1000, workers: int = 0,
-            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            batch_size: int = 1000, workers: int = 0, pin_memory: bool = False,
+            seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(images, labels, rows)`` for each batch of dataset rows in ``rows`` (a sequence of
     index tensors), or for ``range(len(data))`` in order, ``batch_size`` at a time. ``workers``
-    decode in worker processes (0: in this one)."""
+    decode in worker processes (0: in this one), seeded from ``seed`` (their random crops
+    and flips): reading data never draws from torch's global generator, so the training
+    loop's own draws (sampled strengths, random starts) are the same on every path."""
     if rows is None:
         n = len(data)
         rows = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     sampler = [r.tolist() for r in rows]
     loader = DataLoader(_Rows(data), batch_sampler=sampler, collate_fn=_as_batch,
                         num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=False)
-    yield from loader
+                        persistent_workers=False,
+                        generator=torch.Generator().manual_seed(seed))
+    try:
+        yield from loader
+    except AdvguardError as exc:
+        if workers == 0 or "Traceback" not in str(exc):
+            raise
+        raise type(exc)(_worker_message(str(exc))) from None
+
+
+def _worker_message(text: str) -> str:
+    """The one-line message of an advguard error raised in a DataLoader worker (which torch
+    re-raises with the worker's whole traceback as its text)."""
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith("advguard.errors.") else last
 
 
 def materialise(data: ImageDataset, limit: int | None = None, *,
                 workers: int = 0, batch_size: int = 256) -> ImageSet:
     """The first ``limit`` items of ``data`` as an in-memory :class:`ImageSet` (for attacks
     and evaluations on a slice; the whole of a big dataset would not fit)."""
+    data, _ = as_dataset(data)
     if isinstance(data, ImageSet):
         return data if limit is None else data.subset(slice(0, limit))
     info = info_of(data)
@@ -167,6 +190,10 @@ def materialise(data: ImageDataset, limit: int | None = None, *,
         raise InputError("the dataset carries no info (shape, classes): wrap it with "
                          "advguard.data.with_info")
     n = len(data) if limit is None else min(limit, len(data))
+    size = n * 4 * int(np.prod(info.shape))
+    if size > MATERIALISE_BYTES:
+        raise InputError(f"{n} images of {'x'.join(map(str, info.shape))} take "
+                         f"{size / 2**30:.1f} GiB in memory: give a limit (--test-limit N)")
     rows = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     xs, ys = [], []
     for x, y, _ in batches(data, rows, workers=workers):

@@ -71,9 +71,12 @@ class DataOptions:
     def with_checkpoint(self, meta: dict[str, Any]) -> DataOptions:
         """These options with what was left out taken from a checkpoint's metadata."""
         saved: dict[str, Any] = meta["data"] if isinstance(meta.get("data"), dict) else {}
-        name = self.data or saved.get("source") or meta.get("dataset")
+        trained_on = saved.get("source") or meta.get("dataset")
+        name = self.data or trained_on
         if not isinstance(name, str) or name == "custom":
             raise DataError("the checkpoint names no data it was trained on: give --data")
+        if name != trained_on:  # other data: its own size and channels, unless given
+            return replace(self, data=name)
         return replace(self, data=name,
                        image_size=self.image_size or saved.get("image_size"),
                        channels=self.channels or saved.get("channels"))

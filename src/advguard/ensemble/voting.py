@@ -136,7 +136,8 @@ def save_ensemble(path: str | Path, ensemble: VotingEnsemble, *, arch: str, data
                          "members": len(ensemble.members), "rule": ensemble.rule, **meta})
 
 
-def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
+def load_ensemble(path: str | Path, *, trust_builder: bool = False
+                  ) -> tuple[VotingEnsemble, dict[str, Any]]:
     tensors, meta = load_tensors(path)
     if "members" not in meta:
         raise CheckpointError(f"{path} is not an advguard ensemble checkpoint")
@@ -144,7 +145,7 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_MEMBERS:
         raise CheckpointError(f"{path}: 'members' must be an integer in [1, {MAX_MEMBERS}], "
                               f"got {count!r}")
-    card = model_card(meta, path)
+    card = model_card(meta, path, trust_builder=trust_builder)
     members = [build(card) for _ in range(count)]
     ensemble = VotingEnsemble(members, rule=meta.get("rule", VotingRule.MEAN.value),
                               num_classes=card.num_classes)
@@ -158,21 +159,31 @@ def load_ensemble(path: str | Path) -> tuple[VotingEnsemble, dict[str, Any]]:
     return ensemble.eval(), meta
 
 
-def load_any(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A model or an ensemble checkpoint, whichever ``path`` holds: ``(module, metadata)``."""
-    return load_ensemble(path) if "members" in read_metadata(path) else load_model(path)
+def load_any(path: str | Path, *, trust_builder: bool = False
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    """A model or an ensemble checkpoint, whichever ``path`` holds: ``(module, metadata)``;
+    ``trust_builder``: see :func:`advguard.models.model_card`."""
+    load = load_ensemble if "members" in read_metadata(path) else load_model
+    return load(path, trust_builder=trust_builder)
 
 
-def open_model(checkpoint: str | Path | None, model: ModelOptions, data: DataOptions
-               ) -> tuple[nn.Module, dict[str, Any], DataOptions]:
+def open_model(checkpoint: str | Path | None, model: ModelOptions, data: DataOptions, *,
+               need_data: bool = True) -> tuple[nn.Module, dict[str, Any], DataOptions]:
     """The model a command works on, ``(module in eval mode, metadata, data options)``: an
-    advguard checkpoint (model or ensemble; the data options left out are the checkpoint's),
-    or a builder with a user's weights (``--model … --weights … --data …``)."""
+    advguard checkpoint (model or ensemble; the data options left out are the checkpoint's,
+    and data given must fit the model's input and classes), or a builder with a user's
+    weights (``--model … --weights … --data …``)."""
     if checkpoint is not None:
         if model.model is not None or model.weights is not None:
             raise InputError("give a checkpoint, or --model and --weights, not both")
-        net, meta = load_any(checkpoint)
-        return net, meta, data.with_checkpoint(meta)
+        net, meta = load_any(checkpoint, trust_builder=model.trust_builder)
+        if not need_data:
+            return net, meta, data
+        given = data.data is not None
+        data = data.with_checkpoint(meta)
+        if given:
+            _check_fits(model_card(meta, checkpoint), data.info(), checkpoint)
+        return net, meta, data
     if model.model is None:
         raise InputError("give a checkpoint, or --model (with --weights) and --data")
     if data.data is None:
@@ -183,3 +194,13 @@ def open_model(checkpoint: str | Path | None, model: ModelOptions, data: DataOpt
     net, card = model.build(info)
     return net.eval(), {"model": card.to_json(), "arch": card.builder, "dataset": info.name,
                         "data": data.to_json()}, data
+
+
+def _check_fits(card: ModelCard, info: Any, where: str | Path) -> None:
+    """Data ``info`` must have the input shape and the number of classes of model ``card``."""
+    want = (card.channels, *card.size)
+    if tuple(info.shape) != want or info.num_classes != card.num_classes:
+        raise InputError(
+            f"{where} takes {card.channels}x{card.size[0]}x{card.size[1]} images of "
+            f"{card.num_classes} classes; {info.name} has "
+            f"{'x'.join(map(str, info.shape))} images of {info.num_classes} classes")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,25 @@ class ModelCard:
     output: str | int | None = None  # where the logits are in the model's output
     classes: tuple[str, ...] = ()  # class names, where the data has them
 
+    def __post_init__(self) -> None:
+        """Every field in range and of its type: a card read from a file is checked before
+        anything is built from it."""
+        if not (1 <= self.channels <= 16 and all(1 <= s <= 16384 for s in self.size)
+                and 2 <= self.num_classes <= 1_000_000):
+            raise InputError(f"model description out of range: {self.channels} channels, "
+                             f"size {self.size}, {self.num_classes} classes")
+        if len(self.mean) != self.channels or len(self.std) != self.channels or not all(
+                s > 0 for s in self.std):
+            raise InputError(f"mean {list(self.mean)} and std {list(self.std)} must have one "
+                             f"value per channel ({self.channels}), std > 0")
+        if isinstance(self.output, bool) or not isinstance(self.output, (str, int, type(None))):
+            raise InputError(f"output must be a key, an index or none, got {self.output!r}")
+        try:
+            json.dumps(dict(self.kwargs))
+        except (TypeError, ValueError):
+            raise InputError(f"builder arguments must be JSON values (they are saved in the "
+                             f"checkpoint), got {dict(self.kwargs)!r}") from None
+
     @classmethod
     def for_data(cls, builder: str, info: DatasetInfo, **kwargs: Any) -> ModelCard:
         """The card of ``builder`` for the data described by ``info``."""
@@ -78,13 +98,17 @@ class ModelCard:
     @classmethod
     def from_json(cls, obj: Any, where: str = "checkpoint") -> ModelCard:
         try:
+            if not isinstance(obj.get("classes") or [], list) or not isinstance(
+                    obj.get("kwargs") or {}, dict):
+                raise TypeError("classes must be a list and kwargs an object")
             return cls(str(obj["builder"]), int(obj["channels"]),
                        (int(obj["size"][0]), int(obj["size"][1])), int(obj["num_classes"]),
                        tuple(float(m) for m in obj["mean"]), tuple(float(s) for s in obj["std"]),
                        dict(obj.get("kwargs") or {}), obj.get("output"),
                        tuple(str(c) for c in obj.get("classes") or ()))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CheckpointError(f"{where}: the model description is malformed ({exc!r})"
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                InputError) as exc:
+            raise CheckpointError(f"{where}: the model description is malformed ({exc})"
                                   ) from None
 
 
@@ -138,8 +162,10 @@ def _factory(spec: str, card: ModelCard) -> nn.Module:
     module_name, _, attr = spec.rpartition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"cannot import the model builder {spec!r}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises on import
+        raise InputError(f"cannot import the model builder {spec!r}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                         ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise InputError(f"the model builder {spec!r}: {module_name} has no function {attr!r}")
@@ -147,13 +173,22 @@ def _factory(spec: str, card: ModelCard) -> nn.Module:
                "in_chans": card.channels, "image_size": card.size[0]}
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    args = {k: v for k, v in offered.items() if k in params} if not takes_any else {
-        "num_classes": card.num_classes, "in_channels": card.channels}
-    net = factory(**args, **card.kwargs)
+    args = offered if takes_any else {k: v for k, v in offered.items() if k in params}
+    try:
+        net = factory(**{**args, **card.kwargs})
+    except TypeError as exc:
+        raise InputError(f"the model builder {spec!r} cannot be called with "
+                         f"{sorted({**args, **card.kwargs})}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise InputError(f"the model builder {spec!r} returned {type(net).__name__}, not a "
                          "torch.nn.Module")
     return net
+
+
+def runs_user_code(builder: str) -> bool:
+    """Whether building ``builder`` imports and calls a user's code (``package.module:factory``),
+    as opposed to advguard's, torchvision's or timm's own builders."""
+    return builder not in MODELS and not builder.startswith((TORCHVISION, TIMM))
 
 
 def card_for(builder: str, data: str | DatasetInfo, **kwargs: Any) -> ModelCard:
@@ -189,9 +224,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
+    if all(k.startswith("module.") for k in state) and not hasattr(model, "mean"):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DDP
     target = model
-    if isinstance(model, Wrapped) and not any(k.startswith("module.") for k in state):
-        target = model.module
+    if isinstance(model, Wrapped) and not {"mean", "std"} <= set(state):
+        target = model.module  # the user's network's own weights
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
     try:
         target.load_state_dict(state)
     except RuntimeError as exc:
@@ -220,6 +259,9 @@ class ModelOptions:
     weights: str | None = option(
         None, "the model's weights: safetensors, or a torch file read weights-only (a state "
         "dict); default: untrained, or the checkpoint's")
+    trust_builder: bool = option(
+        False, "load checkpoints whose builder is a package.module:factory (that imports and "
+        "runs the package's code; only for files you trust)")
 
     def build(self, info: DatasetInfo, default: str | None = None) -> tuple[nn.Module, ModelCard]:
         """``(model, card)`` of this builder (or ``default``, or the data's victim) for data

@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from advguard.errors import CheckpointError
+from advguard.errors import CheckpointError, InputError
 from advguard.io import load_tensors, save_tensors
-from advguard.models.builders import ModelCard, build, card_for
+from advguard.models.builders import ModelCard, build, card_for, runs_user_code
 
 
 def save_model(path: str | Path, model: nn.Module, *, card: ModelCard | None = None,
@@ -26,22 +26,38 @@ def save_model(path: str | Path, model: nn.Module, *, card: ModelCard | None = N
                          "dataset": dataset or "custom", "model": card.to_json(), **meta})
 
 
-def model_card(meta: dict[str, Any], where: str | Path = "checkpoint") -> ModelCard:
+def model_card(meta: dict[str, Any], where: str | Path = "checkpoint", *,
+               trust_builder: bool = True) -> ModelCard:
     """The card in a checkpoint's metadata; checkpoints written before cards were saved name a
-    zoo ``arch`` and a ``dataset``."""
+    zoo ``arch`` and a ``dataset``. A card whose builder runs a user's code
+    (``package.module:factory``) is refused unless ``trust_builder``: a checkpoint file must
+    not be able to run code by being opened."""
     if "model" in meta:
-        return ModelCard.from_json(meta["model"], str(where))
+        card = ModelCard.from_json(meta["model"], str(where))
+        if runs_user_code(card.builder) and not trust_builder:
+            raise CheckpointError(
+                f"{where} is built by {card.builder!r}: loading it imports and runs that "
+                "package's code; give --trust-builder (trust_builder=True) if you trust the file")
+        return card
     if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("dataset"), str):
         raise CheckpointError(f"{where} is not an advguard model checkpoint (its metadata "
                               "needs a model description, or 'arch' and 'dataset' names)")
+    if runs_user_code(meta["arch"]):
+        raise CheckpointError(f"{where} names no zoo architecture: {meta['arch']!r}")
     return card_for(meta["arch"], meta["dataset"])
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved at ``path``; returns ``(model in eval mode, metadata)``."""
+def load_model(path: str | Path, *, trust_builder: bool = False
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path``; returns ``(model in eval mode, metadata)``.
+    ``trust_builder``: see :func:`model_card`."""
     tensors, meta = load_tensors(path)
-    card = model_card(meta, path)
-    model = build(card)
+    card = model_card(meta, path, trust_builder=trust_builder)
+    try:
+        model = build(card)
+    except (InputError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its model {card.builder!r} cannot be built: "
+                              f"{str(exc).splitlines()[0]}") from None
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:

@@ -58,6 +58,7 @@ class Settings:
     body_timeout_s: float = 30.0  # a whole request body must arrive within this
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
     max_connections: int = 512  # open connections and requests per worker; more get 503
+    trust_builder: bool = False  # load a model built by a package.module:factory
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_body_bytes", "max_batch", "max_pixels",
@@ -83,7 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    guard = Guard.load(settings.guard_dir)
+    guard = Guard.load(settings.guard_dir, trust_builder=settings.trust_builder)
     keys = KeyRing(read_keys(settings.keys or Path(settings.guard_dir) / KEYS))
     store: Store = open_store(settings.state, Path(settings.guard_dir) / "clients.db",
                               settings.policy)

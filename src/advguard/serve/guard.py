@@ -72,7 +72,7 @@ class Guard:
         return self.detector.verdicts(x)
 
     @classmethod
-    def load(cls, folder: str | Path) -> Guard:
+    def load(cls, folder: str | Path, *, trust_builder: bool = False) -> Guard:
         folder = Path(folder)
         for name in (MODEL, DETECTOR, CONFIG):
             if not (folder / name).is_file():
@@ -83,7 +83,7 @@ class Guard:
         except TypeError as exc:
             raise CheckpointError(f"{folder / CONFIG} is not a guard description: {exc}"
                                   ) from None
-        model, meta = load_any(folder / MODEL)
+        model, meta = load_any(folder / MODEL, trust_builder=trust_builder)
         detector = KNNDetector.load(folder / DETECTOR, model)
         if detector.offset_ is None:
             raise CheckpointError(f"{folder / DETECTOR} holds no threshold")
@@ -113,7 +113,7 @@ class GuardFit:
     device: str = option("cpu", "torch device of the feature extraction")
 
     def __post_init__(self) -> None:
-        options.check_int("val_size", self.val_size, minimum=0)
+        options.check_int("val_size", self.val_size)
         if self.train_limit is not None:
             options.check_int("train_limit", self.train_limit)
         options.device(self.device)
@@ -135,13 +135,16 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     net, meta, data = open_model(path, model, data)
     full = data.load("train", limit=fit.train_limit)
     tr, va = train_val_split(len(full), min(fit.val_size, len(full) // 5), fit.seed)
+    # the bank in a seeded shuffled order: the pre-processing (and IVF cells) are fitted on
+    # its first vectors, which must not be the first classes of a folder
+    tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(fit.seed))]
     bank, val = subset(full, tr), subset(full, va)
     detector.fit(net, bank, progress=progress, workers=data.workers)
     # one pass over the calibration images: the threshold and its measured keep
     predicted, scores, labels = detector.inspect_dataset(val, workers=data.workers)
     threshold = detector.calibrate(predicted, scores, labels)
     right = predicted == labels
-    card = model_card(meta, path or "the model")
+    card = model_card(meta, path or "the model", trust_builder=True)  # opened above
     config = GuardConfig(
         dataset=str(meta.get("dataset", data.source)), source=str(source or model.model),
         k=detector.k, weighting=detector.weighting.value,

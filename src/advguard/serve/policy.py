@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
 from advguard.errors import InputError, StateError
-from advguard.options import check_at_least
+from advguard.options import check_at_least, option
 
 
 @dataclass(frozen=True)
 class Policy:
-    window: int = 50  # verdicts per client kept in the sliding window
-    min_requests: int = 10  # verdicts in the window before a client can be denied
-    flagged_limit: float = 0.3  # flagged share of the window that denies the client
-    cooldown_s: float = 3600.0  # how long a denial lasts; 0 = until an admin clears it
+    window: int = option(50, "verdicts per client kept in the sliding window")
+    min_requests: int = option(10, "verdicts in the window before a client can be denied")
+    flagged_limit: float = option(0.3, "flagged share of the window that denies a client")
+    cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",
+                               aliases=("--cooldown",))
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "window", "min_requests")

@@ -10,6 +10,7 @@ it was trained on and the whole training config.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ from advguard.errors import InputError
 from advguard.io import check_output, hold_lock
 from advguard.models import ModelOptions, accuracy, load_model, save_model
 from advguard.options import option
+from advguard.training.config import Optimizer
 from advguard.training.loop import train
 from advguard.training.recipes import RecipeName, get_recipe
 from advguard.training.sources import AdversarialSource, Transfer, WhiteBox
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,11 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
     state = check_output(out.with_suffix(".state.pt"))
     if job.crafter is not None and how.name is not RecipeName.FGSM:
         raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
-    crafting_model = None if job.crafter is None else load_model(job.crafter)[0]
+    crafting_model = None if job.crafter is None else load_model(
+        job.crafter, trust_builder=model.trust_builder)[0]
+    if config.optimizer is Optimizer.SGD and "lr" not in (overrides or {}):
+        log.warning("--optimizer sgd with the recipe's learning rate %g, which is tuned for "
+                    "Adam: give --lr (0.05-0.1 is usual for SGD)", config.lr)
     info = data.info()
     torch.manual_seed(config.seed)
     net, card = model.build(info)  # an unknown builder fails before the data loads
@@ -88,7 +96,8 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
             source = Transfer(fgsm_directions(crafting_model, train_set.x, train_set.y,
                                               device=config.device, progress=progress))
         pin = {"arch": card.builder, "dataset": info.name, "train_images": len(train_set),
-               "recipe": how.name, "crafter": job.crafter,
+               "recipe": how.name,
+               "crafter": None if job.crafter is None else str(Path(job.crafter)),
                **({} if model.weights is None else {"weights": str(model.weights)})}
         result = train(net, train_set, how.mix(job.strengths, reduced=job.reduced), source,
                        config, state_path=state, pin=pin, progress=progress,

@@ -127,6 +127,8 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
                 torch.set_rng_state(state["rng"])
             if averaged is not None:
                 averaged.load_state_dict(state["averaged"])
+            if "scaler" in state:  # fp16: the loss scale it had reached
+                scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"training state {state_path} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
@@ -143,7 +145,8 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
             torch.manual_seed(config.seed + 1_000_003 * (epoch + 1) + rank)
         loss_sum, seen = 0.0, 0
         rows = order.split(per_rank)
-        bar = tqdm(batches(dataset, rows, workers=workers, pin_memory=device.type == "cuda"),
+        bar = tqdm(batches(dataset, rows, workers=workers, pin_memory=device.type == "cuda",
+                           seed=config.seed + 1_000_003 * epoch + rank),
                    total=len(rows), desc=f"{desc} {epoch + 1}/{config.epochs}",
                    disable=not progress or rank > 0, leave=False)
         for i, (x, y, index) in enumerate(bar):
@@ -195,7 +198,9 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
                                     "scheduler": None if sched is None else sched.state_dict(),
                                     "steps_per_epoch": steps, "rng": torch.get_rng_state(),
                                     **({} if averaged is None
-                                       else {"averaged": averaged.state_dict()})})
+                                       else {"averaged": averaged.state_dict()}),
+                                    **({"scaler": scaler.state_dict()} if scaler.is_enabled()
+                                       else {})})
         if world > 1:
             torch.distributed.barrier()  # the state is written before any rank goes on
     if averaged is not None:
