@@ -86,9 +86,14 @@ def test_autoattack_counts_every_attack_and_stays_in_the_ball(trained_mlp, image
     assert result.warnings == [] and not result.masking_signal
 
 
-def test_autoattack_refuses_more_targets_than_classes(trained_mlp, images):
-    from advguard.errors import AdvguardError
+def test_autoattack_targets_every_other_class_when_there_are_fewer(trained_mlp, images):
+    """Fewer classes than targets + 1 (a 4-class model): every class but the true one is a
+    target, as in the reference; the targeted attacks are built with n_classes = 4."""
+    from advguard.evaluation.autoattack import AutoAttack as AA
 
     x, y = images
-    with pytest.raises(AdvguardError, match="target classes"):
-        AutoAttack(targets=10, steps=1, queries=1).evaluate(trained_mlp, x[:4], y[:4], 0.1)
+    four = torch.nn.Sequential(trained_mlp, torch.nn.Linear(10, 4)).eval()
+    built = AA(steps=1, queries=1)._attacks(four, 0.1, classes=4)
+    assert built["APGD-T"].n_target_classes == 3
+    result = AA(steps=1, queries=1).evaluate(four, x[:4], y[:4] % 4, 0.1)
+    assert 0.0 <= result.robust_accuracy <= 1.0
