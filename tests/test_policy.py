@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from test_serve import redis_url  # noqa: F401  (the fixture that starts redis-server)
 
@@ -68,8 +69,116 @@ def test_clients_are_independent(store):
 
 @pytest.mark.parametrize("kw, needle", [
     (dict(window=0), "window must be"), (dict(window=5), "cannot exceed the window"),
-    (dict(flagged_limit=0), "flagged_limit must be"), (dict(cooldown_s=-1), "cooldown_s must"),
+    (dict(flagged_limit=1.5), "flagged_limit must be"), (dict(cooldown_s=-1), "cooldown_s must"),
 ])
 def test_impossible_policies_are_refused(kw, needle):
     with pytest.raises(InputError, match=needle):
         Policy(**kw)
+
+
+# --- absolute evidence: dilution, attack processes, races ------------------------------------
+
+BUDGET = Policy(window=50, min_requests=20, flagged_limit=0.5, max_flagged=5, max_repeats=3,
+                window_s=100, cooldown_s=0)
+
+
+def test_diluting_with_clean_images_does_not_slip_past_the_flagged_budget(store):
+    """One flagged image among ten clean ones, again and again: the share stays at 9%, the
+    absolute count reaches the budget, and the request that reaches it is not answered."""
+    s = store(BUDGET)
+    answered_flagged = 0
+    for i in range(10):
+        a = s.admit("diluter", [False] * 10 + [True], [0.9] * 10 + [0.0], now=i)
+        if not a.answered:
+            break
+        answered_flagged += 1
+    assert not a.answered and a.denied_now and i == 4  # the 5th flagged image denies
+    assert answered_flagged == BUDGET.max_flagged - 1
+    assert a.status.recent_flagged == 5 and "5 of its inputs within 100 s" in a.status.reason
+    assert not s.admit("diluter", [False], [0.9], now=10).answered  # refused from then on
+
+
+def test_flagged_images_older_than_the_window_no_longer_count(store):
+    s = store(BUDGET)
+    for t in (0, 10, 20, 30):
+        assert s.admit("slow", [True] + [False] * 20, [0.0] + [0.9] * 20, now=t).answered
+    assert s.get("slow", now=30).recent_flagged == 4
+    late = s.admit("slow", [True] + [False] * 20, [0.0] + [0.9] * 20, now=105)
+    assert late.answered and late.status.recent_flagged == 4  # the one at t = 0 has expired
+
+
+def watch(threshold: float = 0.2, k: int = 3, history: int = 8, ttl: float = 50.0):
+    from advguard.serve.queries import QueryWatch
+
+    return QueryWatch(query_k=k, query_history=history, query_ttl_s=ttl, threshold=threshold)
+
+
+def codes(n: int, seed: int, spread: float = 1.0) -> np.ndarray:
+    """Unit-length codes: far apart (spread 1) or near-copies of one (spread ≪ 1)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(1, 16))
+    z = base + spread * rng.normal(size=(n, 16))
+    return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def watched(request, tmp_path):
+    if request.param == "sqlite":
+        return lambda policy=BUDGET, w=None: SQLiteStore(tmp_path / "w.db", policy, w or watch())
+    url = request.getfixturevalue("redis_url")
+    return lambda policy=BUDGET, w=None: RedisStore(url, policy, w or watch())
+
+
+def test_near_copies_are_an_attack_process_and_distinct_queries_are_not(watched):
+    s = watched()
+    distinct = codes(40, seed=1, spread=10.0)
+    for i, c in enumerate(distinct):
+        a = s.admit("honest", [False], [0.9], c[None], now=i)
+        assert a.answered and not a.repeats.any()
+    near = codes(40, seed=2, spread=0.01)
+    outcomes = [s.admit("prober", [False], [0.9], c[None], now=i) for i, c in enumerate(near)]
+    answered = [a.answered for a in outcomes]
+    # the first k are not tested; then every near-copy is a detection; the 3rd denies
+    assert answered.index(False) == 3 + 2 and not any(answered[6:])
+    assert [bool(a.repeats[0]) for a in outcomes[:6]] == [False, False, False, True, True, True]
+    assert "near-copies" in outcomes[5].status.reason
+    assert s.get("honest", now=50).queries == 8  # the history is bounded
+
+
+def test_a_batch_of_near_copies_in_one_request_detects_itself(watched):
+    s = watched()
+    a = s.admit("batcher", [False] * 10, [0.9] * 10, codes(10, seed=3, spread=0.01), now=0)
+    assert not a.answered and a.repeats.sum() == 7  # queries 4 … 10 each see 3 earlier ones
+
+
+def test_the_query_history_expires(watched):
+    s = watched()
+    near = codes(6, seed=4, spread=0.01)
+    for i in range(3):
+        s.admit("c", [False], [0.9], near[i][None], now=i)
+    later = s.admit("c", [False], [0.9], near[3][None], now=200)  # the first three expired
+    assert later.answered and not later.repeats.any() and later.status.queries == 1
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_parallel_requests_cannot_outrun_a_denial(kind, tmp_path, request):
+    """Sixteen threads send 8-image requests, all flagged, at once: the flagged images
+    answered stay below the budget (before, each request was checked before any was
+    counted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = Policy(window=50, min_requests=20, flagged_limit=0, max_flagged=20,
+                    max_repeats=0, cooldown_s=0)
+    if kind == "sqlite":
+        stores = [SQLiteStore(tmp_path / "race.db", policy) for _ in range(4)]
+    else:
+        url = request.getfixturevalue("redis_url")
+        stores = [RedisStore(url, policy) for _ in range(4)]
+
+    def one(i: int) -> bool:
+        return stores[i % 4].admit("racer", [True] * 8, [0.0] * 8).answered
+
+    with ThreadPoolExecutor(16) as pool:
+        answered = sum(pool.map(one, range(32)))
+    assert 8 * answered < policy.max_flagged  # 2 requests (16 images), never more
+    assert answered == 2

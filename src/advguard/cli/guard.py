@@ -14,8 +14,9 @@ from advguard.data import DataOptions
 from advguard.detection import KNNOptions
 from advguard.models import ModelOptions
 from advguard.serve.app import Settings
-from advguard.serve.guard import GuardFit
+from advguard.serve.guard import GuardFit, Reveal
 from advguard.serve.policy import Policy
+from advguard.serve.queries import QueryWatch
 
 guard_app = typer.Typer(help="Guard folders: a model with its fitted kNN detector.",
                         no_args_is_help=True)
@@ -23,10 +24,12 @@ app.add_typer(guard_app, name="guard")
 
 
 @guard_app.command("fit")
-@with_configs(knn=KNNOptions, fit=GuardFit, data=DataOptions, model_options=ModelOptions)
+@with_configs(knn=KNNOptions, fit=GuardFit, watch=QueryWatch, data=DataOptions,
+              model_options=ModelOptions)
 def fit(
     knn: KNNOptions,
     fit: GuardFit,
+    watch: QueryWatch,
     data: DataOptions,
     model_options: ModelOptions,
     out: Annotated[Path, typer.Option(help="the guard folder to write")],
@@ -36,25 +39,30 @@ def fit(
     quiet: Quiet = False,
 ) -> None:
     """Fit the kNN detector on the model's training-set features (streamed), calibrate its
-    threshold on validation images held out of them, and write a self-contained guard
-    folder."""
+    threshold, its bank-distance limit and the query watch on validation images held out of
+    them, and write a self-contained guard folder."""
     from advguard.serve.guard import KEYS, fit_guard, read_keys
 
     setup_logging(quiet)
     g = fit_guard(checkpoint, out, knn=knn, fit=fit, model=model_options, data=data,
-                  progress=not quiet)
+                  watch=watch, progress=not quiet)
     c = g.config
     typer.echo(f"{out}: {c.dataset} guard, {c.preprocessing} + {c.weighting}, k = {c.k}, "
                f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "
-               f"{c.calibration_images} clean validation images")
+               f"{c.calibration_images} clean validation images; bank-distance limit keeps "
+               f"{100 * (c.familiar_keep or 0):.1f}%; query watch: k = "
+               f"{(c.queries or {}).get('query_k')}, threshold "
+               f"{(c.queries or {}).get('threshold', 0):.4f} at "
+               f"{100 * (c.queries or {}).get('query_false_alarm', 0):g}% false alarms")
     admins = [key for key, who in read_keys(out / KEYS).items() if who.admin]
     typer.echo(f"API keys: {out / KEYS} (admin key {admins[0]})")
 
 
 @app.command()
-@with_configs(policy=Policy)
+@with_configs(policy=Policy, reveal=Reveal)
 def serve(
     policy: Policy,
+    reveal: Reveal,
     guard_dir: Annotated[Path, typer.Argument(help="a guard folder (advguard guard fit)")],
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -68,6 +76,13 @@ def serve(
     rate: Annotated[float, typer.Option(
         help="requests per second per key (refused requests count)")] = Settings.rate,
     burst: Annotated[int, typer.Option(help="requests a key may send at once")] = Settings.burst,
+    image_rate: Annotated[float, typer.Option(
+        help="images per second per key (every image of a batch counts)")] = Settings.image_rate,
+    image_burst: Annotated[int, typer.Option(
+        help="images a key may send at once")] = Settings.image_burst,
+    query_watch: Annotated[bool, typer.Option(
+        help="deny clients whose queries are near-copies of their recent ones (query-based "
+             "black-box attacks; calibrated by guard fit)")] = Settings.query_watch,
     header_timeout: Annotated[float, typer.Option(
         help="seconds a connection has to send its request headers")] = Settings.header_timeout_s,
     body_timeout: Annotated[float, typer.Option(
@@ -98,8 +113,9 @@ def serve(
         raise InputError(f"workers must be ≥ 1, got {workers}")
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
-                        policy=policy,
-                        max_batch=max_batch, rate=rate, burst=burst,
+                        policy=policy, reveal=reveal, query_watch=query_watch,
+                        max_batch=max_batch, rate=rate, burst=burst, image_rate=image_rate,
+                        image_burst=image_burst,
                         header_timeout_s=header_timeout, body_timeout_s=body_timeout,
                         trust_builder=trust_builder)
     Guard.load(guard_dir, trust_builder=trust_builder)  # every file checked before a worker

@@ -164,36 +164,49 @@ class KNNDetector:
         predicted, neighbours = self.kneighbors(x)
         return predicted, neighbours.scores(predicted, self.weighting)
 
-    def inspect_dataset(self, data: Any, *, workers: int | None = None, progress: bool = False
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed."""
+    def inspect_dataset(self, data: Any, *, workers: int | None = None, progress: bool = False,
+                        distances: bool = False) -> tuple[np.ndarray, ...]:
+        """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed; with
+        ``distances``, each input's :meth:`bank_distance` as a fourth array."""
         self._check_fitted(model=True)
-        out = [(*self.inspect_features(f, p), y) for f, y, p in dataset_features(
-            self.model_, data, self.layer_, chunk_size=self.chunk_size,
-            batch_size=self.batch_size, device=self.device, workers=workers,
-            progress=progress, predictions=True)]
-        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+        out = []
+        for f, y, p in dataset_features(self.model_, data, self.layer_,
+                                        chunk_size=self.chunk_size, batch_size=self.batch_size,
+                                        device=self.device, workers=workers, progress=progress,
+                                        predictions=True):
+            nb = self.kneighbors_features(f)
+            row = (np.asarray(p), nb.scores(np.asarray(p), self.weighting), np.asarray(y))
+            out.append((*row, self.bank_distance(nb)) if distances else row)
+        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
-    def inspect_features(self, features: np.ndarray | torch.Tensor,
-                         predicted: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        predicted = np.asarray(predicted)
-        return predicted, self.score_features(features, predicted)
+    @staticmethod
+    def bank_distance(neighbours: Neighbours) -> np.ndarray:
+        """Squared distance to the k-th nearest bank entry (Sun et al. 2022, deep nearest
+        neighbours): noise, a blank or another domain may have neighbours that agree with its
+        class, but is not near them."""
+        return neighbours.sq_distances[:, -1]
+
+    def set_distance_limit(self, distances: np.ndarray, keep: float) -> float:
+        """Flag as unlike any training image what lies farther than a share ``keep`` of
+        ``distances`` (held-out clean images' :meth:`bank_distance`)."""
+        options.check_fraction("keep", keep)
+        self.distance_limit_: float | None = float(np.quantile(np.asarray(distances), keep))
+        return self.distance_limit_
 
     def verdicts(self, x: torch.Tensor) -> Verdicts:
         """Class, probabilities, score and trusted/flagged for images ``x``, from one forward
         pass and one neighbour search (the on-line use of paper §5.1)."""
-        self._check_fitted(model=True)
-        if getattr(self, "offset_", None) is None:
-            raise InputError("no threshold yet: fit with a calibration split or call "
-                             "set_threshold(x, y)")
+        threshold = self._threshold()
         check_images(x)
         features, logits = extract_outputs(self.model_, x, self.layer_,
                                            batch_size=self.batch_size, device=self.device)
         predicted = logits.argmax(1).numpy()
-        scores = self.kneighbors_features(features).scores(predicted, self.weighting)
-        threshold = float(self.offset_)  # type: ignore[arg-type]
-        return Verdicts(predicted, logits.softmax(1).numpy(), scores, scores >= threshold,
-                        threshold)
+        neighbours = self.kneighbors_features(features)
+        scores = neighbours.scores(predicted, self.weighting)
+        limit = getattr(self, "distance_limit_", None)
+        unlike = None if limit is None else self.bank_distance(neighbours) > limit
+        trusted = scores >= threshold if unlike is None else (scores >= threshold) & ~unlike
+        return Verdicts(predicted, logits.softmax(1).numpy(), scores, trusted, threshold, unlike)
 
     def score_samples(self, x: torch.Tensor) -> np.ndarray:
         """Trust score of each image's predicted class; higher = more trustworthy."""
@@ -215,11 +228,14 @@ class KNNDetector:
         return self.offset_
 
     def decision_function(self, x: torch.Tensor) -> np.ndarray:
+        return self.score_samples(x) - self._threshold()
+
+    def _threshold(self) -> float:
         self._check_fitted(model=True)
         if getattr(self, "offset_", None) is None:
             raise InputError("no threshold yet: fit with a calibration split or call "
                              "set_threshold(x, y)")
-        return self.score_samples(x) - float(self.offset_)  # type: ignore[arg-type]
+        return float(self.offset_)  # type: ignore[arg-type]
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         """+1 where the model's prediction is trusted, −1 where it is flagged."""
@@ -244,7 +260,9 @@ class KNNDetector:
         tensors.update({f"pre.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.preprocessor_.state().items()})
         layer = getattr(self, "layer_", None)
+        limit = getattr(self, "distance_limit_", None)
         return save_tensors(path, tensors, {"params": self.params(), "offset": self.offset_,
+                                            "distance_limit": limit,
                                             "layer": None if layer is None else layer.__dict__})
 
     @classmethod
@@ -267,6 +285,7 @@ class KNNDetector:
         else:
             raise CheckpointError(f"{path} holds no feature bank")
         det.offset_ = meta.get("offset")
+        det.distance_limit_ = meta.get("distance_limit")
         if model is not None:
             det.model_ = model
             det.layer_ = LayerSpec(**meta["layer"]) if meta.get("layer") else resolve_layer(

@@ -27,16 +27,19 @@ class Neighbours:
 @dataclass(frozen=True)
 class Verdicts:
     """What the detector says of a batch of inputs (SPEC B6): the model's class and class
-    probabilities, the kNN score of that class, and whether the prediction is trusted
-    (``score ≥ offset_``)."""
+    probabilities, the kNN score of that class, whether the input lies farther from the bank
+    than held-out clean images do (``unlike``, when the detector has a distance limit), and
+    whether the prediction is trusted (``score ≥ offset_`` and not ``unlike``)."""
 
     predicted: np.ndarray  # (N,) int
     probabilities: np.ndarray  # (N, classes) float
     scores: np.ndarray  # (N,) in [0, 1]
     trusted: np.ndarray  # (N,) bool
     threshold: float
+    unlike: np.ndarray | None = None  # (N,) bool: unlike any training image
 
     def rows(self, start: int, end: int) -> Verdicts:
         """The verdicts of inputs ``start`` to ``end`` (exclusive)."""
         return Verdicts(self.predicted[start:end], self.probabilities[start:end],
-                        self.scores[start:end], self.trusted[start:end], self.threshold)
+                        self.scores[start:end], self.trusted[start:end], self.threshold,
+                        None if self.unlike is None else self.unlike[start:end])

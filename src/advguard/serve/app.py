@@ -29,11 +29,12 @@ from fastapi.security import APIKeyHeader
 from advguard.data.images import MAX_PIXELS
 from advguard.errors import AdvguardError, StateError, TooLargeError, UnsupportedFormatError
 from advguard.options import check_at_least, check_positive
-from advguard.serve.guard import KEYS, Client, Guard, KeyRing, read_keys, summary
+from advguard.serve.guard import KEYS, Client, Guard, KeyRing, Reveal, read_keys, summary
 from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit, read_images
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy, Store
+from advguard.serve.queries import encode
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
 from advguard.serve.stores import open_store
@@ -48,12 +49,16 @@ class Settings:
     keys: str | None = None  # default: GUARD_DIR/keys.json
     state: str | None = None  # default: sqlite:///GUARD_DIR/clients.db
     policy: Policy = Policy()
+    reveal: Reveal = Reveal()
+    query_watch: bool = True  # stateful detection of query-based attacks (if calibrated)
     max_body_bytes: int = 8 * 2 ** 20  # JSON bodies: at most what max_batch images need
     max_batch: int = 64  # images per request
     max_pixels: int = MAX_PIXELS  # per uploaded image, before decoding
     max_request_pixels: int = 4 * MAX_PIXELS  # all uploads of a request, before decoding
     rate: float = 50.0  # requests per second per key (token bucket, per worker process)
     burst: int = 100
+    image_rate: float = 200.0  # images per second per key (the batches of a request count)
+    image_burst: int = 1000
     header_timeout_s: float = 10.0  # request line and headers must arrive within this
     body_timeout_s: float = 30.0  # a whole request body must arrive within this
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
@@ -63,16 +68,19 @@ class Settings:
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_body_bytes", "max_batch", "max_pixels",
                        "max_request_pixels", "burst", "max_connections")
-        for name in ("rate", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        check_at_least(self, self.max_batch, "image_burst")
+        for name in ("rate", "image_rate", "header_timeout_s", "body_timeout_s",
+                     "keep_alive_s"):
             check_positive(name, getattr(self, name))
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({**asdict(self), "reveal": self.reveal.to_json()})
 
     @classmethod
     def from_env(cls) -> "Settings":
         obj = json.loads(os.environ[ENV])
-        return cls(**{**obj, "policy": Policy(**obj["policy"])})
+        return cls(**{**obj, "policy": Policy(**obj["policy"]),
+                      "reveal": Reveal(**obj["reveal"])})
 
 
 # --- the application ------------------------------------------------------------------------
@@ -86,8 +94,13 @@ def create_app(settings: Settings) -> FastAPI:
         log.propagate = False
     guard = Guard.load(settings.guard_dir, trust_builder=settings.trust_builder)
     keys = KeyRing(read_keys(settings.keys or Path(settings.guard_dir) / KEYS))
+    watch = guard.config.watch() if settings.query_watch else None
+    if settings.query_watch and watch is None:
+        log.warning(json.dumps({"event": "no-query-watch", "detail": (
+            f"{settings.guard_dir} was fitted without a query watch: query-based attacks are "
+            "not detected; fit the guard again to calibrate one")}))
     store: Store = open_store(settings.state, Path(settings.guard_dir) / "clients.db",
-                              settings.policy)
+                              settings.policy, watch)
     metrics = Metrics()
     batcher = Batcher(guard.verdicts, max_images=max(256, settings.max_batch))
     heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode")
@@ -110,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
                        json_bytes=json_limit(info, settings.max_batch, settings.max_body_bytes),
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(RateLimit, keys=keys, limiter=RateLimiter(settings.rate, settings.burst))
+    images_allowed = RateLimiter(settings.image_rate, settings.image_burst)
     app.add_middleware(Observe, metrics=metrics,  # paths of answers refused before routing
                        paths=lambda: {"/", *app.openapi()["paths"]})
 
@@ -138,6 +152,13 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"detail": first_error(exc.errors()), "errors": exc.errors()},
                             status_code=422)
 
+    def denial(who: Client, status: Any) -> str:
+        until = ("until an admin clears it" if status.denied_until == float("inf") else
+                 "until " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                          time.localtime(status.denied_until)))
+        return (f"client {who.id!r} is denied {until}: {status.reason}; the answers to this "
+                "request are withheld")
+
     api = APIRouter(prefix="/v1")
 
     @api.get("/health", response_model=Health, tags=["service"],
@@ -150,7 +171,8 @@ def create_app(settings: Settings) -> FastAPI:
         body = Health(status="ok" if state.ok else "degraded", dataset=c.dataset,
                       input_shape=[info.channels, *info.size], classes=info.num_classes,
                       threshold=c.threshold, k=c.k, weighting=c.weighting,
-                      preprocessing=c.preprocessing, store=StoreState(**asdict(state)))
+                      preprocessing=c.preprocessing, outputs=settings.reveal.outputs.value,
+                      query_watch=store.watch is not None, store=StoreState(**asdict(state)))
         return JSONResponse(body.model_dump(), status_code=200 if state.ok else 503)
 
     predict_body = {"requestBody": {"content": {
@@ -159,6 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
         "application/json": {"schema": PixelsRequest.model_json_schema()}}, "required": True}}
 
     @api.post("/predict", response_model=PredictResponse, response_model_by_alias=True,
+              response_model_exclude_unset=True,  # what --outputs withholds is not sent
               openapi_extra=predict_body, tags=["guard"],
               responses={401: {"description": "no valid API key"},
                          403: {"description": "the client is denied"},
@@ -175,31 +198,40 @@ def create_app(settings: Settings) -> FastAPI:
         t0 = time.perf_counter()
         now = time.time()
         status = await asyncio.to_thread(store.get, who.id, now)
-        if status.denied(now):
+        if status.denied(now):  # the cheap early refusal; admit() below decides for good
             metrics.refused.inc()
-            until = ("until an admin clears it" if status.denied_until == float("inf")
-                     else f"until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(status.denied_until))}")  # noqa: E501
-            raise HTTPException(403, f"client {who.id!r} is denied {until}: {status.reason}")
+            raise HTTPException(403, denial(who, status))
         batch = await read_images(request, info, max_batch=settings.max_batch,
                                   max_pixels=settings.max_pixels,
                                   max_request_pixels=settings.max_request_pixels, heavy=heavy)
         x, names, notes = batch.x, batch.names, batch.notes
+        if not images_allowed.allow(who.id, time.monotonic(), cost=len(x)):
+            raise HTTPException(429, f"client {who.id!r} sends more than "
+                                     f"{settings.image_rate:g} images per second")
         v = await batcher.submit(x)
-        status = await asyncio.to_thread(store.record, who.id, (~v.trusted).tolist(),
-                                         v.scores.tolist(), now)
-        results = [{**summary(v, i, info.num_classes), "name": names[i], "converted": notes[i]}
-                   for i in range(len(x))]
-        for r in results:
-            metrics.verdicts.labels(r["verdict"]).inc()
-        if status.denied(now):  # it was not before this request (checked above)
-            metrics.denials.inc()
+        codes = encode(x) if store.watch is not None else None
+        # counted and decided in one atomic step: parallel requests cannot outrun a denial
+        admission = await asyncio.to_thread(store.admit, who.id, (~v.trusted).tolist(),
+                                            v.scores.tolist(), codes, now)
+        status = admission.status
+        verdicts = ["trusted" if t else "flagged" for t in v.trusted.tolist()]
+        for verdict in verdicts:
+            metrics.verdicts.labels(verdict).inc()
+        metrics.repeats.inc(int(admission.repeats.sum()))
         latency = time.perf_counter() - t0
         log.info(json.dumps({"event": "predict", "client": who.id, "images": len(x),
-                             "classes": [r["class"] for r in results],
-                             "scores": [round(r["score"], 4) for r in results],
-                             "verdicts": [r["verdict"] for r in results],
-                             "denied": status.denied(now),
+                             "classes": v.predicted.tolist(),
+                             "scores": [round(float(s), 4) for s in v.scores],
+                             "verdicts": verdicts, "repeats": int(admission.repeats.sum()),
+                             "answered": admission.answered, "denied": status.denied(now),
                              "latency_ms": round(1000 * latency, 2)}))
+        if not admission.answered:  # denied by this request, or by a parallel one
+            metrics.refused.inc()
+            if admission.denied_now:
+                metrics.denials.inc()
+            raise HTTPException(403, denial(who, status))
+        results = [{**summary(v, i, info.num_classes, settings.reveal), "name": names[i],
+                    "converted": notes[i]} for i in range(len(x))]
         return {"client": who.id, "results": results, "status": status.to_json()}
 
     @api.get("/clients", response_model=list[ClientState], tags=["admin"])

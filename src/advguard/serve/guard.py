@@ -4,7 +4,8 @@
   ``model.safetensors``     the classifier (any advguard model or ensemble checkpoint, copied)
   ``detector.safetensors``  the fitted :class:`~advguard.detection.KNNDetector` (FAISS bank,
                             pre-processing, threshold)
-  ``guard.json``            what was fitted on what: dataset, detector settings, calibration
+  ``guard.json``            what was fitted on what: dataset, detector settings, calibration,
+                            the bank-distance limit and the calibrated query watch
   ``keys.json``             API keys of the clients and admins (created once, never overwritten)
 """
 
@@ -17,20 +18,23 @@ import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from advguard import __version__, options
-from advguard.data import VAL_SIZE, DataOptions, DatasetInfo, subset, train_val_split
+from advguard.data import VAL_SIZE, DataOptions, DatasetInfo, batches, subset, train_val_split
 from advguard.detection import KNNDetector, KNNOptions, Verdicts
 from advguard.ensemble import load_any, open_model
 from advguard.errors import CheckpointError, InputError
 from advguard.io import check_output, read_json, write_json, write_text
 from advguard.models import ModelOptions, model_card, save_model
 from advguard.options import option
+from advguard.serve.queries import QueryWatch, calibrate, encode
 
 MODEL, DETECTOR, CONFIG, KEYS = ("model.safetensors", "detector.safetensors", "guard.json",
                                  "keys.json")
@@ -50,6 +54,13 @@ class GuardConfig:
     calibration_kept: float  # measured share kept at the threshold
     fitted_at: str
     advguard: str
+    # added later: guard folders fitted before have neither (their service runs without them)
+    distance_limit: float | None = None  # farther from the bank: unlike any training image
+    familiar_keep: float | None = None  # share of calibration images within distance_limit
+    queries: dict[str, Any] | None = None  # the calibrated QueryWatch
+
+    def watch(self) -> QueryWatch | None:
+        return None if self.queries is None else QueryWatch(**self.queries)
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,13 @@ class GuardFit:
     train_limit: int | None = option(None, "first N training images (bank and calibration)")
     seed: int = option(0, "the calibration split's seed")
     device: str = option("cpu", "torch device of the feature extraction")
+    familiar_keep: float = option(0.995, "share of calibration images within the bank-distance "
+                                         "limit: inputs farther from every training image "
+                                         "(noise, blanks, other domains) are flagged")
 
     def __post_init__(self) -> None:
         options.check_int("val_size", self.val_size)
+        options.check_fraction("familiar_keep", self.familiar_keep)
         if self.train_limit is not None:
             options.check_int("train_limit", self.train_limit)
         options.device(self.device)
@@ -122,11 +137,13 @@ class GuardFit:
 def fit_guard(source: str | Path | None, out: str | Path, *,
               knn: KNNOptions = KNNOptions(), fit: GuardFit = GuardFit(),  # noqa: B008
               model: ModelOptions = ModelOptions(), data: DataOptions = DataOptions(),
-              progress: bool = False) -> Guard:
+              watch: QueryWatch = QueryWatch(), progress: bool = False) -> Guard:  # noqa: B008
     """Fit a guard folder ``out`` for the model at ``source`` (a checkpoint or a ``reproduce
     detect`` run directory; or ``None`` and a builder with weights in ``model``): the
     detector's bank is the model's training-set features, streamed batch by batch; its
-    threshold keeps ``knn.keep`` of the correctly classified held-out validation images."""
+    threshold keeps ``knn.keep`` of the correctly classified held-out validation images, its
+    bank-distance limit ``fit.familiar_keep`` of all of them, and the query watch's threshold
+    is calibrated on them to ``watch.query_false_alarm``."""
     out = check_output(out, directory=True)
     detector = KNNDetector(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing,
                            keep=knn.keep, device=fit.device, seed=fit.seed,
@@ -141,8 +158,13 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     bank, val = subset(full, tr), subset(full, va)
     detector.fit(net, bank, progress=progress, workers=data.workers)
     # one pass over the calibration images: the threshold and its measured keep
-    predicted, scores, labels = detector.inspect_dataset(val, workers=data.workers)
+    predicted, scores, labels, distances = detector.inspect_dataset(
+        val, workers=data.workers, distances=True)
     threshold = detector.calibrate(predicted, scores, labels)
+    limit = detector.set_distance_limit(distances, fit.familiar_keep)
+    codes = np.concatenate([encode(x) for x, _, _ in batches(val, batch_size=500,
+                                                          workers=data.workers)])
+    watch = calibrate(codes, watch, seed=fit.seed)
     right = predicted == labels
     card = model_card(meta, path or "the model", trust_builder=True)  # opened above
     config = GuardConfig(
@@ -151,7 +173,9 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
         preprocessing=detector.preprocessing.value, keep=knn.keep, threshold=threshold,
         bank_images=len(bank), calibration_images=int(right.sum()),
         calibration_kept=float((scores[right] >= threshold).mean()),
-        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__)
+        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__,
+        distance_limit=limit, familiar_keep=float((distances <= limit).mean()),
+        queries=watch.to_json())
     out.mkdir(parents=True, exist_ok=True)
     if path is not None:
         shutil.copyfile(path, out / MODEL)
@@ -211,14 +235,46 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def summary(v: Verdicts, i: int, classes: int) -> dict[str, Any]:
-    """One image's verdict as the service answers it."""
-    return {"class": int(v.predicted[i]),
-            "probabilities": [round(float(p), 6) for p in v.probabilities[i][:classes]],
-            "score": float(v.scores[i]), "threshold": v.threshold,
-            "verdict": "trusted" if bool(v.trusted[i]) else "flagged"}
+class Outputs(str, Enum):
+    LABEL = "label"
+    TOP1 = "top1"
+    PROBABILITIES = "probabilities"
 
 
-__all__ = ["Client", "Guard", "GuardConfig", "GuardFit", "KeyRing", "fit_guard", "read_keys",
-           "summary",
-           "write_keys"]
+@dataclass(frozen=True)
+class Reveal:
+    """What each answer of the service reveals: the less, the less a score-based black-box
+    attack has to climb on (``label`` leaves only decision-based attacks)."""
+
+    outputs: Outputs = option(Outputs.PROBABILITIES,
+                              "what an answer reveals: label (class and verdict), top1 (and "
+                              "its probability) or probabilities (every class's, the kNN score "
+                              "and the threshold)")
+    decimals: int = option(6, "decimals of the probabilities and scores answered")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outputs", Outputs(self.outputs))
+        options.check_int("decimals", self.decimals, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outputs": self.outputs.value, "decimals": self.decimals}
+
+
+def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal()  # noqa: B008
+            ) -> dict[str, Any]:
+    """One image's verdict as the service answers it (what ``reveal`` allows)."""
+    out: dict[str, Any] = {
+        "class": int(v.predicted[i]),
+        "verdict": "trusted" if bool(v.trusted[i]) else "flagged",
+        "unlike_training": None if v.unlike is None else bool(v.unlike[i])}
+    d = reveal.decimals
+    if reveal.outputs is Outputs.TOP1:
+        out["confidence"] = round(float(v.probabilities[i][int(v.predicted[i])]), d)
+    elif reveal.outputs is Outputs.PROBABILITIES:
+        out.update(probabilities=[round(float(p), d) for p in v.probabilities[i][:classes]],
+                   score=round(float(v.scores[i]), d), threshold=v.threshold)
+    return out
+
+
+__all__ = ["Client", "Guard", "GuardConfig", "GuardFit", "KeyRing", "Outputs", "Reveal",
+           "fit_guard", "read_keys", "summary", "write_keys"]

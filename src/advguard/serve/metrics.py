@@ -18,6 +18,9 @@ class Metrics:
                                 ["verdict"], registry=self.registry)
         self.denials = Counter("advguard_denials_total", "clients newly denied",
                                registry=self.registry)
+        self.repeats = Counter("advguard_query_repeats_total",
+                               "queries detected as near-copies of their client's recent ones "
+                               "(query-based attacks)", registry=self.registry)
         self.refused = Counter("advguard_refused_requests_total",
                                "requests refused because their client is denied",
                                registry=self.registry)

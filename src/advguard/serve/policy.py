@@ -1,10 +1,21 @@
 """Per-client statistics of the guard's verdicts, and the denial of clients that keep sending
 adversarial inputs (paper 003 §5.1, SPEC B6: "a source of adversarial inputs can be isolated").
 
-Each client has a sliding window of its last ``window`` verdicts (flagged or trusted, with the
-kNN score). Once the window holds at least ``min_requests`` verdicts and the flagged share in it
-reaches ``flagged_limit``, the client is denied — for ``cooldown_s`` seconds (0: until an admin
-clears it). When a cool-down ends the window starts afresh.
+A client is denied — for ``cooldown_s`` seconds (0: until an admin clears it) — by the first of
+three rules (:func:`judge`):
+
+* *attack process*: ``max_repeats`` of its queries within ``window_s`` seconds were near-copies
+  of its earlier ones (:mod:`advguard.serve.queries`, the stateful detection of query-based
+  black-box attacks);
+* *flagged budget*: ``max_flagged`` of its images within ``window_s`` were flagged — an absolute
+  count, so interleaving clean images (dilution) does not lower it;
+* *flagged share*: once its last ``window`` verdicts number ``min_requests``, the flagged share
+  among them reaches ``flagged_limit`` (fast for blatant attackers).
+
+A request is admitted or refused in one atomic step of the store (:meth:`Store.admit`): its
+verdicts are counted, and if they bring the client to a denial the request is refused and its
+answers withheld — parallel requests cannot outrun a denial, and a client is answered fewer
+than ``max_flagged`` flagged images a window. When a cool-down ends, the client starts afresh.
 
 The stores that hold this state are in :mod:`advguard.serve.stores` (SQLite) and
 :mod:`advguard.serve.redis_store`; what every store offers is :class:`Store`, and
@@ -19,27 +30,45 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
+
 from advguard.errors import InputError, StateError
 from advguard.options import check_at_least, option
+from advguard.serve.queries import QueryWatch
 
 
 @dataclass(frozen=True)
 class Policy:
-    window: int = option(50, "verdicts per client kept in the sliding window")
-    min_requests: int = option(10, "verdicts in the window before a client can be denied")
-    flagged_limit: float = option(0.3, "flagged share of the window that denies a client")
+    window: int = option(50, "verdicts per client kept for the flagged-share rule")
+    min_requests: int = option(20, "verdicts in the window before the share rule can deny")
+    flagged_limit: float = option(0.5, "flagged share of the window that denies a client; "
+                                       "0: share rule off")
+    max_flagged: int = option(20, "flagged images within window_s that deny a client, however "
+                                  "many clean ones surround them; 0: off")
+    max_repeats: int = option(5, "attack-process detections (queries too close to the "
+                                 "client's recent ones) within window_s that deny a client; "
+                                 "0: off")
+    window_s: float = option(3600.0, "seconds over which flagged images and attack-process "
+                                     "detections are counted")
     cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",
                                aliases=("--cooldown",))
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "window", "min_requests")
+        check_at_least(self, 0, "max_flagged", "max_repeats")
         if self.min_requests > self.window:
             raise InputError(f"min_requests ({self.min_requests}) cannot exceed the window "
                              f"({self.window})")
-        if not 0 < self.flagged_limit <= 1:
-            raise InputError(f"flagged_limit must be in (0, 1], got {self.flagged_limit!r}")
+        if not 0 <= self.flagged_limit <= 1:
+            raise InputError(f"flagged_limit must be in [0, 1] (0: off), got "
+                             f"{self.flagged_limit!r}")
         if not 0 <= self.cooldown_s < math.inf:
             raise InputError(f"cooldown_s must be a finite number ≥ 0, got {self.cooldown_s!r}")
+        if not 0 < self.window_s < math.inf:
+            raise InputError(f"window_s must be a finite number > 0, got {self.window_s!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -50,10 +79,17 @@ class ClientStatus:
     window: int  # verdicts in the current window
     window_flagged: int  # flagged verdicts in the current window
     window_mean_score: float  # mean kNN score over the window (1.0 when empty)
+    recent_flagged: int  # flagged images within the policy's window_s
+    recent_repeats: int  # attack-process detections within window_s
+    queries: int  # queries in the client's history (stateful detection)
     denied_until: float | None  # epoch seconds; inf = until cleared; None = not denied
     reason: str | None
     denials: int  # times this client was denied
     last_seen: float | None
+
+    @classmethod
+    def empty(cls, client: str) -> ClientStatus:
+        return cls(client, 0, 0, 0, 0, 1.0, 0, 0, 0, None, None, 0, None)
 
     def denied(self, now: float) -> bool:
         return self.denied_until is not None and now < self.denied_until
@@ -65,9 +101,41 @@ class ClientStatus:
         return out
 
 
-def reason(flagged: int, count: int, policy: Policy) -> str:
-    return (f"{flagged} of its last {count} inputs were flagged as adversarial (limit "
-            f"{100 * policy.flagged_limit:g}% after {policy.min_requests})")
+@dataclass(frozen=True)
+class Evidence:
+    """What a store counts of one client when it decides."""
+
+    window: int  # verdicts in the share window
+    window_flagged: int
+    recent_flagged: int  # within window_s
+    recent_repeats: int
+
+
+def judge(e: Evidence, policy: Policy) -> str | None:
+    """Why the client is to be denied, or None (the rules of this module's docstring)."""
+    p = policy
+    if p.max_repeats and e.recent_repeats >= p.max_repeats:
+        return (f"{e.recent_repeats} of its queries within {p.window_s:g} s were near-copies of "
+                f"its earlier ones, as a query-based attack sends (limit {p.max_repeats})")
+    if p.max_flagged and e.recent_flagged >= p.max_flagged:
+        return (f"{e.recent_flagged} of its inputs within {p.window_s:g} s were flagged as "
+                f"adversarial (limit {p.max_flagged})")
+    if (p.flagged_limit and e.window >= p.min_requests
+            and e.window_flagged >= p.flagged_limit * e.window):
+        return (f"{e.window_flagged} of its last {e.window} inputs were flagged as adversarial "
+                f"(limit {100 * p.flagged_limit:g}% after {p.min_requests})")
+    return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A store's decision on one request: whether it is answered, the client's status after
+    it, and which of its queries were attack-process detections."""
+
+    answered: bool
+    status: ClientStatus
+    repeats: np.ndarray  # (N,) bool
+    denied_now: bool = False  # this request brought the denial
 
 
 @dataclass(frozen=True)
@@ -79,7 +147,10 @@ class StoreHealth:
 
 class Store(Protocol):
     policy: Policy
+    watch: QueryWatch | None  # None: no stateful detection
 
+    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+              codes: np.ndarray | None = None, now: float | None = None) -> Admission: ...
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus: ...
     def get(self, client: str, now: float | None = None) -> ClientStatus: ...
@@ -111,12 +182,32 @@ def reporting(fn: F) -> F:
 
 class CheckedStore:
     """What both stores share: their backend's errors (``backend_errors``) reported by
-    :func:`reporting` as one line naming ``where``, and :meth:`health` from a cheap probe."""
+    :func:`reporting` as one line naming ``where``, :meth:`health` from a cheap probe, and
+    :meth:`record` (:meth:`admit` without queries)."""
 
     kind: str  # sqlite or redis
     where: str  # the file or server, as errors name it
     backend_errors: tuple[type[Exception], ...]
     error: str | None = None  # the last backend error, until a call succeeds
+    policy: Policy
+    watch: QueryWatch | None = None
+
+    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
+        raise NotImplementedError
+
+    def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+               now: float | None = None) -> ClientStatus:
+        """Count a request's verdicts (and deny the client if they bring it to a denial)."""
+        return self.admit(client, flagged, scores, None, now).status
+
+    def watching(self, codes: np.ndarray | None, n: int) -> np.ndarray | None:
+        """``codes`` when this store watches queries (checked against the request's size)."""
+        if codes is None or self.watch is None:
+            return None
+        if len(codes) != n:
+            raise InputError(f"{len(codes)} query codes for {n} verdicts")
+        return np.asarray(codes, dtype=np.float16)
 
     def probe(self) -> None:
         """A cheap read that fails while the store is unusable (decorated with

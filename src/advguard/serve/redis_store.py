@@ -1,54 +1,37 @@
-"""Client state on a Redis server, shared by every replica of the service: every update one Lua
-script, atomic on the server (the same semantics as :class:`~advguard.serve.stores.SQLiteStore`).
+"""Client state on a Redis server, shared by every replica of the service, with the semantics of
+:class:`~advguard.serve.stores.SQLiteStore`: each admission is one optimistic transaction
+(``WATCH`` the client's keys, read, decide with :func:`~advguard.serve.policy.judge`, then
+``MULTI``/``EXEC``; retried when another replica changed the client in between), so two
+replicas never both answer past a denial.
+
+Keys of a client ``C`` (prefix ``advguard``): ``client:C`` (hash: totals and denial),
+``verdicts:C`` (list, newest first: ``flagged:score``), ``evidence:C`` (sorted set by time:
+flagged images and attack-process detections of a request), ``queries:C`` (list, newest first:
+``time:code`` with the code in base64; expires ``ttl_s`` after the last query).
 """
 
 from __future__ import annotations
 
+import base64
+import math
 import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 from advguard.errors import StateError
-from advguard.serve.policy import CheckedStore, ClientStatus, Policy, reason, reporting
-
-# KEYS: client hash, verdict list, client set. ARGV: client, now, window, min_requests,
-# flagged_limit, cooldown (0 = until cleared), then flagged/score pairs.
-_RECORD = """
-local h, v, all = KEYS[1], KEYS[2], KEYS[3]
-local now, window, minreq = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local limit, cooldown = tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('SADD', all, ARGV[1])
-local denied = redis.call('HGET', h, 'denied_until')
-if denied and denied ~= 'inf' and now >= tonumber(denied) then
-  redis.call('HDEL', h, 'denied_until', 'reason'); redis.call('DEL', v); denied = false
-end
-local n, bad = 0, 0
-for i = 7, #ARGV, 2 do
-  redis.call('LPUSH', v, ARGV[i] .. ':' .. ARGV[i + 1]); n = n + 1
-  bad = bad + tonumber(ARGV[i])
-end
-redis.call('LTRIM', v, 0, window - 1)
-redis.call('HINCRBY', h, 'requests', n); redis.call('HINCRBY', h, 'flagged', bad)
-redis.call('HSET', h, 'last_seen', ARGV[2])
-local items = redis.call('LRANGE', v, 0, -1)
-local count, flagged = #items, 0
-for _, item in ipairs(items) do flagged = flagged + tonumber(string.sub(item, 1, 1)) end
-if (not denied) and count >= minreq and flagged >= limit * count then
-  local t = 'inf'
-  if cooldown > 0 then t = tostring(now + cooldown) end
-  redis.call('HSET', h, 'denied_until', t, 'reason', flagged .. '/' .. count)
-  redis.call('HINCRBY', h, 'denials', 1)
-end
-return 1
-"""
-
-_EXPIRE = """
-local denied = redis.call('HGET', KEYS[1], 'denied_until')
-if denied and denied ~= 'inf' and tonumber(ARGV[1]) >= tonumber(denied) then
-  redis.call('HDEL', KEYS[1], 'denied_until', 'reason'); redis.call('DEL', KEYS[2])
-end
-return 1
-"""
+from advguard.serve.policy import (
+    Admission,
+    CheckedStore,
+    ClientStatus,
+    Evidence,
+    Policy,
+    judge,
+    reporting,
+)
+from advguard.serve.queries import QueryWatch, repeats
 
 
 class RedisStore(CheckedStore):
@@ -56,10 +39,12 @@ class RedisStore(CheckedStore):
 
     kind = "redis"
 
-    def __init__(self, url: str, policy: Policy, prefix: str = "advguard") -> None:
+    def __init__(self, url: str, policy: Policy, watch: QueryWatch | None = None,
+                 prefix: str = "advguard") -> None:
         import redis
 
         self.policy = policy
+        self.watch = watch
         self.prefix = prefix
         parsed = urlparse(url)  # named without its password
         self.where = f"Redis at {parsed.hostname or parsed.path}:{parsed.port or 6379}"
@@ -70,58 +55,126 @@ class RedisStore(CheckedStore):
             self.redis.ping()
         except redis.RedisError as exc:
             raise StateError(f"cannot reach {self.where}: {exc}") from None
-        self._record = self.redis.register_script(_RECORD)
-        self._expire = self.redis.register_script(_EXPIRE)
 
-    def _keys(self, client: str) -> list[str]:
-        return [f"{self.prefix}:client:{client}", f"{self.prefix}:verdicts:{client}",
-                f"{self.prefix}:clients"]
+    def _keys(self, client: str) -> dict[str, str]:
+        return {name: f"{self.prefix}:{name}:{client}"
+                for name in ("client", "verdicts", "evidence", "queries")}
+
+    def _all(self) -> str:
+        return f"{self.prefix}:clients"
+
+    def _read(self, r: Any, client: str, now: float
+              ) -> tuple[ClientStatus, list[np.ndarray], list[str], bool]:
+        """The client's status, query history, share window (newest first), and whether a
+        denial's cool-down has ended (``r``: the connection or a watching pipeline, in
+        immediate mode); after a cool-down the client is read as starting afresh."""
+        k = self._keys(client)
+        info: dict[str, str] = r.hgetall(k["client"])
+        until = info.get("denied_until")
+        expired = until is not None and until != "inf" and now >= float(until)
+        if expired:
+            info = {key: v for key, v in info.items() if key not in ("denied_until", "reason")}
+            items: list[str] = []
+            evidence: list[str] = []
+            history: list[str] = []
+        else:
+            items = r.lrange(k["verdicts"], 0, -1)
+            evidence = r.zrangebyscore(k["evidence"], f"({now - self.policy.window_s!r}",
+                                       "+inf")
+            history = r.lrange(k["queries"], 0, -1) if self.watch is not None else []
+        ttl = self.watch.query_ttl_s if self.watch is not None else math.inf
+        codes = [np.frombuffer(base64.b64decode(c), dtype=np.float16)
+                 for t, c in (h.split(":", 1) for h in reversed(history))
+                 if float(t) > now - ttl]
+        if not info:
+            return ClientStatus.empty(client), codes, items, expired
+        flags = [int(i.split(":", 1)[0]) for i in items]
+        scores = [float(i.split(":", 1)[1]) for i in items]
+        counts = [tuple(int(v) for v in e.split(":")[2:4]) for e in evidence]
+        until = info.get("denied_until")
+        return ClientStatus(
+            client, int(info.get("requests", 0)), int(info.get("flagged", 0)), len(items),
+            sum(flags), sum(scores) / len(scores) if scores else 1.0,
+            sum(c[0] for c in counts), sum(c[1] for c in counts), len(codes),
+            None if until is None else float(until), info.get("reason"),
+            int(info.get("denials", 0)),
+            float(info["last_seen"]) if "last_seen" in info else None), codes, items, expired
 
     @reporting
-    def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               now: float | None = None) -> ClientStatus:
+    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
         now = time.time() if now is None else now
-        p = self.policy
-        pairs: list[str] = []
-        for f, s in zip(flagged, scores, strict=True):
-            pairs += [str(int(f)), repr(float(s))]
-        self._record(keys=self._keys(client),
-                     args=[client, repr(now), p.window, p.min_requests, repr(p.flagged_limit),
-                           repr(p.cooldown_s), *pairs])
-        return self.get(client, now)
+        p, w = self.policy, self.watch
+        codes = self.watching(codes, len(flagged))
+        k = self._keys(client)
+        out: list[Admission] = []
+
+        def attempt(pipe: Any) -> None:
+            out.clear()
+            status, history, items, expired = self._read(pipe, client, now)
+            if status.denied(now):
+                out.append(Admission(False, status, np.zeros(len(flagged), dtype=bool)))
+                return
+            found = np.zeros(len(flagged), dtype=bool)
+            if codes is not None and w is not None:
+                found = repeats(np.array(history, dtype=np.float16).reshape(-1, codes.shape[1]),
+                                codes, w)
+            bad = sum(int(f) for f in flagged)
+            verdicts = [f"{int(f)}:{float(s)!r}" for f, s in zip(flagged, scores, strict=True)]
+            seen = (verdicts[::-1] + items)[:p.window]  # newest first
+            evidence = Evidence(len(seen), sum(int(i.split(":", 1)[0]) for i in seen),
+                                status.recent_flagged + bad,
+                                status.recent_repeats + int(found.sum()))
+            why = judge(evidence, p)
+            pipe.multi()
+            pipe.sadd(self._all(), client)
+            if expired:  # its cool-down ended: start afresh
+                pipe.hdel(k["client"], "denied_until", "reason")
+                pipe.delete(k["verdicts"], k["evidence"], k["queries"])
+            if verdicts:
+                pipe.lpush(k["verdicts"], *verdicts)
+            pipe.ltrim(k["verdicts"], 0, p.window - 1)
+            pipe.zremrangebyscore(k["evidence"], "-inf", repr(now - p.window_s))
+            if bad or found.any():
+                pipe.zadd(k["evidence"], {f"{now!r}:{time.monotonic_ns()}:{bad}:"
+                                          f"{int(found.sum())}": now})
+            pipe.expire(k["evidence"], math.ceil(p.window_s))
+            if codes is not None and w is not None:
+                pipe.lpush(k["queries"], *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}"
+                                           for c in codes))
+                pipe.ltrim(k["queries"], 0, w.query_history - 1)
+                pipe.expire(k["queries"], math.ceil(w.query_ttl_s))
+            pipe.hincrby(k["client"], "requests", len(verdicts))
+            pipe.hincrby(k["client"], "flagged", bad)
+            pipe.hset(k["client"], "last_seen", repr(now))
+            if why is not None:
+                until = now + p.cooldown_s if p.cooldown_s > 0 else math.inf
+                pipe.hset(k["client"], mapping={"denied_until": repr(until), "reason": why})
+                pipe.hincrby(k["client"], "denials", 1)
+            out.append(Admission(why is None, status, found, why is not None))
+
+        self.redis.transaction(attempt, *k.values())
+        decided = out[0]
+        return Admission(decided.answered, self.get(client, now), decided.repeats,
+                         decided.denied_now)
 
     @reporting
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
-        h, v, _ = self._keys(client)
-        self._expire(keys=[h, v], args=[repr(now)])
-        info: dict[str, str] = self.redis.hgetall(h)  # type: ignore[assignment]
-        items: list[str] = self.redis.lrange(v, 0, -1)  # type: ignore[assignment]
-        if not info:
-            return ClientStatus(client, 0, 0, 0, 0, 1.0, None, None, 0, None)
-        flags = [int(i.split(":", 1)[0]) for i in items]
-        scores = [float(i.split(":", 1)[1]) for i in items]
-        until = info.get("denied_until")
-        why = None
-        if until is not None:
-            bad, count = (int(t) for t in info.get("reason", "0/0").split("/"))
-            why = reason(bad, count, self.policy)
-        return ClientStatus(
-            client, int(info.get("requests", 0)), int(info.get("flagged", 0)), len(items),
-            sum(flags), sum(scores) / len(scores) if scores else 1.0,
-            None if until is None else float(until), why, int(info.get("denials", 0)),
-            float(info["last_seen"]) if "last_seen" in info else None)
+        return self._read(self.redis, client, now)[0]
 
     @reporting
     def clients(self, now: float | None = None) -> list[ClientStatus]:
-        names: set[str] = self.redis.smembers(self._keys("")[2])  # type: ignore[assignment]
+        names: set[str] = self.redis.smembers(self._all())  # type: ignore[assignment]
         return [self.get(c, now) for c in sorted(names)]
 
     @reporting
     def clear(self, client: str) -> ClientStatus:
-        h, v, _ = self._keys(client)
-        self.redis.hdel(h, "denied_until", "reason")
-        self.redis.delete(v)
+        k = self._keys(client)
+        with self.redis.pipeline() as pipe:
+            pipe.hdel(k["client"], "denied_until", "reason")
+            pipe.delete(k["verdicts"], k["evidence"], k["queries"])
+            pipe.execute()
         return self.get(client)
 
     @reporting

@@ -69,17 +69,18 @@ class Batcher:
 
 
 class RateLimiter:
-    """A token bucket per client: ``rate`` requests per second, bursts of ``burst``."""
+    """A token bucket per client: ``rate`` tokens per second, bursts of ``burst``; a request
+    spends ``cost`` tokens (1 per request, or 1 per image)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, client: str, now: float) -> bool:
+    def allow(self, client: str, now: float, cost: int = 1) -> bool:
         tokens, last = self.buckets.get(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens < 1:
+        if tokens < cost:
             self.buckets[client] = (tokens, now)
             return False
-        self.buckets[client] = (tokens - 1, now)
+        self.buckets[client] = (tokens - cost, now)
         return True

@@ -19,10 +19,18 @@ class PixelsRequest(BaseModel):
 class ImageResult(BaseModel):
     name: str | None = Field(None, description="the upload's file name")
     class_: int = Field(alias="class", description="the model's predicted class")
-    probabilities: list[float]
-    score: float = Field(description="kNN score of the predicted class, in [0, 1]")
-    threshold: float = Field(description="scores below it are flagged")
     verdict: str = Field(description="trusted or flagged")
+    unlike_training: bool | None = Field(
+        None, description="farther from every training image than held-out images are "
+                          "(flagged); null for guards fitted without a distance limit")
+    confidence: float | None = Field(
+        None, description="the predicted class's probability (serve --outputs top1)")
+    probabilities: list[float] | None = Field(
+        None, description="every class's probability (serve --outputs probabilities)")
+    score: float | None = Field(None, description="kNN score of the predicted class, in "
+                                                  "[0, 1] (--outputs probabilities)")
+    threshold: float | None = Field(None, description="scores below it are flagged "
+                                                      "(--outputs probabilities)")
     converted: list[str] = Field(default_factory=list,
                                  description="conversions applied to fit the model's input")
 
@@ -34,6 +42,10 @@ class ClientState(BaseModel):
     window: int
     window_flagged: int
     window_mean_score: float
+    recent_flagged: int = Field(description="flagged images within the policy's window_s")
+    recent_repeats: int = Field(description="queries within window_s that were near-copies of "
+                                            "the client's earlier ones")
+    queries: int = Field(description="queries in the client's history")
     denied_until: float | str | None
     reason: str | None
     denials: int
@@ -61,4 +73,6 @@ class Health(BaseModel):
     k: int
     weighting: str
     preprocessing: str
+    outputs: str = Field(description="what answers reveal: label, top1 or probabilities")
+    query_watch: bool = Field(description="whether query-based attacks are watched for")
     store: StoreState

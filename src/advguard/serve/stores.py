@@ -28,8 +28,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from advguard.errors import InputError, StateError
-from advguard.serve.policy import CheckedStore, ClientStatus, Policy, Store, reason, reporting
+from advguard.serve.policy import (
+    Admission,
+    CheckedStore,
+    ClientStatus,
+    Evidence,
+    Policy,
+    Store,
+    judge,
+    reporting,
+)
+from advguard.serve.queries import QueryWatch, repeats
 from advguard.serve.redis_store import RedisStore
 
 # --- SQLite -----------------------------------------------------------------------------------
@@ -42,12 +54,20 @@ CREATE TABLE IF NOT EXISTS clients (
 CREATE TABLE IF NOT EXISTS verdicts (
     client TEXT NOT NULL, seq INTEGER NOT NULL, flagged INTEGER NOT NULL, score REAL NOT NULL,
     PRIMARY KEY (client, seq));
+CREATE TABLE IF NOT EXISTS evidence (
+    client TEXT NOT NULL, t REAL NOT NULL, flagged INTEGER NOT NULL, repeats INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS evidence_client ON evidence (client, t);
+CREATE TABLE IF NOT EXISTS queries (
+    id INTEGER PRIMARY KEY, client TEXT NOT NULL, t REAL NOT NULL, code BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS queries_client ON queries (client, id);
 """
 
 
 _COLUMNS = {"clients": ["client", "requests", "flagged", "seq", "denied_until", "reason",
                         "denials", "last_seen"],
-            "verdicts": ["client", "seq", "flagged", "score"]}
+            "verdicts": ["client", "seq", "flagged", "score"],
+            "evidence": ["client", "t", "flagged", "repeats"],
+            "queries": ["id", "client", "t", "code"]}
 
 
 class SQLiteStore(CheckedStore):
@@ -59,10 +79,12 @@ class SQLiteStore(CheckedStore):
     kind = "sqlite"
     backend_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
-    def __init__(self, path: str | Path, policy: Policy) -> None:
+    def __init__(self, path: str | Path, policy: Policy,
+                 watch: QueryWatch | None = None) -> None:
         self.path = Path(path)
         self.where = str(self.path)
         self.policy = policy
+        self.watch = watch
         if self.path.is_dir():
             raise StateError(f"client state {self.path} is a folder: give a file, "
                              "sqlite:///path/to/clients.db")
@@ -111,12 +133,30 @@ class SQLiteStore(CheckedStore):
             raise
 
     @reporting
-    def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               now: float | None = None) -> ClientStatus:
+    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
         now = time.time() if now is None else now
-        p = self.policy
+        p, w = self.policy, self.watch
+        codes = self.watching(codes, len(flagged))
         with self._transaction() as db:
             self._expire(db, client, now)
+            status = self._status(db, client, now)
+            if status.denied(now):  # refused, and nothing it sent is counted
+                return Admission(False, status, np.zeros(len(flagged), dtype=bool))
+            found = np.zeros(len(flagged), dtype=bool)
+            if codes is not None and w is not None:
+                db.execute("DELETE FROM queries WHERE client = ? AND t <= ?",
+                           (client, now - w.query_ttl_s))
+                history = [np.frombuffer(row[0], dtype=np.float16) for row in db.execute(
+                    "SELECT code FROM queries WHERE client = ? ORDER BY id DESC LIMIT ?",
+                    (client, w.query_history))][::-1]
+                found = repeats(np.array(history, dtype=np.float16).reshape(-1, codes.shape[1]),
+                                codes, w)
+                db.executemany("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
+                               [(client, now, c.tobytes()) for c in codes])
+                db.execute("DELETE FROM queries WHERE client = ? AND id NOT IN (SELECT id FROM "
+                           "queries WHERE client = ? ORDER BY id DESC LIMIT ?)",
+                           (client, client, w.query_history))
             db.execute("INSERT OR IGNORE INTO clients (client) VALUES (?)", (client,))
             (seq,) = db.execute("SELECT seq FROM clients WHERE client = ?", (client,)).fetchone()
             rows = [(client, seq + i + 1, int(f), float(s))
@@ -125,48 +165,66 @@ class SQLiteStore(CheckedStore):
             seq += len(rows)
             db.execute("DELETE FROM verdicts WHERE client = ? AND seq <= ?",
                        (client, seq - p.window))
+            bad = sum(int(f) for f in flagged)
+            db.execute("DELETE FROM evidence WHERE client = ? AND t <= ?",
+                       (client, now - p.window_s))
+            if bad or found.any():
+                db.execute("INSERT INTO evidence VALUES (?, ?, ?, ?)",
+                           (client, now, bad, int(found.sum())))
             db.execute("UPDATE clients SET requests = requests + ?, flagged = flagged + ?, "
                        "seq = ?, last_seen = ? WHERE client = ?",
-                       (len(rows), sum(int(f) for f in flagged), seq, now, client))
-            status = self._status(db, client)
-            if (status.denied_until is None and status.window >= p.min_requests
-                    and status.window_flagged >= p.flagged_limit * status.window):
+                       (len(rows), bad, seq, now, client))
+            status = self._status(db, client, now)
+            why = judge(Evidence(status.window, status.window_flagged, status.recent_flagged,
+                                 status.recent_repeats), p)
+            if why is not None:
                 until = now + p.cooldown_s if p.cooldown_s > 0 else math.inf
                 db.execute("UPDATE clients SET denied_until = ?, reason = ?, "
-                           "denials = denials + 1 WHERE client = ?",
-                           (until, reason(status.window_flagged, status.window, p), client))
-                status = self._status(db, client)
-        return status
+                           "denials = denials + 1 WHERE client = ?", (until, why, client))
+                status = self._status(db, client, now)
+        return Admission(why is None, status, found, why is not None)
 
     def _expire(self, db: sqlite3.Connection, client: str, now: float) -> None:
-        """A denial whose cool-down has passed ends, and the window starts afresh."""
+        """A denial whose cool-down has passed ends, and the client starts afresh."""
         row = db.execute("SELECT denied_until FROM clients WHERE client = ?",
                          (client,)).fetchone()
         if row is not None and row[0] is not None and now >= row[0]:
-            db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
-                       (client,))
-            db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
+            self._forget(db, client)
+
+    @staticmethod
+    def _forget(db: sqlite3.Connection, client: str) -> None:
+        """Lift a denial and start the client afresh (its totals stay)."""
+        db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
+                   (client,))
+        for table in ("verdicts", "evidence", "queries"):
+            db.execute(f"DELETE FROM {table} WHERE client = ?", (client,))
 
     @reporting
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
-        status = self._status(self._connect(), client)
+        status = self._status(self._connect(), client, now)
         if status.denied_until is not None and now >= status.denied_until:
             with self._transaction() as db:
                 self._expire(db, client, now)
-                status = self._status(db, client)
+                status = self._status(db, client, now)
         return status
 
-    def _status(self, db: sqlite3.Connection, client: str) -> ClientStatus:
+    def _status(self, db: sqlite3.Connection, client: str, now: float) -> ClientStatus:
         row = db.execute("SELECT requests, flagged, denied_until, reason, denials, last_seen "
                          "FROM clients WHERE client = ?", (client,)).fetchone()
+        if row is None:
+            return ClientStatus.empty(client)
         count, bad, mean = db.execute("SELECT COUNT(*), COALESCE(SUM(flagged), 0), "
                                       "COALESCE(AVG(score), 1.0) FROM verdicts "
                                       "WHERE client = ?", (client,)).fetchone()
-        if row is None:
-            return ClientStatus(client, 0, 0, 0, 0, 1.0, None, None, 0, None)
-        return ClientStatus(client, row[0], row[1], count, bad, float(mean), row[2], row[3],
-                            row[4], row[5])
+        recent_bad, recent_rep = db.execute(
+            "SELECT COALESCE(SUM(flagged), 0), COALESCE(SUM(repeats), 0) FROM evidence "
+            "WHERE client = ? AND t > ?", (client, now - self.policy.window_s)).fetchone()
+        ttl = self.watch.query_ttl_s if self.watch is not None else math.inf
+        (queries,) = db.execute("SELECT COUNT(*) FROM queries WHERE client = ? AND t > ?",
+                                (client, now - ttl)).fetchone()
+        return ClientStatus(client, row[0], row[1], count, bad, float(mean), int(recent_bad),
+                            int(recent_rep), int(queries), row[2], row[3], row[4], row[5])
 
     @reporting
     def clients(self, now: float | None = None) -> list[ClientStatus]:
@@ -177,16 +235,15 @@ class SQLiteStore(CheckedStore):
     @reporting
     def clear(self, client: str) -> ClientStatus:
         with self._transaction() as db:
-            db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
-                       (client,))
-            db.execute("DELETE FROM verdicts WHERE client = ?", (client,))
-            return self._status(db, client)
+            self._forget(db, client)
+            return self._status(db, client, time.time())
 
     @reporting
     def probe(self) -> None:
         db = self._connect()
         db.execute("SELECT client FROM clients LIMIT 1").fetchall()
-        db.execute("SELECT seq FROM verdicts LIMIT 1").fetchall()
+        for table in ("verdicts", "evidence", "queries"):
+            db.execute(f"SELECT client FROM {table} LIMIT 1").fetchall()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -225,10 +282,12 @@ def sqlite_path(url: str | None, default_path: Path) -> Path | None:
     raise InputError(f"unknown state store {url!r}: use sqlite:///FILE or redis://HOST:PORT/DB")
 
 
-def open_store(url: str | None, default_path: Path, policy: Policy) -> Store:
-    """``sqlite:///path`` (default: ``default_path``) or ``redis://host:port/db``."""
+def open_store(url: str | None, default_path: Path, policy: Policy,
+               watch: QueryWatch | None = None) -> Store:
+    """``sqlite:///path`` (default: ``default_path``) or ``redis://host:port/db``; ``watch``:
+    the stateful detection of query-based attacks (None: off)."""
     path = sqlite_path(url, default_path)
     if path is None:
         assert url is not None
-        return RedisStore(url, policy)
-    return SQLiteStore(path, policy)
+        return RedisStore(url, policy, watch)
+    return SQLiteStore(path, policy, watch)

@@ -38,7 +38,7 @@ class TrainJob:
     optimisation."""
 
     strengths: tuple[float, ...] = option(
-        (), "FGSM strengths mixed into each batch, e.g. 0.1,0.2 or 4/255,8/255; none: clean "
+        (), "FGSM strengths mixed into each batch, e.g. 0.1,0.2 or 4/255,8/255; left out: clean "
         "training", parse=opts.strengths)
     reduced: bool = option(False, "mixed MAT, reduced size")
     crafter: str | None = option(None, "crafting model checkpoint for the transfer setting "

@@ -1,0 +1,124 @@
+"""Stateful detection of query-based black-box attacks (Chen, Carlini & Wagner 2019, "Stateful
+detection of black-box adversarial attacks").
+
+A query-based attacker (Square, SimBA, HopSkipJump, Boundary) sends hundreds to thousands of
+near-copies of one image; an honest client sends different images. Each query is encoded
+compactly (:func:`encode`: the image average-pooled to at most 8×8 per channel, centred and
+scaled to unit length — small noise averages out, brightness and contrast cancel) and kept in
+its client's bounded history (``history`` queries, ``ttl_s`` seconds; the stores of
+:mod:`advguard.serve.stores` hold it beside the denial state). A query whose mean distance to
+its ``k`` nearest earlier queries of the same client falls below ``threshold`` is an
+*attack-process detection* (:func:`repeats`). The threshold is calibrated by
+:func:`calibrate` on distinct held-out images to a stated false-alarm rate per benign query.
+
+Each client's first ``k`` queries are not tested (the mean needs ``k`` neighbours), so a few
+copies of one image — an app that retries — are never a detection by themselves; a client
+that spreads its queries over many API keys has a history per key (docs/SERVING.md says what
+this does and does not stop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from advguard.errors import InputError
+from advguard.options import check_at_least, check_fraction, option
+
+GRID = 8  # the encoding's side: images are average-pooled to at most GRID × GRID
+
+
+@dataclass(frozen=True)
+class QueryWatch:
+    """How each client's queries are watched (``threshold``: set by :func:`calibrate`)."""
+
+    query_k: int = option(20, "earlier queries of the client a new query is compared with")
+    query_history: int = option(1000, "queries kept per client")
+    query_ttl_s: float = option(86400.0, "seconds a query stays in its client's history")
+    query_false_alarm: float = option(0.001, "false-alarm rate per benign query the "
+                                             "threshold is calibrated to")
+    threshold: float | None = option(None, "mean distance below which a query is a detection "
+                                           "(calibrated)", cli=False)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "query_k", "query_history")
+        if self.query_k > self.query_history:
+            raise InputError(f"query_k ({self.query_k}) cannot exceed the history "
+                             f"({self.query_history})")
+        check_fraction("query_false_alarm", self.query_false_alarm)
+        if not 0 < self.query_ttl_s < math.inf:
+            raise InputError(f"query_ttl_s must be a finite number > 0, got "
+                             f"{self.query_ttl_s!r}")
+        if self.threshold is not None and not 0 <= self.threshold < math.inf:
+            raise InputError(f"threshold must be a finite number ≥ 0, got {self.threshold!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode(x: torch.Tensor) -> np.ndarray:
+    """Images ``(N, C, H, W)`` in [0, 1] → float16 codes ``(N, C·g·g)`` of unit length, g =
+    min(8, H, W): the image average-pooled to g × g, minus its mean (a blank image codes as
+    zeros)."""
+    if x.dim() != 4:
+        raise InputError(f"encode takes a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    g = min(GRID, x.shape[-2], x.shape[-1])
+    z = F.adaptive_avg_pool2d(x.detach().float().cpu(), g).flatten(1)
+    z = z - z.mean(1, keepdim=True)
+    norm = z.norm(dim=1, keepdim=True)
+    z = torch.where(norm > 1e-6, z / norm.clamp_min(1e-6), torch.zeros_like(z))
+    return z.numpy().astype(np.float16)
+
+
+def mean_knn(history: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """For each code, its mean L2 distance to its ``k`` nearest rows of ``history`` (NaN while
+    the history holds fewer than ``k``)."""
+    h = np.asarray(history, dtype=np.float32).reshape(-1, codes.shape[1])
+    q = np.asarray(codes, dtype=np.float32)
+    if len(h) < k:
+        return np.full(len(q), np.nan)
+    d2 = (q * q).sum(1)[:, None] + (h * h).sum(1)[None, :] - 2 * q @ h.T
+    d = np.sqrt(np.maximum(d2, 0))
+    return np.partition(d, k - 1, axis=1)[:, :k].mean(1)
+
+
+def repeats(history: np.ndarray, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
+    """Which of a request's ``codes`` are attack-process detections: each is compared with the
+    client's history and the request's earlier codes (a batch of near-copies in one request
+    detects itself), the newest ``watch.query_history`` of them."""
+    if watch.threshold is None:
+        raise InputError("the query watch has no threshold: calibrate it first")
+    out = np.zeros(len(codes), dtype=bool)
+    h = np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1])
+    for i, code in enumerate(codes):
+        seen = np.concatenate([h, codes[:i]])[-watch.query_history:]
+        out[i] = bool(mean_knn(seen, code[None], watch.query_k)[0] < watch.threshold)
+    return out
+
+
+def calibrate(codes: np.ndarray, watch: QueryWatch, seed: int = 0) -> QueryWatch:
+    """``watch`` with the threshold that flags a share ``false_alarm`` of benign queries: each
+    of ``codes`` (distinct held-out images) is compared with a history of ``watch.query_history``
+    others drawn at random, and the threshold is that quantile of the mean distances."""
+    n = len(codes)
+    if n < watch.query_k + 2:
+        raise InputError(f"calibrating the query watch needs more than {watch.query_k + 1} images, "
+                         f"got {n}")
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n)
+    for start in range(0, n, 256):
+        rows = np.arange(start, min(n, start + 256))
+        others = rng.choice(n - 1, size=min(watch.query_history, n - 1), replace=False)
+        for r in rows:
+            pick = others + (others >= r)  # any row but r itself
+            stats[r] = mean_knn(codes[pick], codes[r][None], watch.query_k)[0]
+    threshold = float(np.quantile(stats, watch.query_false_alarm))
+    return QueryWatch(**{**asdict(watch), "threshold": threshold})
+
+
+__all__ = ["QueryWatch", "calibrate", "encode", "mean_knn", "repeats"]
