@@ -1,19 +1,23 @@
-"""The guard service on MNIST with the committed detector settings (LeNet-5 of the detection
-run, k = 1000, PCA + whitening, DW-kNN, 98% of clean validation images kept), over HTTP on
-loopback, with the default denial policy:
+"""The guard service over HTTP on loopback, with the default policy and the query watch on (the
+guard folder of ``advguard guard fit``):
 
-1. attackers — FGSM at ε = 0.1 / 0.2 / 0.3, PGD-20 at ε = 0.2 / 0.3 and the adaptive attacker
-   of the detection results (targeted PGD that pulls the whitened features onto the target
-   class), each sending attacked test digits one per request: how many are answered before
-   the client is denied;
-2. honest clients — the 10,000 clean test digits sent by 100 clients (100 each): how many
-   clients are wrongly denied;
-3. load — 2,000 requests of one image from 8 concurrent clients: requests/s, p50/p99 latency,
-   errors, and the ratio to calling model + detector in-process on the same images one by one.
+1. white-box attackers — FGSM at ε = 0.1 / 0.2 / 0.3, PGD-20 at ε = 0.2 / 0.3 and the adaptive
+   attacker of the detection results (targeted PGD that pulls the whitened features onto the
+   target class), each sending attacked test digits one per request: how many are answered
+   before the client is denied;
+2. dilution — PGD-20 (ε = 0.3) images, each followed by k clean test images from the same key
+   (k = 0 … 10): denied or not, after how many requests and adversarial answers;
+3. the race — ten 64-image PGD requests sent at once: adversarial images answered before the
+   denial;
+4. honest clients — the 10,000 clean test images sent by 100 clients (100 each), and 100 clients
+   that send near-duplicates of their own images (20 images × 5 augmented copies: shifts,
+   crops, noise, brightness, and flips where the data allows): clients wrongly denied, and the
+   false-alarm rate per query of the query watch;
+5. load — 2,000 requests of one image from 8 concurrent clients: requests/s, p50/p99 latency,
+   and the ratio to calling model + detector in-process one image at a time; the memory of a
+   full query history per client.
 
-    python benchmarks/bench_guard.py --run-dir runs/detect-mnist
-
-(the run directory of ``advguard reproduce detect --dataset mnist``; its guard is fitted once).
+    python benchmarks/bench_guard.py --guard-dir runs/guard-mnist
 """
 
 from __future__ import annotations
@@ -21,99 +25,155 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
-from common import save
+from common import save, start_server
 
 from advguard.attacks import FGSM, PGD, random_targets
-from advguard.data import load_dataset
+from advguard.data import load_data
 from advguard.detection import FeaturePull
-from advguard.serve import Guard, Policy, fit_guard, read_keys, write_keys
+from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
 
 ATTACK_IMAGES = 200
 HONEST_CLIENTS, HONEST_EACH = 100, 100
+DUP_IMAGES, DUP_COPIES = 20, 5
+DILUTION = (0, 1, 2, 3, 5, 10)
 LOAD_REQUESTS, LOAD_CLIENTS = 2000, 8
 
 
-def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, classes: int
+            ) -> dict[str, torch.Tensor]:
     model = guard.model
     out = {f"fgsm-{e}": FGSM()(model, x, y, e) for e in (0.1, 0.2, 0.3)}
     for e in (0.2, 0.3):
         out[f"pgd20-{e}"] = PGD(steps=20, seed=0)(model, x, y, e)
     pull = FeaturePull(guard.detector, weight=1.0)
-    target = random_targets(y, 10, 0)
+    target = random_targets(y, classes, 0)
     out["adaptive-0.2"] = PGD(steps=20, random_start=False, loss=pull, targeted=True)(
         model, x, target, 0.2)
     return out
 
 
-def start(guard_dir: Path, port: int, state: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "advguard.cli", "serve", str(guard_dir),
-                             "--port", str(port), "--state", f"sqlite:///{state}",
-                             "--rate", "100000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+def augmented(x: torch.Tensor, copies: int, flips: bool, seed: int) -> torch.Tensor:
+    """``copies`` augmented versions of each image, as a camera or a retrying app sends them:
+    a shift of up to 2 pixels, a crop of up to 2 pixels a side resized back, brightness ×
+    0.7–1.3, Gaussian noise of σ 0.03, and (where the data allows) a left-right flip."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    side = x.shape[-1]
+    for image in x:
+        for _ in range(copies):
+            dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+            c = torch.roll(image[None], (dy, dx), (2, 3))
+            m = int(torch.randint(0, 3, (1,), generator=gen))
+            if m:
+                c = torch.nn.functional.interpolate(c[..., m:side - m, m:side - m], size=side,
+                                                    mode="bilinear", align_corners=False)
+            c = c * (0.7 + 0.6 * torch.rand(1, generator=gen))
+            c = c + 0.03 * torch.randn(c.shape, generator=gen)
+            if flips and bool(torch.rand(1, generator=gen) < 0.5):
+                c = c.flip(-1)
+            out.append(c.clamp(0, 1))
+    return torch.cat(out)
 
 
-async def send(client: httpx.AsyncClient, key: str, image: torch.Tensor) -> httpx.Response:
-    return await client.post("/v1/predict", json={"images": image.tolist()},
+async def send(client: httpx.AsyncClient, key: str, images: torch.Tensor) -> httpx.Response:
+    return await client.post("/v1/predict", json={"images": images.tolist()},
                              headers={"X-API-Key": key})
 
 
-async def until_denied(url: str, key: str, images: torch.Tensor) -> dict[str, float | int | None]:
+async def until_denied(url: str, key: str, images: torch.Tensor) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         flagged = 0
         for i, image in enumerate(images):
             r = await send(c, key, image)
             if r.status_code == 403:
-                return {"answered_before_denial": i, "flagged_while_answered": flagged}
+                return {"answered_before_denial": i, "flagged_while_answered": flagged,
+                        "reason": r.json()["detail"].split(": ", 1)[1]}
             r.raise_for_status()
             flagged += r.json()["results"][0]["verdict"] == "flagged"
     return {"answered_before_denial": None, "flagged_while_answered": flagged}
 
 
-async def honest(url: str, keys: list[str], x: torch.Tensor) -> dict[str, float | int]:
-    async def one(k: int, c: httpx.AsyncClient) -> tuple[int, int]:
-        flagged = denied = 0
-        for i in range(k, len(x), len(keys)):  # client k sends every len(keys)-th digit
-            r = await send(c, keys[k], x[i])
+async def diluted(url: str, key: str, adv: torch.Tensor, clean: torch.Tensor, k: int,
+                  requests: int = 600) -> dict[str, Any]:
+    """One adversarial image, then ``k`` clean ones, one per request, until denied or
+    ``requests`` requests."""
+    answered = flagged_adv = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for n in range(requests):
+            adversarial = n % (k + 1) == 0
+            image = adv[(n // (k + 1)) % len(adv)] if adversarial else clean[n % len(clean)]
+            r = await send(c, key, image)
+            if r.status_code == 403:
+                return {"k": k, "denied_at_request": n, "adversarial_answered": answered,
+                        "adversarial_answered_flagged": flagged_adv,
+                        "adversarial_answered_trusted": answered - flagged_adv,
+                        "reason": r.json()["detail"].split(": ", 1)[1]}
+            r.raise_for_status()
+            if adversarial:
+                answered += 1
+                flagged_adv += r.json()["results"][0]["verdict"] == "flagged"
+    return {"k": k, "denied_at_request": None, "adversarial_answered": answered,
+            "adversarial_answered_flagged": flagged_adv,
+            "adversarial_answered_trusted": answered - flagged_adv, "requests": requests}
+
+
+async def race(url: str, key: str, adv: torch.Tensor, requests: int = 10,
+               batch: int = 64) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        answers = await asyncio.gather(*(
+            send(c, key, adv[torch.arange(i * batch, (i + 1) * batch) % len(adv)])
+            for i in range(requests)))
+    ok = [r for r in answers if r.status_code == 200]
+    flagged = sum(t["verdict"] == "flagged" for r in ok for t in r.json()["results"])
+    return {"requests": requests, "images_per_request": batch, "answered_requests": len(ok),
+            "adversarial_images_answered": sum(len(r.json()["results"]) for r in ok),
+            "flagged_images_answered": flagged,
+            "statuses": sorted(r.status_code for r in answers)}
+
+
+async def clients(url: str, keys: list[str], streams: list[torch.Tensor]) -> dict[str, Any]:
+    """Client k sends ``streams[k]`` one image per request; 16 clients at a time."""
+    async def one(k: int, c: httpx.AsyncClient) -> tuple[int, int, int]:
+        flagged = denied = repeats = 0
+        for image in streams[k]:
+            r = await send(c, keys[k], image)
             if r.status_code == 403:
                 denied = 1
                 break
             r.raise_for_status()
             flagged += r.json()["results"][0]["verdict"] == "flagged"
-        return flagged, denied
+            repeats = r.json()["status"]["recent_repeats"]
+        return flagged, denied, repeats
 
     async with httpx.AsyncClient(base_url=url, timeout=60,
                                  limits=httpx.Limits(max_connections=16)) as c:
         sem = asyncio.Semaphore(16)
 
-        async def limited(k: int) -> tuple[int, int]:
+        async def limited(k: int) -> tuple[int, int, int]:
             async with sem:
                 return await one(k, c)
 
         results = await asyncio.gather(*(limited(k) for k in range(len(keys))))
-    return {"clients": len(keys), "images": len(x),
-            "flagged_share": sum(f for f, _ in results) / len(x),
-            "clients_denied": sum(d for _, d in results)}
+    images = sum(len(s) for s in streams)
+    return {"clients": len(keys), "images": images,
+            "flagged_share": sum(f for f, _, _ in results) / images,
+            "clients_denied": sum(d for _, d, _ in results),
+            "query_watch_detections": sum(r for _, _, r in results),
+            "false_alarms_per_query": sum(r for _, _, r in results) / images}
 
 
-async def load(url: str, keys: list[str], x: torch.Tensor) -> dict[str, float | int]:
+async def load(url: str, keys: list[str], x: torch.Tensor) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
 
@@ -145,46 +205,104 @@ def in_process(guard: Guard, x: torch.Tensor) -> float:
     return LOAD_REQUESTS / (time.perf_counter() - t0)
 
 
+def history_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
+    """Bytes a client's full query history takes: in SQLite (file growth for one client
+    sending ``query_history`` distinct images) and as raw codes."""
+    from advguard.serve.queries import encode
+    from advguard.serve.stores import SQLiteStore
+
+    watch = guard.config.watch()
+    assert watch is not None
+    path = folder / "bench-memory.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    policy = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    store = SQLiteStore(path, policy, watch)
+    store.admit("empty", [False], [1.0], encode(x[:1]), now=0)
+    store._connect().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = path.stat().st_size
+    n = watch.query_history
+    for i in range(0, n, 50):
+        part = x[i:i + 50]
+        store.admit("full", [False] * len(part), [1.0] * len(part), encode(part), now=1)
+    store._connect().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    grown = path.stat().st_size - before
+    store.close()
+    code = encode(x[:1]).nbytes
+    out: dict[str, Any] = {"queries_per_client": n, "code_bytes": code,
+                           "raw_codes_bytes": n * code, "sqlite_bytes": grown}
+    redis_server = shutil.which("redis-server")
+    if redis_server is not None:  # MEMORY USAGE of one client's full history list
+        import redis
+
+        from advguard.serve.stores import RedisStore
+
+        proc = subprocess.Popen([redis_server, "--port", "6391", "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    redis.Redis(port=6391).ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+            rs = RedisStore("redis://127.0.0.1:6391/0", policy, watch)
+            for i in range(0, n, 50):
+                part = x[i:i + 50]
+                rs.admit("full", [False] * len(part), [1.0] * len(part), encode(part), now=1)
+            out["redis_bytes"] = rs.redis.memory_usage("advguard:queries:full")
+            rs.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/detect-mnist"))
     parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
     parser.add_argument("--port", type=int, default=8711)
     args = parser.parse_args()
-    if not (args.guard_dir / "guard.json").exists():
-        fit_guard(args.run_dir, args.guard_dir, progress=True)  # k: KNNOptions' default
     guard = Guard.load(args.guard_dir)
-    keys = {k: c for k, c in read_keys(args.guard_dir / KEYS).items() if c.admin}
-    test = load_dataset("mnist", "test")
-    adv = attacks(guard, test.x[:ATTACK_IMAGES], test.y[:ATTACK_IMAGES])
-    ids = [*adv, *(f"honest-{k}" for k in range(HONEST_CLIENTS)),
+    info = guard.info
+    test = load_data(guard.config.dataset, "test")
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([int(test[i][1]) for i in range(len(test))])
+    adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes)
+    pgd = adv["pgd20-0.3" if "pgd20-0.3" in adv else next(iter(adv))]
+    dup = [augmented(x[k * DUP_IMAGES:(k + 1) * DUP_IMAGES], DUP_COPIES, info.flips, k)
+           for k in range(HONEST_CLIENTS)]
+    ids = [*adv, *(f"dilution-{k}" for k in DILUTION), "race",
+           *(f"honest-{k}" for k in range(HONEST_CLIENTS)),
+           *(f"dup-{k}" for k in range(HONEST_CLIENTS)),
            *(f"load-{k}" for k in range(LOAD_CLIENTS))]
+    keys = {k: c for k, c in read_keys(args.guard_dir / KEYS).items() if c.admin}
     keys.update({f"{name}-key-{'x' * 16}": Client(name) for name in ids})
     write_keys(args.guard_dir / KEYS, keys)
     key_of = {c.id: k for k, c in read_keys(args.guard_dir / KEYS).items()}
-    state = args.guard_dir / "bench-clients.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{state}{suffix}").unlink(missing_ok=True)
     url = f"http://127.0.0.1:{args.port}"
-    proc = start(args.guard_dir, args.port, state)
+    proc = start_server(args.guard_dir, args.port, args.guard_dir / "bench-clients.db")
     try:
         attackers = {name: asyncio.run(until_denied(url, key_of[name], images))
                      for name, images in adv.items()}
-        honest_result = asyncio.run(honest(url, [key_of[f"honest-{k}"]
-                                                 for k in range(HONEST_CLIENTS)], test.x))
-        load_result = asyncio.run(load(url, [key_of[f"load-{k}"] for k in range(LOAD_CLIENTS)],
-                                       test.x))
+        dilution = [asyncio.run(diluted(url, key_of[f"dilution-{k}"], pgd, x[5000:], k))
+                    for k in DILUTION]
+        raced = asyncio.run(race(url, key_of["race"], pgd))
+        honest = asyncio.run(clients(url, [key_of[f"honest-{k}"] for k in range(HONEST_CLIENTS)],
+                                     [x[k::HONEST_CLIENTS] for k in range(HONEST_CLIENTS)]))
+        near = asyncio.run(clients(url, [key_of[f"dup-{k}"] for k in range(HONEST_CLIENTS)], dup))
+        loaded = asyncio.run(load(url, [key_of[f"load-{k}"] for k in range(LOAD_CLIENTS)], x))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    local = in_process(guard, test.x)
-    load_result["in_process_images_per_s"] = local
-    load_result["service_over_in_process"] = load_result["requests_per_s"] / local
-    policy = Policy()
+    local = in_process(guard, x)
+    loaded["in_process_images_per_s"] = local
+    loaded["service_over_in_process"] = loaded["requests_per_s"] / local
     result = {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
-              "policy": {"window": policy.window, "min_requests": policy.min_requests,
-                         "flagged_limit": policy.flagged_limit, "cooldown_s": policy.cooldown_s},
-              "attackers": attackers, "honest": honest_result, "load": load_result,
+              "policy": Policy().to_json(), "attackers": attackers, "dilution": dilution,
+              "race": raced, "honest": honest, "honest_near_duplicates": near, "load": loaded,
+              "history_memory": history_memory(guard, x, args.guard_dir),
               "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
     print(json.dumps(result, indent=2))
     save("guard", result)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,3 +45,26 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def start_server(guard_dir: Path, port: int, state: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``advguard serve GUARD_DIR`` on a loopback port with a fresh SQLite state file and the
+    request and image rate limits raised (what a benchmark measures is the guard, not the
+    rate limit); returns once it answers /v1/health."""
+    import httpx
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state}{suffix}").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "advguard.cli", "serve", str(guard_dir),
+                             "--port", str(port), "--state", f"sqlite:///{state}",
+                             "--rate", "100000", "--burst", "100000", "--image-rate", "1e6",
+                             "--image-burst", "1000000", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")

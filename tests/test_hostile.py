@@ -197,7 +197,7 @@ CLI_ROWS = [
      "Invalid value for '--max-repeats'"),
     ("serve-window-s-0", "serve {d}/a-directory --window-s 0", "window_s must be a finite"),
     ("serve-outputs-bogus", "serve {d}/a-directory --outputs logits",
-     "outputs"),
+     "unknown outputs 'logits'; choose one of: label, top1, probabilities"),
     ("serve-decimals-negative", "serve {d}/a-directory --decimals -1",
      "decimals must be an integer ≥ 0"),
     ("serve-image-rate-0", "serve {d}/a-directory --image-rate 0",

@@ -43,7 +43,7 @@ class Policy:
     min_requests: int = option(20, "verdicts in the window before the share rule can deny")
     flagged_limit: float = option(0.5, "flagged share of the window that denies a client; "
                                        "0: share rule off")
-    max_flagged: int = option(20, "flagged images within window_s that deny a client, however "
+    max_flagged: int = option(30, "flagged images within window_s that deny a client, however "
                                   "many clean ones surround them; 0: off")
     max_repeats: int = option(5, "attack-process detections (queries too close to the "
                                  "client's recent ones) within window_s that deny a client; "

@@ -1,0 +1,276 @@
+"""Query-based black-box attackers against the guard service, over HTTP only: they hold no
+weights, only an API key and the answers.
+
+* **Square** (score-based; torchattacks' implementation with the reference settings: margin
+  loss, p_init 0.8, ``resc_schedule=False``) on the returned probabilities;
+* **SimBA** (score-based; Guo et al. 2019, pixel basis): one pixel moved by ``--simba-step`` at
+  a time, kept when the true class's probability falls;
+* **HopSkipJump** (decision-based; ART's implementation, L∞, driven through an ART
+  ``BlackBoxClassifier`` whose predictions are the service's labels, 64 queries a request);
+
+and their adaptive variants on the guarded service: **query blinding** (uniform noise of
+``--blind`` added to every query inside the ε-ball, as Chen et al. propose against their own
+defence) and **dilution** (k clean test images sent by the same key after every attack query,
+k = 1, 5, 10).
+
+Each attacked test image has its own API key (so a denial ends the attack on that image only).
+An image is *fooled* when the service answers a query that lies within ε (L∞) of it with a
+wrong class, and *evaded* when that answer is also trusted (not flagged by the detector): what
+a guarded service's user relies on. The unguarded service never denies (no query watch, no flagged
+rules); the guarded one runs the default policy. Both have the request and image rate limits
+raised, so that what is measured is the guard, not the rate limit.
+
+    python benchmarks/bench_blackbox.py --guard-dir runs/guard-mnist --images 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from common import RESULTS, save, start_server
+from torch import nn
+
+from advguard.data import load_data
+from advguard.serve import Guard, Policy, read_keys, write_keys
+from advguard.serve.guard import KEYS, Client
+
+
+class Denied(Exception):
+    """The service refused the key: the attack on this image is over."""
+
+
+class Spent(Exception):
+    """The attack used its query budget."""
+
+
+class Target:
+    """One attacked image as the attacker meets it: queries go over HTTP under its own key;
+    counts the queries answered, and notes the first answered success and the denial."""
+
+    def __init__(self, http: httpx.Client, key: str, x0: torch.Tensor, y: int, eps: float,
+                 budget: int, classes: int, per_request: int = 1, blind: float = 0.0,
+                 dilution: int = 0, clean: torch.Tensor | None = None, seed: int = 0) -> None:
+        self.http, self.key, self.x0, self.y, self.eps = http, key, x0, y, eps
+        self.budget, self.classes, self.per_request = budget, classes, per_request
+        self.blind, self.dilution, self.clean = blind, dilution, clean
+        self.gen = torch.Generator().manual_seed(seed)
+        self.queries = 0  # attack queries answered
+        self.clean_sent = 0
+        self.success_at: int | None = None  # fooled: a wrong class within ε
+        self.evaded_at: int | None = None  # fooled and trusted
+        self.denied_at: int | None = None
+
+    def _post(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        r = self.http.post("/v1/predict", json={"images": images.tolist()},
+                           headers={"X-API-Key": self.key})
+        if r.status_code == 403:
+            raise Denied
+        r.raise_for_status()
+        results: list[dict[str, Any]] = r.json()["results"]
+        return results
+
+    def ask(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classes and probabilities the service answers for ``batch``."""
+        if self.denied_at is not None:
+            raise Denied
+        if self.queries + len(batch) > self.budget:
+            raise Spent
+        if self.blind:
+            noise = (torch.rand(batch.shape, generator=self.gen) * 2 - 1) * self.blind
+            batch = torch.min(torch.max(batch + noise, self.x0 - self.eps),
+                              self.x0 + self.eps).clamp(0, 1)
+        classes, probs = [], []
+        for start in range(0, len(batch), self.per_request):
+            part = batch[start:start + self.per_request]
+            try:
+                results = self._post(part)
+                for _ in range(self.dilution):
+                    i = int(torch.randint(len(self.clean), (1,), generator=self.gen))
+                    self._post(self.clean[i:i + 1])
+                    self.clean_sent += 1
+            except Denied:
+                self.denied_at = self.queries
+                raise
+            for q, res in zip(part, results, strict=True):
+                self.queries += 1
+                c = int(res["class"])
+                within = float((q - self.x0).abs().max()) <= self.eps + 1e-5
+                if self.success_at is None and c != self.y and within:
+                    self.success_at = self.queries
+                if (self.evaded_at is None and c != self.y and within
+                        and res["verdict"] == "trusted"):
+                    self.evaded_at = self.queries
+                classes.append(c)
+                probs.append(res.get("probabilities") or np.eye(self.classes)[c].tolist())
+        return torch.tensor(classes), torch.tensor(probs, dtype=torch.float32)
+
+
+class ServiceModel(nn.Module):
+    """The service as a model for torchattacks: log-probabilities from its answers."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__()
+        self.target = target
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # the device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target.ask(x.detach().cpu())[1].clamp_min(1e-12).log()
+
+
+def square(t: Target) -> None:
+    import torchattacks
+
+    attack = torchattacks.Square(ServiceModel(t), norm="Linf", eps=t.eps, n_queries=t.budget,
+                                 n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False,
+                                 seed=0)
+    attack(t.x0[None], torch.tensor([t.y]))
+
+
+def simba(t: Target, step: float) -> None:
+    """SimBA in the pixel basis, within the ε-ball: try +step, then −step, on each pixel in a
+    random order; keep a step that lowers the true class's probability."""
+    x = t.x0.clone()
+    p = t.ask(x[None])[1][0, t.y]
+    for i in torch.randperm(x.numel(), generator=t.gen).tolist():
+        for sign in (1.0, -1.0):
+            cand = x.clone()
+            flat = cand.view(-1)
+            flat[i] = (flat[i] + sign * step).clamp(float(t.x0.view(-1)[i]) - t.eps,
+                                                    float(t.x0.view(-1)[i]) + t.eps).clamp(0, 1)
+            c, probs = t.ask(cand[None])
+            if probs[0, t.y] < p:
+                x, p = cand, probs[0, t.y]
+                break
+        if t.success_at is not None:
+            return
+
+
+def hopskipjump(t: Target) -> None:
+    from art.attacks.evasion import HopSkipJump
+    from art.estimators.classification import BlackBoxClassifier
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        classes, _ = t.ask(torch.from_numpy(np.asarray(batch, dtype=np.float32)))
+        return np.eye(t.classes, dtype=np.float32)[classes.numpy()]
+
+    clf = BlackBoxClassifier(predict, tuple(t.x0.shape), t.classes, clip_values=(0.0, 1.0))
+    attack = HopSkipJump(clf, norm=np.inf, max_iter=50, max_eval=200, init_eval=20,
+                         init_size=100, batch_size=64, verbose=False)
+    attack.generate(t.x0[None].numpy())
+
+
+ATTACKS: dict[str, tuple[Callable[..., None], int]] = {  # attack, queries per request
+    "square": (square, 1), "simba": (simba, 1), "hopskipjump": (hopskipjump, 64)}
+
+
+def run(name: str, url: str, keys: list[str], x: torch.Tensor, y: torch.Tensor, eps: float,
+        budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
+        dilution: int = 0, simba_step: float = 0.2, threads: int = 12) -> dict[str, Any]:
+    fn, per_request = ATTACKS[name]
+    http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
+
+    def one(i: int) -> Target:
+        t = Target(http, keys[i], x[i], int(y[i]), eps, budget, classes, per_request,
+                   blind=blind, dilution=dilution, clean=clean, seed=i)
+        try:
+            if name == "simba":
+                simba(t, simba_step)
+            else:
+                fn(t)
+        except (Denied, Spent):
+            pass
+        return t
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        targets = list(pool.map(one, range(len(x))))
+    http.close()
+    wins = [t.success_at for t in targets if t.success_at is not None]
+    evasions = [t.evaded_at for t in targets if t.evaded_at is not None]
+    denied = [t for t in targets if t.denied_at is not None]
+    return {
+        "images": len(targets), "eps": eps, "budget": budget, "blind": blind,
+        "dilution": dilution, "seconds": round(time.perf_counter() - t0, 1),
+        "fooled_rate": len(wins) / len(targets),
+        "median_queries_to_fool": statistics.median(wins) if wins else None,
+        "evaded_rate": len(evasions) / len(targets),
+        "median_queries_to_evade": statistics.median(evasions) if evasions else None,
+        "denied": len(denied),
+        "median_queries_answered_until_denial": (
+            statistics.median(t.denied_at for t in denied) if denied else None),
+        "max_queries_answered_until_denial": max((t.denied_at for t in denied), default=None),
+        "clean_images_sent": sum(t.clean_sent for t in targets),
+        "queries_answered": sum(t.queries for t in targets)}
+
+
+UNGUARDED = ("--no-query-watch", "--flagged-limit", "0", "--max-flagged", "0",
+             "--max-repeats", "0")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--budget", type=int, default=1000, help="queries per image")
+    parser.add_argument("--hsj-budget", type=int, default=2000)
+    parser.add_argument("--simba-step", type=float, default=0.2)
+    parser.add_argument("--blind", type=float, default=0.1)
+    parser.add_argument("--attacks", default="square,simba,hopskipjump")
+    parser.add_argument("--only", default=None, help="comma-separated settings to (re)run")
+    parser.add_argument("--out", default="blackbox")
+    parser.add_argument("--port", type=int, default=8731)
+    args = parser.parse_args()
+    guard = Guard.load(args.guard_dir)
+    info = guard.info
+    test = load_data(guard.config.dataset, "test")
+    x = torch.stack([test[i][0] for i in range(args.images)])
+    y = torch.tensor([int(test[i][1]) for i in range(args.images)])
+    clean = torch.stack([test[i][0] for i in range(5000, 5500)])  # the diluter's clean images
+    path = RESULTS / f"{args.out}.json"
+    done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
+    settings: list[tuple[str, str, dict[str, Any]]] = []
+    for name in args.attacks.split(","):
+        settings += [(f"{name}/unguarded", name, {}), (f"{name}/guarded", name, {})]
+        if name != "hopskipjump":
+            settings.append((f"{name}/guarded/blinded", name, {"blind": args.blind}))
+    settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k}) for k in (1, 5, 10)]
+    only = None if args.only is None else set(args.only.split(","))
+    keys = read_keys(args.guard_dir / KEYS)
+    for setting, name, kw in settings:
+        if (only is None and setting in done) or (only is not None and setting not in only):
+            continue
+        ids = [f"bb-{setting.replace('/', '-')}-{i}" for i in range(args.images)]
+        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+        write_keys(args.guard_dir / KEYS, keys)
+        key_of = {c.id: k for k, c in keys.items()}
+        extra = UNGUARDED if setting.endswith("unguarded") else ()
+        proc = start_server(args.guard_dir, args.port, args.guard_dir / "bb-clients.db", *extra)
+        try:
+            budget = args.hsj_budget if name == "hopskipjump" else args.budget
+            result = run(name, f"http://127.0.0.1:{args.port}", [key_of[c] for c in ids], x, y,
+                         args.eps, budget, info.num_classes, clean,
+                         simba_step=args.simba_step, **kw)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        done[setting] = result
+        print(setting, json.dumps(result), flush=True)
+        save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
+                        "policy": Policy().to_json(), "unguarded": " ".join(UNGUARDED),
+                        "images": f"the first {args.images} {guard.config.dataset} test images",
+                        "runs": done})
+
+
+if __name__ == "__main__":
+    main()
