@@ -42,9 +42,9 @@ from PIL import Image
 from advguard.data import load_dataset
 from advguard.models import build_model, save_model
 from advguard.serve import Client, fit_guard, read_keys, write_keys
-from advguard.serve.app import Settings
 from advguard.serve.guard import KEYS
 from advguard.serve.inputs import json_limit
+from advguard.serve.limits import Limits
 from advguard.training import StrengthMix, TrainConfig, train
 
 ATTACKERS = 6
@@ -78,7 +78,7 @@ def bodies(limit: int, x: torch.Tensor) -> dict[str, tuple[dict[str, str], bytes
     json_headers = {"content-type": "application/json"}
     # decode budget: 64 PNGs of 1024x1024 = 2^26 pixels (= max_request_pixels)
     rng = np.random.default_rng(0)
-    side = int((Settings.max_request_pixels // 64) ** 0.5)
+    side = int((Limits.max_request_pixels // 64) ** 0.5)
     tile = rng.integers(0, 256, (64, 64), dtype=np.uint8)  # noise that deflate can pack:
     noisy = png(np.tile(tile, (side // 64, side // 64)))  # 73 KB a file, 4.7 MB for 64
     blank = png(np.zeros((4096, 4096), dtype=np.uint8))
@@ -154,7 +154,7 @@ def main() -> None:
         from advguard.serve.guard import Guard
 
         info = Guard.load(guard_dir).info
-        limit = json_limit(info, Settings.max_batch, Settings.max_body_bytes)
+        limit = json_limit(info, Limits.max_batch, Limits.max_body_bytes)
         scenarios = {"alone": None, **bodies(limit, test.x)}
         results = {}
         for name, attack in scenarios.items():
@@ -182,7 +182,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     save("hostile_load", {"attackers": ATTACKERS, "json_limit_bytes": limit,
-                          "max_request_pixels": Settings.max_request_pixels,
+                          "max_request_pixels": Limits.max_request_pixels,
                           "scenarios": results})
 
 

@@ -15,6 +15,7 @@ from advguard.detection import KNNOptions
 from advguard.models import ModelOptions
 from advguard.serve.app import Settings
 from advguard.serve.guard import GuardFit, Reveal
+from advguard.serve.limits import Limits
 from advguard.serve.policy import Policy
 from advguard.serve.queries import QueryWatch
 
@@ -59,10 +60,11 @@ def fit(
 
 
 @app.command()
-@with_configs(policy=Policy, reveal=Reveal)
+@with_configs(policy=Policy, reveal=Reveal, limits=Limits)
 def serve(
     policy: Policy,
     reveal: Reveal,
+    limits: Limits,
     guard_dir: Annotated[Path, typer.Argument(help="a guard folder (advguard guard fit)")],
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -72,21 +74,9 @@ def serve(
         help="client state: sqlite:///FILE (default: GUARD_DIR/clients.db) or "
              "redis://HOST:PORT/DB")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
-    max_batch: int = Settings.max_batch,
-    rate: Annotated[float, typer.Option(
-        help="requests per second per key (refused requests count)")] = Settings.rate,
-    burst: Annotated[int, typer.Option(help="requests a key may send at once")] = Settings.burst,
-    image_rate: Annotated[float, typer.Option(
-        help="images per second per key (every image of a batch counts)")] = Settings.image_rate,
-    image_burst: Annotated[int, typer.Option(
-        help="images a key may send at once")] = Settings.image_burst,
     query_watch: Annotated[bool, typer.Option(
         help="deny clients whose queries are near-copies of their recent ones (query-based "
              "black-box attacks; calibrated by guard fit)")] = Settings.query_watch,
-    header_timeout: Annotated[float, typer.Option(
-        help="seconds a connection has to send its request headers")] = Settings.header_timeout_s,
-    body_timeout: Annotated[float, typer.Option(
-        help="seconds a request body has to arrive")] = Settings.body_timeout_s,
     reset_state: Annotated[bool, typer.Option(
         "--reset-state", help="move the SQLite client state aside (a copy is kept beside it) "
                               "and start with an empty one")] = False,
@@ -113,10 +103,7 @@ def serve(
         raise InputError(f"workers must be ≥ 1, got {workers}")
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
-                        policy=policy, reveal=reveal, query_watch=query_watch,
-                        max_batch=max_batch, rate=rate, burst=burst, image_rate=image_rate,
-                        image_burst=image_burst,
-                        header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                        policy=policy, reveal=reveal, query_watch=query_watch, limits=limits,
                         trust_builder=trust_builder)
     Guard.load(guard_dir, trust_builder=trust_builder)  # every file checked before a worker
     read_keys(keys or guard_dir / "keys.json")
@@ -133,6 +120,6 @@ def serve(
     uvicorn.run("advguard.serve.app:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level="info", access_log=False,
                 http=functools.partial(TimedH11Protocol,  # type: ignore[arg-type]
-                                       header_timeout=settings.header_timeout_s),
-                timeout_keep_alive=math.ceil(settings.keep_alive_s),
-                limit_concurrency=settings.max_connections)
+                                       header_timeout=settings.limits.header_timeout_s),
+                timeout_keep_alive=math.ceil(settings.limits.keep_alive_s),
+                limit_concurrency=settings.limits.max_connections)

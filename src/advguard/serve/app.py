@@ -26,12 +26,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 
-from advguard.data.images import MAX_PIXELS
 from advguard.errors import AdvguardError, StateError, TooLargeError, UnsupportedFormatError
-from advguard.options import check_at_least, check_positive
 from advguard.serve.guard import KEYS, Client, Guard, KeyRing, Reveal, read_keys, summary
 from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit, read_images
+from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy, Store
 from advguard.serve.queries import encode
@@ -51,27 +50,8 @@ class Settings:
     policy: Policy = Policy()
     reveal: Reveal = Reveal()
     query_watch: bool = True  # stateful detection of query-based attacks (if calibrated)
-    max_body_bytes: int = 8 * 2 ** 20  # JSON bodies: at most what max_batch images need
-    max_batch: int = 64  # images per request
-    max_pixels: int = MAX_PIXELS  # per uploaded image, before decoding
-    max_request_pixels: int = 4 * MAX_PIXELS  # all uploads of a request, before decoding
-    rate: float = 50.0  # requests per second per key (token bucket, per worker process)
-    burst: int = 100
-    image_rate: float = 200.0  # images per second per key (the batches of a request count)
-    image_burst: int = 1000
-    header_timeout_s: float = 10.0  # request line and headers must arrive within this
-    body_timeout_s: float = 30.0  # a whole request body must arrive within this
-    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
-    max_connections: int = 512  # open connections and requests per worker; more get 503
+    limits: Limits = Limits()
     trust_builder: bool = False  # load a model built by a package.module:factory
-
-    def __post_init__(self) -> None:
-        check_at_least(self, 1, "max_body_bytes", "max_batch", "max_pixels",
-                       "max_request_pixels", "burst", "max_connections")
-        check_at_least(self, self.max_batch, "image_burst")
-        for name in ("rate", "image_rate", "header_timeout_s", "body_timeout_s",
-                     "keep_alive_s"):
-            check_positive(name, getattr(self, name))
 
     def to_env(self) -> str:
         return json.dumps({**asdict(self), "reveal": self.reveal.to_json()})
@@ -80,7 +60,7 @@ class Settings:
     def from_env(cls) -> "Settings":
         obj = json.loads(os.environ[ENV])
         return cls(**{**obj, "policy": Policy(**obj["policy"]),
-                      "reveal": Reveal(**obj["reveal"])})
+                      "reveal": Reveal(**obj["reveal"]), "limits": Limits(**obj["limits"])})
 
 
 # --- the application ------------------------------------------------------------------------
@@ -102,7 +82,8 @@ def create_app(settings: Settings) -> FastAPI:
     store: Store = open_store(settings.state, Path(settings.guard_dir) / "clients.db",
                               settings.policy, watch)
     metrics = Metrics()
-    batcher = Batcher(guard.verdicts, max_images=max(256, settings.max_batch))
+    lim = settings.limits
+    batcher = Batcher(guard.verdicts, max_images=max(256, lim.max_batch))
     heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode")
     info = guard.info
 
@@ -119,11 +100,11 @@ def create_app(settings: Settings) -> FastAPI:
                               "deep-feature detector, and denies clients that keep sending "
                               "adversarial inputs.")
     # added innermost first: Observe → RateLimit → BodyLimit → the endpoints (see serve.http)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       json_bytes=json_limit(info, settings.max_batch, settings.max_body_bytes),
-                       timeout_s=settings.body_timeout_s)
-    app.add_middleware(RateLimit, keys=keys, limiter=RateLimiter(settings.rate, settings.burst))
-    images_allowed = RateLimiter(settings.image_rate, settings.image_burst)
+    app.add_middleware(BodyLimit, max_bytes=lim.max_body_bytes,
+                       json_bytes=json_limit(info, lim.max_batch, lim.max_body_bytes),
+                       timeout_s=lim.body_timeout_s)
+    app.add_middleware(RateLimit, keys=keys, limiter=RateLimiter(lim.rate, lim.burst))
+    images_allowed = RateLimiter(lim.image_rate, lim.image_burst)
     app.add_middleware(Observe, metrics=metrics,  # paths of answers refused before routing
                        paths=lambda: {"/", *app.openapi()["paths"]})
 
@@ -201,13 +182,13 @@ def create_app(settings: Settings) -> FastAPI:
         if status.denied(now):  # the cheap early refusal; admit() below decides for good
             metrics.refused.inc()
             raise HTTPException(403, denial(who, status))
-        batch = await read_images(request, info, max_batch=settings.max_batch,
-                                  max_pixels=settings.max_pixels,
-                                  max_request_pixels=settings.max_request_pixels, heavy=heavy)
+        batch = await read_images(request, info, max_batch=lim.max_batch,
+                                  max_pixels=lim.max_pixels,
+                                  max_request_pixels=lim.max_request_pixels, heavy=heavy)
         x, names, notes = batch.x, batch.names, batch.notes
         if not images_allowed.allow(who.id, time.monotonic(), cost=len(x)):
             raise HTTPException(429, f"client {who.id!r} sends more than "
-                                     f"{settings.image_rate:g} images per second")
+                                     f"{lim.image_rate:g} images per second")
         v = await batcher.submit(x)
         codes = encode(x) if store.watch is not None else None
         # counted and decided in one atomic step: parallel requests cannot outrun a denial
