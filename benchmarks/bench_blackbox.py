@@ -220,6 +220,7 @@ UNGUARDED = ("--no-query-watch", "--flagged-limit", "0", "--max-flagged", "0",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
+    parser.add_argument("--data-dir", default=None, help="where a named dataset lies")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--budget", type=int, default=1000, help="queries per image")
@@ -227,13 +228,14 @@ def main() -> None:
     parser.add_argument("--simba-step", type=float, default=0.2)
     parser.add_argument("--blind", type=float, default=0.1)
     parser.add_argument("--attacks", default="square,simba,hopskipjump")
+    parser.add_argument("--dilution", default="1,5,10", help="clean images per attack query")
     parser.add_argument("--only", default=None, help="comma-separated settings to (re)run")
     parser.add_argument("--out", default="blackbox")
     parser.add_argument("--port", type=int, default=8731)
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     info = guard.info
-    test = load_data(guard.config.dataset, "test")
+    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(args.images)])
     y = torch.tensor([int(test[i][1]) for i in range(args.images)])
     clean = torch.stack([test[i][0] for i in range(5000, 5500)])  # the diluter's clean images
@@ -244,7 +246,8 @@ def main() -> None:
         settings += [(f"{name}/unguarded", name, {}), (f"{name}/guarded", name, {})]
         if name != "hopskipjump":
             settings.append((f"{name}/guarded/blinded", name, {"blind": args.blind}))
-    settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k}) for k in (1, 5, 10)]
+    settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k})
+                 for k in map(int, args.dilution.split(","))]
     only = None if args.only is None else set(args.only.split(","))
     keys = read_keys(args.guard_dir / KEYS)
     for setting, name, kw in settings:

@@ -262,11 +262,13 @@ def history_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
+    parser.add_argument("--data-dir", default=None, help="where a named dataset lies")
+    parser.add_argument("--out", default="guard")
     parser.add_argument("--port", type=int, default=8711)
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     info = guard.info
-    test = load_data(guard.config.dataset, "test")
+    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.tensor([int(test[i][1]) for i in range(len(test))])
     adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes)
@@ -305,7 +307,7 @@ def main() -> None:
               "history_memory": history_memory(guard, x, args.guard_dir),
               "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
     print(json.dumps(result, indent=2))
-    save("guard", result)
+    save(args.out, result)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,32 @@ def test_detector_round_trip_and_errors(trained_lenet, mnist_train, mnist_test, 
         KNNDetector.load(tmp_path / "bad.safetensors")
 
 
+def test_inputs_unlike_any_training_image_are_flagged(trained_lenet, mnist_train, mnist_test,
+                                                      tmp_path):
+    """The bank distance (normalised features, nearest training image) limit set on held-out
+    digits flags noise and blanks, keeps test digits, and survives save/load."""
+    det = KNNDetector(k=20).fit(trained_lenet, mnist_train.x[:2000], mnist_train.y[:2000],
+                                x_calibration=mnist_train.x[2000:2500],
+                                y_calibration=mnist_train.y[2000:2500])
+    assert det.verdicts(mnist_test.x[:5]).unlike is None  # no limit set: no such verdict
+    held_out = det.bank_distance(extract_features(
+        trained_lenet, mnist_train.x[2000:2500], det.layer_)[0])
+    det.set_distance_limit(held_out, 0.995)
+    gen = torch.Generator().manual_seed(0)
+    odd = torch.cat([torch.rand(20, 1, 28, 28, generator=gen), torch.ones(2, 1, 28, 28),
+                     torch.zeros(2, 1, 28, 28)])
+    loaded = KNNDetector.load(det.save(tmp_path / "d.safetensors"), trained_lenet)
+    for d in (det, loaded):
+        v = d.verdicts(odd)
+        assert v.unlike is not None and v.unlike.all() and not v.trusted.any()
+        clean = d.verdicts(mnist_test.x[:300])
+        assert clean.unlike is not None and clean.unlike.mean() < 0.03
+        assert (clean.trusted <= (clean.scores >= clean.threshold)).all()
+    assert np.allclose(det.bank_distance(extract_features(trained_lenet, odd, det.layer_)[0]),
+                       loaded.bank_distance(extract_features(trained_lenet, odd,
+                                                             loaded.layer_)[0]))
+
+
 def test_lbfgs_reaches_its_targets_with_small_perturbations(trained_mlp, mnist_test):
     x, y = mnist_test.x[:24], mnist_test.y[:24]
     keep = trained_mlp(x).argmax(1) == y

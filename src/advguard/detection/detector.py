@@ -21,6 +21,7 @@ from torch import nn
 from advguard import options
 from advguard.batching import batch_slices
 from advguard.data.checks import check_images, check_labels
+from advguard.detection.familiar import Familiarity
 from advguard.detection.features import (
     LayerSpec,
     dataset_features,
@@ -79,9 +80,8 @@ class KNNDetector:
         return self.fit_feature_chunks([(features, labels)])
 
     def fit_feature_chunks(self, chunks: Iterable[tuple[Any, Any]]) -> KNNDetector:
-        """The bank from chunks of ``(features, labels)``: the pre-processing and the IVF cells
-        are fitted on the first ``fit_sample`` vectors, then every chunk is transformed and
-        added — the whole bank is never one array."""
+        """The bank from chunks of ``(features, labels)``, never one array: the pre-processing
+        and IVF cells are fitted on the first ``fit_sample`` vectors."""
         it = iter(chunks)
         head: list[tuple[np.ndarray, np.ndarray]] = []
         seen = 0
@@ -97,9 +97,10 @@ class KNNDetector:
         z = self.preprocessor_.transform(sample)
         self.index_ = FeatureIndex(z.shape[1], self.index, nlist=self.nlist,
                                    nprobe=self.nprobe, pq_m=self.pq_m, seed=self.seed).train(z)
+        self.familiar_: Familiarity | None = Familiarity(sample.shape[1])  # Sun et al. 2022
         for f, y in itertools.chain(head, it):
-            self.index_.add(self.preprocessor_.transform(np.asarray(f, dtype=np.float32)),
-                            np.asarray(y))
+            self.index_.add(self.preprocessor_.transform(np.asarray(f, np.float32)), np.asarray(y))
+            self.familiar_.add(f)
         self.offset_: float | None = None
         return self
 
@@ -174,28 +175,24 @@ class KNNDetector:
                                         chunk_size=self.chunk_size, batch_size=self.batch_size,
                                         device=self.device, workers=workers, progress=progress,
                                         predictions=True):
-            nb = self.kneighbors_features(f)
-            row = (np.asarray(p), nb.scores(np.asarray(p), self.weighting), np.asarray(y))
-            out.append((*row, self.bank_distance(nb)) if distances else row)
+            row = (np.asarray(p), self.score_features(f, np.asarray(p)), np.asarray(y))
+            out.append((*row, self.bank_distance(f)) if distances else row)
         return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
-    @staticmethod
-    def bank_distance(neighbours: Neighbours) -> np.ndarray:
-        """Squared distance to the k-th nearest bank entry (Sun et al. 2022, deep nearest
-        neighbours): noise, a blank or another domain may have neighbours that agree with its
-        class, but is not near them."""
-        return neighbours.sq_distances[:, -1]
+    def bank_distance(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """How far inputs lie from every training image (:mod:`.familiar`)."""
+        if getattr(self, "familiar_", None) is None:
+            raise InputError("this detector was saved without its bank distances: fit it again")
+        return self.familiar_.distance(np.asarray(features))  # type: ignore[union-attr]
 
     def set_distance_limit(self, distances: np.ndarray, keep: float) -> float:
-        """Flag as unlike any training image what lies farther than a share ``keep`` of
-        ``distances`` (held-out clean images' :meth:`bank_distance`)."""
+        """Flag what lies farther than a share ``keep`` of held-out ``distances``."""
         options.check_fraction("keep", keep)
         self.distance_limit_: float | None = float(np.quantile(np.asarray(distances), keep))
         return self.distance_limit_
 
     def verdicts(self, x: torch.Tensor) -> Verdicts:
-        """Class, probabilities, score and trusted/flagged for images ``x``, from one forward
-        pass and one neighbour search (the on-line use of paper §5.1)."""
+        """Class, probabilities, score, trusted/flagged of images ``x`` (paper §5.1)."""
         threshold = self._threshold()
         check_images(x)
         features, logits = extract_outputs(self.model_, x, self.layer_,
@@ -204,7 +201,7 @@ class KNNDetector:
         neighbours = self.kneighbors_features(features)
         scores = neighbours.scores(predicted, self.weighting)
         limit = getattr(self, "distance_limit_", None)
-        unlike = None if limit is None else self.bank_distance(neighbours) > limit
+        unlike = None if limit is None else self.bank_distance(features) > limit
         trusted = scores >= threshold if unlike is None else (scores >= threshold) & ~unlike
         return Verdicts(predicted, logits.softmax(1).numpy(), scores, trusted, threshold, unlike)
 
@@ -257,6 +254,8 @@ class KNNDetector:
         self._check_fitted()
         tensors = {"index": torch.from_numpy(self.index_.to_bytes()),
                    "labels": torch.from_numpy(self.index_.labels)}
+        if (familiar := getattr(self, "familiar_", None)) is not None:
+            tensors["familiar"] = torch.from_numpy(familiar.to_bytes())
         tensors.update({f"pre.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.preprocessor_.state().items()})
         layer = getattr(self, "layer_", None)
@@ -286,6 +285,8 @@ class KNNDetector:
             raise CheckpointError(f"{path} holds no feature bank")
         det.offset_ = meta.get("offset")
         det.distance_limit_ = meta.get("distance_limit")
+        det.familiar_ = (Familiarity.from_bytes(tensors["familiar"].numpy(), len(labels))
+                         if "familiar" in tensors else None)
         if model is not None:
             det.model_ = model
             det.layer_ = LayerSpec(**meta["layer"]) if meta.get("layer") else resolve_layer(
