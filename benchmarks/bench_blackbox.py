@@ -249,11 +249,11 @@ def main() -> None:
     settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k})
                  for k in map(int, args.dilution.split(","))]
     only = None if args.only is None else set(args.only.split(","))
-    keys = read_keys(args.guard_dir / KEYS)
     for setting, name, kw in settings:
         if (only is None and setting in done) or (only is not None and setting not in only):
             continue
         ids = [f"bb-{setting.replace('/', '-')}-{i}" for i in range(args.images)]
+        keys = read_keys(args.guard_dir / KEYS)  # afresh: another benchmark may have added
         keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
         write_keys(args.guard_dir / KEYS, keys)
         key_of = {c.id: k for k, c in keys.items()}
