@@ -168,13 +168,21 @@ def test_a_valid_image_gets_every_field(guard_dir, keys, digits):
         assert r.status_code == 200
         assert r.json()["results"][0]["converted"] == ["RGB → L",
                                                        "resized 56x56 → 28x28 (bilinear)"]
+        # noise is unlike every training digit: flagged, and evidence only if its score is low
+        before = r.json()["status"]["recent_flagged"]
+        noise = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        r = post(url, keys["client-1"], json={"images": noise.tolist()})
+        (odd,) = r.json()["results"]
+        assert odd["unlike_training"] is True and odd["verdict"] == "flagged"
+        assert r.json()["status"]["recent_flagged"] == before + int(odd["score"] <
+                                                                     odd["threshold"])
         health = httpx.get(f"{url}/v1/health").json()
         assert health["input_shape"] == [1, 28, 28] and health["k"] == 100
         schema = httpx.get(f"{url}/openapi.json").json()
         assert "/v1/predict" in schema["paths"] and "/v1/clients/{client_id}/clear" in \
             schema["paths"]
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'advguard_requests_total{endpoint="/v1/predict",status="200"} 3.0' in metrics
+        assert 'advguard_requests_total{endpoint="/v1/predict",status="200"} 4.0' in metrics
         assert "advguard_verdicts_total" in metrics and "advguard_request_seconds_bucket" in \
             metrics
 
@@ -609,11 +617,15 @@ def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guar
         (odd,) = answers[2].json()["results"]
         assert odd["verdict"] == "flagged" and odd["unlike_training"] is True
         assert httpx.get(f"{url}/v1/health").json()["outputs"] == "label"
-    with server(guard_dir, "--outputs", "top1", "--decimals", "2", "--state",
+    with server(guard_dir, "--outputs", "top1", "--decimals", "2", "--count-unlike", "--state",
                 f"sqlite:///{guard_dir}/top1.db") as url:
         (result,) = post(url, keys["client-1"], json={"images": x[0].tolist()}).json()["results"]
         assert set(result) >= {"class", "confidence"} and "probabilities" not in result
         assert result["confidence"] == round(result["confidence"], 2)
+        before = post(url, keys["honest"], json={"images": x[1].tolist()}).json()
+        r = post(url, keys["honest"], json={"images": noise.tolist()}).json()
+        assert r["results"][0]["unlike_training"] is True
+        assert r["status"]["recent_flagged"] == before["status"]["recent_flagged"] + 1
 
 
 def test_parallel_batches_cannot_outrun_the_flagged_budget_and_images_are_rate_limited(

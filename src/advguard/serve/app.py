@@ -193,9 +193,9 @@ def create_app(settings: Settings) -> FastAPI:
         codes = encode(x) if store.watch is not None else None
         # counted and decided in one atomic step: parallel requests cannot outrun a denial.
         # Evidence is what the kNN score flags; an input only unlike the training images is
-        # answered flagged but is no evidence of an attack (honest cameras send odd images)
-        admission = await asyncio.to_thread(store.admit, who.id,
-                                            (v.scores < v.threshold).tolist(),
+        # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
+        evidence = ~v.trusted if settings.policy.count_unlike else v.scores < v.threshold
+        admission = await asyncio.to_thread(store.admit, who.id, evidence.tolist(),
                                             v.scores.tolist(), codes, now)
         status = admission.status
         verdicts = ["trusted" if t else "flagged" for t in v.trusted.tolist()]

@@ -52,6 +52,9 @@ class Policy:
                                      "detections are counted")
     cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",
                                aliases=("--cooldown",))
+    count_unlike: bool = option(False, "count inputs unlike any training image as flagged "
+                                       "evidence too (stricter on attackers whose images look "
+                                       "unnatural, and on honest clients with odd images)")
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "window", "min_requests")
