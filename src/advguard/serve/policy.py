@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
@@ -197,6 +198,13 @@ class CheckedStore:
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
               codes: np.ndarray | None = None, now: float | None = None) -> Admission:
+        """Count a request's verdicts (and, when queries are watched, its query codes) and
+        decide in one atomic step whether it is answered."""
+        return self._admit(client, flagged, scores, self.watching(codes, len(flagged)),
+                           time.time() if now is None else now)
+
+    def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+               codes: np.ndarray | None, now: float) -> Admission:
         raise NotImplementedError
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],

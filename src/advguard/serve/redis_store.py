@@ -101,11 +101,9 @@ class RedisStore(CheckedStore):
             float(info["last_seen"]) if "last_seen" in info else None), codes, items, expired
 
     @reporting
-    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
-        now = time.time() if now is None else now
+    def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+               codes: np.ndarray | None, now: float) -> Admission:
         p, w = self.policy, self.watch
-        codes = self.watching(codes, len(flagged))
         k = self._keys(client)
         out: list[Admission] = []
 

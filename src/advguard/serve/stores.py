@@ -133,11 +133,9 @@ class SQLiteStore(CheckedStore):
             raise
 
     @reporting
-    def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
-        now = time.time() if now is None else now
+    def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
+               codes: np.ndarray | None, now: float) -> Admission:
         p, w = self.policy, self.watch
-        codes = self.watching(codes, len(flagged))
         with self._transaction() as db:
             self._expire(db, client, now)
             status = self._status(db, client, now)
