@@ -32,7 +32,7 @@ from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit, read_images
 from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
-from advguard.serve.policy import Policy, Store
+from advguard.serve.policy import Admission, Policy, Store
 from advguard.serve.queries import encode
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
@@ -190,13 +190,16 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(429, f"client {who.id!r} sends more than "
                                      f"{lim.image_rate:g} images per second")
         v = await batcher.submit(x)
-        codes = encode(x) if store.watch is not None else None
         # counted and decided in one atomic step: parallel requests cannot outrun a denial.
         # Evidence is what the kNN score flags; an input only unlike the training images is
         # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
         evidence = ~v.trusted if settings.policy.count_unlike else v.scores < v.threshold
-        admission = await asyncio.to_thread(store.admit, who.id, evidence.tolist(),
-                                            v.scores.tolist(), codes, now)
+
+        def admit() -> Admission:  # off the event loop, the query encoding included
+            codes = encode(x) if store.watch is not None else None
+            return store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now)
+
+        admission = await asyncio.to_thread(admit)
         status = admission.status
         verdicts = ["trusted" if t else "flagged" for t in v.trusted.tolist()]
         for verdict in verdicts:
