@@ -52,8 +52,6 @@ def test_attack_invariants(name, eps, arch, training, batch):
     x_in = x.clone()
     adv = ATTACKS[name](model, x, y, eps)
     assert adv.shape == x.shape and adv.dtype == x.dtype
-    assert (adv - x).abs().max() <= eps + 1e-6
-    assert adv.min() >= 0.0 and adv.max() <= 1.0
     assert model.training is training
     assert torch.equal(x, x_in)
     for k, v in model.state_dict().items():
@@ -61,6 +59,81 @@ def test_attack_invariants(name, eps, arch, training, batch):
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
     if eps == 0.0:
         assert torch.equal(adv, x)
+
+
+# The bounded attacks' own step (before the base class's projection) stays in the ε-ball and
+# [0, 1]: the projection is a safety net, not what makes them correct. L-BFGS is unbounded.
+@pytest.mark.parametrize("name", [n for n in ATTACKS if n != "lbfgs"])
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_bounded_attacks_step_stays_in_the_ball_unclipped(name, eps, trained_mlp, batch):
+    x, y = batch
+    attack = ATTACKS[name]
+    raw = attack.perturb(trained_mlp, x, y, eps)
+    assert (raw - x).abs().amax() <= eps * attack.reach + 1e-6
+    assert raw.min() >= 0.0 and raw.max() <= 1.0
+    assert (raw - x).abs().amax() > 0.5 * eps  # it moved
+
+
+class Overshoot(Attack):
+    """An attack whose own step leaves the ε-ball and the image range."""
+
+    def perturb(self, model, x, y, eps):
+        return x + 3 * eps * (2 * torch.rand_like(x) - 1)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2])
+def test_the_base_class_projects_what_a_subclass_returns(eps, trained_mlp, batch):
+    x, y = batch
+    attack = Overshoot()
+    torch.manual_seed(0)
+    raw = attack.perturb(trained_mlp, x, y, eps)
+    assert (raw - x).abs().amax() > eps and raw.max() > 1.0  # the step really leaves both
+    torch.manual_seed(0)
+    adv = attack(trained_mlp, x, y, eps)
+    assert (adv - x).abs().amax() <= eps + 1e-6
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    # the projection is the nearest point: pixels the step left in range and ball are kept
+    inside = ((raw - x).abs() <= eps) & (raw >= 0) & (raw <= 1)
+    assert inside.any() and torch.equal(adv[inside], raw[inside])
+    per_example = attack.craft(trained_mlp, x, y, torch.full((len(x),), eps).index_fill_(
+        0, torch.tensor([0]), 0.0))  # one strength per example, as training asks
+    assert torch.equal(per_example[0], x[0])
+    assert (per_example[1:] - x[1:]).abs().amax() <= eps + 1e-6
+
+
+class TurningLoss:
+    """Cross-entropy for the first ``turn`` steps, its negative after: PGD climbs, then walks
+    back towards the true class. It records which examples each iterate fools."""
+
+    def __init__(self, turn: int) -> None:
+        self.turn, self.fooled = turn, []
+
+    def __call__(self, model, x, y):
+        logits = model(x)
+        self.fooled.append(logits.argmax(1) != y)
+        ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        return (ce if len(self.fooled) <= self.turn else -ce), logits
+
+
+def test_pgd_keeps_the_best_iterate(trained_mlp, mnist_test):
+    """Examples fooled at some step and not at the last are returned fooled with keep_best
+    (the default) and not without it."""
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    rec_last, rec_best = TurningLoss(5), TurningLoss(5)
+    kwargs = {"steps": 10, "step_size": 0.02, "seed": 5}
+    last = PGD(loss=rec_last, keep_best=False, **kwargs)(trained_mlp, x, y, 0.1)
+    best = PGD(loss=rec_best, **kwargs)(trained_mlp, x, y, 0.1)
+    with torch.no_grad():
+        fooled_last = trained_mlp(last).argmax(1) != y
+        fooled_best = trained_mlp(best).argmax(1) != y
+    ever = torch.stack(rec_best.fooled).any(0) | fooled_last
+    assert all(torch.equal(a, b) for a, b in zip(rec_last.fooled, rec_best.fooled, strict=True))
+    assert torch.equal(fooled_best, ever)  # every example fooled at any step stays fooled
+    assert (ever & ~fooled_last).sum() >= 10  # the last iterate lost some: the test bites
+    assert (best - x).abs().amax() <= 0.1 + 1e-6
+    # an example fooled at the end keeps its last iterate
+    both = fooled_last & fooled_best
+    assert torch.equal(best[both], last[both])
 
 
 def test_fgsm_many_strengths_equal_separate_runs(trained_mlp, batch):

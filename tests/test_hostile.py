@@ -79,6 +79,8 @@ CLI_ROWS = [
     ("audit-negative-step", "audit {d}/mlp.safetensors --pgd-step-size -0.01",
      "step size must be in (0, 1]"),
     ("audit-eps-too-big", "audit {d}/mlp.safetensors --eps 1.5", "must be a number in [0, 1]"),
+    ("audit-unknown-autoattack", "audit {d}/mlp.safetensors --autoattack foolbox",
+     "implementation must be one of torchattacks, reference"),
     ("evaluate-grid-empty", "evaluate {d}/mlp.safetensors --grid ,", "no strength in ','"),
     ("evaluate-grid-out-of-range", "evaluate {d}/mlp.safetensors --grid 0,2",
      "must be a number in [0, 1]"),

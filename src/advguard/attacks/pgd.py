@@ -36,6 +36,10 @@ class PGD(Attack):
     every epoch. Off for evaluation, where it would only weaken the attack.
     loss: the objective ascended (:func:`~advguard.attacks.base.cross_entropy` by default);
     targeted: ``y`` holds target classes and the loss is descended instead.
+    keep_best: return, per example, the last iterate that succeeded (fooled the model, or reached
+    the target) rather than the last iterate: an image fooled at step 7 and not at step 20
+    counts as fooled, as in APGD's bookkeeping. It costs one forward pass per example after the
+    last step. Training recipes turn it off (they train on the final iterate, as Madry et al.).
     """
 
     steps: int = 20
@@ -47,6 +51,7 @@ class PGD(Attack):
     early_stop: bool = False
     loss: Loss = cross_entropy
     targeted: bool = False
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         check_int("PGD steps", self.steps)
@@ -93,15 +98,23 @@ class PGD(Attack):
             adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
         else:
             adv = x.clone()
+        best, found = adv.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.steps):
             grad, logits = loss_gradient(model, adv, y, self.loss)
+            if self.keep_best:  # the logits are those of the current iterate
+                hit = self._success(logits, y)
+                best[hit], found = adv[hit], found | hit
             step = adv - alpha * grad.sign() if self.targeted else adv + alpha * grad.sign()
             moved = torch.min(torch.max(step, x - eps), x + eps).clamp_(0.0, 1.0)
             if self.early_stop:
                 still = (~self._success(logits, y)).view(-1, *([1] * (x.dim() - 1)))
                 moved = torch.where(still, moved, adv)
             adv = moved
-        return adv
+        if not self.keep_best:
+            return adv
+        with torch.no_grad():
+            final = self._success(model(adv), y)
+        return torch.where((final | ~found).view(-1, *([1] * (x.dim() - 1))), adv, best)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],

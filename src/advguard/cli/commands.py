@@ -14,7 +14,7 @@ from advguard.cli.options import Quiet, config_command, with_configs
 from advguard.cli.options import option_param as opts_param
 from advguard.data import DataOptions
 from advguard.errors import InputError, parse_choice
-from advguard.evaluation import AUDIT_PGD
+from advguard.evaluation import AUDIT_PGD, AutoAttack
 from advguard.io import check_output
 from advguard.models import ModelOptions
 from advguard.strengths import Walk
@@ -68,6 +68,9 @@ def audit(
     test_limit: Annotated[int | None, typer.Option(help="first N test images")] = 1000,
     only_autoattack: Annotated[bool, typer.Option(
         help="AutoAttack and the cheap checks only (no PGD, sweep or transfer)")] = False,
+    autoattack: Annotated[str, typer.Option(
+        help="AutoAttack's implementation: torchattacks, or reference (the authors' code, "
+             "pip install 'advguard[reference]')")] = AutoAttack.implementation,
     seed: int = 0,
     device: str = "cpu",
     out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
@@ -84,6 +87,7 @@ def audit(
 
     setup_logging(quiet)
     pgd = PGD(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts, seed=seed)
+    reference = AutoAttack(seed=seed, implementation=autoattack)
     strength = opts.strength(eps)
     opts.device(device)
     if out is not None:
@@ -93,6 +97,7 @@ def audit(
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
                        pgd=pgd, suite=not only_autoattack,
+                       autoattack=reference,
                        sources=sources, device=device, seed=seed, progress=not quiet)
     name = checkpoint.name if checkpoint is not None else model_options.model
     typer.echo(f"{name}: ε = {strength:g}, {report.images} test images")

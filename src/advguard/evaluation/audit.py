@@ -15,6 +15,10 @@ security").
   drive accuracy to ~0. "No masking signal" is said only when none of them fires.
 
 ``suite=False`` runs AutoAttack and the cheap checks only (zero gradients, ε = 1).
+
+Each attack's own output is checked against the ε-ball and [0, 1] *before* any projection (an
+attack whose step leaves them is reported and its result ignored, not silently clipped), and
+the caller's model is left in the mode it came in.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from advguard.attacks import (
 from advguard.batching import map_batches
 from advguard.errors import AdvguardError
 from advguard.evaluation.autoattack import AutoAttack
-from advguard.models import correct
+from advguard.models import correct, eval_mode
 
 
 def _torchattacks() -> Any:
@@ -149,7 +153,25 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     ``seed``) runs too; ``suite=False`` leaves out every attack but AutoAttack."""
     check_attack_inputs(x, y)
     (eps,) = check_strengths(eps)
-    model = model.to(device).eval()
+    model = model.to(device)
+    with eval_mode(model):
+        return _audit(model, x, y, eps, pgd, attacks, step_sweep, sources, batch_size, device,
+                      seed, autoattack, suite, progress)
+
+
+def _raw(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+         batch_size: int, device: str | torch.device) -> torch.Tensor:
+    """The attack's own output (its :meth:`~Attack.perturb`), before the base class projects
+    it, so that an attack leaving the ε-ball can be caught."""
+    return map_batches(lambda xb, yb: attack.perturb(model, xb, yb, eps).detach(), x, y,
+                       batch_size=batch_size, device=device)
+
+
+def _audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, pgd: PGD,
+           attacks: dict[str, Attack] | None, step_sweep: Sequence[int],
+           sources: dict[str, nn.Module] | None, batch_size: int,
+           device: str | torch.device, seed: int, autoattack: AutoAttack | None, suite: bool,
+           progress: bool) -> AuditReport:
     autoattack = autoattack or AutoAttack(seed=seed)
     if not suite:
         attacks, step_sweep, sources = {}, (), None
@@ -165,9 +187,9 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
         **({f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
         **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
     for name, attack in tqdm(every.items(), desc="audit", disable=not progress, leave=False):
-        adv = attack.craft_dataset(model, x, y, eps, batch_size=batch_size, device=device)
-        if (adv - x).abs().amax() > eps + 1e-5:
-            report.warnings.append(f"{name} left the ε-ball; its result is ignored")
+        adv = _raw(attack, model, x, y, eps, batch_size, device)
+        if (adv - x).abs().amax() > eps + 1e-5 or adv.amin() < 0 or adv.amax() > 1:
+            report.warnings.append(f"{name} left the ε-ball or [0, 1]; its result is ignored")
             continue
         ok = correct(model, adv, y, **kw)
         report.attacks[name] = int(ok.sum()) / len(x)
@@ -189,7 +211,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
     if any(b > a + 0.01 for a, b in zip(sweep, sweep[1:], strict=False)):
         report.warnings.append("robust accuracy rises with more PGD steps (gradient masking?)")
     for name, source in (sources or {}).items():
-        source = source.to(device).eval()
+        source = source.to(device)
         adv = Transferred(source, PGD(steps=40, seed=seed)).craft_dataset(
             model, x, y, eps, batch_size=batch_size, device=device)
         report.transfer[name] = float(correct(model, adv, y, **kw).float().mean())

@@ -2,10 +2,15 @@
 robustness with an ensemble of diverse parameter-free attacks"): the reference evaluation of
 L∞ robustness the field reports.
 
-The four attacks are torchattacks' implementations (a maintained port on PyPI; the authors'
-``autoattack`` package is installed from git only, which an offline install cannot do). They
-run here with the *published* budgets — torchattacks' own ``AutoAttack`` wrapper leaves APGD,
-APGD-T and FAB at their 10-step defaults, a tenth of the standard evaluation:
+Two implementations of the four attacks, configured alike:
+
+* ``"reference"`` — the authors' own code (``pyautoattack`` on PyPI, a packaging of
+  fra31/auto-attack), each attack built exactly as its standard version builds it;
+* ``"torchattacks"`` — torchattacks' maintained port (the default; it has no 45 MB wheel). Its
+  own ``AutoAttack`` wrapper leaves APGD, APGD-T and FAB at 10 steps and Square at
+  ``resc_schedule=True``; here they run at the published settings below, and
+  ``tests/test_autoattack_reference.py`` checks that both implementations give the same robust
+  accuracy on a fixed model and slice.
 
 ==========  ====================================================  ===========================
 attack      budget (the standard version's)                       kind
@@ -13,7 +18,7 @@ attack      budget (the standard version's)                       kind
 APGD-CE     100 steps, 1 restart, cross-entropy                   white-box, untargeted
 APGD-T      100 steps, 1 restart, DLR loss, 9 target classes      white-box, targeted
 FAB-T       100 steps, 1 restart, 9 target classes                white-box, minimum-norm
-Square      5,000 queries, p_init 0.8, margin loss                black-box (scores only)
+Square      5,000 queries, p_init 0.8, margin loss, no rescaling     black-box (scores only)
 ==========  ====================================================  ===========================
 
 As in the standard protocol each attack runs only on the examples every earlier one failed on,
@@ -36,12 +41,13 @@ from tqdm.auto import tqdm
 
 from advguard.attacks import check_attack_inputs, check_strengths, project
 from advguard.batching import batch_slices
-from advguard.errors import AdvguardError
+from advguard.errors import AdvguardError, InputError
 from advguard.models import eval_mode
 from advguard.options import check_int
 
 ATTACKS = ("APGD-CE", "APGD-T", "FAB-T", "Square")
 GRADIENT_ATTACKS = ATTACKS[:3]
+IMPLEMENTATIONS = ("torchattacks", "reference")
 # Square beating the gradient attacks by more than this fraction of the images is a signal
 SQUARE_MARGIN = 0.002
 
@@ -55,6 +61,16 @@ def _torchattacks() -> Any:
     return torchattacks
 
 
+def _reference() -> Any:
+    try:
+        import pyautoattack
+        from pyautoattack import autopgd_base, fab_pt, square
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise AdvguardError("the reference AutoAttack needs the authors' code: "
+                            "pip install 'advguard[reference]' (pyautoattack)") from exc
+    return pyautoattack, autopgd_base, fab_pt, square
+
+
 @dataclass(frozen=True)
 class AutoAttack:
     """The standard AutoAttack at the published budgets (``steps`` and ``queries`` are there
@@ -65,22 +81,35 @@ class AutoAttack:
     targets: int = 9  # target classes of APGD-T and FAB-T (all but the true one on 10 classes)
     seed: int = 0
     square_alone: bool = True  # also run Square on every correct example (the masking check)
+    implementation: str = "torchattacks"  # or "reference": the authors' code (pyautoattack)
 
     def __post_init__(self) -> None:
         for name in ("steps", "queries", "targets"):
             check_int(f"AutoAttack {name}", getattr(self, name))
+        if self.implementation not in IMPLEMENTATIONS:
+            raise InputError(f"AutoAttack implementation must be one of "
+                             f"{', '.join(IMPLEMENTATIONS)}, got {self.implementation!r}")
 
     @property
     def standard(self) -> bool:
         return (self.steps, self.queries, self.targets) == (100, 5000, 9)
 
+    def version(self) -> str:
+        """The implementation and its version, as results record it."""
+        if self.implementation == "reference":
+            return f"pyautoattack {_reference()[0].__version__} (reference)"
+        return f"torchattacks {_torchattacks().__version__}"
+
     def _attacks(self, model: nn.Module, eps: float, classes: int
                  ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        ta = _torchattacks()
         if classes < 2:
             raise AdvguardError(f"AutoAttack needs a model of at least 2 classes, got {classes}")
         # every class but the true one is a target where there are fewer than `targets` + 1
-        n = min(self.targets, classes - 1) + 1  # torchattacks takes them as "n_classes - 1"
+        targets = min(self.targets, classes - 1)
+        if self.implementation == "reference":
+            return self._reference_attacks(model, eps, targets)
+        ta = _torchattacks()
+        n = targets + 1  # torchattacks takes them as "n_classes - 1"
         return {
             "APGD-CE": ta.APGD(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
                                seed=self.seed, loss="ce"),
@@ -89,7 +118,26 @@ class AutoAttack:
             "FAB-T": ta.FAB(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
                             seed=self.seed, multi_targeted=True, n_classes=n),
             "Square": ta.Square(model, norm="Linf", eps=eps, n_queries=self.queries,
-                                n_restarts=1, p_init=0.8, seed=self.seed)}
+                                n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False,
+                                seed=self.seed)}
+
+    def _reference_attacks(self, model: nn.Module, eps: float, targets: int
+                           ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The authors' four attacks as their ``version="standard"`` sets them up."""
+        _, apgd, fab, square = _reference()
+        device = next(model.parameters()).device
+        kw: dict[str, Any] = {"norm": "Linf", "eps": eps, "seed": self.seed, "verbose": False,
+                              "device": device}
+        ce = apgd.APGDAttack(model, n_iter=self.steps, n_restarts=1, loss="ce", eot_iter=1,
+                             rho=0.75, **kw)
+        t = apgd.APGDAttack_targeted(model, n_iter=self.steps, n_restarts=1, eot_iter=1,
+                                     rho=0.75, n_target_classes=targets, **kw)
+        fab_t = fab.FABAttack_PT(model, n_iter=self.steps, n_restarts=1, targeted=True,
+                                 n_target_classes=targets, **kw)
+        sq = square.SquareAttack(model, n_queries=self.queries, p_init=0.8, n_restarts=1,
+                                 loss="margin", resc_schedule=False, **kw)
+        return {"APGD-CE": ce.perturb, "APGD-T": t.perturb, "FAB-T": fab_t.perturb,
+                "Square": sq.perturb}
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                  batch_size: int = 500, device: str | torch.device = "cpu",
@@ -137,7 +185,8 @@ class AutoAttack:
             eps=eps, images=n, standard=self.standard, clean_accuracy=clean / n,
             robust_after={k: v / n for k, v in after.items()}, robust_accuracy=after["Square"] / n,
             gradient_accuracy=gradient, square_alone_accuracy=square,
-            square_only=(gradient - after["Square"] / n), robust=robust, adv=adv_all)
+            square_only=(gradient - after["Square"] / n), implementation=self.version(),
+            robust=robust, adv=adv_all)
         if square is not None and square < gradient - SQUARE_MARGIN:
             result.warnings.append(
                 f"Square (black-box) alone leaves {100 * square:.1f}%, below the gradient "
@@ -179,6 +228,7 @@ class AutoAttackResult:
     gradient_accuracy: float  # after APGD-CE, APGD-T and FAB-T
     square_alone_accuracy: float | None  # Square on every correct example on its own
     square_only: float  # fraction of images only Square fooled
+    implementation: str  # "torchattacks 3.5.1" or "pyautoattack 0.2.0 (reference)"
     robust: torch.Tensor = field(repr=False)  # (N,) bool, per example
     adv: torch.Tensor = field(repr=False)  # the adversarial images (clean where none fooled)
     warnings: list[str] = field(default_factory=list)
@@ -191,7 +241,7 @@ class AutoAttackResult:
         out = asdict(self)
         del out["robust"], out["adv"]
         out["attacks"] = list(ATTACKS)
-        out["implementation"] = "torchattacks " + _torchattacks().__version__
+        out["implementation"] = self.implementation
         return out
 
 

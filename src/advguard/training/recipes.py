@@ -109,7 +109,8 @@ RECIPES: dict[RecipeName, Recipe] = {
         RecipeName.PGD_3, "PGD-3 from a random start (step 2.5·ε/3), strengths ramped up "
         "from 0 over the first 30% of the steps and sampled per example, adversarial copies "
         "only, one-cycle learning rate: a tenth of PGD-40's passes (the ramp, not PGD-AT's "
-        "per-example early stop, is what lets it train)", PGD(steps=3, seed=None),
+        "per-example early stop, is what lets it train)",
+        PGD(steps=3, seed=None, keep_best=False),
         clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100,
         ramp=0.3),
     RecipeName.PGD_AT: Recipe(
@@ -118,7 +119,7 @@ RECIPES: dict[RecipeName, Recipe] = {
         "training as Wong et al. run it)",
         # noise from torch's global generator, which the training loop seeds and checkpoints;
         # without the early stop the small MNIST CNN stayed at chance (11%) for all 10 epochs
-        PGD(steps=40, seed=None, early_stop=True),
+        PGD(steps=40, seed=None, early_stop=True, keep_best=False),
         clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
 }
 
