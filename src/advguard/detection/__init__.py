@@ -1,24 +1,32 @@
 """kNN deep-feature detection of adversarial inputs (paper 003, SPEC Part B)."""
 
 from advguard.detection.adaptive import FeaturePull
+from advguard.detection.base import Detector
+from advguard.detection.deep_knn import DeepKNN
 from advguard.detection.detector import KNNDetector
 from advguard.detection.features import (
     FeatureCapture,
+    LayersCapture,
     LayerSpec,
     default_layer,
+    default_layers,
     extract_features,
+    extract_layers,
     extract_outputs,
     resolve_layer,
 )
 from advguard.detection.index import INDEX_KINDS, FeatureIndex
+from advguard.detection.layered import LayeredKNN
+from advguard.detection.mahalanobis import Mahalanobis
 from advguard.detection.options import KNNOptions
 from advguard.detection.preprocessing import Preprocessing, Preprocessor
+from advguard.detection.registry import DETECTORS, AnyDetector, build_detector, load_detector
 from advguard.detection.scores import Weighting, class_scores, neighbour_weights
 from advguard.detection.verdicts import Neighbours, Verdicts
 
-__all__ = ["INDEX_KINDS", "FeatureCapture", "FeatureIndex", "FeaturePull", "KNNDetector",
-           "KNNOptions",
-           "LayerSpec", "Neighbours", "Preprocessing", "Preprocessor", "Verdicts", "Weighting",
-           "class_scores", "default_layer", "extract_features", "extract_outputs",
-           "neighbour_weights",
-           "resolve_layer"]
+__all__ = ["DETECTORS", "INDEX_KINDS", "AnyDetector", "DeepKNN", "Detector", "FeatureCapture",
+           "FeatureIndex", "FeaturePull", "KNNDetector", "KNNOptions", "LayerSpec",
+           "LayeredKNN", "LayersCapture", "Mahalanobis", "Neighbours", "Preprocessing",
+           "Preprocessor", "Verdicts", "Weighting", "build_detector", "class_scores",
+           "default_layer", "default_layers", "extract_features", "extract_layers",
+           "extract_outputs", "load_detector", "neighbour_weights", "resolve_layer"]

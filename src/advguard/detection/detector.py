@@ -21,6 +21,7 @@ from torch import nn
 from advguard import options
 from advguard.batching import batch_slices
 from advguard.data.checks import check_images, check_labels
+from advguard.detection.base import Thresholded
 from advguard.detection.familiar import Familiarity
 from advguard.detection.features import (
     LayerSpec,
@@ -35,11 +36,14 @@ from advguard.detection.preprocessing import Preprocessing, Preprocessor, parse_
 from advguard.detection.scores import Weighting, parse_weighting
 from advguard.detection.verdicts import Neighbours, Verdicts
 from advguard.errors import CheckpointError, InputError
-from advguard.evaluation import keep_threshold
 from advguard.io import load_tensors, save_tensors
 
 
-class KNNDetector:
+class KNNDetector(Thresholded):
+    """The paper's detector at one layer (the default: the last convolutional block)."""
+
+    name = "knn"
+
     def __init__(self, k: int = KNNOptions.k, weighting: str | Weighting = KNNOptions.weighting,
                  preprocessing: str | Preprocessing = KNNOptions.preprocessing,
                  layer: str | None = None, index: str = KNNOptions.index,
@@ -205,39 +209,6 @@ class KNNDetector:
         trusted = scores >= threshold if unlike is None else (scores >= threshold) & ~unlike
         return Verdicts(predicted, logits.softmax(1).numpy(), scores, trusted, threshold, unlike)
 
-    def score_samples(self, x: torch.Tensor) -> np.ndarray:
-        """Trust score of each image's predicted class; higher = more trustworthy."""
-        return self.inspect(x)[1]
-
-    def set_threshold(self, x: torch.Tensor, y: torch.Tensor, keep: float | None = None) -> float:
-        """Set ``offset_`` so that a share ``keep`` of the correctly classified ``x`` is kept."""
-        predicted, scores = self.inspect(x)
-        return self.calibrate(predicted, scores, y, keep)
-
-    def calibrate(self, predicted: np.ndarray, scores: np.ndarray,
-                  y: np.ndarray | torch.Tensor, keep: float | None = None) -> float:
-        """:meth:`set_threshold` from predictions and scores already computed (``inspect``)."""
-        keep = self.keep if keep is None else keep
-        authentic = scores[predicted == np.asarray(y)]
-        if len(authentic) == 0:
-            raise InputError("no correctly classified calibration input to set a threshold")
-        self.offset_ = keep_threshold(authentic, keep)
-        return self.offset_
-
-    def decision_function(self, x: torch.Tensor) -> np.ndarray:
-        return self.score_samples(x) - self._threshold()
-
-    def _threshold(self) -> float:
-        self._check_fitted(model=True)
-        if getattr(self, "offset_", None) is None:
-            raise InputError("no threshold yet: fit with a calibration split or call "
-                             "set_threshold(x, y)")
-        return float(self.offset_)  # type: ignore[arg-type]
-
-    def predict(self, x: torch.Tensor) -> np.ndarray:
-        """+1 where the model's prediction is trusted, −1 where it is flagged."""
-        return np.where(self.decision_function(x) >= 0, 1, -1)
-
     # --- persistence ----------------------------------------------------------------------
 
     def params(self) -> dict[str, Any]:
@@ -248,9 +219,9 @@ class KNNDetector:
                 "nprobe": self.nprobe, "pq_m": self.pq_m, "chunk_size": self.chunk_size,
                 "fit_sample": self.fit_sample}
 
-    def save(self, path: str | Path) -> Path:
-        """The FAISS index (its own serialisation, the bank stored once), the labels and the
-        fitted pre-processing as safetensors (loads without running code)."""
+    def state(self) -> dict[str, torch.Tensor]:
+        """The FAISS index (its own serialisation, the bank stored once), the labels, the
+        bank distances and the fitted pre-processing, as tensors."""
         self._check_fitted()
         tensors = {"index": torch.from_numpy(self.index_.to_bytes()),
                    "labels": torch.from_numpy(self.index_.labels)}
@@ -258,11 +229,23 @@ class KNNDetector:
             tensors["familiar"] = torch.from_numpy(familiar.to_bytes())
         tensors.update({f"pre.{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.preprocessor_.state().items()})
+        return tensors
+
+    def save(self, path: str | Path) -> Path:
+        """:meth:`state` as safetensors (loads without running code)."""
         layer = getattr(self, "layer_", None)
         limit = getattr(self, "distance_limit_", None)
-        return save_tensors(path, tensors, {"params": self.params(), "offset": self.offset_,
-                                            "distance_limit": limit,
-                                            "layer": None if layer is None else layer.__dict__})
+        return save_tensors(path, self.state(), {"detector": self.name, "params": self.params(),
+                                                 "offset": self.offset_,
+                                                 "distance_limit": limit,
+                                                 "layer": None if layer is None
+                                                 else layer.__dict__})
+
+    def adaptive_loss(self, weight: float = 1.0) -> Any:
+        """Targeted PGD's objective for an attacker who knows this detector."""
+        from advguard.detection.adaptive import FeaturePull
+
+        return FeaturePull(self, weight)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> KNNDetector:
@@ -273,25 +256,28 @@ class KNNDetector:
             det = cls(**meta["params"])
         except TypeError as exc:
             raise CheckpointError(f"{path}: unreadable detector settings ({exc})") from None
-        det.preprocessor_ = Preprocessor(det.preprocessing).load_state(
-            {k[4:]: v.numpy() for k, v in tensors.items() if k.startswith("pre.")})
-        labels = tensors["labels"].numpy()
-        if "index" in tensors:
-            det.index_ = FeatureIndex.from_bytes(tensors["index"].numpy(), labels, det.index)
-        elif "bank" in tensors:  # files of advguard 0.1 stored the vectors themselves
-            det.index_ = FeatureIndex.build(tensors["bank"].numpy(), labels, kind=det.index,
-                                            seed=det.seed)
-        else:
-            raise CheckpointError(f"{path} holds no feature bank")
+        det.load_state(tensors, str(path))
         det.offset_ = meta.get("offset")
         det.distance_limit_ = meta.get("distance_limit")
-        det.familiar_ = (Familiarity.from_bytes(tensors["familiar"].numpy(), len(labels))
-                         if "familiar" in tensors else None)
         if model is not None:
             det.model_ = model
             det.layer_ = LayerSpec(**meta["layer"]) if meta.get("layer") else resolve_layer(
                 model, det.layer)
         return det
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: str = "the file") -> None:
+        self.preprocessor_ = Preprocessor(self.preprocessing).load_state(
+            {k[4:]: v.numpy() for k, v in tensors.items() if k.startswith("pre.")})
+        labels = tensors["labels"].numpy()
+        if "index" in tensors:
+            self.index_ = FeatureIndex.from_bytes(tensors["index"].numpy(), labels, self.index)
+        elif "bank" in tensors:  # files of advguard 0.1 stored the vectors themselves
+            self.index_ = FeatureIndex.build(tensors["bank"].numpy(), labels, kind=self.index,
+                                             seed=self.seed)
+        else:
+            raise CheckpointError(f"{where} holds no feature bank")
+        self.familiar_ = (Familiarity.from_bytes(tensors["familiar"].numpy(), len(labels))
+                          if "familiar" in tensors else None)
 
     def _check_fitted(self, model: bool = False) -> None:
         if not hasattr(self, "index_"):

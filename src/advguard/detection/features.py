@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,56 @@ def default_layer(model: nn.Module) -> LayerSpec:
     if not linear:
         raise InputError("the model has neither Conv2d nor Linear layers; name a layer")
     return LayerSpec(linear[-1], inputs=True)
+
+
+def default_layers(model: nn.Module, most: int = 4) -> list[LayerSpec]:
+    """Several depths for the multi-layer detectors, at most ``most`` of them evenly spread,
+    the deepest always included: the outputs of the model's stages where its top level holds
+    two or more modules with convolutions inside (a ResNet's ``layer1`` … ``layer4``; Lee et
+    al. read the end of every stage), else the end of every convolutional block (as
+    :func:`default_layer` finds the last); and the input of the last ``Linear``."""
+    def has_conv(m: nn.Module) -> bool:
+        return any(isinstance(c, nn.Conv2d) for c in m.modules())
+
+    stages = [LayerSpec(n) for n, m in model.named_children()
+              if list(m.children()) and has_conv(m)]
+    modules = list(model.named_modules())
+    ends: list[LayerSpec] = stages if len(stages) >= 2 else []
+    conv_at = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    for n, at in enumerate(conv_at if not ends else []):
+        stop = conv_at[n + 1] if n + 1 < len(conv_at) else len(modules)
+        end = at
+        for i in range(at + 1, stop):
+            if isinstance(modules[i][1], (nn.Flatten, nn.Linear, nn.Conv2d)) or (
+                    list(modules[i][1].children())):
+                break
+            end = i
+        ends.append(LayerSpec(modules[end][0]))
+    linear = [name for name, m in modules if isinstance(m, nn.Linear)]
+    # without convolutions, the hidden layers: the input of every Linear but the first
+    ends += [LayerSpec(n, inputs=True) for n in (linear[-1:] if ends or conv_at else linear[1:])]
+    if not ends:
+        raise InputError("the model has no hidden Conv2d or Linear layer; name the layers")
+    ends = list(dict.fromkeys(ends))
+    if len(ends) <= most:
+        return ends
+    picks = sorted({round(i * (len(ends) - 1) / (most - 1)) for i in range(most)})
+    return [ends[i] for i in picks]
+
+
+def resolve_layers(model: nn.Module, layers: tuple[str | LayerSpec, ...] | list | None,
+                   most: int = 4) -> list[LayerSpec]:
+    """Named layers (a name ending in ``:in`` hooks that module's input), or the defaults."""
+    if not layers:
+        return default_layers(model, most)
+    return [resolve_layer(model, layer if isinstance(layer, LayerSpec) else
+                          LayerSpec(layer[:-3], inputs=True) if layer.endswith(":in")
+                          else LayerSpec(layer)) for layer in layers]
+
+
+def layer_key(spec: LayerSpec) -> str:
+    """How a layer is named in files and tables."""
+    return spec.name + (":in" if spec.inputs else "")
 
 
 def resolve_layer(model: nn.Module, layer: str | LayerSpec | None) -> LayerSpec:
@@ -86,6 +137,71 @@ class FeatureCapture:
         if self.last is None:
             raise InputError("no forward pass ran inside the feature capture")
         return self.last
+
+
+class LayersCapture:
+    """:class:`FeatureCapture` at several layers: ``cap.features`` maps :func:`layer_key` to φ of
+    the last forward pass (gradients kept, so an attack can differentiate through it)."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerSpec]) -> None:
+        self.captures = [FeatureCapture(model, spec) for spec in layers]
+
+    def __enter__(self) -> LayersCapture:
+        for cap in self.captures:
+            cap.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cap in self.captures:
+            cap.__exit__()
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        return {layer_key(cap.spec): cap.features for cap in self.captures}
+
+
+@torch.no_grad()
+def extract_layers(model: nn.Module, x: torch.Tensor, layers: list[LayerSpec], *,
+                   batch_size: int = 1000, device: str | torch.device = "cpu"
+                   ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """``({layer: features (N, D_layer) float32}, logits)``: one forward pass per batch."""
+    parts: dict[str, list[torch.Tensor]] = {layer_key(s): [] for s in layers}
+    logits = []
+    with eval_mode(model), LayersCapture(model, layers) as cap:
+        for sl in batch_slices(len(x), batch_size):
+            logits.append(model(x[sl].to(device)).float().cpu())
+            for key, f in cap.features.items():
+                parts[key].append(f.float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}, torch.cat(logits)
+
+
+def dataset_layers(model: nn.Module, data: Any, layers: list[LayerSpec], *,
+                   chunk_size: int = 10_000, batch_size: int = 1000,
+                   device: str | torch.device = "cpu", workers: int | None = None,
+                   progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray,
+                                                             np.ndarray]]:
+    """:func:`extract_layers` over a Dataset or DataLoader of ``(image, label)``, streamed in
+    chunks of about ``chunk_size`` rows: ``({layer: features}, labels, predicted)``."""
+    from tqdm.auto import tqdm
+
+    dataset, loader_workers = as_dataset(data)
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
+
+    def chunk() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        return ({k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]},
+                np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+
+    for x, y, _ in tqdm(batches(dataset, batch_size=batch_size,
+                                workers=loader_workers if workers is None else workers),
+                        total=-(-len(dataset) // batch_size), desc="features",
+                        disable=not progress, leave=False):
+        feats, logits = extract_layers(model, x, layers, batch_size=batch_size, device=device)
+        parts.append((feats, np.asarray(y), logits.argmax(1).numpy()))
+        if sum(len(p[1]) for p in parts) >= chunk_size:
+            yield chunk()
+            parts = []
+    if parts:
+        yield chunk()
 
 
 @torch.no_grad()
