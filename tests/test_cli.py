@@ -191,6 +191,23 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"none", "l2", "pca-whiten"}
     assert all(set(row) == {"knn", "wknn", "dwknn"} for row in results["table"].values())
+    # every detector side by side, each negative with its three numbers
+    assert set(results["detectors"]) == {"knn", "knn-layers", "dknn", "mahalanobis",
+                                         "mahalanobis-fgsm"}
+    for name, row in results["detectors"].items():
+        assert {"fgsm", "pgd", "errors", "aggregated"} <= set(row), name
+        # a negative set is scored when the attack fooled at least one image
+        n = results["detector_details"][name]["n"]
+        assert set(row) == {neg for neg, count in n.items() if count}, name
+        for m in row.values():
+            assert set(m) == {"eer_accuracy", "auroc", "caught_at_keep"}
+            assert 0 <= m["caught_at_keep"] <= 1 and 0 <= m["auroc"] <= 1
+        assert results["detector_details"][name]["adaptive_weight"] in (0.01, 0.1, 1.0)
+    details = results["detector_details"]
+    assert "noise" in details["mahalanobis"]["combined_on"]
+    assert "FGSM" in details["mahalanobis-fgsm"]["combined_on"]
+    assert len(details["knn-layers"]["layers"]) == 3 and details["knn"]["layers"] == ["6"]
+    assert "## Detectors side by side" in (out / "table.md").read_text()
 
     # Table 2's entries are what the public KNNDetector gives on the run's own model and images
     from advguard.data import load_dataset, train_val_split

@@ -41,6 +41,9 @@ class DetectResults:
     table: dict[str, dict[str, dict[str, Any]]]  # pre-processing -> weighting -> metrics
     lbfgs_vs_fgsm: dict[str, Any]
     mat: dict[str, Any] | None = None  # the detector on a mixed-MAT model
+    # every detector side by side: name -> negative -> eer_accuracy, auroc, caught_at_keep
+    detectors: dict[str, dict[str, dict[str, float]]] | None = None
+    detector_details: dict[str, Any] | None = None  # layers, threshold, adaptive weight, ...
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -107,9 +110,36 @@ def detect_table(result: DetectResults) -> str:
                   + ", ".join(f"{LABELS[k]} EER accuracy {100 * mm[k]['eer_accuracy']:.1f}% "
                               f"(n = {mm[k]['n']})" for k in ("fgsm", "pgd", "errors")
                               if k in mm) + "."]
+    if "detectors" in results:
+        lines += ["", *detectors_table(results)]
     lines += ["", "Memory of the bank (MB): " + ", ".join(
         f"{k} {v:.1f}" for k, v in results["bank_mb"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+NEGATIVES = ("lbfgs", "fgsm", "aggregated", "pgd", "adaptive", "errors")
+
+
+def detectors_table(results: dict[str, Any]) -> list[str]:
+    """Every detector side by side: EER accuracy / AUROC / caught at the operating point (%)."""
+    first = results["detector_details"][next(iter(results["detectors"]))]
+    lines = ["## Detectors side by side", "",
+             f"Each cell: EER accuracy / AUROC / share caught at the threshold that keeps "
+             f"{100 * first['keep']:.0f}% of the correctly classified calibration images "
+             f"({100 * first['kept_authentic']:.1f}% of the authentic test images for "
+             f"{next(iter(results['detectors']))}). Adaptive: each "
+             "detector's own attack, its weight chosen on validation images.", "",
+             "| detector | layers | " + " | ".join(LABELS[n] for n in NEGATIVES) + " |",
+             "|---|---|" + "---|" * len(NEGATIVES)]
+    for name, row in results["detectors"].items():
+        info = results["detector_details"][name]
+        cells = [(f"{100 * row[n]['eer_accuracy']:.1f} / {100 * row[n]['auroc']:.1f} / "
+                  f"{100 * row[n]['caught_at_keep']:.1f}") if n in row else "—"
+                 for n in NEGATIVES]
+        lines.append(f"| {name} | {', '.join(info['layers'])} | " + " | ".join(cells) + " |")
+    notes = [f"{n}: combination fitted on {i['combined_on']}"
+             for n, i in results["detector_details"].items() if "combined_on" in i]
+    return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
 def plot_detection(out: Path, scores: dict[str, np.ndarray]) -> list[Path]:

@@ -15,6 +15,21 @@ from advguard.options import option, same_as
 from advguard.reproduce import victims
 from advguard.training import Schedule, TrainConfig
 
+# the rows of the side-by-side detector table (reproduce/detect/detectors.py builds each)
+DETECTOR_ROWS = ("knn", "knn-layers", "dknn", "mahalanobis", "mahalanobis-fgsm")
+
+
+def detector_rows(text: str) -> tuple[str, ...]:
+    """``"knn,dknn"`` -> the named rows of the detector table (``none``: no table)."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in DETECTOR_ROWS]
+    if unknown or not names:
+        raise InputError(f"unknown detector {', '.join(unknown) or repr(text)}; choose from: "
+                         f"{', '.join(DETECTOR_ROWS)} (comma-separated), or none")
+    return names
+
 
 @dataclass(frozen=True)
 class DetectConfig:
@@ -40,6 +55,9 @@ class DetectConfig:
     keep: float = same_as(KNNOptions, "keep")
     adaptive_weight: float = option(1.0, "adaptive attack: weight of the feature-pull term")
     mat: bool = option(True, "also run the detector on a mixed-MAT (white-box) model")
+    detectors: tuple[str, ...] = option(
+        DETECTOR_ROWS, "detectors compared side by side, comma-separated: "
+        + ", ".join(DETECTOR_ROWS) + ", or none", parse=detector_rows)
     seed: int = option(0, "seed of every random choice")
     device: str = option("cpu", "torch device")
     data_dir: str | None = option(None, "folder holding the dataset")
@@ -89,6 +107,7 @@ class ResolvedDetectConfig:
     keep: float
     adaptive_weight: float
     mat: bool
+    detectors: tuple[str, ...]
     seed: int
     device: str
     data_dir: str | None

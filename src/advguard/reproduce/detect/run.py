@@ -21,6 +21,7 @@ from advguard.io import read_metadata
 from advguard.reports import write_html_report
 from advguard.reports.detect import DetectResults, write_detect_report
 from advguard.reproduce.detect.config import DetectConfig
+from advguard.reproduce.detect.detectors import detector_table
 from advguard.reproduce.detect.stages import (
     Detect,
     Queries,
@@ -118,7 +119,8 @@ def _run(d: Detect, out: str | Path) -> DetectResults:
                        "matched": lbfgs_vs_fgsm(model, d.test.x[:n_lb], d.test.y[:n_lb],
                                                 lbfgs_adv["l2"].numpy(),
                                                 lbfgs_adv["success"].numpy())},
-        mat=_on_mat_model(d) if cfg.mat else None)
+        mat=_on_mat_model(d) if cfg.mat else None,
+        **(detector_table(d, model, "model", cfg.detectors) if cfg.detectors else {}))
     write_detect_report(out, results, scores["pca-whiten"]["dwknn"])
     write_html_report(out)
     return results

@@ -1,0 +1,129 @@
+"""Every registered detector side by side on the same model, bank, calibration split and query
+images: EER accuracy, AUROC and the share of each negative set caught at the operating point
+that keeps ``keep`` of the correctly classified calibration images.
+
+Negatives: the fooling images of L-BFGS, FGSM and PGD (crafted once, shared), each detector's
+own adaptive attack (:meth:`~advguard.detection.Detector.adaptive_loss`, targeted PGD at the
+same ε and steps, toward random classes), the model's own errors, and ``aggregated`` (L-BFGS and
+FGSM, the paper's column). The adaptive attack's weight is chosen on validation images — the
+weight whose images are most often fooling *and* trusted — never on the query images. The
+Mahalanobis combination is reported twice: fitted on clean and noisy calibration images (no
+attack seen), and fitted on clean and FGSM images of the calibration split (``mahalanobis-
+fgsm``: an attack seen, on validation images only; never the test attacks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from advguard.attacks import FGSM, PGD, random_targets
+from advguard.attacks.base import num_classes
+from advguard.detection import AnyDetector, Detector, Mahalanobis, build_detector
+from advguard.evaluation import auc, eer_accuracy
+from advguard.reproduce.detect.stages import ATTACK_BATCH, Detect, adversarial
+
+ADAPTIVE_WEIGHTS = (0.01, 0.1, 1.0)  # the adaptive attack's detector-term weights tried
+WEIGHT_IMAGES = 300  # validation images the weight is chosen on
+
+
+def detector_settings(d: Detect) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Name in the table -> (registered detector, its settings)."""
+    k, seed, dev = d.cfg.k, d.cfg.seed, d.cfg.device
+    common = {"keep": d.cfg.keep, "seed": seed, "device": dev}
+    return {"knn": ("knn", {"k": k, **common}),
+            "knn-layers": ("knn-layers", {"k": k, **common}),
+            "dknn": ("dknn", {**common}),
+            "mahalanobis": ("mahalanobis", {**common}),
+            "mahalanobis-fgsm": ("mahalanobis", {**common})}
+
+
+def fit_detector(d: Detect, model: nn.Module, name: str) -> AnyDetector:
+    kind, settings = detector_settings(d)[name]
+    det = build_detector(kind, **settings).fit(
+        model, d.train_set.x, d.train_set.y, x_calibration=d.val.x, y_calibration=d.val.y,
+        progress=d.progress)
+    if name == "mahalanobis-fgsm" and isinstance(det, Mahalanobis):
+        x, y = d.val.x, d.val.y
+        adv = FGSM().craft_dataset(model, x, y, d.cfg.eps, batch_size=ATTACK_BATCH,
+                                   device=d.cfg.device)
+        clean_f, logits = det.features(x)
+        adv_f, adv_logits = det.features(adv)
+        right = (logits.argmax(1) == y).numpy()
+        fooled = right & (adv_logits.argmax(1) != y).numpy()
+        det.fit_combination({k: v[right] for k, v in clean_f.items()},
+                            {k: v[fooled] for k, v in adv_f.items()},
+                            f"clean and FGSM (ε = {d.cfg.eps:.4g}) calibration images")
+        det.set_threshold(x, y)
+    return det
+
+
+def adaptive_images(d: Detect, model: nn.Module, det: AnyDetector, x: torch.Tensor,
+                    y: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, target classes)``: targeted PGD with the detector's own loss."""
+    classes = num_classes(model, x[:1].to(d.cfg.device))
+    targets = random_targets(y, classes, d.cfg.seed)
+    attack = PGD(steps=d.cfg.pgd_steps, random_start=False, targeted=True,
+                 loss=det.adaptive_loss(weight))
+    return attack.craft_dataset(model, x, targets, d.cfg.eps, batch_size=ATTACK_BATCH,
+                                device=d.cfg.device), targets
+
+
+def choose_weight(d: Detect, model: nn.Module, det: AnyDetector) -> dict[str, float]:
+    """Share of validation images the adaptive attack makes fooling and trusted, per weight."""
+    x, y = d.val.x[:WEIGHT_IMAGES], d.val.y[:WEIGHT_IMAGES]
+    out = {}
+    for w in ADAPTIVE_WEIGHTS:
+        adv, targets = adaptive_images(d, model, det, x, y, w)
+        predicted, scores = det.inspect(adv)
+        out[str(w)] = float(((predicted == targets.numpy())
+                             & (scores >= float(det.offset_ or 0))).mean())
+    return out
+
+
+def detector_table(d: Detect, model: nn.Module, model_name: str,
+                   names: tuple[str, ...]) -> dict[str, Any]:
+    """``{"detectors": {name: {negative: metrics}}, "details": {name: ...}}``."""
+    x, y = d.test.x, d.test.y
+    crafted = {a: adversarial(d, model, model_name, a) for a in ("fgsm", "lbfgs", "pgd")}
+    table: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for name in names:
+        det = fit_detector(d, model, name)
+        predicted, clean = det.inspect(x)
+        right = predicted == y.numpy()
+        negatives: dict[str, np.ndarray] = {"errors": clean[~right]}
+        for attack, adv in crafted.items():
+            n = len(adv["x"])
+            p, s = det.inspect(adv["x"])
+            fooled = right[:n] & (p != y[:n].numpy())
+            if "success" in adv:
+                fooled &= adv["success"].numpy()
+            negatives[attack] = s[fooled]
+        tried = choose_weight(d, model, det)
+        weight = float(max(tried, key=lambda w: tried[w]))
+        adv_x, targets = adaptive_images(d, model, det, x, y, weight)
+        p, s = det.inspect(adv_x)
+        negatives["adaptive"] = s[right & (p == targets.numpy())]
+        negatives["aggregated"] = np.concatenate([negatives["lbfgs"], negatives["fgsm"]])
+        threshold = float(det.offset_ or 0)
+        positives = clean[right]
+        table[name] = {neg: _metrics(positives, s_neg, threshold)
+                       for neg, s_neg in negatives.items() if len(s_neg)}
+        details[name] = {
+            "layers": det.fitted_keys_ if isinstance(det, Detector) else [det.layer_.name],
+            "threshold": threshold, "keep": d.cfg.keep,
+            "kept_authentic": float((positives >= threshold).mean()),
+            "adaptive_weight": weight, "adaptive_weights_on_validation": tried,
+            "adaptive_fooled": int(len(negatives["adaptive"])),
+            **({"combined_on": det.combined_on_} if isinstance(det, Mahalanobis) else {}),
+            "n": {neg: int(len(v)) for neg, v in negatives.items()}}
+    return {"detectors": table, "detector_details": details}
+
+
+def _metrics(positive: np.ndarray, negative: np.ndarray, threshold: float) -> dict[str, float]:
+    return {"eer_accuracy": eer_accuracy(positive, negative), "auroc": auc(positive, negative),
+            "caught_at_keep": float((negative < threshold).mean())}
