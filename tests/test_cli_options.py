@@ -53,3 +53,14 @@ def test_each_option_has_its_fields_default_and_help(name, callback):
             assert param.help.startswith(f.metadata["help"]), (name, f.name)
             checked += 1
     assert checked >= 2
+
+
+@pytest.mark.parametrize(("name", "callback"), BUILT, ids=[n for n, _ in BUILT])
+def test_every_switch_can_be_turned_off(name, callback):
+    """A switch defaulting to on (``reproduce detect --mat``) must have its ``--no-`` form."""
+    command = typer.main.get_command(app)
+    for word in name.split():
+        command = command.commands[word]  # type: ignore[attr-defined]
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.default is True:
+            assert param.secondary_opts == [f"--no-{param.name.replace('_', '-')}"], param.name

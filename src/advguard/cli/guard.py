@@ -14,12 +14,13 @@ from advguard.data import DataOptions
 from advguard.detection import KNNOptions
 from advguard.models import ModelOptions
 from advguard.serve.app import Settings
-from advguard.serve.guard import GuardFit, Reveal
+from advguard.serve.guard import GuardFit
 from advguard.serve.limits import Limits
 from advguard.serve.policy import Policy
 from advguard.serve.queries import QueryWatch
+from advguard.serve.reveal import Reveal
 
-guard_app = typer.Typer(help="Guard folders: a model with its fitted kNN detector.",
+guard_app = typer.Typer(help="Guard folders: a model with its fitted detector.",
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
 
@@ -39,19 +40,24 @@ def fit(
              "out and give --model (with --weights) and --data")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Fit the kNN detector on the model's training-set features (streamed), calibrate its
-    threshold, its bank-distance limit and the query watch on validation images held out of
-    them, and write a self-contained guard folder."""
+    """Fit the detector (--detector; the paper's kNN by default) on the model's training-set
+    features (streamed), calibrate its threshold (with the kNN detector, its bank-distance
+    limit) and the query watch on validation images held out of them, and write a
+    self-contained guard folder."""
     from advguard.serve.guard import KEYS, fit_guard, read_keys
 
     setup_logging(quiet)
     g = fit_guard(checkpoint, out, knn=knn, fit=fit, model=model_options, data=data,
                   watch=watch, progress=not quiet)
     c = g.config
-    typer.echo(f"{out}: {c.dataset} guard, {c.preprocessing} + {c.weighting}, k = {c.k}, "
+    reads = (f"{c.preprocessing} + {c.weighting}, k = {c.k}" if c.detector == "knn"
+             else f"layers {', '.join(c.layers or [])}")
+    typer.echo(f"{out}: {c.dataset} {c.detector} guard, {reads}, "
                f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "
-               f"{c.calibration_images} clean validation images; bank-distance limit keeps "
-               f"{100 * (c.familiar_keep or 0):.1f}%; query watch: k = "
+               f"{c.calibration_images} clean validation images; "
+               + (f"bank-distance limit keeps {100 * c.familiar_keep:.1f}%; "
+                  if c.familiar_keep is not None else "")
+               + "query watch: k = "
                f"{(c.queries or {}).get('query_k')}, threshold "
                f"{(c.queries or {}).get('threshold', 0):.4f} at "
                f"{100 * (c.queries or {}).get('query_false_alarm', 0):g}% false alarms")

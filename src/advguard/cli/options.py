@@ -53,7 +53,10 @@ def config_command(configs: type | Sequence[type], run: Callable[..., None],
                 default, hint = None, _optional(hint)
                 help_text += f" (default: {fallback})"
             parsers[f.name], defaults[f.name] = parse, f.default
-            decls = (f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()))
+            flag = f"--{f.name.replace('_', '-')}"
+            if bool in (hint, *typing.get_args(hint)):  # a default of True can be turned off
+                flag = f"{flag}/--no-{flag[2:]}"
+            decls = (flag, *f.metadata.get("aliases", ()))
             params.append(option_param(
                 f.name, Annotated[hint, typer.Option(*decls, help=help_text)], default))
     extra_names = [p.name for p in extra]

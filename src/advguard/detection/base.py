@@ -195,6 +195,29 @@ class Detector(Thresholded, ABC):
         features, logits = self.features(x)
         self.fit_held_out(features, logits.argmax(1).numpy(), np.asarray(y))
 
+    def fit_held_out_data(self, data: Any, *, workers: int | None = None,
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`fit_held_out` from a Dataset or DataLoader of ``(image, label)`` (streamed;
+        the features are held, not the images), then the threshold; returns the split's
+        ``(predicted, scores, labels)`` as :meth:`inspect_dataset` does."""
+        self._check_fitted(model=True)
+        parts = list(dataset_layers(self.model_, data, self.layers_, chunk_size=self.chunk_size,
+                                    batch_size=self.batch_size, device=self.device,
+                                    workers=workers, progress=progress))
+        features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        labels = np.concatenate([p[1] for p in parts])
+        predicted = np.concatenate([p[2] for p in parts])
+        self.fit_held_out_streamed(features, predicted, labels, data, workers)
+        scores = self.score_features(features, predicted)
+        self.calibrate(predicted, scores, labels)
+        return predicted, scores, labels
+
+    def fit_held_out_streamed(self, features: Features, predicted: np.ndarray,
+                              labels: np.ndarray, data: Any, workers: int | None) -> None:
+        """What :meth:`fit_held_out_data` fits (the features, and the data for a detector
+        that needs more of it)."""
+        self.fit_held_out(features, predicted, labels)
+
     # --- scores and decisions -------------------------------------------------------------
 
     def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +250,9 @@ class Detector(Thresholded, ABC):
     def save(self, path: str | Path) -> Path:
         self._check_fitted()
         layers = [s.__dict__ for s in getattr(self, "layers_", [])]
-        return save_tensors(path, self.state(), {"detector": self.name, "params": self.params(),
+        # copies: several layers' banks may share one labels array, which safetensors refuses
+        tensors = {k: t.clone() for k, t in self.state().items()}
+        return save_tensors(path, tensors, {"detector": self.name, "params": self.params(),
                                                  "offset": self.offset_, "layers": layers,
                                                  "layer_keys": self.fitted_keys_,
                                                  "fitted": self.fitted_meta()})

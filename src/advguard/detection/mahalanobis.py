@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
+from torch.utils.data import Dataset
 
 from advguard.attacks import Loss
+from advguard.data import as_dataset
 from advguard.detection.base import Chunk, Detector, Features
-from advguard.detection.features import LayersCapture
+from advguard.detection.features import LayersCapture, dataset_layers
 from advguard.errors import InputError
 from advguard.models import eval_mode
 
@@ -127,8 +129,23 @@ class Mahalanobis(Detector):
         noisy_features, _ = self.features(noisy)
         self.fit_combination({k: v[right] for k, v in features.items()},
                              {k: v[right] for k, v in noisy_features.items()},
-                             f"clean and Gaussian-noise (σ = {self.combine_sigma:g}) "
-                             "calibration images")
+                             self._noise_on())
+
+    def fit_held_out_streamed(self, features: Features, predicted: np.ndarray,
+                              labels: np.ndarray, data: Any, workers: int | None) -> None:
+        """:meth:`fit_held_out_images` on a streamed split: the noisy copies are made as the
+        images are read."""
+        noisy = [f for f, _, _ in dataset_layers(
+            self.model_, Noisy(data, self.combine_sigma, self.seed), self.layers_,
+            chunk_size=self.chunk_size, batch_size=self.batch_size, device=self.device,
+            workers=workers)]
+        right = predicted == labels
+        self.fit_combination({k: v[right] for k, v in features.items()},
+                             {k: np.concatenate([f[k] for f in noisy])[right]
+                              for k in features}, self._noise_on())
+
+    def _noise_on(self) -> str:
+        return f"clean and Gaussian-noise (σ = {self.combine_sigma:g}) calibration images"
 
     def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
         scores = self.layer_scores(features)
@@ -185,6 +202,22 @@ class Mahalanobis(Detector):
 
     def adaptive_loss(self, weight: float = 1.0) -> Loss:
         return MahalanobisPull(self, weight)
+
+
+class Noisy(Dataset):
+    """``data`` with seeded Gaussian noise of σ ``sigma`` on every image (clipped to [0, 1]);
+    image ``i`` always gets the same noise."""
+
+    def __init__(self, data: Any, sigma: float, seed: int) -> None:
+        self.data, self.sigma, self.seed = as_dataset(data)[0], sigma, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        x, y = self.data[i]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return (x + self.sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1), y
 
 
 class MahalanobisPull:

@@ -27,13 +27,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 
 from advguard.errors import AdvguardError, StateError, TooLargeError, UnsupportedFormatError
-from advguard.serve.guard import KEYS, Client, Guard, KeyRing, Reveal, read_keys, summary
+from advguard.serve.guard import KEYS, Client, Guard, KeyRing, read_keys
 from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit, read_images
 from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Admission, Policy, Store
 from advguard.serve.queries import encode
+from advguard.serve.reveal import Reveal, summary
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
 from advguard.serve.stores import open_store
@@ -151,7 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
         state = await asyncio.to_thread(store.health)
         body = Health(status="ok" if state.ok else "degraded", dataset=c.dataset,
                       input_shape=[info.channels, *info.size], classes=info.num_classes,
-                      threshold=c.threshold, k=c.k, weighting=c.weighting,
+                      threshold=c.threshold, detector=c.detector, layers=c.layers or [],
+                      k=c.k, weighting=c.weighting,
                       preprocessing=c.preprocessing, outputs=settings.reveal.outputs.value,
                       query_watch=store.watch is not None, store=StoreState(**asdict(state)))
         return JSONResponse(body.model_dump(), status_code=200 if state.ok else 503)

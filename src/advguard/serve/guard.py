@@ -2,8 +2,8 @@
 
 ``GUARD_DIR/``
   ``model.safetensors``     the classifier (any advguard model or ensemble checkpoint, copied)
-  ``detector.safetensors``  the fitted :class:`~advguard.detection.KNNDetector` (FAISS bank,
-                            pre-processing, threshold)
+  ``detector.safetensors``  the fitted detector (``--detector``: the paper's kNN by default;
+                            any registered one), with its threshold
   ``guard.json``            what was fitted on what: dataset, detector settings, calibration,
                             the bank-distance limit and the calibrated query watch
   ``keys.json``             API keys of the clients and admins (created once, never overwritten)
@@ -18,7 +18,6 @@ import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,15 @@ from torch import nn
 
 from advguard import __version__, options
 from advguard.data import VAL_SIZE, DataOptions, DatasetInfo, batches, subset, train_val_split
-from advguard.detection import KNNDetector, KNNOptions, Verdicts
+from advguard.detection import (
+    DETECTORS,
+    AnyDetector,
+    KNNDetector,
+    KNNOptions,
+    Verdicts,
+    build_detector,
+    load_detector,
+)
 from advguard.ensemble import load_any, open_model
 from advguard.errors import CheckpointError, InputError
 from advguard.io import check_output, read_json, write_json, write_text
@@ -58,6 +65,8 @@ class GuardConfig:
     distance_limit: float | None = None  # farther from the bank: unlike any training image
     familiar_keep: float | None = None  # share of calibration images within distance_limit
     queries: dict[str, Any] | None = None  # the calibrated QueryWatch
+    detector: str = KNNDetector.name  # the registered detector (folders before it: kNN)
+    layers: list[str] | None = None  # the layers it reads
 
     def watch(self) -> QueryWatch | None:
         return None if self.queries is None else QueryWatch(**self.queries)
@@ -72,7 +81,7 @@ class Client:
 class Guard:
     """The model and its detector: ``verdicts(x)`` for a batch of images in [0, 1]."""
 
-    def __init__(self, model: nn.Module, detector: KNNDetector, config: GuardConfig,
+    def __init__(self, model: nn.Module, detector: AnyDetector, config: GuardConfig,
                  info: DatasetInfo) -> None:
         self.model = model.eval()
         self.detector = detector
@@ -95,7 +104,7 @@ class Guard:
             raise CheckpointError(f"{folder / CONFIG} is not a guard description: {exc}"
                                   ) from None
         model, meta = load_any(folder / MODEL, trust_builder=trust_builder)
-        detector = KNNDetector.load(folder / DETECTOR, model)
+        detector = load_detector(folder / DETECTOR, model)
         if detector.offset_ is None:
             raise CheckpointError(f"{folder / DETECTOR} holds no threshold")
         return cls(model, detector, config, model_card(meta, folder / MODEL).info)
@@ -125,8 +134,13 @@ class GuardFit:
     familiar_keep: float = option(0.995, "share of calibration images within the bank-distance "
                                          "limit: inputs farther from every training image "
                                          "(noise, blanks, other domains) are flagged")
+    detector: str = option(KNNDetector.name, "the detector: " + ", ".join(DETECTORS)
+                           + " (k, weighting and pre-processing apply to knn and knn-layers)")
 
     def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise InputError(f"unknown detector {self.detector!r}; choose one of: "
+                             f"{', '.join(DETECTORS)}")
         options.check_int("val_size", self.val_size)
         options.check_fraction("familiar_keep", self.familiar_keep)
         if self.train_limit is not None:
@@ -145,9 +159,7 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     bank-distance limit ``fit.familiar_keep`` of all of them, and the query watch's threshold
     is calibrated on them to ``watch.query_false_alarm``."""
     out = check_output(out, directory=True)
-    detector = KNNDetector(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing,
-                           keep=knn.keep, device=fit.device, seed=fit.seed,
-                           index=knn.index)  # bad settings: refused now
+    detector = _detector(knn, fit)  # bad settings: refused now
     path = None if source is None else _model_file(Path(source))
     net, meta, data = open_model(path, model, data)
     full = data.load("train", limit=fit.train_limit)
@@ -157,11 +169,17 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(fit.seed))]
     bank, val = subset(full, tr), subset(full, va)
     detector.fit(net, bank, progress=progress, workers=data.workers)
-    # one pass over the calibration images: the threshold and its measured keep
-    predicted, scores, labels, distances = detector.inspect_dataset(
-        val, workers=data.workers, distances=True)
-    threshold = detector.calibrate(predicted, scores, labels)
-    limit = detector.set_distance_limit(distances, fit.familiar_keep)
+    limit, familiar = None, None
+    if isinstance(detector, KNNDetector):
+        # one pass over the calibration images: the threshold and its measured keep
+        predicted, scores, labels, distances = detector.inspect_dataset(
+            val, workers=data.workers, distances=True)
+        threshold = detector.calibrate(predicted, scores, labels)
+        limit = detector.set_distance_limit(distances, fit.familiar_keep)
+        familiar = float((distances <= limit).mean())
+    else:  # what the detector fits on held-out images, then the threshold
+        predicted, scores, labels = detector.fit_held_out_data(val, workers=data.workers)
+        threshold = float(detector.offset_)  # type: ignore[arg-type]
     codes = np.concatenate([encode(x) for x, _, _ in batches(val, batch_size=500,
                                                           workers=data.workers)])
     watch = calibrate(codes, watch, seed=fit.seed)
@@ -169,13 +187,15 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     card = model_card(meta, path or "the model", trust_builder=True)  # opened above
     config = GuardConfig(
         dataset=str(meta.get("dataset", data.source)), source=str(source or model.model),
-        k=detector.k, weighting=detector.weighting.value,
-        preprocessing=detector.preprocessing.value, keep=knn.keep, threshold=threshold,
+        k=knn.k, weighting=knn.weighting.value,
+        preprocessing=knn.preprocessing.value, keep=knn.keep, threshold=threshold,
         bank_images=len(bank), calibration_images=int(right.sum()),
         calibration_kept=float((scores[right] >= threshold).mean()),
         fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__,
-        distance_limit=limit, familiar_keep=float((distances <= limit).mean()),
-        queries=watch.to_json())
+        distance_limit=limit, familiar_keep=familiar, queries=watch.to_json(),
+        detector=detector.name,
+        layers=(detector.layer_keys if not isinstance(detector, KNNDetector)
+                else [detector.layer_.name]))
     out.mkdir(parents=True, exist_ok=True)
     if path is not None:
         shutil.copyfile(path, out / MODEL)
@@ -187,6 +207,17 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
         write_keys(out / KEYS, {secrets.token_urlsafe(24): Client("admin", admin=True),
                                 secrets.token_urlsafe(24): Client("client-1")})
     return Guard(net, detector, config, card.info)
+
+
+def _detector(knn: KNNOptions, fit: GuardFit) -> AnyDetector:
+    """The detector ``fit.detector`` names, with the settings that apply to it."""
+    common: dict[str, Any] = {"keep": knn.keep, "device": fit.device, "seed": fit.seed}
+    if fit.detector == KNNDetector.name:
+        return KNNDetector(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing,
+                           index=knn.index, **common)
+    if fit.detector == "knn-layers":
+        common.update(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing)
+    return build_detector(fit.detector, **common)
 
 
 def write_keys(path: Path, keys: dict[str, Client]) -> Path:
@@ -235,46 +266,5 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-class Outputs(str, Enum):
-    LABEL = "label"
-    TOP1 = "top1"
-    PROBABILITIES = "probabilities"
-
-
-@dataclass(frozen=True)
-class Reveal:
-    """What each answer of the service reveals: the less, the less a score-based black-box
-    attack has to climb on (``label`` leaves only decision-based attacks)."""
-
-    outputs: Outputs = option(Outputs.PROBABILITIES,
-                              "what an answer reveals: label (class and verdict), top1 (and "
-                              "its probability) or probabilities (every class's, the kNN score "
-                              "and the threshold)")
-    decimals: int = option(6, "decimals of the probabilities and scores answered")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "outputs", Outputs(self.outputs))
-        options.check_int("decimals", self.decimals, 0)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"outputs": self.outputs.value, "decimals": self.decimals}
-
-
-def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal()  # noqa: B008
-            ) -> dict[str, Any]:
-    """One image's verdict as the service answers it (what ``reveal`` allows)."""
-    out: dict[str, Any] = {
-        "class": int(v.predicted[i]),
-        "verdict": "trusted" if bool(v.trusted[i]) else "flagged",
-        "unlike_training": None if v.unlike is None else bool(v.unlike[i])}
-    d = reveal.decimals
-    if reveal.outputs is Outputs.TOP1:
-        out["confidence"] = round(float(v.probabilities[i][int(v.predicted[i])]), d)
-    elif reveal.outputs is Outputs.PROBABILITIES:
-        out.update(probabilities=[round(float(p), d) for p in v.probabilities[i][:classes]],
-                   score=round(float(v.scores[i]), d), threshold=v.threshold)
-    return out
-
-
-__all__ = ["Client", "Guard", "GuardConfig", "GuardFit", "KeyRing", "Outputs", "Reveal",
-           "fit_guard", "read_keys", "summary", "write_keys"]
+__all__ = ["Client", "Guard", "GuardConfig", "GuardFit", "KeyRing", "fit_guard", "read_keys",
+           "write_keys"]

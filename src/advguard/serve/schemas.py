@@ -70,7 +70,9 @@ class Health(BaseModel):
     input_shape: list[int]
     classes: int
     threshold: float
-    k: int
+    detector: str = Field(description="the detector: knn, knn-layers, dknn or mahalanobis")
+    layers: list[str] = Field(description="the model's layers it reads")
+    k: int = Field(description="neighbours (knn and knn-layers)")
     weighting: str
     preprocessing: str
     outputs: str = Field(description="what answers reveal: label, top1 or probabilities")
