@@ -14,7 +14,6 @@ and :meth:`Detector.adaptive_loss` (the loss of the attack made for it, Tramèr 
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -294,9 +293,3 @@ class Detector(Thresholded, ABC):
         if model and not hasattr(self, "model_"):
             raise InputError("the detector has no model: fit(model, x, y) or load(path, model)")
 
-
-def first_chunk(chunks: Iterable[Chunk]) -> tuple[Chunk, Iterator[Chunk]]:
-    """The first chunk and an iterator over all of them (the first included)."""
-    it = iter(chunks)
-    head = next(it)
-    return head, itertools.chain([head], it)
