@@ -195,3 +195,19 @@ def test_unknown_detector_and_unfitted_use_are_refused(tmp_path):
     with pytest.raises(InputError, match="not calibrated"):
         DeepKNN(k=2).fit_features({"a": np.eye(4, dtype=np.float32)}, np.arange(4)).p_values(
             {"a": np.eye(4, dtype=np.float32)})
+
+
+def test_whitening_drops_components_without_variance():
+    """Dead ReLU units give the bank directions of zero variance; whitening them would divide by
+    ~0 and let them decide every distance (and the adaptive attack's loss became inf)."""
+    from advguard.detection import Preprocessor
+
+    gen = np.random.default_rng(3)
+    bank = np.concatenate([gen.normal(size=(400, 5)), np.zeros((400, 3))], axis=1)
+    pre = Preprocessor("pca-whiten").fit(bank.astype(np.float32))
+    assert pre.components_.shape == (5, 8)
+    query = np.ones((2, 8), np.float32)  # the dead units fire
+    z = pre.transform(query)
+    assert np.isfinite(z).all() and np.abs(z).max() < 100
+    zt = pre.transform_tensor(torch.from_numpy(query))
+    assert torch.allclose(zt, torch.from_numpy(z), atol=1e-5)

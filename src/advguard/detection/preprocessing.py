@@ -20,6 +20,9 @@ def parse_preprocessing(value: str | Preprocessing) -> Preprocessing:
     return parse_choice(Preprocessing, value, "pre-processing")
 
 
+RELATIVE_VARIANCE_FLOOR = 1e-6  # PCA components below this share of the largest are dropped
+
+
 class Preprocessor:
     """``fit(bank)`` then ``transform(features)``; PCA whitening is scikit-learn's ``PCA(whiten=
     True)`` (≤ 256 components), kept as plain arrays so it saves without pickling."""
@@ -35,9 +38,13 @@ class Preprocessor:
 
             n = min(self.max_components, features.shape[1], features.shape[0])
             pca = PCA(n_components=n, whiten=True, random_state=seed).fit(features)
+            # components without variance (dead ReLU units, a rank-deficient bank) are dropped:
+            # whitening would divide them by ~0 and let them decide every distance
+            var = pca.explained_variance_
+            kept = var > RELATIVE_VARIANCE_FLOOR * max(float(var.max()), 1e-30)
             self.mean_ = pca.mean_.astype(np.float32)
-            self.components_ = pca.components_.astype(np.float32)
-            self.scale_ = np.sqrt(pca.explained_variance_).astype(np.float32)
+            self.components_ = pca.components_[kept].astype(np.float32)
+            self.scale_ = np.sqrt(var[kept]).astype(np.float32)
         return self
 
     def transform(self, features: np.ndarray) -> np.ndarray:
