@@ -202,7 +202,7 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
         for m in row.values():
             assert set(m) == {"eer_accuracy", "auroc", "caught_at_keep"}
             assert 0 <= m["caught_at_keep"] <= 1 and 0 <= m["auroc"] <= 1
-        assert results["detector_details"][name]["adaptive_weight"] in (0.01, 0.1, 1.0)
+        assert results["detector_details"][name]["adaptive_weight"] in (0.0, 0.01, 0.1, 1.0)
     details = results["detector_details"]
     assert "noise" in details["mahalanobis"]["combined_on"]
     assert "FGSM" in details["mahalanobis-fgsm"]["combined_on"]

@@ -172,7 +172,10 @@ def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_pat
 
 
 def test_recipes_describe_their_mixing():
-    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-3", "pgd-at"}
+    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-3", "pgd-at", "trades"}
+    trades = get_recipe("trades")
+    assert trades.mix([0.2, 0.3]).sample and not trades.mix([0.2, 0.3]).clean
+    assert trades.config().trades_beta == 6.0 and trades.config(trades_beta=1.0).trades_beta == 1
     paper = get_recipe("fgsm").mix([0.1, 0.2])
     assert paper.clean and not paper.sample
     fast = get_recipe("fgsm-rs").mix([0.1, 0.2])
@@ -228,6 +231,7 @@ class CountingModel(torch.nn.Module):
     (get_recipe("fgsm"), (0.1, 0.2)),  # one shared gradient + clean and two copies
     (get_recipe("fgsm-rs"), (0.1, 0.3)),  # one gradient + one sampled copy
     (get_recipe("n-fgsm"), (0.3,)),
+    (get_recipe("trades"), (0.2, 0.3)),  # 10 KL steps + the adversarial and the clean pass
     (Recipe(RecipeName.PGD_AT, "PGD-3", PGD(steps=3, seed=None, early_stop=True), clean=False,
             sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=50), (0.3,)),
 ])
@@ -238,6 +242,51 @@ def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, streng
     train(net, data, recipe.mix(strengths), WhiteBox(recipe.attack),
           recipe.config(epochs=2, batch_size=50), progress=False)
     assert net.seen == recipe.passes(strengths, 2) * len(data)
+
+
+def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball(trained_mlp, batch):
+    from advguard.attacks import TradesKL, trades_kl
+
+    x, y = batch
+    torch.manual_seed(0)
+    adv = TradesKL(steps=10).craft(trained_mlp, x, y, 0.1)
+    assert linf(adv, x).max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        clean = trained_mlp(x)
+        start = trained_mlp((x + 0.001 * torch.randn_like(x)).clamp(0, 1))
+        assert trades_kl(trained_mlp(adv), clean) > 50 * max(float(trades_kl(start, clean)),
+                                                             1e-6)
+
+
+def test_the_trades_loss_needs_one_adversarial_copy_per_image(mnist_train):
+    data = mnist_train.subset(slice(0, 100))
+    with pytest.raises(AdvguardError, match="TRADES loss pairs each image"):
+        train(build_model("mlp3", "mnist"), data, StrengthMix((0.1, 0.2)), None,
+              TrainConfig(epochs=1, trades_beta=6.0), progress=False)
+
+
+def test_trades_training_is_what_its_loss_says(mnist_train):
+    """One step of the loop equals CE(clean) + β·KL/N computed by hand on the same batch."""
+    from advguard.attacks import TradesKL, trades_kl
+
+    data = mnist_train.subset(slice(0, 50))
+    torch.manual_seed(0)
+    model = build_model("mlp3", "mnist")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(epochs=1, batch_size=50, trades_beta=3.0, lr=1e-3)
+    result = train(model, data, StrengthMix((0.2,), clean=False), WhiteBox(TradesKL(steps=2)),
+                   config, progress=False)
+    ref = build_model("mlp3", "mnist")
+    ref.load_state_dict(before)
+    torch.manual_seed(0)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(config.seed))
+    x, y = data.x[order], data.y[order]
+    torch.manual_seed(config.seed)
+    adv = TradesKL(steps=2).craft(ref, x, y, torch.full((50,), 0.2))
+    ref.train()
+    clean = ref(x)
+    expected = torch.nn.functional.cross_entropy(clean, y) + 3.0 * trades_kl(ref(adv), clean) / 50
+    assert abs(result.history[0]["loss"] - float(expected.detach())) < 1e-4
 
 
 def test_strength_ramp_rises_from_zero_and_holds(mnist_train):

@@ -21,9 +21,11 @@ from advguard.attacks.fgsm import FGSM, fgsm, fgsm_directions, gradient_sign, pe
 from advguard.attacks.lbfgs import LBFGS, LBFGSReport
 from advguard.attacks.pgd import PGD, pgd
 from advguard.attacks.random_start import NoiseFGSM, RandomStartFGSM
+from advguard.attacks.trades import TradesKL, trades_kl
 from advguard.models.inference import eval_mode
 
 __all__ = ["FGSM", "LBFGS", "PGD", "Attack", "LBFGSReport", "Loss", "NoiseFGSM", "RandomStartFGSM",
-           "Strength", "check_attack_inputs", "check_strengths", "cross_entropy", "eval_mode",
-           "fgsm", "fgsm_directions", "gradient_sign", "input_gradient", "loss_gradient", "pgd",
-           "perturb", "project", "random_targets", "with_restarts"]
+           "Strength", "TradesKL", "check_attack_inputs", "check_strengths", "cross_entropy",
+           "eval_mode", "fgsm", "fgsm_directions", "gradient_sign", "input_gradient",
+           "loss_gradient", "perturb", "pgd", "project", "random_targets", "trades_kl",
+           "with_restarts"]

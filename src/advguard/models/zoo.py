@@ -86,6 +86,24 @@ def small_cnn(info: DatasetInfo) -> nn.Sequential:
     )
 
 
+def trades_cnn(info: DatasetInfo) -> nn.Sequential:
+    """TRADES' MNIST SmallCNN (Zhang et al. 2019): 4 conv 3×3 (32, 32, 64, 64 channels, max-pool
+    after each pair), FC 200 → dropout 0.5 → FC 200; 312k weights on MNIST."""
+    h, w = info.size
+    return nn.Sequential(
+        InputNorm(info),
+        nn.Conv2d(info.channels, 32, 3), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2), 200),
+        nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(200, 200), nn.ReLU(inplace=True),
+        nn.Linear(200, info.num_classes),
+    )
+
+
 # Widths are advguard's (the paper gives layer counts only), sized to train on 2 CPU cores.
 def cifar_crafter(info: DatasetInfo) -> nn.Sequential:
     """CIFAR/SVHN crafting CNN: 3 × (conv 3×3 + BN + max-pool), 32/64/128 channels, 2 FC."""
@@ -154,6 +172,7 @@ MODELS: dict[str, Callable[[DatasetInfo], nn.Sequential]] = {
     "lenet5": lenet5,
     "mlp3": mlp3,
     "small-cnn": small_cnn,
+    "trades-cnn": trades_cnn,
     "cifar-crafter": cifar_crafter,
     "cifar-victim": cifar_victim,
     "svhn-victim": svhn_victim,

@@ -19,7 +19,7 @@ RECIPE = "the recipe's"  # where a training command takes the fields a recipe se
 
 # TrainConfig fields added later: a state names them only when they differ from the default
 OPTIONAL = ("ramp", "average", "augment", "label_smoothing", "channels_last", "optimizer",
-            "momentum", "nesterov", "amp", "clip_grad")
+            "momentum", "nesterov", "amp", "clip_grad", "trades_beta")
 
 
 class Optimizer(str, Enum):
@@ -67,6 +67,9 @@ class TrainConfig:
     amp: Precision = options.option(
         Precision.OFF, "mixed precision: off, bf16 or fp16 (attacks still craft in float32)")
     clip_grad: float = options.option(0.0, "clip the gradient's norm to this; 0: off")
+    trades_beta: float = options.option(
+        0.0, "TRADES loss: cross-entropy on the clean images + β·KL(clean ‖ adversarial); 0: "
+        "cross-entropy on the training batch", fallback=RECIPE)
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -74,6 +77,8 @@ class TrainConfig:
         self.device = options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        if not 0 <= self.trades_beta < float("inf"):
+            raise InputError(f"trades_beta must be a number ≥ 0, got {self.trades_beta!r}")
         if not self.clip_grad >= 0:
             raise InputError(f"clip_grad must be ≥ 0, got {self.clip_grad!r}")
         for name in ("ramp", "average", "label_smoothing", "momentum"):

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard import distributed as distributed_
+from advguard.attacks import trades_kl
 from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
@@ -78,6 +79,9 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
+    if config.trades_beta and (mix.clean or (len(mix.strengths) > 1 and not mix.sample)):
+        raise InputError("the TRADES loss pairs each image with one adversarial copy: train on "
+                         "adversarial copies only, one strength or strengths sampled per example")
     dataset, loader_workers = as_dataset(data)
     workers = loader_workers if workers is None else workers
     info = info_of(dataset)
@@ -160,7 +164,12 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
             xb, yb = mix.batch(model, x, y, index, source, groups,  # against the synced model
                                scale=scale, augment=augment)  # crafted in float32
             with autocast():
-                loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
+                if config.trades_beta and mix.strengths:  # xb: one copy of each of x, in order
+                    clean = net(x)
+                    loss = (F.cross_entropy(clean, y, label_smoothing=config.label_smoothing)
+                            + config.trades_beta * trades_kl(net(xb), clean) / len(x))
+                else:
+                    loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.clip_grad > 0:

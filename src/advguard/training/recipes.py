@@ -13,6 +13,9 @@ recipe       adversarial copies                                     clean copy  
 ``pgd-at``   PGD-40 with random start, step 2.5·ε/40 (Madry et      no           one-cycle to
              al. 2018), early-stopped per example as in Wong et                  5e-3, 100
              al.'s baseline — the expensive baseline
+``trades``   10 signed steps on the KL to the clean output (Zhang    no (its      one-cycle to
+             et al. 2019); loss CE(clean) + 6·KL, strengths           loss has    5e-3, 100
+             sampled per example and ramped                         the clean)
 ===========  =====================================================  ===========  ==============
 
 The one-cycle schedule, peak and batch are Wong et al.'s MNIST settings; PGD-AT gets the same
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM
+from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM, TradesKL
 from advguard.errors import parse_choice
 from advguard.training.config import Schedule, TrainConfig
 from advguard.training.mixing import StrengthMix
@@ -41,6 +44,7 @@ class RecipeName(str, Enum):
     N_FGSM = "n-fgsm"
     PGD_3 = "pgd-3"
     PGD_AT = "pgd-at"
+    TRADES = "trades"
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,14 @@ class Recipe:
     batch_size: int  # clean examples per step
     ramp: float = 0.0  # TrainConfig.ramp: strengths rise from 0 over this fraction of training
     average: float = 0.0  # TrainConfig.average: EMA decay of the weights (0: off)
+    beta: float = 0.0  # TrainConfig.trades_beta: the TRADES loss's weight (0: cross-entropy)
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The training configuration of this recipe: batch size, lr, schedule, ε ramp and
         weight averaging are the recipe's unless given (``None`` counts as not given), every
         other field :class:`TrainConfig`'s default unless given."""
         own = {"batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
-               "ramp": self.ramp, "average": self.average}
+               "ramp": self.ramp, "average": self.average, "trades_beta": self.beta}
         given = {k: v for k, v in overrides.items() if v is not None}
         return TrainConfig(**{**own, **given})
 
@@ -78,7 +83,8 @@ class Recipe:
         crafted = 1 if mix.sample else len(mix.strengths)
         craft = self.attack.passes * (1 if self.attack.shares_gradient
                                       else crafted)
-        return epochs * (craft + crafted + int(mix.clean))
+        clean = mix.clean or self.beta > 0  # TRADES trains on the clean image too
+        return epochs * (craft + crafted + int(clean))
 
     def mix(self, strengths: Sequence[float], *, reduced: bool = False) -> StrengthMix:
         """The batch mixing of a method trained at ``strengths`` (empty: clean training)."""
@@ -121,6 +127,12 @@ RECIPES: dict[RecipeName, Recipe] = {
         # without the early stop the small MNIST CNN stayed at chance (11%) for all 10 epochs
         PGD(steps=40, seed=None, early_stop=True, keep_best=False),
         clean=False, sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100),
+    RecipeName.TRADES: Recipe(
+        RecipeName.TRADES, "TRADES (Zhang et al. 2019): cross-entropy on the clean image + "
+        "β·KL(clean ‖ adversarial), β = 6, the adversarial image from 10 signed steps on the KL "
+        "(step 2.5·ε/10), strengths sampled per example and ramped up over the first 30% of "
+        "the steps, one-cycle learning rate", TradesKL(steps=10), clean=False, sample=True,
+        schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100, ramp=0.3, beta=6.0),
 }
 
 
