@@ -153,7 +153,7 @@ def test_a_guard_fits_and_loads_with_every_detector(detector, guard_dir, digits,
 
     out = tmp_path / detector
     fit_guard(guard_dir.parent / "lenet.safetensors", out, knn=KNNOptions(k=100),
-              fit=GuardFit(train_limit=8000, val_size=1000, detector=detector))
+              fit=GuardFit(train_limit=4000, val_size=800, detector=detector))
     g = Guard.load(out)
     assert g.detector.name == detector and g.config.detector == detector
     assert len(g.config.layers) == 3 and 0.97 <= g.config.calibration_kept <= 1.0
@@ -171,7 +171,7 @@ def test_a_guard_fits_and_loads_with_every_detector(detector, guard_dir, digits,
 def test_a_deep_knn_guard_serves(guard_dir, keys, digits, tmp_path, cli):
     out = tmp_path / "dknn"
     proc = cli("guard", "fit", str(guard_dir.parent / "lenet.safetensors"), "--out", str(out),
-               "--detector", "dknn", "--train-limit", "8000", "--val-size", "1000", "--quiet")
+               "--detector", "dknn", "--train-limit", "3000", "--val-size", "600", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "dknn guard" in proc.stdout
     shutil.copyfile(guard_dir / "keys.json", out / "keys.json")
