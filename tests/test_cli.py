@@ -298,3 +298,45 @@ def test_the_installed_console_script_starts(tmp_path, model_file):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint not found")
     assert "Traceback" not in bad.stderr
+
+
+def test_choices_on_a_held_out_validation_split(tmp_path, cli):
+    """train --hold-out N leaves N training images out and records it; evaluate and audit
+    --split val attack exactly those; a checkpoint trained on them cannot be 'validated'."""
+    import torch
+
+    from advguard.data import DataOptions
+    from advguard.io import read_metadata
+
+    held = tmp_path / "held.safetensors"
+    proc = cli("train", str(held), "--model", "mlp3", "--epochs", "1", "--train-limit", "2000",
+               "--hold-out", "1000", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert read_metadata(held)["data"]["hold_out"] == 1000
+    out = tmp_path / "val.json"
+    proc = cli("evaluate", str(held), "--split", "val", "--test-limit", "300", "--grid", "0,0.1",
+               "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["split"] == "val" and result["hold_out"] == 1000 and result["images"] == 300
+    # the validation images are not among the training images, and are found again
+    options = DataOptions(hold_out=1000)
+    train_part, val_part = options.held_out()
+    trained = options.load_training(limit=2000)
+    seen = {x.numpy().tobytes() for x in trained.x}
+    assert not any(x.numpy().tobytes() in seen for x in val_part.x[:300])
+    assert torch.equal(DataOptions(hold_out=1000, split="val").load_evaluation(300).x,
+                       val_part.x[:300])
+    assert len(train_part) == 59_000
+    # refusals: no held-out split, a different one, --split for training
+    plain = tmp_path / "plain.safetensors"
+    assert cli("train", str(plain), "--model", "mlp3", "--epochs", "1", "--train-limit", "500",
+               "--quiet").returncode == 0
+    assert_one_line_error(cli("evaluate", str(plain), "--split", "val"),
+                          "--split val needs the validation images held out")
+    assert_one_line_error(cli("audit", str(held), "--split", "val", "--hold-out", "500"),
+                          "trained holding out 1000 images")
+    assert_one_line_error(cli("train", str(tmp_path / "x.safetensors"), "--split", "val"),
+                          "--split chooses the images evaluate and audit attack")
+    assert_one_line_error(cli("evaluate", str(held), "--split", "train"),
+                          "split must be one of test, val")

@@ -93,14 +93,14 @@ def audit(
     if out is not None:
         check_output(out)
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load("test", limit=test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(limit=test_limit), workers=data.workers)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
                        pgd=pgd, suite=not only_autoattack,
                        autoattack=reference,
                        sources=sources, device=device, seed=seed, progress=not quiet)
     name = checkpoint.name if checkpoint is not None else model_options.model
-    typer.echo(f"{name}: ε = {strength:g}, {report.images} test images")
+    typer.echo(f"{name}: ε = {strength:g}, {report.images} {data.split} images")
     typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
     for name, acc in report.attacks.items():
         typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
@@ -119,7 +119,7 @@ def audit(
                                          else "no signal"))
     if out is not None:
         write_json(out, {"checkpoint": str(checkpoint or model_options.model),
-                         **report.to_json()})
+                         "split": data.split, "hold_out": data.hold_out, **report.to_json()})
 
 
 @app.command()
@@ -155,7 +155,7 @@ def evaluate(
         check_output(out)
     chosen = None if grid is None else opts.strengths(grid)
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load("test", limit=test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(limit=test_limit), workers=data.workers)
     strengths = list(test.info.grid if chosen is None else chosen)
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
@@ -168,7 +168,8 @@ def evaluate(
             crafting = load_any(crafter)[0]
         curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
     result = {"checkpoint": str(checkpoint or model_options.model), "dataset": test.info.name,
-              "attack": threat.value,
+              "attack": threat.value, "split": data.split, "hold_out": data.hold_out,
+              "images": len(test),
               "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
     if out is not None:
         write_json(out, result)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from advguard.data.datasets import DatasetInfo, dataset_info, load_dataset
+from advguard.data.datasets import DatasetInfo, dataset_info, load_dataset, train_val_split
 from advguard.data.folder import PREFIX, folder_root, is_folder_source, load_folder
-from advguard.data.loading import ImageDataset
+from advguard.data.loading import ImageDataset, subset
 from advguard.data.readers import Split
 from advguard.errors import DataError
 from advguard.options import check_int, option
@@ -40,6 +40,10 @@ def data_info(source: str, *, image_size: int | None = None,
     return dataset_info(source)
 
 
+SPLITS = ("test", "val")
+HOLD_OUT_SEED = 0  # one held-out split for every command: a checkpoint's is found again
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """Where a command's images come from; every data option of the command line is a field
@@ -58,9 +62,18 @@ class DataOptions:
     channels: int | None = option(None, "image folders: 1 (grey) or 3 (RGB); default: the "
                                         "checkpoint's, or the first image's")
     workers: int = option(0, "DataLoader worker processes that decode images")
+    hold_out: int = option(0, "training images held out as a validation split (seeded): "
+                              "train leaves them out, and checkpoints record it; evaluate "
+                              "and audit attack them with --split val")
+    split: str = option("test", "the images evaluate and audit attack: test, or val (the "
+                                "training images held out with --hold-out, for choosing "
+                                "recipes and strengths without seeing the test images)")
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=0)
+        check_int("hold_out", self.hold_out, minimum=0)
+        if self.split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.image_size is not None:
             check_int("image_size", self.image_size)
 
@@ -77,14 +90,50 @@ class DataOptions:
             raise DataError("the checkpoint names no data it was trained on: give --data")
         if name != trained_on:  # other data: its own size and channels, unless given
             return replace(self, data=name)
+        held = int(saved.get("hold_out") or 0)
+        if self.hold_out and held and self.hold_out != held:
+            raise DataError(f"the checkpoint was trained holding out {held} images; "
+                            f"--hold-out {self.hold_out} would attack images it was trained on")
         return replace(self, data=name,
                        image_size=self.image_size or saved.get("image_size"),
-                       channels=self.channels or saved.get("channels"))
+                       channels=self.channels or saved.get("channels"),
+                       hold_out=self.hold_out or held)
 
     def load(self, split: str | Split = Split.TRAIN, *, augment: bool = False,
              limit: int | None = None) -> ImageDataset:
         return load_data(self.source, split, data_dir=self.data_dir, image_size=self.image_size,
                          channels=self.channels, augment=augment, limit=limit)
+
+    def held_out(self) -> tuple[ImageDataset, ImageDataset]:
+        """``(training images, validation images)``: ``hold_out`` images of the training file
+        set aside with a fixed seed, the same for every command."""
+        full = self.load(Split.TRAIN)
+        tr, va = train_val_split(len(full), self.hold_out, HOLD_OUT_SEED)
+        return subset(full, tr), subset(full, va)
+
+    def load_training(self, *, augment: bool = False, limit: int | None = None
+                      ) -> ImageDataset:
+        """The training images (less the held-out ones), the first ``limit`` of them."""
+        if self.split != "test":
+            raise DataError("--split chooses the images evaluate and audit attack; training "
+                            "uses the training file less --hold-out")
+        if not self.hold_out:
+            return self.load(Split.TRAIN, augment=augment, limit=limit)
+        full = self.load(Split.TRAIN, augment=augment)
+        tr, _ = train_val_split(len(full), self.hold_out, HOLD_OUT_SEED)
+        return subset(full, tr[:limit])
+
+    def load_evaluation(self, limit: int | None = None) -> ImageDataset:
+        """The images ``--split`` names: the test file, or the held-out validation images (the
+        first ``limit`` of either)."""
+        if self.split == "test":
+            return self.load(Split.TEST, limit=limit)
+        if not self.hold_out:
+            raise DataError("--split val needs the validation images held out of training "
+                            "(train with --hold-out N; the checkpoint records it): without "
+                            "them they would be images the model was trained on")
+        val = self.held_out()[1]
+        return subset(val, range(min(limit or self.hold_out, self.hold_out)))
 
     def info(self) -> DatasetInfo:
         return data_info(self.source, image_size=self.image_size, channels=self.channels)
@@ -95,4 +144,4 @@ class DataOptions:
         if is_folder_source(source):  # a path that still holds from another folder
             source = PREFIX + str(folder_root(source).resolve())
         return {"source": source, "image_size": self.image_size,
-                "channels": self.channels}
+                "channels": self.channels, "hold_out": self.hold_out}

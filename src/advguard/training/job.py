@@ -81,7 +81,7 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
     info = data.info()
     torch.manual_seed(config.seed)
     net, card = model.build(info)  # an unknown builder fails before the data loads
-    train_set = data.load("train", augment=config.augment, limit=job.train_limit)
+    train_set = data.load_training(augment=config.augment, limit=job.train_limit)
     test = data.load("test")
     lock = (hold_lock(out.with_suffix(".lock"), f"output {out}") if distributed.is_main()
             else contextlib.nullcontext())
