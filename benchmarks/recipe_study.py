@@ -10,9 +10,19 @@ and is skipped when the file exists, so the study resumes where it stopped. Trai
 counted as forward-backward passes per training example
 (:meth:`advguard.training.Recipe.passes`) and as the training wall time.
 
-Run: ``python benchmarks/recipe_study.py OUT [NAME ...]`` (default: every MNIST candidate);
-``python benchmarks/recipe_study.py OUT --table`` prints the summary as a markdown table.
-Results: ``OUT/summary.json`` and one line per candidate on stdout.
+Two protocols, recorded in every row as ``chosen_on``:
+
+* ``--protocol validation`` (the accepted one): each candidate trains with ``--hold-out 5000``
+  (MNIST; 5,000 training images set aside with a fixed seed) and its PGD curve and AutoAttack
+  run on the first 1,000 of those held-out images (``--split val``). Recipes and strengths are
+  chosen on these numbers. ``--final NAME ...`` then runs AutoAttack once on all 10,000 test
+  images for the chosen candidates (``autoattack_test_10k``, with its standard error).
+* ``--protocol test-1000`` (the first study's): everything on the first 1,000 test images;
+  choices made on them are not results of record.
+
+Run: ``python benchmarks/recipe_study.py OUT [--protocol validation] [NAME ...]`` (default:
+every MNIST candidate); ``... OUT --final NAME ...``; ``... OUT --table`` prints the summary
+as a markdown table. Results: ``OUT/summary.json`` and one line per candidate on stdout.
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ class Setup:
     data: list[str]  # the evaluation commands' data options
     pgd: list[str]  # `advguard evaluate` options of the PGD curve
     autoattack_images: int
+    hold_out: int = 5000  # validation images held out of training (protocol "validation")
+    test_images: int = 10_000  # the final AutoAttack of record
+
+
+PROTOCOLS = ("validation", "test-1000")
 
 
 MNIST_SETUP = Setup("0.3", ["--model", "small-cnn"], [],
@@ -62,6 +77,12 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     "pgd-3-narrow-10-ramp": ("pgd-3", "0.25,0.3,0.35", 10, ["--ramp", "0.3"]),
     "pgd-3-mixed-10-ramp-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3", "--average",
                                                             "0.999"]),
+    # TRADES' SmallCNN: TRADES with one strength, multi-strength TRADES, PGD-AT, all ≤ 410 passes
+    "trades-cnn-pgd-at": ("pgd-at", "0.3", 10, ["--model", "trades-cnn"]),
+    "trades-cnn-trades-0.3": ("trades", "0.3", 30, ["--model", "trades-cnn"]),
+    "trades-cnn-trades-mixed": ("trades", "0.2,0.3,0.4", 30, ["--model", "trades-cnn"]),
+    "trades-cnn-pgd-3-mixed": ("pgd-3", "0.2,0.3,0.4", 30, ["--ramp", "0.3", "--model",
+                                                           "trades-cnn"]),
     # CIFAR-10 (names start with "cifar10-")
     "cifar10-clean": ("fgsm", "", 15, ["--schedule", "one-cycle", "--lr", "3e-3",
                                        "--label-smoothing", "0.1"]),
@@ -75,23 +96,26 @@ def _run(args: list[str], log: Path) -> None:
                        stderr=subprocess.STDOUT)
 
 
-def study(out: Path, name: str) -> dict:
+def study(out: Path, name: str, protocol: str = "validation") -> dict:
     recipe, strengths, epochs, extra = CANDIDATES[name]
     setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
+    val = protocol == "validation"
+    hold = ["--hold-out", str(setup.hold_out)] if val else []
+    split = ["--split", "val"] if val else []
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     model, log = d / "model.safetensors", d / "log.txt"
     if not model.exists():
         _run(["train", str(model), *setup.model, "--recipe", recipe,
               *(["--strengths", strengths] if strengths else []), "--epochs", str(epochs),
-              "--seed", "0", "-q", *extra], log)
+              "--seed", "0", "-q", *hold, *extra], log)
     if not (d / "pgd.json").exists():
         _run(["evaluate", str(model), "--attack", "white-box-pgd", *setup.pgd, *setup.data,
-              "--out", str(d / "pgd.json"), "-q"], log)
+              *split, "--out", str(d / "pgd.json"), "-q"], log)
     if not (d / "autoattack.json").exists():
         _run(["audit", str(model), "--eps", setup.eps, "--only-autoattack", "--test-limit",
-              str(setup.autoattack_images), *setup.data, "--out", str(d / "autoattack.json"),
-              "-q"], log)
+              str(setup.autoattack_images), *setup.data, *split,
+              "--out", str(d / "autoattack.json"), "-q"], log)
     meta = read_metadata(model)
     pgd = json.loads((d / "pgd.json").read_text())
     aa = json.loads((d / "autoattack.json").read_text())["autoattack"]
@@ -104,7 +128,26 @@ def study(out: Path, name: str) -> dict:
             "passes_per_example": get_recipe(recipe).passes(eps, epochs),
             "pgd_options": setup.pgd,
             "pgd_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
-            "pgd_min": min(pgd["curve"]), "autoattack": aa}
+            "pgd_min": min(pgd["curve"]), "autoattack": aa,
+            "chosen_on": (f"validation: the first {setup.autoattack_images:,} of "
+                          f"{setup.hold_out:,} training images held out" if val else
+                          f"test: the first {setup.autoattack_images:,} test images (no "
+                          "validation split; not a result of record)")}
+
+
+def final(out: Path, name: str) -> dict:
+    """AutoAttack (standard) once on the whole test set, for a candidate chosen on validation:
+    the number of record, with its standard error."""
+    setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
+    d = out / name
+    path = d / "autoattack-test.json"
+    if not path.exists():
+        _run(["audit", str(d / "model.safetensors"), "--eps", setup.eps, "--only-autoattack",
+              "--test-limit", str(setup.test_images), *setup.data, "--out", str(path), "-q"],
+             d / "log.txt")
+    aa = json.loads(path.read_text())["autoattack"]
+    p, n = aa["robust_accuracy"], aa["images"]
+    return {**aa, "standard_error": (p * (1 - p) / n) ** 0.5}
 
 
 def table(summary: dict) -> str:
@@ -129,8 +172,24 @@ def main(out: Path, names: list[str]) -> None:
         return
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if names[:1] == ["--final"]:
+        for name in names[1:]:
+            if not summary.get(name, {}).get("chosen_on", "").startswith("validation"):
+                raise SystemExit(f"{name}: the final test-set number is for candidates chosen "
+                                 "on validation (--protocol validation first)")
+            summary[name]["autoattack_test_10k"] = final(out, name)
+            aa = summary[name]["autoattack_test_10k"]
+            print(f"{name:<28} AutoAttack on {aa['images']} test images "
+                  f"{100 * aa['robust_accuracy']:.2f} ± {100 * aa['standard_error']:.2f}")
+            write_json(summary_path, summary)
+        return
+    protocol = "validation"
+    if names[:1] == ["--protocol"]:
+        protocol, names = names[1], names[2:]
+        if protocol not in PROTOCOLS:
+            raise SystemExit(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     for name in names or [n for n in CANDIDATES if not n.startswith("cifar10-")]:
-        summary[name] = study(out, name)
+        summary[name] = study(out, name, protocol)
         s = summary[name]
         print(f"{name:<28} clean {100 * s['clean_accuracy_10k']:.2f}  PGD min "
               f"{100 * s['pgd_min']:.1f}  AA {100 * s['autoattack']['robust_accuracy']:.1f}"
