@@ -8,13 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from advguard import options as opts
-from advguard.attacks import PGD
 from advguard.cli import app, setup_logging
 from advguard.cli.options import Quiet, config_command, with_configs
 from advguard.cli.options import option_param as opts_param
 from advguard.data import DataOptions
 from advguard.errors import InputError, parse_choice
-from advguard.evaluation import AUDIT_PGD, AutoAttack
+from advguard.evaluation.options import AuditOptions, EvaluateOptions
 from advguard.io import check_output
 from advguard.models import ModelOptions
 from advguard.strengths import Walk
@@ -51,54 +50,38 @@ CHECKPOINT_HELP = ("model or ensemble (.safetensors); or leave it out and give -
 
 
 @app.command()
-@with_configs(data=DataOptions, model_options=ModelOptions)
+@with_configs(data=DataOptions, model_options=ModelOptions, options=AuditOptions)
 def audit(
     data: DataOptions,
     model_options: ModelOptions,
+    options: AuditOptions,
     checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
-    eps: Annotated[str, typer.Option(help="L∞ strength to audit at (pixel units), e.g. 0.3 "
-                                           "or 8/255")] = "0.3",
-    pgd_steps: int = AUDIT_PGD.steps,
-    pgd_step_size: Annotated[float | None, typer.Option(
-        help="PGD step in pixel units; none: 2.5·ε/steps")] = AUDIT_PGD.step_size,
-    pgd_restarts: int = AUDIT_PGD.restarts,
     transfer_from: Annotated[list[Path] | None, typer.Option(
         help="other models whose PGD examples are transferred (black-box check); repeatable")]
     = None,
-    test_limit: Annotated[int | None, typer.Option(help="first N test images")] = 1000,
-    only_autoattack: Annotated[bool, typer.Option(
-        help="AutoAttack and the cheap checks only (no PGD, sweep or transfer)")] = False,
-    autoattack: Annotated[str, typer.Option(
-        help="AutoAttack's implementation: torchattacks, or reference (the authors' code, "
-             "pip install 'advguard[reference]')")] = AutoAttack.implementation,
-    seed: int = 0,
-    device: str = "cpu",
     out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Audit a white-box robustness claim: AutoAttack (standard: APGD-CE, APGD-T, FAB-T,
     Square), advguard's PGD, torchattacks' PGD and APGD (CE, DLR), a PGD step sweep, black-box
     transfer, zero gradients and an unbounded attack."""
-    from advguard.attacks import PGD
     from advguard.data import materialise
     from advguard.ensemble import load_any, open_model
     from advguard.evaluation import audit as run_audit
     from advguard.io import write_json
 
     setup_logging(quiet)
-    pgd = PGD(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts, seed=seed)
-    reference = AutoAttack(seed=seed, implementation=autoattack)
-    strength = opts.strength(eps)
-    opts.device(device)
+    pgd, reference, strength = options.pgd(), options.reference(), options.eps
+    opts.device(options.device)
     if out is not None:
         check_output(out)
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(limit=test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(limit=options.test_limit), workers=data.workers)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
-                       pgd=pgd, suite=not only_autoattack,
-                       autoattack=reference,
-                       sources=sources, device=device, seed=seed, progress=not quiet)
+                       pgd=pgd, suite=not options.only_autoattack, autoattack=reference,
+                       sources=sources, device=options.device, seed=options.seed,
+                       progress=not quiet)
     name = checkpoint.name if checkpoint is not None else model_options.model
     typer.echo(f"{name}: ε = {strength:g}, {report.images} {data.split} images")
     typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
@@ -123,21 +106,13 @@ def audit(
 
 
 @app.command()
-@with_configs(data=DataOptions, model_options=ModelOptions)
+@with_configs(data=DataOptions, model_options=ModelOptions, options=EvaluateOptions)
 def evaluate(
     data: DataOptions,
     model_options: ModelOptions,
+    options: EvaluateOptions,
     checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
-    attack: Annotated[str, typer.Option(help="white-box-fgsm, white-box-pgd or transfer-fgsm")]
-    = "white-box-fgsm",
     crafter: Annotated[Path | None, typer.Option(help="crafting model (transfer-fgsm)")] = None,
-    grid: Annotated[str | None, typer.Option(help="test strengths (default: the paper's)")]
-    = None,
-    pgd_steps: int = PGD.steps,
-    pgd_restarts: int = PGD.restarts,
-    test_limit: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
     out: Annotated[Path | None, typer.Option(help="write the curve as JSON here")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -148,14 +123,13 @@ def evaluate(
     from advguard.io import write_json
 
     setup_logging(quiet)
-    pgd = PGD(steps=pgd_steps, restarts=pgd_restarts, seed=seed)
-    threat = parse_choice(ThreatSetting, attack, "attack")
+    pgd, threat, device = options.pgd(), options.attack, options.device
     opts.device(device)
     if out is not None:
         check_output(out)
-    chosen = None if grid is None else opts.strengths(grid)
+    chosen = options.grid or None
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(limit=test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(limit=options.test_limit), workers=data.workers)
     strengths = list(test.info.grid if chosen is None else chosen)
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:

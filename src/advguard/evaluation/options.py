@@ -1,0 +1,54 @@
+"""The options of ``advguard evaluate`` and ``advguard audit``, each default declared once (here):
+the commands take them from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from advguard import options as opts
+from advguard.attacks import PGD
+from advguard.evaluation.audit import AUDIT_PGD
+from advguard.evaluation.autoattack import IMPLEMENTATIONS, AutoAttack
+from advguard.evaluation.robustness import ThreatSetting
+from advguard.options import option
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    attack: ThreatSetting = option(ThreatSetting.WHITE_BOX_FGSM,
+                                   "white-box-fgsm, white-box-pgd or transfer-fgsm")
+    grid: tuple[float, ...] = option((), "strengths, e.g. 0,0.1,0.3 or 0,8/255 (default: the "
+                                         "dataset's grid)", parse=opts.strengths)
+    pgd_steps: int = option(PGD.steps, "PGD steps (white-box-pgd; step 2.5·ε/steps)")
+    pgd_restarts: int = option(PGD.restarts, "PGD random starts (white-box-pgd)")
+    test_limit: int | None = option(None, "first N images of the split (default: all)")
+    seed: int = option(0, "seed of PGD's random starts")
+    device: str = option("cpu", "torch device")
+
+    def pgd(self) -> PGD:
+        return PGD(steps=self.pgd_steps, restarts=self.pgd_restarts, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    eps: float = option(0.3, "L∞ strength to audit at (pixel units), e.g. 0.3 or 8/255",
+                        parse=opts.strength)
+    pgd_steps: int = option(AUDIT_PGD.steps, "advguard PGD's steps")
+    pgd_step_size: float | None = option(AUDIT_PGD.step_size, "PGD step in pixel units; none: "
+                                                              "2.5·ε/steps")
+    pgd_restarts: int = option(AUDIT_PGD.restarts, "advguard PGD's random starts")
+    test_limit: int | None = option(1000, "first N images of the split")
+    only_autoattack: bool = option(False, "AutoAttack and the cheap checks only (no PGD, sweep "
+                                          "or transfer)")
+    autoattack: str = option(AutoAttack.implementation, "AutoAttack's implementation: "
+                             + " or ".join(IMPLEMENTATIONS) + " (the authors' code, pip install "
+                             "'advguard[reference]')")
+    seed: int = option(0, "seed of every random start")
+    device: str = option("cpu", "torch device")
+
+    def pgd(self) -> PGD:
+        return PGD(steps=self.pgd_steps, step_size=self.pgd_step_size,
+                   restarts=self.pgd_restarts, seed=self.seed)
+
+    def reference(self) -> AutoAttack:
+        return AutoAttack(seed=self.seed, implementation=self.autoattack)
