@@ -2,9 +2,9 @@
 guard folder of ``advguard guard fit``):
 
 1. white-box attackers — FGSM at ε = 0.1 / 0.2 / 0.3, PGD-20 at ε = 0.2 / 0.3 and the adaptive
-   attacker of the detection results (targeted PGD that pulls the whitened features onto the
-   target class), each sending attacked test digits one per request: how many are answered
-   before the client is denied;
+   attacker of the guard's detector (targeted PGD on its ``adaptive_loss``: for the kNN
+   detector, the pull of the whitened features onto the target class), each sending attacked
+   test digits one per request: how many are answered before the client is denied;
 2. dilution — PGD-20 (ε = 0.3) images, each followed by k clean test images from the same key
    (k = 0 … 10): denied or not, after how many requests and adversarial answers;
 3. the race — ten 64-image PGD requests sent at once: adversarial images answered before the
@@ -39,7 +39,6 @@ from common import save, start_server
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.data import load_data
-from advguard.detection import FeaturePull
 from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
 
@@ -50,13 +49,13 @@ DILUTION = (0, 1, 2, 3, 5, 10)
 LOAD_REQUESTS, LOAD_CLIENTS = 2000, 8
 
 
-def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, classes: int
-            ) -> dict[str, torch.Tensor]:
+def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, classes: int,
+            adaptive_weight: float = 1.0) -> dict[str, torch.Tensor]:
     model = guard.model
     out = {f"fgsm-{e}": FGSM()(model, x, y, e) for e in (0.1, 0.2, 0.3)}
     for e in (0.2, 0.3):
         out[f"pgd20-{e}"] = PGD(steps=20, seed=0)(model, x, y, e)
-    pull = FeaturePull(guard.detector, weight=1.0)
+    pull = guard.detector.adaptive_loss(adaptive_weight)  # the guard's detector's own attack
     target = random_targets(y, classes, 0)
     out["adaptive-0.2"] = PGD(steps=20, random_start=False, loss=pull, targeted=True)(
         model, x, target, 0.2)
@@ -265,13 +264,17 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="where a named dataset lies")
     parser.add_argument("--out", default="guard")
     parser.add_argument("--port", type=int, default=8711)
+    parser.add_argument("--adaptive-weight", type=float, default=1.0,
+                        help="the detector term's weight in the adaptive attack (choose it as "
+                             "reproduce detect does, on validation images)")
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     info = guard.info
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.tensor([int(test[i][1]) for i in range(len(test))])
-    adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes)
+    adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes,
+                  args.adaptive_weight)
     pgd = adv["pgd20-0.3" if "pgd20-0.3" in adv else next(iter(adv))]
     dup = [augmented(x[k * DUP_IMAGES:(k + 1) * DUP_IMAGES], DUP_COPIES, info.flips, k)
            for k in range(HONEST_CLIENTS)]
