@@ -305,7 +305,8 @@ def main() -> None:
     loaded["in_process_images_per_s"] = local
     loaded["service_over_in_process"] = loaded["requests_per_s"] / local
     result = {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
-              "policy": Policy().to_json(), "attackers": attackers, "dilution": dilution,
+              "policy": Policy().to_json(), "adaptive_weight": args.adaptive_weight,
+              "attackers": attackers, "dilution": dilution,
               "race": raced, "honest": honest, "honest_near_duplicates": near, "load": loaded,
               "history_memory": history_memory(guard, x, args.guard_dir),
               "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
