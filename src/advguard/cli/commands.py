@@ -16,7 +16,7 @@ from advguard.errors import InputError, parse_choice
 from advguard.evaluation.options import AuditOptions, EvaluateOptions
 from advguard.io import check_output
 from advguard.models import ModelOptions
-from advguard.strengths import Walk
+from advguard.strengths import SelectOptions
 from advguard.training import Method, TrainConfig, TrainJob
 
 
@@ -164,22 +164,20 @@ def report(
 
 
 @app.command("select-strengths")
+@with_configs(options=SelectOptions)
 def select_strengths(
+    options: SelectOptions,
     source: Annotated[Path, typer.Argument(
         help="a run directory, or a JSON file {\"strengths\": [...], \"matrix\": [[...]]}")],
-    walks: int = Walk.walks,
-    walk_steps: int = Walk.steps,
-    penalty: float = Walk.penalty,
-    combination: Annotated[str, typer.Option(help="parallel or mixed")] = Method.PARALLEL.value,
-    seed: int = Walk.seed,
-    seeds: Annotated[int, typer.Option(help="seeds to measure agreement over")] = 100,
 ) -> None:
     """Random-walk strength selection on an accuracy matrix, checked against the exact
     optimum of the same G (paper §4.3)."""
     from advguard.io import read_json
     from advguard.strengths import agreement_rate, exhaustive_select, random_walk_select
 
-    combo = parse_choice(Method, combination, "combination")
+    walks, walk_steps, penalty = options.walks, options.walk_steps, options.penalty
+    seed, seeds = options.seed, options.seeds
+    combo = parse_choice(Method, options.combination, "combination")
     obj = read_json(source / "checkpoints" / "selection.json" if source.is_dir() else source)
     if not isinstance(obj, dict):
         raise InputError(f"{source} must hold a JSON object {{\"matrix\": [[...]], "

@@ -11,6 +11,7 @@ from advguard.strengths.results import (
 )
 from advguard.strengths.selection import (
     Selection,
+    SelectOptions,
     Walk,
     agreement_rate,
     estimate_H,
@@ -19,7 +20,7 @@ from advguard.strengths.selection import (
     transition_matrix,
 )
 
-__all__ = ["HAND_PICKED", "RANDOM_WALK", "Choice", "MethodSelection", "MssimBound", "Selection",
-           "StrengthSelection", "Walk", "agreement_rate", "estimate_H", "exhaustive_select",
-           "mssim", "mssim_table", "random_walk_select", "ssim_per_image", "strength_bound",
-           "transition_matrix"]
+__all__ = ["HAND_PICKED", "RANDOM_WALK", "Choice", "MethodSelection", "MssimBound",
+           "SelectOptions", "Selection", "StrengthSelection", "Walk", "agreement_rate",
+           "estimate_H", "exhaustive_select", "mssim", "mssim_table", "random_walk_select",
+           "ssim_per_image", "strength_bound", "transition_matrix"]

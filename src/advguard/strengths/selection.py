@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advguard.errors import InputError
+from advguard.options import check_int, option
 from advguard.training import MULTI_STRENGTH, Method
 
 
@@ -34,6 +35,27 @@ class Walk:
     steps: int = 8  # l, steps per walk
     penalty: float = -0.001  # a in G = H + a·S (0.1 point of accuracy per extra strength)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """The strength selection's options as the command line takes them (``select-strengths``;
+    ``reproduce mat`` takes ``walks``, ``walk_steps`` and ``penalty`` from here)."""
+
+    walks: int = option(Walk.walks, "random walks t (strength selection)")
+    walk_steps: int = option(Walk.steps, "steps per walk l")
+    penalty: float = option(Walk.penalty, "a ≤ 0 in G = H + a·S")
+    combination: str = option(Method.PARALLEL.value, "parallel or mixed")
+    seed: int = option(Walk.seed, "seed of the walk")
+    seeds: int = option(100, "seeds to measure the walk's agreement with the optimum over")
+
+    def __post_init__(self) -> None:
+        for name in ("walks", "seeds"):
+            check_int(name, getattr(self, name))
+        check_int("walk_steps", self.walk_steps, minimum=0)
+        if self.penalty > 0:
+            raise InputError(f"penalty must be ≤ 0, got {self.penalty}")
+        _combination(self.combination)
 
 
 def _combination(combination: Method | str) -> Method:

@@ -13,9 +13,9 @@ from advguard.data import VAL_SIZE, DatasetInfo, dataset_info
 from advguard.ensemble import VotingRule, parse_rule
 from advguard.errors import InputError, parse_choice
 from advguard.models import build_model
-from advguard.options import option
+from advguard.options import option, same_as
 from advguard.reproduce import victims
-from advguard.strengths import Walk
+from advguard.strengths import SelectOptions, Walk
 from advguard.training import RecipeName, Schedule, get_recipe
 
 
@@ -73,9 +73,9 @@ class MatConfig:
         f"{DEFAULT_RECIPES[Setting.WHITE_BOX].value} (white-box)")
     pgd_at: bool = option(False, "also train the PGD-40 adversarial training baseline "
                                  "(white-box setting)")
-    walks: int = option(Walk.walks, "random walks t (strength selection)")
-    walk_steps: int = option(Walk.steps, "steps per walk l")
-    penalty: float = option(Walk.penalty, "a ≤ 0 in G = H + a·S")
+    walks: int = same_as(SelectOptions, "walks")
+    walk_steps: int = same_as(SelectOptions, "walk_steps")
+    penalty: float = same_as(SelectOptions, "penalty")
     voting: str = option("mean", "parallel MAT voting: mean, learned, gated")
     compare_voting: bool = option(False, "also fit and evaluate every voting rule on the same "
                                          "members")
