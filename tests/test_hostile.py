@@ -131,7 +131,7 @@ CLI_ROWS = [
      "label_smoothing must be in [0, 1)"),
     ("train-schedule-bogus", "train {d}/m.safetensors --schedule cosine",
      "unknown schedule 'cosine'"),
-    ("train-recipe-bogus", "train {d}/m.safetensors --recipe trades", "unknown recipe 'trades'"),
+    ("train-recipe-bogus", "train {d}/m.safetensors --recipe madry", "unknown recipe 'madry'"),
     ("reproduce-autoattack-limit-negative", "reproduce mat --autoattack-limit -1 --out {d}/run",
      "autoattack_limit must be an integer ≥ 0"),
     ("reproduce-autoattack-eps-too-big", "reproduce mat --autoattack-eps 2 --out {d}/run",

@@ -263,6 +263,10 @@ def test_the_trades_loss_needs_one_adversarial_copy_per_image(mnist_train):
     with pytest.raises(AdvguardError, match="TRADES loss pairs each image"):
         train(build_model("mlp3", "mnist"), data, StrengthMix((0.1, 0.2)), None,
               TrainConfig(epochs=1, trades_beta=6.0), progress=False)
+    # without strengths there is nothing adversarial: clean training, as every recipe
+    done = train(build_model("mlp3", "mnist"), data, StrengthMix(), None,
+                 TrainConfig(epochs=1, trades_beta=6.0), progress=False)
+    assert done.history[0]["loss"] > 0
 
 
 def test_trades_training_is_what_its_loss_says(mnist_train):

@@ -79,7 +79,8 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
-    if config.trades_beta and (mix.clean or (len(mix.strengths) > 1 and not mix.sample)):
+    if config.trades_beta and mix.strengths and (mix.clean or (len(mix.strengths) > 1
+                                                               and not mix.sample)):
         raise InputError("the TRADES loss pairs each image with one adversarial copy: train on "
                          "adversarial copies only, one strength or strengths sampled per example")
     dataset, loader_workers = as_dataset(data)
