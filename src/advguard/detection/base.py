@@ -119,9 +119,11 @@ class Detector(Thresholded, ABC):
     def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
         """Trust in ``predicted`` (the model's classes) from the inputs' features."""
 
-    def fit_held_out(self, features: Features, predicted: np.ndarray,
-                     labels: np.ndarray) -> None:
-        """Fit what needs a split held out of the bank (nothing by default)."""
+    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
+                     images: Any = None, workers: int | None = None) -> None:
+        """Fit what needs a split held out of the bank (nothing by default), from the split's
+        features, predictions and labels; ``images`` (a tensor, or a Dataset / DataLoader) for
+        a detector that needs more than the features, such as altered copies."""
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
@@ -172,9 +174,7 @@ class Detector(Thresholded, ABC):
         self.layers_: list[LayerSpec] = resolve_layers(model, self.layers, self.most_layers)
         chunks: Iterator[Chunk]
         if y is None:
-            chunks = ((f, labels) for f, labels, _ in dataset_layers(
-                model, x, self.layers_, chunk_size=self.chunk_size, batch_size=self.batch_size,
-                device=self.device, workers=workers, progress=progress))
+            chunks = ((f, labels) for f, labels, _ in self._stream(x, workers, progress))
         else:
             check_images(x)
             check_labels(y, len(x))
@@ -184,38 +184,38 @@ class Detector(Thresholded, ABC):
                                              desc="bank"))
         self.fit_feature_chunks(chunks)
         if x_calibration is not None and y_calibration is not None:
-            self.fit_held_out_images(x_calibration, y_calibration)
-            self.set_threshold(x_calibration, y_calibration)
+            features, logits = self.features(x_calibration)
+            self._fit_held_out_split(features, logits.argmax(1).numpy(),
+                                     np.asarray(y_calibration), x_calibration, None)
         return self
-
-    def fit_held_out_images(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """:meth:`fit_held_out` from images (a detector that needs more than their features,
-        such as altered copies of them, overrides this)."""
-        features, logits = self.features(x)
-        self.fit_held_out(features, logits.argmax(1).numpy(), np.asarray(y))
 
     def fit_held_out_data(self, data: Any, *, workers: int | None = None,
                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`fit_held_out` from a Dataset or DataLoader of ``(image, label)`` (streamed;
-        the features are held, not the images), then the threshold; returns the split's
+        """:meth:`fit_held_out` and the threshold from a Dataset or DataLoader of ``(image,
+        label)`` (streamed; the features are held, not the images); returns the split's
         ``(predicted, scores, labels)`` as :meth:`inspect_dataset` does."""
         self._check_fitted(model=True)
-        parts = list(dataset_layers(self.model_, data, self.layers_, chunk_size=self.chunk_size,
-                                    batch_size=self.batch_size, device=self.device,
-                                    workers=workers, progress=progress))
+        parts = list(self._stream(data, workers, progress))
         features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
         labels = np.concatenate([p[1] for p in parts])
         predicted = np.concatenate([p[2] for p in parts])
-        self.fit_held_out_streamed(features, predicted, labels, data, workers)
-        scores = self.score_features(features, predicted)
-        self.calibrate(predicted, scores, labels)
+        scores = self._fit_held_out_split(features, predicted, labels, data, workers)
         return predicted, scores, labels
 
-    def fit_held_out_streamed(self, features: Features, predicted: np.ndarray,
-                              labels: np.ndarray, data: Any, workers: int | None) -> None:
-        """What :meth:`fit_held_out_data` fits (the features, and the data for a detector
-        that needs more of it)."""
-        self.fit_held_out(features, predicted, labels)
+    def _fit_held_out_split(self, features: Features, predicted: np.ndarray,
+                            labels: np.ndarray, images: Any, workers: int | None) -> np.ndarray:
+        """:meth:`fit_held_out`, then the threshold from the same features (one pass)."""
+        self.fit_held_out(features, predicted, labels, images, workers)
+        scores = self.score_features(features, predicted)
+        self.calibrate(predicted, scores, labels)
+        return scores
+
+    def _stream(self, data: Any, workers: int | None, progress: bool = False
+                ) -> Iterator[tuple[Features, np.ndarray, np.ndarray]]:
+        """``({layer: features}, labels, predicted)`` chunks of a Dataset or DataLoader."""
+        return dataset_layers(self.model_, data, self.layers_, chunk_size=self.chunk_size,
+                              batch_size=self.batch_size, device=self.device, workers=workers,
+                              progress=progress)
 
     # --- scores and decisions -------------------------------------------------------------
 
@@ -229,10 +229,8 @@ class Detector(Thresholded, ABC):
                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed."""
         self._check_fitted(model=True)
-        out = [(p, self.score_features(f, p), y) for f, y, p in dataset_layers(
-            self.model_, data, self.layers_, chunk_size=self.chunk_size,
-            batch_size=self.batch_size, device=self.device, workers=workers,
-            progress=progress)]
+        out = [(p, self.score_features(f, p), y)
+               for f, y, p in self._stream(data, workers, progress)]
         return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore
 
     def verdicts(self, x: torch.Tensor) -> Verdicts:

@@ -66,8 +66,8 @@ class DeepKNN(Detector):
             alpha = (self.k - agree) if alpha is None else alpha + (self.k - agree)
         return np.asarray(alpha)
 
-    def fit_held_out(self, features: Features, predicted: np.ndarray,
-                     labels: np.ndarray) -> None:
+    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
+                     images: Any = None, workers: int | None = None) -> None:
         """The calibration nonconformities ``A``: the true labels of the held-out split."""
         labels = np.asarray(labels, np.int64)
         if len(labels) == 0:

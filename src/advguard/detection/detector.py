@@ -28,6 +28,7 @@ from advguard.detection.features import (
     dataset_features,
     extract_features,
     extract_outputs,
+    layer_key,
     resolve_layer,
 )
 from advguard.detection.index import INDEX_KINDS, FeatureIndex
@@ -240,6 +241,11 @@ class KNNDetector(Thresholded):
                                                  "distance_limit": limit,
                                                  "layer": None if layer is None
                                                  else layer.__dict__})
+
+    @property
+    def layer_keys(self) -> list[str]:
+        """The layer it reads, named as the multi-layer detectors name theirs."""
+        return [layer_key(self.layer_)]
 
     def adaptive_loss(self, weight: float = 1.0) -> Any:
         """Targeted PGD's objective for an attacker who knows this detector."""

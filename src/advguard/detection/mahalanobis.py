@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from advguard.attacks import Loss
 from advguard.data import as_dataset
 from advguard.detection.base import Chunk, Detector, Features
-from advguard.detection.features import LayersCapture, dataset_layers
+from advguard.detection.features import LayersCapture
 from advguard.errors import InputError
 from advguard.models import eval_mode
 
@@ -119,33 +119,28 @@ class Mahalanobis(Detector):
         self.combination_ = (w.astype(np.float64), float(lr.intercept_[0] - w @ mean))
         self.combined_on_ = on
 
-    def fit_held_out_images(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Positives: the held-out images the model classifies right; negatives: the same
-        images with Gaussian noise of σ = ``combine_sigma`` (no attack seen)."""
-        features, logits = self.features(x)
-        right = logits.argmax(1).numpy() == np.asarray(y)
-        gen = torch.Generator().manual_seed(self.seed)
-        noisy = (x + self.combine_sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
-        noisy_features, _ = self.features(noisy)
-        self.fit_combination({k: v[right] for k, v in features.items()},
-                             {k: v[right] for k, v in noisy_features.items()},
-                             self._noise_on())
-
-    def fit_held_out_streamed(self, features: Features, predicted: np.ndarray,
-                              labels: np.ndarray, data: Any, workers: int | None) -> None:
-        """:meth:`fit_held_out_images` on a streamed split: the noisy copies are made as the
-        images are read."""
-        noisy = [f for f, _, _ in dataset_layers(
-            self.model_, Noisy(data, self.combine_sigma, self.seed), self.layers_,
-            chunk_size=self.chunk_size, batch_size=self.batch_size, device=self.device,
-            workers=workers)]
+    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
+                     images: Any = None, workers: int | None = None) -> None:
+        """The combination. Positives: the held-out images the model classifies right;
+        negatives: the same images with Gaussian noise of σ = ``combine_sigma`` (no attack
+        seen) — drawn at once for a tensor of images, as they are read for a Dataset. Without
+        ``images`` the deepest layer's score stands alone."""
+        if images is None:
+            return
+        if isinstance(images, torch.Tensor):
+            gen = torch.Generator().manual_seed(self.seed)
+            noisy_images = (images + self.combine_sigma * torch.randn(images.shape,
+                                                                      generator=gen)).clamp(0, 1)
+            noisy = self.features(noisy_images)[0]
+        else:
+            parts = [f for f, _, _ in self._stream(Noisy(images, self.combine_sigma, self.seed),
+                                                   workers)]
+            noisy = {k: np.concatenate([f[k] for f in parts]) for k in features}
         right = predicted == labels
         self.fit_combination({k: v[right] for k, v in features.items()},
-                             {k: np.concatenate([f[k] for f in noisy])[right]
-                              for k in features}, self._noise_on())
-
-    def _noise_on(self) -> str:
-        return f"clean and Gaussian-noise (σ = {self.combine_sigma:g}) calibration images"
+                             {k: v[right] for k, v in noisy.items()},
+                             f"clean and Gaussian-noise (σ = {self.combine_sigma:g}) "
+                             "calibration images")
 
     def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
         scores = self.layer_scores(features)

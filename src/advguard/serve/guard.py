@@ -193,9 +193,7 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
         calibration_kept=float((scores[right] >= threshold).mean()),
         fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__,
         distance_limit=limit, familiar_keep=familiar, queries=watch.to_json(),
-        detector=detector.name,
-        layers=(detector.layer_keys if not isinstance(detector, KNNDetector)
-                else [detector.layer_.name]))
+        detector=detector.name, layers=detector.layer_keys)
     out.mkdir(parents=True, exist_ok=True)
     if path is not None:
         shutil.copyfile(path, out / MODEL)

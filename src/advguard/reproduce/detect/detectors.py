@@ -23,7 +23,7 @@ from torch import nn
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.attacks.base import num_classes
-from advguard.detection import AnyDetector, Detector, Mahalanobis, build_detector
+from advguard.detection import AnyDetector, Mahalanobis, build_detector
 from advguard.evaluation import auc, eer_accuracy
 from advguard.reproduce.detect.stages import ATTACK_BATCH, Detect, adversarial
 
@@ -117,7 +117,7 @@ def detector_table(d: Detect, model: nn.Module, model_name: str,
         table[name] = {neg: _metrics(positives, s_neg, threshold)
                        for neg, s_neg in negatives.items() if len(s_neg)}
         details[name] = {
-            "layers": det.fitted_keys_ if isinstance(det, Detector) else [det.layer_.name],
+            "layers": det.layer_keys,
             "threshold": threshold, "keep": d.cfg.keep,
             "kept_authentic": float((positives >= threshold).mean()),
             "adaptive_weight": weight, "adaptive_weights_on_validation": tried,
