@@ -104,10 +104,10 @@ class DataOptions:
         return load_data(self.source, split, data_dir=self.data_dir, image_size=self.image_size,
                          channels=self.channels, augment=augment, limit=limit)
 
-    def held_out(self) -> tuple[ImageDataset, ImageDataset]:
+    def held_out(self, *, augment: bool = False) -> tuple[ImageDataset, ImageDataset]:
         """``(training images, validation images)``: ``hold_out`` images of the training file
         set aside with a fixed seed, the same for every command."""
-        full = self.load(Split.TRAIN)
+        full = self.load(Split.TRAIN, augment=augment)
         tr, va = train_val_split(len(full), self.hold_out, HOLD_OUT_SEED)
         return subset(full, tr), subset(full, va)
 
@@ -119,9 +119,8 @@ class DataOptions:
                             "uses the training file less --hold-out")
         if not self.hold_out:
             return self.load(Split.TRAIN, augment=augment, limit=limit)
-        full = self.load(Split.TRAIN, augment=augment)
-        tr, _ = train_val_split(len(full), self.hold_out, HOLD_OUT_SEED)
-        return subset(full, tr[:limit])
+        train = self.held_out(augment=augment)[0]
+        return train if limit is None else subset(train, range(min(limit, len(train))))
 
     def load_evaluation(self, limit: int | None = None) -> ImageDataset:
         """The images ``--split`` names: the test file, or the held-out validation images (the

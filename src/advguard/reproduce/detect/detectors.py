@@ -7,10 +7,10 @@ own adaptive attack (:meth:`~advguard.detection.Detector.adaptive_loss`, targete
 same ε and steps, toward random classes), the model's own errors, and ``aggregated`` (L-BFGS and
 FGSM, the paper's column). The adaptive attack's weight is chosen on validation images — the
 weight whose images are most often fooling *and* trusted, 0 (targeted PGD alone) among them —
-never on the query images. The
-Mahalanobis combination is reported twice: fitted on clean and noisy calibration images (no
-attack seen), and fitted on clean and FGSM images of the calibration split (``mahalanobis-
-fgsm``: an attack seen, on validation images only; never the test attacks).
+never on the query images. The Mahalanobis combination is reported twice: fitted on clean and
+noisy calibration images (no attack seen), and fitted on clean and FGSM images of the
+calibration split (``mahalanobis-fgsm``: an attack seen, on validation images only; never the
+test attacks).
 """
 
 from __future__ import annotations
