@@ -8,12 +8,15 @@ centroid of class t's bank entries, so the neighbours agree with the wrong predi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advguard.detection.detector import KNNDetector
-from advguard.detection.features import FeatureCapture
+from advguard.detection.features import FeatureCapture, LayersCapture, LayerSpec
 
 
 class FeaturePull:
@@ -34,3 +37,28 @@ class FeaturePull:
         z = self.detector.preprocessor_.transform_tensor(cap.features)
         pull = (z - self.centroids.to(z.device)[y]).pow(2).sum(1).mean() / z.shape[1]
         return F.cross_entropy(logits, y) + self.weight * pull, logits
+
+
+class CentroidPull:
+    """``CE(model(x), t) + weight · Σ_ℓ ‖g_ℓ(f_ℓ(x)) − c_{ℓ,t}‖²`` (batch sums; each layer's
+    term divided by its dimension with ``per_dim``): at every layer a multi-layer detector
+    reads, its transform ``g_ℓ`` of the features pulled onto the target class's centroid
+    ``c_{ℓ,t}`` in that space. Implements :class:`~advguard.attacks.Loss`."""
+
+    def __init__(self, layers: list[LayerSpec], centroids: dict[str, np.ndarray],
+                 transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                 weight: float = 1.0, per_dim: bool = True) -> None:
+        self.layers, self.transforms, self.weight, self.per_dim = (layers, transforms, weight,
+                                                                   per_dim)
+        self.centroids = {k: torch.from_numpy(v) for k, v in centroids.items()}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with LayersCapture(model, self.layers) as cap:
+            logits = model(x)
+        pull = torch.zeros((), device=x.device)
+        for key, f in cap.features.items():
+            z = self.transforms[key](f)
+            d2 = (z - self.centroids[key].to(z.device)[y]).pow(2).sum()
+            pull = pull + (d2 / z.shape[1] if self.per_dim else d2)
+        return F.cross_entropy(logits, y, reduction="sum") + self.weight * pull, logits

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from advguard import options
 from advguard.attacks import Loss
+from advguard.detection.adaptive import CentroidPull
 from advguard.detection.base import Chunk, Detector, Features
-from advguard.detection.features import LayersCapture
 from advguard.detection.index import FeatureIndex
 from advguard.errors import InputError
 
@@ -114,25 +113,14 @@ class DeepKNN(Detector):
         return out
 
     def adaptive_loss(self, weight: float = 1.0) -> Loss:
-        return CentroidPull(self.layers_, self.centroids(), weight)
+        """``CE(model(x), t) + weight · Σ_ℓ ‖u_ℓ(x) − c_{ℓ,t}‖²``, ``u_ℓ`` the unit-normalised
+        features at layer ℓ and ``c_{ℓ,t}`` the mean of class t's normalised bank entries:
+        moving the input toward the target class at every layer moves its neighbours there
+        (Sitawarin & Wagner 2019's "mean" attack on DkNN, a differentiable surrogate for the
+        neighbour count)."""
+        return CentroidPull(self.layers_, self.centroids(),
+                            {k: _unit_tensor for k in self.indexes_}, weight, per_dim=False)
 
 
-class CentroidPull:
-    """``CE(model(x), t) + weight · Σ_ℓ ‖u_ℓ(x) − c_{ℓ,t}‖²`` (batch sums), ``u_ℓ`` the unit-
-    normalised features at layer ℓ and ``c_{ℓ,t}`` the mean of class t's normalised bank
-    entries: moving the input toward the target class at every layer moves its neighbours
-    there (Sitawarin & Wagner 2019's "mean" attack on DkNN, a differentiable surrogate for the
-    neighbour count)."""
-
-    def __init__(self, layers: list, centroids: dict[str, np.ndarray], weight: float = 1.0
-                 ) -> None:
-        self.layers, self.weight = layers, weight
-        self.centroids = {k: torch.from_numpy(v) for k, v in centroids.items()}
-
-    def __call__(self, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with LayersCapture(model, self.layers) as cap:
-            logits = model(x)
-        pull = sum((F.normalize(f, dim=1) - self.centroids[key].to(f.device)[y]).pow(2).sum()
-                   for key, f in cap.features.items())
-        return F.cross_entropy(logits, y, reduction="sum") + self.weight * pull, logits
+def _unit_tensor(f: torch.Tensor) -> torch.Tensor:
+    return F.normalize(f, dim=1)

@@ -11,13 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from advguard.attacks import Loss
+from advguard.detection.adaptive import CentroidPull
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.detector import KNNDetector
-from advguard.detection.features import LayersCapture
 from advguard.detection.options import KNNOptions
 from advguard.detection.preprocessing import Preprocessing, parse_preprocessing
 from advguard.detection.scores import Weighting, parse_weighting
@@ -70,25 +68,10 @@ class LayeredKNN(Detector):
             self.detectors_[key] = det
 
     def adaptive_loss(self, weight: float = 1.0) -> Loss:
-        return LayersPull(self, weight)
-
-
-class LayersPull:
-    """The kNN detector's :class:`~advguard.detection.FeaturePull` at every layer: targeted
-    cross-entropy plus, per layer, the squared distance of the pre-processed features to the
-    target class's centroid (divided by the dimension), summed over the layers."""
-
-    def __init__(self, detector: LayeredKNN, weight: float = 1.0) -> None:
-        self.detector, self.weight = detector, weight
-        self.centroids = {k: torch.from_numpy(d.class_centroids())
-                          for k, d in detector.detectors_.items()}
-
-    def __call__(self, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with LayersCapture(model, self.detector.layers_) as cap:
-            logits = model(x)
-        pull = torch.zeros((), device=x.device)
-        for key, f in cap.features.items():
-            z = self.detector.detectors_[key].preprocessor_.transform_tensor(f)
-            pull = pull + (z - self.centroids[key].to(z.device)[y]).pow(2).sum() / z.shape[1]
-        return F.cross_entropy(logits, y, reduction="sum") + self.weight * pull, logits
+        """The kNN detector's :class:`~advguard.detection.FeaturePull` at every layer: targeted
+        cross-entropy plus, per layer, the squared distance of the pre-processed features to
+        the target class's centroid (divided by the dimension), summed over the layers."""
+        return CentroidPull(self.layers_,
+                            {k: d.class_centroids() for k, d in self.detectors_.items()},
+                            {k: d.preprocessor_.transform_tensor
+                             for k, d in self.detectors_.items()}, weight, per_dim=True)
