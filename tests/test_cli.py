@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
+from advguard.detection import DETECTORS
 from advguard.models import build_model, save_model
 from advguard.training import Method
 
@@ -202,7 +203,13 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
         for m in row.values():
             assert set(m) == {"eer_accuracy", "auroc", "caught_at_keep"}
             assert 0 <= m["caught_at_keep"] <= 1 and 0 <= m["auroc"] <= 1
-        assert results["detector_details"][name]["adaptive_weight"] in (0.0, 0.01, 0.1, 1.0)
+        det = results["detector_details"][name]
+        assert det["adaptive_weight"] in (0.0, 0.01, 0.1, 1.0)
+        # every surrogate of the detector was tried on validation, beside targeted PGD alone
+        surrogates = DETECTORS[name.removesuffix("-fgsm")].surrogates
+        assert set(det["adaptive_on_validation"]) == {"none", *surrogates}
+        assert det["adaptive_surrogate"] in {"none", *surrogates}
+        assert (det["adaptive_surrogate"] == "none") == (det["adaptive_weight"] == 0)
     details = results["detector_details"]
     assert "noise" in details["mahalanobis"]["combined_on"]
     assert "FGSM" in details["mahalanobis-fgsm"]["combined_on"]

@@ -97,11 +97,14 @@ def test_streamed_fit_equals_in_memory(name, fitted, split, trained_lenet):
     assert np.allclose(scores, fitted[name].score_samples(xq), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["knn-layers", "dknn", "mahalanobis"])
-def test_each_adaptive_attack_passes_its_detector_at_least_as_often(name, fitted, split):
-    """The attack made for a detector (same ε, same steps, targeted toward the same classes)
-    gets its fooling images trusted at the operating point at least as often as plain targeted
-    PGD; on Mahalanobis, which catches every plain PGD image of this model, it passes most."""
+@pytest.mark.parametrize(("name", "surrogate"), [(n, s) for n in DETECTORS
+                                                  for s in DETECTORS[n].surrogates])
+def test_each_adaptive_attack_passes_its_detector_at_least_as_often(name, surrogate, fitted,
+                                                                     split):
+    """The attack made for a detector (same ε, same steps, targeted toward the same classes),
+    with each of its surrogates, gets its fooling images trusted at the operating point at
+    least as often as plain targeted PGD; on Mahalanobis, which catches every plain PGD image
+    of this model, it passes most."""
     from advguard.attacks import random_targets
 
     det = fitted[name]
@@ -117,7 +120,7 @@ def test_each_adaptive_attack_passes_its_detector_at_least_as_often(name, fitted
         return hit.mean(), (hit & (scores >= det.offset_)).mean()
 
     hit_plain, plain = passed()
-    hit_adaptive, adaptive = passed(det.adaptive_loss(0.1))
+    hit_adaptive, adaptive = passed(det.adaptive_loss(0.1, surrogate))
     assert hit_plain > 0.5 and hit_adaptive > 0.5
     assert adaptive >= plain - 0.03
     if name == "mahalanobis":
@@ -211,3 +214,44 @@ def test_whitening_drops_components_without_variance():
     assert np.isfinite(z).all() and np.abs(z).max() < 100
     zt = pre.transform_tensor(torch.from_numpy(query))
     assert torch.allclose(zt, torch.from_numpy(z), atol=1e-5)
+
+
+def test_soft_neighbours_counts_what_the_vote_counts():
+    """Sitawarin & Wagner's surrogate on two clusters: at a class-0 point with target class 1
+    every guide is outside the neighbourhood and every other-class neighbour inside, so the soft
+    count is ≈ 2k; at a class-1 point it is ≈ 0; between them its gradient points toward class
+    1; the radius is the mean distance to the k-th other entry."""
+    from torch import nn
+
+    from advguard.detection.adaptive import SoftNeighbours, neighbourhood_radius
+    from advguard.detection.features import LayerSpec
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.cat([torch.randn(40, 2, generator=gen) * 0.3,
+                      torch.randn(40, 2, generator=gen) * 0.3 + torch.tensor([5.0, 0.0])])
+    labels = np.repeat([0, 1], 40)
+    d = torch.cdist(bank, bank).sort(1).values[:, 5]  # column 0 is the entry itself
+    assert neighbourhood_radius(bank, 5) == pytest.approx(float(d.mean()), rel=1e-5)
+
+    model = nn.Sequential(nn.Identity(), nn.Linear(2, 2))  # features: the input itself
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()  # CE = log 2 everywhere: the loss is the soft count + constant
+    loss = SoftNeighbours([LayerSpec("0")], {"0": (bank.numpy(), labels)},
+                          {"0": lambda f: f}, k=5)
+    target = torch.tensor([1])
+
+    def count(point: list[float]) -> tuple[float, torch.Tensor]:
+        x = torch.tensor([point], requires_grad=True)
+        value, _ = loss(model, x, target)
+        value.backward()
+        return float(value) - float(np.log(2)), x.grad[0]
+
+    far, _ = count([0.0, 0.0])
+    near, _ = count([5.0, 0.0])
+    assert far > 2 * 5 * 0.8 and near < 2 * 5 * 0.1
+    for start in (1.0, 2.5, 4.0):
+        _, grad = count([start, 0.0])
+        assert grad[0] < 0, start  # descending moves x toward the class-1 cluster
+    with pytest.raises(InputError, match="surrogate"):
+        DeepKNN().adaptive_loss(1.0, "nearest")

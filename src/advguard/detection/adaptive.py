@@ -1,14 +1,17 @@
 """An attacker who knows the detector (beyond the paper): a PGD objective, not a loop of its own.
 
-Targeted PGD toward a class t that also pulls the input's pre-processed deep features onto the
-centroid of class t's bank entries, so the neighbours agree with the wrong prediction::
+Targeted PGD toward a class t whose loss also moves the input's deep features where the detector
+trusts class t: onto the centroid of class t's bank entries (:class:`FeaturePull`,
+:class:`CentroidPull`: Sitawarin & Wagner 2019's "mean" attack), or into a neighbourhood of
+class-t entries and out of every other class's (:class:`SoftNeighbours`: their soft neighbour
+count, the surrogate they made for attacking Deep kNN)::
 
     PGD(loss=FeaturePull(detector), targeted=True, random_start=False)(model, x, t, eps)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from torch import nn
 
 from advguard.detection.detector import KNNDetector
 from advguard.detection.features import FeatureCapture, LayersCapture, LayerSpec
+from advguard.errors import InputError
 
 
 class FeaturePull:
@@ -46,7 +50,7 @@ class CentroidPull:
     ``c_{ℓ,t}`` in that space. Implements :class:`~advguard.attacks.Loss`."""
 
     def __init__(self, layers: list[LayerSpec], centroids: dict[str, np.ndarray],
-                 transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                 transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
                  weight: float = 1.0, per_dim: bool = True) -> None:
         self.layers, self.transforms, self.weight, self.per_dim = (layers, transforms, weight,
                                                                    per_dim)
@@ -62,3 +66,86 @@ class CentroidPull:
             d2 = (z - self.centroids[key].to(z.device)[y]).pow(2).sum()
             pull = pull + (d2 / z.shape[1] if self.per_dim else d2)
         return F.cross_entropy(logits, y, reduction="sum") + self.weight * pull, logits
+
+
+def pick_surrogate(surrogates: tuple[str, ...], surrogate: str | None) -> str:
+    """``surrogate`` checked against a detector's, or its default (the first)."""
+    if surrogate is None:
+        return surrogates[0]
+    if surrogate not in surrogates:
+        raise InputError(f"unknown surrogate {surrogate!r}; this detector's: "
+                         f"{', '.join(surrogates)}")
+    return surrogate
+
+
+STEEPNESS = 2.0  # the sigmoid's steepness per neighbourhood radius
+RADIUS_SAMPLE = 1000  # bank entries the neighbourhood radius is measured on
+
+
+class SoftNeighbours:
+    """A differentiable stand-in for a k-nearest-neighbour vote (Sitawarin & Wagner 2019, "On
+    the robustness of deep k-nearest neighbors"), summed over the layers a detector reads::
+
+        CE(model(x), t) + weight · Σ_ℓ [ Σ_{j ∈ G_t} σ(α (d_j / η_ℓ − 1))
+                                        + Σ_{j ∈ N_¬t} σ(α (1 − d_j / η_ℓ)) ]
+
+    ``d_j`` the distance in the detector's space (``transforms[ℓ]`` of the features) to bank
+    entry j; ``G_t`` the k entries of class t nearest the current iterate (the guides), ``N_¬t``
+    its k nearest entries of other classes; ``η_ℓ`` the mean distance from a bank entry to its
+    k-th neighbour (a typical neighbourhood's radius); α = 2 (distances counted in radii, so
+    the steepness does not depend on the space's scale; the authors use 4 per unit distance on
+    unit-normalised features). Each sum is a soft count —
+    guides outside the radius, other classes' entries inside it — so descending it brings k
+    class-t entries into the neighbourhood and pushes the rest out, which is what the vote
+    counts. The guides and neighbours are chosen again at every step, without gradient (the
+    authors fix them at the start; re-choosing follows the iterate). Batch sums; implements
+    :class:`~advguard.attacks.Loss`."""
+
+    def __init__(self, layers: list[LayerSpec], banks: dict[str, tuple[np.ndarray, np.ndarray]],
+                 transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], k: int,
+                 weight: float = 1.0, *, seed: int = 0) -> None:
+        self.layers, self.transforms, self.k, self.weight = layers, transforms, int(k), weight
+        self.banks = {key: (torch.from_numpy(np.asarray(v, np.float32)),
+                            torch.from_numpy(np.asarray(y, np.int64)))
+                      for key, (v, y) in banks.items()}
+        self.radii = {key: neighbourhood_radius(v, self.k, seed)
+                      for key, (v, _) in self.banks.items()}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with LayersCapture(model, self.layers) as cap:
+            logits = model(x)
+        count = torch.zeros((), device=x.device)
+        for key, f in cap.features.items():
+            z = self.transforms[key](f)
+            bank, labels = (t.to(z.device) for t in self.banks[key])
+            same = labels[None, :] == y[:, None]
+            k = max(1, min(self.k, int(same.sum(1).min()), int((~same).sum(1).min())))
+            with torch.no_grad():
+                d = torch.cdist(z.detach().float(), bank)
+                guides = d.masked_fill(~same, float("inf")).topk(k, largest=False).indices
+                others = d.masked_fill(same, float("inf")).topk(k, largest=False).indices
+            eta = self.radii[key]
+            count = count + torch.sigmoid(STEEPNESS * (_dist(z, bank[guides]) / eta - 1)).sum()
+            count = count + torch.sigmoid(STEEPNESS * (1 - _dist(z, bank[others]) / eta)).sum()
+        return F.cross_entropy(logits, y, reduction="sum") + self.weight * count, logits
+
+
+def _dist(z: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """Distances (B, k) of every row of ``z`` (B, D) to its own entries (B, k, D); the small
+    constant keeps the gradient finite at distance 0."""
+    return ((z[:, None, :] - entries).pow(2).sum(2) + 1e-12).sqrt()
+
+
+@torch.no_grad()
+def neighbourhood_radius(bank: torch.Tensor, k: int, seed: int = 0) -> float:
+    """Mean distance from a bank entry to its k-th nearest other entry, over a seeded sample of
+    at most :data:`RADIUS_SAMPLE` entries."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(bank), generator=gen)[:RADIUS_SAMPLE]
+    kth = min(k, len(bank) - 1)
+    if kth < 1:
+        raise InputError("a neighbourhood radius needs a bank of at least two entries")
+    radii = [torch.cdist(bank[part], bank).kthvalue(kth + 1, dim=1).values  # +1: itself
+             for part in rows.split(200)]
+    return max(float(torch.cat(radii).mean()), 1e-12)

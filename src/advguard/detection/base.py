@@ -49,6 +49,8 @@ class Thresholded:
 
     keep: float
     offset_: float | None
+    # the adaptive attack's surrogates for the detector's decision, the default first
+    surrogates: ClassVar[tuple[str, ...]] = ("centroid",)
 
     def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -133,8 +135,9 @@ class Detector(Thresholded, ABC):
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
     @abstractmethod
-    def adaptive_loss(self, weight: float = 1.0) -> Loss:
-        """Targeted PGD's objective for an attacker who knows this detector."""
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
+        """Targeted PGD's objective for an attacker who knows this detector (one of
+        :attr:`surrogates`, the first by default)."""
 
     def fitted_meta(self) -> dict[str, Any]:
         """Fitted facts that are not tensors (saved in the file's metadata)."""

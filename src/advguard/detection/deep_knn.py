@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from advguard import options
 from advguard.attacks import Loss
-from advguard.detection.adaptive import CentroidPull
+from advguard.detection.adaptive import CentroidPull, SoftNeighbours, pick_surrogate
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.index import FeatureIndex
 from advguard.errors import InputError
@@ -34,6 +34,7 @@ def unit(f: np.ndarray) -> np.ndarray:
 
 class DeepKNN(Detector):
     name = "dknn"
+    surrogates = ("soft", "centroid")
 
     def __init__(self, layers: tuple[str, ...] | None = None, keep: float = 0.98, *,
                  k: int = 75, **kwargs: Any) -> None:
@@ -112,14 +113,20 @@ class DeepKNN(Detector):
             out[key] = np.stack([bank[labels == c].mean(0) for c in range(self.classes_)])
         return out
 
-    def adaptive_loss(self, weight: float = 1.0) -> Loss:
-        """``CE(model(x), t) + weight · Σ_ℓ ‖u_ℓ(x) − c_{ℓ,t}‖²``, ``u_ℓ`` the unit-normalised
-        features at layer ℓ and ``c_{ℓ,t}`` the mean of class t's normalised bank entries:
-        moving the input toward the target class at every layer moves its neighbours there
-        (Sitawarin & Wagner 2019's "mean" attack on DkNN, a differentiable surrogate for the
-        neighbour count)."""
-        return CentroidPull(self.layers_, self.centroids(),
-                            {k: _unit_tensor for k in self.indexes_}, weight, per_dim=False)
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
+        """Sitawarin & Wagner 2019's attacks on DkNN, in the unit-normalised feature space of
+        every layer: ``"soft"`` (default), their soft count of the k neighbours
+        (:class:`~advguard.detection.adaptive.SoftNeighbours`), the surrogate they made for
+        the neighbour count; ``"centroid"``, their "mean" attack, ``CE(model(x), t) + weight ·
+        Σ_ℓ ‖u_ℓ(x) − c_{ℓ,t}‖²`` with ``c_{ℓ,t}`` the mean of class t's normalised entries."""
+        surrogate = pick_surrogate(self.surrogates, surrogate)
+        self._check_fitted()
+        unit_space = {k: _unit_tensor for k in self.indexes_}
+        if surrogate == "soft":
+            return SoftNeighbours(self.layers_, {k: (i.vectors(), i.labels)
+                                                 for k, i in self.indexes_.items()},
+                                  unit_space, self.k, weight, seed=self.seed)
+        return CentroidPull(self.layers_, self.centroids(), unit_space, weight, per_dim=False)
 
 
 def _unit_tensor(f: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class KNNDetector(Thresholded):
     """The paper's detector at one layer (the default: the last convolutional block)."""
 
     name = "knn"
+    surrogates = ("centroid", "soft")
 
     def __init__(self, k: int = KNNOptions.k, weighting: str | Weighting = KNNOptions.weighting,
                  preprocessing: str | Preprocessing = KNNOptions.preprocessing,
@@ -247,11 +248,17 @@ class KNNDetector(Thresholded):
         """The layer it reads, named as the multi-layer detectors name theirs."""
         return [layer_key(self.layer_)]
 
-    def adaptive_loss(self, weight: float = 1.0) -> Any:
-        """Targeted PGD's objective for an attacker who knows this detector."""
-        from advguard.detection.adaptive import FeaturePull
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Any:
+        """Targeted PGD's objective for an attacker who knows this detector: ``"centroid"``
+        (:class:`FeaturePull`, default) or ``"soft"`` (:class:`SoftNeighbours`)."""
+        from advguard.detection.adaptive import FeaturePull, SoftNeighbours, pick_surrogate
 
-        return FeaturePull(self, weight)
+        if pick_surrogate(self.surrogates, surrogate) == "centroid":
+            return FeaturePull(self, weight)
+        key = self.layer_keys[0]
+        return SoftNeighbours([self.layer_], {key: (self.index_.vectors(), self.index_.labels)},
+                              {key: self.preprocessor_.transform_tensor}, self.k, weight,
+                              seed=self.seed)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> KNNDetector:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from advguard.attacks import Loss
-from advguard.detection.adaptive import CentroidPull
+from advguard.detection.adaptive import CentroidPull, SoftNeighbours, pick_surrogate
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.detector import KNNDetector
 from advguard.detection.options import KNNOptions
@@ -23,6 +23,7 @@ from advguard.detection.scores import Weighting, parse_weighting
 
 class LayeredKNN(Detector):
     name = "knn-layers"
+    surrogates = ("centroid", "soft")
 
     def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KNNOptions.keep, *,
                  k: int = KNNOptions.k, weighting: str | Weighting = KNNOptions.weighting,
@@ -67,11 +68,19 @@ class LayeredKNN(Detector):
                             if n.startswith(key + "/")}, key)
             self.detectors_[key] = det
 
-    def adaptive_loss(self, weight: float = 1.0) -> Loss:
-        """The kNN detector's :class:`~advguard.detection.FeaturePull` at every layer: targeted
-        cross-entropy plus, per layer, the squared distance of the pre-processed features to
-        the target class's centroid (divided by the dimension), summed over the layers."""
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
+        """``"centroid"`` (default): the kNN detector's :class:`~advguard.detection.FeaturePull`
+        at every layer — targeted cross-entropy plus, per layer, the squared distance of the
+        pre-processed features to the target class's centroid (divided by the dimension),
+        summed over the layers; ``"soft"``: the soft neighbour count
+        (:class:`~advguard.detection.adaptive.SoftNeighbours`) in every layer's space."""
+        surrogate = pick_surrogate(self.surrogates, surrogate)
+        self._check_fitted()
+        transforms = {k: d.preprocessor_.transform_tensor for k, d in self.detectors_.items()}
+        if surrogate == "soft":
+            return SoftNeighbours(self.layers_, {k: (d.index_.vectors(), d.index_.labels)
+                                                 for k, d in self.detectors_.items()},
+                                  transforms, self.knn.k, weight, seed=self.seed)
         return CentroidPull(self.layers_,
                             {k: d.class_centroids() for k, d in self.detectors_.items()},
-                            {k: d.preprocessor_.transform_tensor
-                             for k, d in self.detectors_.items()}, weight, per_dim=True)
+                            transforms, weight, per_dim=True)

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from advguard.attacks import Loss
 from advguard.data import as_dataset
+from advguard.detection.adaptive import pick_surrogate
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.features import LayersCapture
 from advguard.errors import InputError
@@ -37,6 +38,7 @@ from advguard.models import eval_mode
 
 class Mahalanobis(Detector):
     name = "mahalanobis"
+    surrogates = ("gaussian",)
 
     def __init__(self, layers: tuple[str, ...] | None = None, keep: float = 0.98, *,
                  noise: float = 0.0, combine_sigma: float = 0.1, ridge: float = 1e-6,
@@ -195,7 +197,8 @@ class Mahalanobis(Detector):
     def load_fitted_meta(self, meta: dict[str, Any]) -> None:
         self.combined_on_ = meta.get("combined_on", "unknown")
 
-    def adaptive_loss(self, weight: float = 1.0) -> Loss:
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
+        pick_surrogate(self.surrogates, surrogate)
         return MahalanobisPull(self, weight)
 
 

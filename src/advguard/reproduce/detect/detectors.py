@@ -5,12 +5,12 @@ that keeps ``keep`` of the correctly classified calibration images.
 Negatives: the fooling images of L-BFGS, FGSM and PGD (crafted once, shared), each detector's
 own adaptive attack (:meth:`~advguard.detection.Detector.adaptive_loss`, targeted PGD at the
 same ε and steps, toward random classes), the model's own errors, and ``aggregated`` (L-BFGS and
-FGSM, the paper's column). The adaptive attack's weight is chosen on validation images — the
-weight whose images are most often fooling *and* trusted, 0 (targeted PGD alone) among them —
-never on the query images. The Mahalanobis combination is reported twice: fitted on clean and
-noisy calibration images (no attack seen), and fitted on clean and FGSM images of the
-calibration split (``mahalanobis-fgsm``: an attack seen, on validation images only; never the
-test attacks).
+FGSM, the paper's column). The adaptive attack's surrogate (:attr:`Detector.surrogates`) and
+weight are chosen on validation images — the pair whose images are most often fooling *and*
+trusted, weight 0 (targeted PGD alone) among them — never on the query images. The Mahalanobis
+combination is reported twice: fitted on clean and noisy calibration images (no attack seen),
+and fitted on clean and FGSM images of the calibration split (``mahalanobis-fgsm``: an attack
+seen, on validation images only; never the test attacks).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from advguard.detection import AnyDetector, Mahalanobis, build_detector
 from advguard.evaluation import auc, eer_accuracy
 from advguard.reproduce.detect.stages import ATTACK_BATCH, Detect, adversarial
 
-# the adaptive attack's detector-term weights tried; 0 is targeted PGD alone, so the attack
-# kept is never weaker than ignoring the detector (Tramèr et al. 2020)
+# the adaptive attack's detector-term weights tried (with every surrogate); 0 is targeted PGD
+# alone, so the attack kept is never weaker than ignoring the detector (Tramèr et al. 2020)
 ADAPTIVE_WEIGHTS = (0.0, 0.01, 0.1, 1.0)
 WEIGHT_IMAGES = 300  # validation images the weight is chosen on
 
@@ -65,26 +65,35 @@ def fit_detector(d: Detect, model: nn.Module, name: str) -> AnyDetector:
 
 
 def adaptive_images(d: Detect, model: nn.Module, det: AnyDetector, x: torch.Tensor,
-                    y: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    y: torch.Tensor, weight: float, surrogate: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, target classes)``: targeted PGD with the detector's own loss."""
     classes = num_classes(model, x[:1].to(d.cfg.device))
     targets = random_targets(y, classes, d.cfg.seed)
     attack = PGD(steps=d.cfg.pgd_steps, random_start=False, targeted=True,
-                 loss=det.adaptive_loss(weight))
+                 loss=det.adaptive_loss(weight, surrogate))
     return attack.craft_dataset(model, x, targets, d.cfg.eps, batch_size=ATTACK_BATCH,
                                 device=d.cfg.device), targets
 
 
-def choose_weight(d: Detect, model: nn.Module, det: AnyDetector) -> dict[str, float]:
-    """Share of validation images the adaptive attack makes fooling and trusted, per weight."""
+def choose_attack(d: Detect, model: nn.Module, det: AnyDetector
+                  ) -> tuple[str, float, dict[str, dict[str, float]]]:
+    """``(surrogate, weight, tried)``: the share of validation images the adaptive attack
+    makes fooling and trusted, for each of the detector's surrogates and each weight (weight
+    0, targeted PGD alone, tried once, under ``"none"``); the best pair is kept."""
     x, y = d.val.x[:WEIGHT_IMAGES], d.val.y[:WEIGHT_IMAGES]
-    out = {}
-    for w in ADAPTIVE_WEIGHTS:
-        adv, targets = adaptive_images(d, model, det, x, y, w)
-        predicted, scores = det.inspect(adv)
-        out[str(w)] = float(((predicted == targets.numpy())
-                             & (scores >= float(det.offset_ or 0))).mean())
-    return out
+    tried: dict[str, dict[str, float]] = {}
+    for surrogate in ("none", *det.surrogates):
+        for w in ADAPTIVE_WEIGHTS if surrogate != "none" else (0.0,):
+            if w == 0 and surrogate != "none":
+                continue
+            adv, targets = adaptive_images(d, model, det, x, y, w,
+                                           None if surrogate == "none" else surrogate)
+            predicted, scores = det.inspect(adv)
+            tried.setdefault(surrogate, {})[str(w)] = float(
+                ((predicted == targets.numpy()) & (scores >= float(det.offset_ or 0))).mean())
+    share, surrogate, weight = max((v, s, w) for s, ws in tried.items() for w, v in ws.items())
+    return (det.surrogates[0] if surrogate == "none" else surrogate), float(weight), tried
 
 
 def detector_table(d: Detect, model: nn.Module, model_name: str,
@@ -106,9 +115,8 @@ def detector_table(d: Detect, model: nn.Module, model_name: str,
             if "success" in adv:
                 fooled &= adv["success"].numpy()
             negatives[attack] = s[fooled]
-        tried = choose_weight(d, model, det)
-        weight = float(max(tried, key=lambda w: tried[w]))
-        adv_x, targets = adaptive_images(d, model, det, x, y, weight)
+        surrogate, weight, tried = choose_attack(d, model, det)
+        adv_x, targets = adaptive_images(d, model, det, x, y, weight, surrogate)
         p, s = det.inspect(adv_x)
         negatives["adaptive"] = s[right & (p == targets.numpy())]
         negatives["aggregated"] = np.concatenate([negatives["lbfgs"], negatives["fgsm"]])
@@ -120,7 +128,8 @@ def detector_table(d: Detect, model: nn.Module, model_name: str,
             "layers": det.layer_keys,
             "threshold": threshold, "keep": d.cfg.keep,
             "kept_authentic": float((positives >= threshold).mean()),
-            "adaptive_weight": weight, "adaptive_weights_on_validation": tried,
+            "adaptive_surrogate": surrogate if weight else "none", "adaptive_weight": weight,
+            "adaptive_on_validation": tried,
             "adaptive_fooled": int(len(negatives["adaptive"])),
             **({"combined_on": det.combined_on_} if isinstance(det, Mahalanobis) else {}),
             "n": {neg: int(len(v)) for neg, v in negatives.items()}}
