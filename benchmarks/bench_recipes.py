@@ -2,7 +2,9 @@
 
 Two measures for each recipe as ``benchmarks/recipe_study.py`` trains it: forward-backward
 passes per training example over the whole training (counted by
-:meth:`advguard.training.Recipe.passes`), and wall time — one epoch over the same 3,000 images
+:meth:`advguard.training.Recipe.passes`; the forward passes without a gradient — success
+checks, TRADES' clean reference — counted beside them by :meth:`~advguard.training.Recipe.checks`),
+and wall time — one epoch over the same 3,000 images
 (same small CNN, fresh weights each time, repeats interleaved so machine noise hits every
 recipe alike) times the recipe's epochs. Both are reported as ratios to PGD-40 adversarial
 training for 10 epochs, the baseline the AutoAttack goal is judged against (≤ 1/10).
@@ -29,6 +31,8 @@ RUNS = {
     "n-fgsm, {0.2,0.3,0.4} sampled, 20 epochs": ("n-fgsm", (0.2, 0.3, 0.4), 20, 0.0),
     "pgd-3, {0.2,0.3,0.4} sampled, 10 epochs": ("pgd-3", (0.2, 0.3, 0.4), 10, 0.0),
     "pgd-3, {0.2,0.3,0.4} sampled, 10 epochs, EMA": ("pgd-3", (0.2, 0.3, 0.4), 10, 0.999),
+    "trades, 0.3, 10 epochs": ("trades", (0.3,), 10, 0.0),
+    "trades, {0.2,0.3,0.4} sampled, 10 epochs": ("trades", (0.2, 0.3, 0.4), 10, 0.0),
     BASELINE: ("pgd-at", (0.3,), 10, 0.0),
 }
 
@@ -51,13 +55,15 @@ def main(train_size: int = 3000, repeats: int = 3) -> dict:
     results = {}
     for name, (recipe, strengths, epochs, _) in RUNS.items():
         passes = get_recipe(recipe).passes(strengths, epochs)
+        checks = get_recipe(recipe).checks(strengths, epochs)
         wall = epoch[name]["median_s"] * epochs
         results[name] = {
             "epoch_median_s": epoch[name]["median_s"], "epoch_min_s": epoch[name]["min_s"],
-            "epochs": epochs, "passes_per_example": passes,
+            "epochs": epochs, "passes_per_example": passes, "checks_per_example": checks,
             "passes_ratio_to_pgd_at": passes / base_passes,
             "wall_ratio_to_pgd_at": wall / (epoch[BASELINE]["median_s"] * base_epochs)}
-        print(f"{name:<48} {passes:4d} passes = {results[name]['passes_ratio_to_pgd_at']:.3f}x, "
+        print(f"{name:<48} {passes:4d} passes (+{checks} checks) = "
+              f"{results[name]['passes_ratio_to_pgd_at']:.3f}x, "
               f"wall {results[name]['wall_ratio_to_pgd_at']:.3f}x PGD-AT", flush=True)
     path = save("recipes", {"dataset": "mnist", "model": "small-cnn", "train_size": train_size,
                             "repeats": repeats, "baseline": BASELINE, "results": results})

@@ -8,7 +8,9 @@ test images at every grid strength; CIFAR-10: PGD-20, one start, on the first 1,
 first 1,000 MNIST or 500 CIFAR-10 test images). Each step writes its file into ``OUT/NAME/``
 and is skipped when the file exists, so the study resumes where it stopped. Training cost is
 counted as forward-backward passes per training example
-(:meth:`advguard.training.Recipe.passes`) and as the training wall time.
+(:meth:`advguard.training.Recipe.passes`), the forward passes without a gradient beside them
+(:meth:`advguard.training.Recipe.checks`: success checks, TRADES' clean reference) and as the
+training wall time.
 
 Two protocols, recorded in every row as ``chosen_on``:
 
@@ -126,6 +128,7 @@ def study(out: Path, name: str, protocol: str = "validation") -> dict:
                                                  else []), "--epochs", str(epochs), *extra]),
             "clean_accuracy_10k": meta["test_accuracy"], "train_seconds": meta["train_seconds"],
             "passes_per_example": get_recipe(recipe).passes(eps, epochs),
+            "checks_per_example": get_recipe(recipe).checks(eps, epochs),
             "pgd_options": setup.pgd,
             "pgd_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
             "pgd_min": min(pgd["curve"]), "autoattack": aa,
@@ -152,14 +155,16 @@ def final(out: Path, name: str) -> dict:
 
 def table(summary: dict) -> str:
     """The recipes as one markdown table (accuracies in %, AutoAttack per attack)."""
-    rows = ["| candidate | train command options | passes / example | train (s) | clean (10k) "
+    rows = ["| candidate | train command options | passes (+ checks) / example | train (s) "
+            "| clean (10k) "
             "| PGD min over the grid | AA after APGD-CE | APGD-T | FAB-T | **AutoAttack** "
             "| Square alone |", "|---" * 11 + "|"]
     for name, s in summary.items():
         aa = s["autoattack"]
         after = [f"{100 * aa['robust_after'][k]:.1f}" for k in ("APGD-CE", "APGD-T", "FAB-T")]
         rows.append(f"| {name} | `{s['train_command'].split(' OUT ', 1)[1]}` | "
-                    f"{s['passes_per_example']} | {s['train_seconds']:.0f} | "
+                    f"{s['passes_per_example']} (+{s.get('checks_per_example', '?')}) | "
+                    f"{s['train_seconds']:.0f} | "
                     f"{100 * s['clean_accuracy_10k']:.2f} | {100 * s['pgd_min']:.1f} | "
                     + " | ".join(after) + f" | **{100 * aa['robust_accuracy']:.1f}** | "
                     f"{100 * aa['square_alone_accuracy']:.1f} |")

@@ -215,15 +215,18 @@ def test_n_fgsm_goes_past_the_ball_by_design_and_stays_an_image(trained_mlp, bat
 
 
 class CountingModel(torch.nn.Module):
-    """Counts the examples that go through a forward pass with gradients on."""
+    """Counts the examples that go through a forward pass with gradients on (``seen``) and
+    without (``checked``)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model, self.seen = model, 0
+        self.model, self.seen, self.checked = model, 0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             self.seen += len(x)
+        else:
+            self.checked += len(x)
         return self.model(x)
 
 
@@ -234,6 +237,7 @@ class CountingModel(torch.nn.Module):
     (get_recipe("trades"), (0.2, 0.3)),  # 10 KL steps + the adversarial and the clean pass
     (Recipe(RecipeName.PGD_AT, "PGD-3", PGD(steps=3, seed=None, early_stop=True), clean=False,
             sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=50), (0.3,)),
+    (get_recipe("pgd-3"), (0.2, 0.3, 0.4)),  # 3 steps + the check after the (one) start
 ])
 def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, strengths):
     data = mnist_train.subset(slice(0, 200))
@@ -242,6 +246,8 @@ def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, streng
     train(net, data, recipe.mix(strengths), WhiteBox(recipe.attack),
           recipe.config(epochs=2, batch_size=50), progress=False)
     assert net.seen == recipe.passes(strengths, 2) * len(data)
+    # the forward passes without a gradient: PGD's success checks, TRADES' clean reference
+    assert net.checked == recipe.checks(strengths, 2) * len(data)
 
 
 def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball(trained_mlp, batch):

@@ -127,7 +127,8 @@ class Attack(ABC):
 
     ``reach`` is the L∞ radius of the result in units of ``eps`` (1: the ε-ball; a training
     perturbation such as N-FGSM's deliberately goes further). :attr:`passes` counts the
-    forward-backward passes per example one strength costs (training cost is counted in them).
+    forward-backward passes per example one strength costs, :attr:`checks` the forward passes
+    without a gradient (training cost is counted in both).
     """
 
     reach: ClassVar[float] = 1.0
@@ -137,6 +138,12 @@ class Attack(ABC):
     def passes(self) -> int:
         """Forward-backward passes per example and strength (one gradient by default)."""
         return 1
+
+    @property
+    def checks(self) -> int:
+        """Forward passes without a gradient per example and strength (success checks, a clean
+        reference output): none by default."""
+        return 0
 
     @overload
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -68,6 +68,12 @@ class PGD(Attack):
         with restarts, which attack only what earlier ones did not fool)."""
         return self.steps * self.restarts
 
+    @property
+    def checks(self) -> int:
+        """After every restart, one forward pass that finds what it fooled; with ``keep_best``
+        one more, the final iterate's (an upper bound with restarts, as :attr:`passes`)."""
+        return self.restarts * (1 + int(self.keep_best))
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             eps: Strength) -> torch.Tensor:
         """:meth:`craft` (no input checks), the name PGD's callers used before."""

@@ -39,9 +39,13 @@ class TradesKL(Attack):
 
     @property
     def passes(self) -> int:
-        """One gradient per step (the clean output's forward pass, without a gradient, is not
-        counted, as PGD's success checks are not)."""
+        """One gradient per step."""
         return self.steps
+
+    @property
+    def checks(self) -> int:
+        """The clean output, the KL's reference: one forward pass without a gradient."""
+        return 1
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Strength) -> torch.Tensor:

@@ -86,6 +86,16 @@ class Recipe:
         clean = mix.clean or self.beta > 0  # TRADES trains on the clean image too
         return epochs * (craft + crafted + int(clean))
 
+    def checks(self, strengths: Sequence[float], epochs: int, *,
+               reduced: bool = False) -> int:
+        """Forward passes without a gradient per training example over ``epochs`` white-box
+        epochs: the attack's success checks and reference outputs, per crafted copy."""
+        mix = self.mix(strengths, reduced=reduced)
+        if not mix.strengths:
+            return 0
+        crafted = 1 if mix.reduced or mix.sample else len(mix.strengths)
+        return epochs * self.attack.checks * (1 if self.attack.shares_gradient else crafted)
+
     def mix(self, strengths: Sequence[float], *, reduced: bool = False) -> StrengthMix:
         """The batch mixing of a method trained at ``strengths`` (empty: clean training)."""
         strengths = tuple(float(e) for e in strengths)
