@@ -79,6 +79,10 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     "pgd-3-narrow-10-ramp": ("pgd-3", "0.25,0.3,0.35", 10, ["--ramp", "0.3"]),
     "pgd-3-mixed-10-ramp-avg": ("pgd-3", "0.2,0.3,0.4", 10, ["--ramp", "0.3", "--average",
                                                             "0.999"]),
+    # the small CNN with the TRADES and MART losses, one strength and several (the ramp)
+    "trades-0.3-10": ("trades", "0.3", 10, []),
+    "trades-mixed-10": ("trades", "0.2,0.3,0.4", 10, []),
+    "mart-mixed-10": ("mart", "0.2,0.3,0.4", 10, []),
     # TRADES' SmallCNN: TRADES with one strength, multi-strength TRADES, PGD-AT, all ≤ 410 passes
     "trades-cnn-pgd-at": ("pgd-at", "0.3", 10, ["--model", "trades-cnn"]),
     "trades-cnn-trades-0.3": ("trades", "0.3", 30, ["--model", "trades-cnn"]),

@@ -3,6 +3,7 @@ learning rate, and their resumability."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,10 +173,13 @@ def test_one_cycle_schedule_and_random_draws_resume_exactly(mnist_train, tmp_pat
 
 
 def test_recipes_describe_their_mixing():
-    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-3", "pgd-at", "trades"}
+    assert set(RECIPES) == {"fgsm", "fgsm-rs", "n-fgsm", "pgd-3", "pgd-at", "trades", "mart"}
     trades = get_recipe("trades")
     assert trades.mix([0.2, 0.3]).sample and not trades.mix([0.2, 0.3]).clean
     assert trades.config().trades_beta == 6.0 and trades.config(trades_beta=1.0).trades_beta == 1
+    mart = get_recipe("mart")
+    assert mart.config().mart_beta == 6.0 and mart.config().trades_beta == 0
+    assert mart.mix([0.2, 0.3]).sample and not mart.mix([0.2, 0.3]).clean
     paper = get_recipe("fgsm").mix([0.1, 0.2])
     assert paper.clean and not paper.sample
     fast = get_recipe("fgsm-rs").mix([0.1, 0.2])
@@ -238,6 +242,7 @@ class CountingModel(torch.nn.Module):
     (Recipe(RecipeName.PGD_AT, "PGD-3", PGD(steps=3, seed=None, early_stop=True), clean=False,
             sample=True, schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=50), (0.3,)),
     (get_recipe("pgd-3"), (0.2, 0.3, 0.4)),  # 3 steps + the check after the (one) start
+    (get_recipe("mart"), (0.2, 0.3)),  # PGD-10 + the adversarial and the clean pass
 ])
 def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, strengths):
     data = mnist_train.subset(slice(0, 200))
@@ -334,3 +339,51 @@ def test_ramped_training_starts_weak_and_weight_averaging_changes_the_model(mnis
             assert seen == pytest.approx([0.3] * len(seen))
     a, b = models["plain"].state_dict(), models["avg"].state_dict()
     assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_mart_loss_is_its_formula():
+    """Wang et al.'s loss, example by example in float64: BCE(p′, y) = −log p′_y −
+    log(1 − max_{k≠y} p′_k), plus β · KL(p ‖ p′) · (1 − p_y), averaged."""
+    from advguard.training.losses import mart_loss
+
+    gen = torch.Generator().manual_seed(0)
+    clean, adv = torch.randn(8, 10, generator=gen), torch.randn(8, 10, generator=gen) * 3
+    y = torch.randint(0, 10, (8,), generator=gen)
+    total = 0.0
+    for c, a, t in zip(clean.double().softmax(1), adv.double().softmax(1), y.tolist(),
+                       strict=True):
+        wrong = max(float(a[k]) for k in range(10) if k != t)
+        bce = -np.log(float(a[t])) - np.log(1 - wrong)
+        kl = float((c * (c.log() - a.log())).sum())
+        total += bce + 6.0 * kl * (1 - float(c[t]))
+    assert float(mart_loss(clean, adv, y, 6.0)) == pytest.approx(total / 8, rel=1e-5)
+    # a clean image the model already gets right, with certainty, adds no KL term
+    sure = torch.full((1, 10), -30.0)
+    sure[0, 3] = 30.0
+    assert float(mart_loss(sure, adv[:1], torch.tensor([3]), 6.0)) == pytest.approx(
+        float(mart_loss(sure, adv[:1], torch.tensor([3]), 0.0)), abs=1e-6)
+
+
+def test_mart_training_is_what_its_loss_says(mnist_train):
+    """One step of the loop equals the MART loss of the same batch and adversarial copies."""
+    from advguard.training.losses import mart_loss
+
+    data = mnist_train.subset(slice(0, 50))
+    torch.manual_seed(0)
+    model = build_model("mlp3", "mnist")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(epochs=1, batch_size=50, mart_beta=5.0, lr=1e-3)
+    attack = PGD(steps=2, seed=None, keep_best=False)
+    result = train(model, data, StrengthMix((0.2,), clean=False), WhiteBox(attack), config,
+                   progress=False)
+    ref = build_model("mlp3", "mnist")
+    ref.load_state_dict(before)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(config.seed))
+    x, y = data.x[order], data.y[order]
+    torch.manual_seed(config.seed)
+    adv = attack.craft(ref, x, y, torch.full((50,), 0.2))
+    ref.train()
+    expected = mart_loss(ref(x), ref(adv), y, 5.0)
+    assert abs(result.history[0]["loss"] - float(expected.detach())) < 1e-4
+    with pytest.raises(AdvguardError, match="one loss"):
+        TrainConfig(trades_beta=6.0, mart_beta=6.0)

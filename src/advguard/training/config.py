@@ -19,7 +19,7 @@ RECIPE = "the recipe's"  # where a training command takes the fields a recipe se
 
 # TrainConfig fields added later: a state names them only when they differ from the default
 OPTIONAL = ("ramp", "average", "augment", "label_smoothing", "channels_last", "optimizer",
-            "momentum", "nesterov", "amp", "clip_grad", "trades_beta")
+            "momentum", "nesterov", "amp", "clip_grad", "trades_beta", "mart_beta")
 
 
 class Optimizer(str, Enum):
@@ -70,6 +70,9 @@ class TrainConfig:
     trades_beta: float = options.option(
         0.0, "TRADES loss: cross-entropy on the clean images + β·KL(clean ‖ adversarial); 0: "
         "cross-entropy on the training batch", fallback=RECIPE)
+    mart_beta: float = options.option(
+        0.0, "MART loss: boosted cross-entropy on the adversarial images + β·KL(clean ‖ "
+        "adversarial)·(1 − p_y(clean)); 0: off", fallback=RECIPE)
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -77,8 +80,11 @@ class TrainConfig:
         self.device = options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
-        if not 0 <= self.trades_beta < float("inf"):
-            raise InputError(f"trades_beta must be a number ≥ 0, got {self.trades_beta!r}")
+        for name in ("trades_beta", "mart_beta"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise InputError(f"{name} must be a number ≥ 0, got {getattr(self, name)!r}")
+        if self.trades_beta and self.mart_beta:
+            raise InputError("choose one loss: trades_beta or mart_beta, not both")
         if not self.clip_grad >= 0:
             raise InputError(f"clip_grad must be ≥ 0, got {self.clip_grad!r}")
         for name in ("ramp", "average", "label_smoothing", "momentum"):
@@ -86,6 +92,11 @@ class TrainConfig:
         self.schedule = parse_choice(Schedule, self.schedule, "schedule")
         self.optimizer = parse_choice(Optimizer, self.optimizer, "optimizer")
         self.amp = parse_choice(Precision, self.amp, "amp")
+
+    @property
+    def paired(self) -> bool:
+        """The loss pairs each clean image with its adversarial copy (TRADES, MART)."""
+        return bool(self.trades_beta or self.mart_beta)
 
     def strength_scale(self, step: int, steps: int) -> float:
         """The fraction of every strength used at global ``step`` of ``steps`` (the ε ramp)."""

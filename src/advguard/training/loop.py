@@ -23,7 +23,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard import distributed as distributed_
-from advguard.attacks import trades_kl
 from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
@@ -36,6 +35,7 @@ from advguard.training.config import (
     precision,
     scheduler,
 )
+from advguard.training.losses import mart_loss, trades_loss
 from advguard.training.mixing import StrengthMix
 from advguard.training.sources import AdversarialSource, WhiteBox
 
@@ -79,10 +79,11 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
     """
     source = source or WhiteBox()
     config = config or TrainConfig()
-    if config.trades_beta and mix.strengths and (mix.clean or (len(mix.strengths) > 1
-                                                               and not mix.sample)):
-        raise InputError("the TRADES loss pairs each image with one adversarial copy: train on "
-                         "adversarial copies only, one strength or strengths sampled per example")
+    if config.paired and mix.strengths and (mix.clean or (len(mix.strengths) > 1
+                                                          and not mix.sample)):
+        raise InputError(f"the {'TRADES' if config.trades_beta else 'MART'} loss pairs each "
+                         "image with one adversarial copy: train on adversarial copies only, "
+                         "one strength or strengths sampled per example")
     dataset, loader_workers = as_dataset(data)
     workers = loader_workers if workers is None else workers
     info = info_of(dataset)
@@ -166,9 +167,10 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
                                scale=scale, augment=augment)  # crafted in float32
             with autocast():
                 if config.trades_beta and mix.strengths:  # xb: one copy of each of x, in order
-                    clean = net(x)
-                    loss = (F.cross_entropy(clean, y, label_smoothing=config.label_smoothing)
-                            + config.trades_beta * trades_kl(net(xb), clean) / len(x))
+                    loss = trades_loss(net(x), net(xb), y, config.trades_beta,
+                                       config.label_smoothing)
+                elif config.mart_beta and mix.strengths:
+                    loss = mart_loss(net(x), net(xb), y, config.mart_beta)
                 else:
                     loss = F.cross_entropy(net(xb), yb, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)

@@ -16,6 +16,9 @@ recipe       adversarial copies                                     clean copy  
 ``trades``   10 signed steps on the KL to the clean output (Zhang    no (its      one-cycle to
              et al. 2019); loss CE(clean) + 6·KL, strengths           loss has    5e-3, 100
              sampled per example and ramped                         the clean)
+``mart``     PGD-10 on the cross-entropy (Wang et al. 2020); loss   no (its      one-cycle to
+             boosted CE(adversarial) + 6·KL·(1 − p_y(clean)),         loss has    5e-3, 100
+             strengths sampled per example and ramped               the clean)
 ===========  =====================================================  ===========  ==============
 
 The one-cycle schedule, peak and batch are Wong et al.'s MNIST settings; PGD-AT gets the same
@@ -45,6 +48,7 @@ class RecipeName(str, Enum):
     PGD_3 = "pgd-3"
     PGD_AT = "pgd-at"
     TRADES = "trades"
+    MART = "mart"
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,15 @@ class Recipe:
     ramp: float = 0.0  # TrainConfig.ramp: strengths rise from 0 over this fraction of training
     average: float = 0.0  # TrainConfig.average: EMA decay of the weights (0: off)
     beta: float = 0.0  # TrainConfig.trades_beta: the TRADES loss's weight (0: cross-entropy)
+    mart: float = 0.0  # TrainConfig.mart_beta: the MART loss's weight (0: off)
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The training configuration of this recipe: batch size, lr, schedule, ε ramp and
         weight averaging are the recipe's unless given (``None`` counts as not given), every
         other field :class:`TrainConfig`'s default unless given."""
         own = {"batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
-               "ramp": self.ramp, "average": self.average, "trades_beta": self.beta}
+               "ramp": self.ramp, "average": self.average, "trades_beta": self.beta,
+               "mart_beta": self.mart}
         given = {k: v for k, v in overrides.items() if v is not None}
         return TrainConfig(**{**own, **given})
 
@@ -83,7 +89,7 @@ class Recipe:
         crafted = 1 if mix.sample else len(mix.strengths)
         craft = self.attack.passes * (1 if self.attack.shares_gradient
                                       else crafted)
-        clean = mix.clean or self.beta > 0  # TRADES trains on the clean image too
+        clean = mix.clean or self.beta > 0 or self.mart > 0  # their losses hold the clean image
         return epochs * (craft + crafted + int(clean))
 
     def checks(self, strengths: Sequence[float], epochs: int, *,
@@ -143,6 +149,13 @@ RECIPES: dict[RecipeName, Recipe] = {
         "(step 2.5·ε/10), strengths sampled per example and ramped up over the first 30% of "
         "the steps, one-cycle learning rate", TradesKL(steps=10), clean=False, sample=True,
         schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100, ramp=0.3, beta=6.0),
+    RecipeName.MART: Recipe(
+        RecipeName.MART, "MART (Wang et al. 2020): boosted cross-entropy on the adversarial "
+        "image + β·KL(clean ‖ adversarial)·(1 − p_y(clean)), β = 6, the adversarial image from "
+        "PGD-10 on the cross-entropy (random start, step 2.5·ε/10), strengths sampled per "
+        "example and ramped up over the first 30% of the steps, one-cycle learning rate",
+        PGD(steps=10, seed=None, keep_best=False), clean=False, sample=True,
+        schedule=Schedule.ONE_CYCLE, lr=5e-3, batch_size=100, ramp=0.3, mart=6.0),
 }
 
 

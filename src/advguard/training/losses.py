@@ -1,0 +1,37 @@
+"""The adversarial-training losses that pair each clean image with its adversarial copy.
+
+* TRADES (Zhang et al. 2019): ``CE(f(x), y) + β · KL(f(x) ‖ f(x′)) / N``.
+* MART (Wang et al. 2020, "Improving adversarial robustness requires revisiting misclassified
+  examples"): ``BCE(f(x′), y) + β · Σᵢ KL(f(xᵢ) ‖ f(x′ᵢ)) · (1 − f_y(xᵢ)) / N``, the boosted
+  cross-entropy ``BCE(p, y) = −log p_y − log(1 − max_{k≠y} p_k)`` on the adversarial copy (it
+  also pushes the strongest wrong class down), and the KL weighted by how *mis*classified the
+  clean image is — the clean images the model gets wrong weigh most.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from advguard.attacks import trades_kl
+
+EPS = 1e-12  # keeps the logarithms finite where a probability reaches 0 or 1
+
+
+def trades_loss(clean: torch.Tensor, adversarial: torch.Tensor, y: torch.Tensor, beta: float,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """TRADES from the logits of the clean images and of their adversarial copies."""
+    return (F.cross_entropy(clean, y, label_smoothing=label_smoothing)
+            + beta * trades_kl(adversarial, clean) / len(y))
+
+
+def mart_loss(clean: torch.Tensor, adversarial: torch.Tensor, y: torch.Tensor,
+              beta: float) -> torch.Tensor:
+    """MART from the logits of the clean images and of their adversarial copies."""
+    p_adv = F.softmax(adversarial, dim=1)
+    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1.0).max(1).values
+    boosted = F.cross_entropy(adversarial, y) - torch.log(1 - wrong + EPS).mean()
+    p_clean = F.softmax(clean, dim=1)
+    kl = (p_clean * (torch.log(p_clean + EPS) - torch.log(p_adv + EPS))).sum(1)
+    misclassified = 1 - p_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted + beta * (kl * misclassified).mean()
