@@ -80,6 +80,7 @@ def test_unknown_names_and_missing_data(tmp_path, cli):
 TINY = ["--train-limit", "1500", "--test-limit", "200", "--epochs", "1", "--crafter-epochs",
         "1", "--pgd-steps", "2", "--pgd-limit", "100", "--val-size", "300",
         "--autoattack-limit", "40", "--quiet"]
+NO_AUTOATTACK = ["--autoattack-limit", "0"]  # the column is the end-to-end test's; it is slow
 
 
 def test_reproduce_mat_end_to_end_and_resume(tmp_path, cli):
@@ -149,7 +150,7 @@ def test_reproduce_mat_selects_strengths_and_explains_why(tmp_path, cli):
     out = tmp_path / "walk"
     proc = cli("reproduce", "mat", "--out", str(out), "--grid", "0,0.1,0.2,0.3",
                    "--matrix-epochs", "1", "--walks", "100", "--voting", "gated",
-                   "--compare-voting", *TINY)
+                   "--compare-voting", *TINY, *NO_AUTOATTACK)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     sel = results["details"]["selection"]
@@ -249,7 +250,8 @@ def test_reproduce_mat_white_box_recipe_pgd_matrix_and_pgd_at(tmp_path, cli):
     out = tmp_path / "wb"
     proc = cli("reproduce", "mat", "--out", str(out), "--setting", "white-box", "--victim",
                    "small-cnn", "--grid", "0,0.1,0.3", "--matrix-epochs", "1", "--walks", "50",
-                   "--matrix-val-limit", "100", "--pgd-at", "--pgd-step-size", "0.05", *TINY)
+                   "--matrix-val-limit", "100", "--pgd-at", "--pgd-step-size", "0.05", *TINY,
+                   *NO_AUTOATTACK)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     details = results["details"]

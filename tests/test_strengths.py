@@ -181,3 +181,32 @@ def test_selection_rejects_bad_matrices():
         exhaustive_select(np.array([[np.nan]]))
     with pytest.raises(InputError, match="≤ 0"):
         random_walk_select(ZONES, penalty=0.1)
+
+
+def test_the_walk_draws_what_generator_choice_draws():
+    """The walk's steps come from the transition rows' cumulative sums and one uniform draw
+    each, as numpy's ``Generator.choice(m, p=row)`` makes them: every seed selects what a walk
+    built on ``choice`` selects (runs recorded before keep their selections)."""
+    from advguard.strengths.selection import objective, transition_matrix
+
+    def reference(A: np.ndarray, walks: int, steps: int, seed: int) -> tuple[int, ...]:
+        P, rng, m = transition_matrix(A), np.random.default_rng(seed), len(A)
+        best = None
+        for _ in range(walks):
+            state = int(rng.integers(m))
+            visited = {state}
+            for step in range(steps + 1):
+                if step:
+                    state = int(rng.choice(m, p=P[state]))
+                    visited.add(state)
+                cand = objective(A, sorted(visited), -0.01, "parallel")
+                if best is None or cand.rank() > best.rank():
+                    best = cand
+        return best.subset
+
+    rng = np.random.default_rng(1)
+    for m in (3, 6, 11):
+        A = rng.random((m, m))
+        for seed in range(10):
+            assert random_walk_select(A, walks=30, steps=8, penalty=-0.01,
+                                      seed=seed).subset == reference(A, 30, 8, seed)

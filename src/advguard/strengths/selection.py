@@ -126,6 +126,10 @@ def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int 
     if walks < 1 or steps < 0:
         raise InputError("walks must be ≥ 1 and steps ≥ 0")
     P = transition_matrix(A)
+    # Generator.choice(m, p=row) draws u = random() and returns cdf.searchsorted(u, "right"):
+    # the same draws, without choice's per-call checks of p (the walk's hot spot)
+    cdf = P.cumsum(axis=1)
+    cdf /= cdf[:, -1:]
     rng = np.random.default_rng(seed)
     m = A.shape[0]
     seen: dict[frozenset[int], Selection] = {}
@@ -135,7 +139,7 @@ def random_walk_select(A: np.ndarray | Sequence[Sequence[float]], *, walks: int 
         visited = {state}
         for step in range(steps + 1):
             if step:
-                state = int(rng.choice(m, p=P[state]))
+                state = int(cdf[state].searchsorted(rng.random(), side="right"))
                 visited.add(state)
             key = frozenset(visited)
             if key not in seen:
