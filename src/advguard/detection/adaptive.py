@@ -105,9 +105,11 @@ class SoftNeighbours:
                  transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], k: int,
                  weight: float = 1.0, *, seed: int = 0) -> None:
         self.layers, self.transforms, self.k, self.weight = layers, transforms, int(k), weight
-        self.banks = {key: (torch.from_numpy(np.asarray(v, np.float32)),
-                            torch.from_numpy(np.asarray(y, np.int64)))
-                      for key, (v, y) in banks.items()}
+        self.banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, (v, y) in banks.items():  # sorted by class: class c is one slice of rows
+            labels = torch.from_numpy(np.asarray(y, np.int64))
+            order = torch.argsort(labels, stable=True)
+            self.banks[key] = (torch.from_numpy(np.asarray(v, np.float32))[order], labels[order])
         self.radii = {key: neighbourhood_radius(v, self.k, seed)
                       for key, (v, _) in self.banks.items()}
 
@@ -119,16 +121,31 @@ class SoftNeighbours:
         for key, f in cap.features.items():
             z = self.transforms[key](f)
             bank, labels = (t.to(z.device) for t in self.banks[key])
-            same = labels[None, :] == y[:, None]
-            k = max(1, min(self.k, int(same.sum(1).min()), int((~same).sum(1).min())))
-            with torch.no_grad():
-                d = torch.cdist(z.detach().float(), bank)
-                guides = d.masked_fill(~same, float("inf")).topk(k, largest=False).indices
-                others = d.masked_fill(same, float("inf")).topk(k, largest=False).indices
+            guides, others = self._chosen(z.detach().float(), bank, labels, y)
             eta = self.radii[key]
             count = count + torch.sigmoid(STEEPNESS * (_dist(z, bank[guides]) / eta - 1)).sum()
             count = count + torch.sigmoid(STEEPNESS * (1 - _dist(z, bank[others]) / eta)).sum()
         return F.cross_entropy(logits, y, reduction="sum") + self.weight * count, logits
+
+    @torch.no_grad()
+    def _chosen(self, z: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank rows ``(guides, others)``, each (B, k): the k nearest of the target class, and
+        the k nearest of every other class."""
+        classes = torch.arange(max(int(labels[-1]), int(y.max())) + 2, device=y.device)
+        starts = torch.searchsorted(labels, classes)
+        sizes = starts[y + 1] - starts[y]
+        if int(sizes.min()) == 0:
+            raise InputError("a target class has no bank entry to pull toward")
+        k = max(1, min(self.k, int(sizes.min()), int((len(labels) - sizes).min())))
+        d = torch.cdist(z, bank)
+        guides = torch.empty(len(z), k, dtype=torch.long, device=z.device)
+        for c in torch.unique(y).tolist():
+            rows = torch.nonzero(y == c).squeeze(1)
+            lo, hi = int(starts[c]), int(starts[c + 1])
+            guides[rows] = d[rows, lo:hi].topk(k, largest=False).indices + lo
+            d[rows, lo:hi] = float("inf")  # the target class is not among the others
+        return guides, d.topk(k, largest=False).indices
 
 
 def _dist(z: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
