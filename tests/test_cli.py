@@ -205,7 +205,7 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
             assert set(m) == {"eer_accuracy", "auroc", "caught_at_keep"}
             assert 0 <= m["caught_at_keep"] <= 1 and 0 <= m["auroc"] <= 1
         det = results["detector_details"][name]
-        assert det["adaptive_weight"] in (0.0, 0.01, 0.1, 1.0)
+        assert det["adaptive_weight"] in (0.0, 0.001, 0.01, 0.1, 1.0)
         # every surrogate of the detector was tried on validation, beside targeted PGD alone
         surrogates = DETECTORS[name.removesuffix("-fgsm")].surrogates
         assert set(det["adaptive_on_validation"]) == {"none", *surrogates}

@@ -29,7 +29,7 @@ from advguard.reproduce.detect.stages import ATTACK_BATCH, Detect, adversarial
 
 # the adaptive attack's detector-term weights tried (with every surrogate); 0 is targeted PGD
 # alone, so the attack kept is never weaker than ignoring the detector (Tramèr et al. 2020)
-ADAPTIVE_WEIGHTS = (0.0, 0.01, 0.1, 1.0)
+ADAPTIVE_WEIGHTS = (0.0, 0.001, 0.01, 0.1, 1.0)
 WEIGHT_IMAGES = 300  # validation images the weight is chosen on
 
 
