@@ -50,12 +50,14 @@ LOAD_REQUESTS, LOAD_CLIENTS = 2000, 8
 
 
 def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, classes: int,
-            adaptive_weight: float = 1.0) -> dict[str, torch.Tensor]:
+            adaptive_weight: float = 1.0, surrogate: str | None = None
+            ) -> dict[str, torch.Tensor]:
     model = guard.model
     out = {f"fgsm-{e}": FGSM()(model, x, y, e) for e in (0.1, 0.2, 0.3)}
     for e in (0.2, 0.3):
         out[f"pgd20-{e}"] = PGD(steps=20, seed=0)(model, x, y, e)
-    pull = guard.detector.adaptive_loss(adaptive_weight)  # the guard's detector's own attack
+    # the guard's detector's own attack
+    pull = guard.detector.adaptive_loss(adaptive_weight, surrogate)
     target = random_targets(y, classes, 0)
     out["adaptive-0.2"] = PGD(steps=20, random_start=False, loss=pull, targeted=True)(
         model, x, target, 0.2)
@@ -267,6 +269,9 @@ def main() -> None:
     parser.add_argument("--adaptive-weight", type=float, default=1.0,
                         help="the detector term's weight in the adaptive attack (choose it as "
                              "reproduce detect does, on validation images)")
+    parser.add_argument("--adaptive-surrogate", default=None,
+                        help="which of the detector's surrogates the adaptive attack descends "
+                             "(default: the detector's first; see Detector.surrogates)")
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     info = guard.info
@@ -274,7 +279,7 @@ def main() -> None:
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.tensor([int(test[i][1]) for i in range(len(test))])
     adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes,
-                  args.adaptive_weight)
+                  args.adaptive_weight, args.adaptive_surrogate)
     pgd = adv["pgd20-0.3" if "pgd20-0.3" in adv else next(iter(adv))]
     dup = [augmented(x[k * DUP_IMAGES:(k + 1) * DUP_IMAGES], DUP_COPIES, info.flips, k)
            for k in range(HONEST_CLIENTS)]
@@ -306,6 +311,8 @@ def main() -> None:
     loaded["service_over_in_process"] = loaded["requests_per_s"] / local
     result = {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
               "policy": Policy().to_json(), "adaptive_weight": args.adaptive_weight,
+              "adaptive_surrogate": args.adaptive_surrogate
+              or guard.detector.surrogates[0],
               "attackers": attackers, "dilution": dilution,
               "race": raced, "honest": honest, "honest_near_duplicates": near, "load": loaded,
               "history_memory": history_memory(guard, x, args.guard_dir),
