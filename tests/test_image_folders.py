@@ -191,3 +191,28 @@ def test_non_image_files_are_skipped_and_mixed_sizes_train_with_image_size(tmp_p
     assert meta["data"]["image_size"] == 28 and meta["model"]["size"] == [28, 28]
     with pytest.raises(DataError, match="no 'val' split"):
         load_folder(root, "val")
+
+
+def test_batches_read_in_order_hold_a_bounded_number_of_pixels():
+    """Inference batches of 224×224 RGB images are cut to what 128 MiB of float32 holds (222
+    images), so a feature extraction's activations do not grow with the default batch of
+    1,000; small images keep the batch asked for."""
+    from torch.utils.data import Dataset
+
+    from advguard.data import batches, with_info
+    from advguard.data.loading import BATCH_VALUES
+
+    class Blank(Dataset):
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            self.shape = shape
+
+        def __len__(self) -> int:
+            return 500
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.zeros(self.shape), i % 2
+
+    big = [len(x) for x, _, _ in batches(with_info(Blank((3, 224, 224)), 2), batch_size=1000)]
+    assert big == [222, 222, 56] and 222 * 3 * 224 * 224 <= BATCH_VALUES
+    small = [len(x) for x, _, _ in batches(with_info(Blank((1, 28, 28)), 2), batch_size=1000)]
+    assert small == [500]

@@ -25,6 +25,7 @@ from advguard.data.datasets import DatasetInfo, ImageSet
 from advguard.errors import AdvguardError, DataError, InputError
 
 MATERIALISE_BYTES = 4 * 2**30  # the most a slice read into memory (for attacks) may take
+BATCH_VALUES = 2**25  # pixel values of one batch read in order at most (128 MiB as float32)
 
 
 class ImageDataset(Protocol):
@@ -143,6 +144,16 @@ class _Rows(Dataset):
         return x, y, torch.as_tensor(rows, dtype=torch.long)
 
 
+def fitting_batch(data: Any, batch_size: int) -> int:
+    """``batch_size``, made smaller for large images so that one batch holds at most
+    :data:`BATCH_VALUES` pixel values (1,000 MNIST or CIFAR-10 images, 222 at 224×224×3): the
+    batches read in order feed inference, whose activations grow with the batch's pixels."""
+    info = info_of(data)
+    if info is None:
+        return batch_size
+    return max(1, min(batch_size, BATCH_VALUES // int(np.prod(info.shape))))
+
+
 def _as_batch(batch: Any) -> Any:
     return batch
 
@@ -156,7 +167,7 @@ def batches(data: ImageDataset, rows: Sequence[torch.Tensor] | None = None, *,
     and flips): reading data never draws from torch's global generator, so the training
     loop's own draws (sampled strengths, random starts) are the same on every path."""
     if rows is None:
-        n = len(data)
+        n, batch_size = len(data), fitting_batch(data, batch_size)
         rows = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     sampler = [r.tolist() for r in rows]
     loader = DataLoader(_Rows(data), batch_sampler=sampler, collate_fn=_as_batch,

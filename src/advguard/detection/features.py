@@ -18,6 +18,7 @@ from torch import nn
 
 from advguard.batching import batch_slices
 from advguard.data import as_dataset, batches
+from advguard.data.loading import fitting_batch
 from advguard.errors import InputError
 from advguard.models import eval_mode
 
@@ -193,7 +194,8 @@ def dataset_layers(model: nn.Module, data: Any, layers: list[LayerSpec], *,
 
     for x, y, _ in tqdm(batches(dataset, batch_size=batch_size,
                                 workers=loader_workers if workers is None else workers),
-                        total=-(-len(dataset) // batch_size), desc="features",
+                        total=-(-len(dataset) // fitting_batch(dataset, batch_size)),
+                        desc="features",
                         disable=not progress, leave=False):
         feats, logits = extract_layers(model, x, layers, batch_size=batch_size, device=device)
         parts.append((feats, np.asarray(y), logits.argmax(1).numpy()))
@@ -247,7 +249,8 @@ def dataset_features(model: nn.Module, data: Any, layer: str | LayerSpec | None 
 
     for x, y, _ in tqdm(batches(dataset, batch_size=batch_size,
                                 workers=loader_workers if workers is None else workers),
-                        total=-(-len(dataset) // batch_size), desc="features",
+                        total=-(-len(dataset) // fitting_batch(dataset, batch_size)),
+                        desc="features",
                         disable=not progress, leave=False):
         features, predicted = extract_features(model, x, layer, batch_size=batch_size,
                                                device=device)
