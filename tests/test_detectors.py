@@ -97,30 +97,37 @@ def test_streamed_fit_equals_in_memory(name, fitted, split, trained_lenet):
     assert np.allclose(scores, fitted[name].score_samples(xq), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def targeted(trained_lenet, split):
+    """100 queries, random target classes, and plain targeted PGD's images (one model for
+    every detector, so crafted once)."""
+    from advguard.attacks import random_targets
+
+    xq, yq = split[2][0][:100], split[2][1][:100]
+    t = random_targets(yq, 10, 0)
+    return xq, t, PGD(steps=20, targeted=True, random_start=False)(trained_lenet, xq, t, 0.3)
+
+
 @pytest.mark.parametrize(("name", "surrogate"), [(n, s) for n in DETECTORS
                                                   for s in DETECTORS[n].surrogates])
 def test_each_adaptive_attack_passes_its_detector_at_least_as_often(name, surrogate, fitted,
-                                                                     split):
+                                                                     targeted):
     """The attack made for a detector (same ε, same steps, targeted toward the same classes),
     with each of its surrogates, gets its fooling images trusted at the operating point at
     least as often as plain targeted PGD; on Mahalanobis, which catches every plain PGD image
     of this model, it passes most."""
-    from advguard.attacks import random_targets
-
     det = fitted[name]
-    xq, yq = split[2][0][:100], split[2][1][:100]
-    t = random_targets(yq, 10, 0).numpy()
+    xq, t, plain_adv = targeted
 
-    def passed(loss=None) -> tuple[float, float]:
-        kw = {} if loss is None else {"loss": loss}
-        adv = PGD(steps=20, targeted=True, random_start=False, **kw)(
-            det.model_, xq, torch.from_numpy(t), 0.3)
+    def passed(adv: torch.Tensor) -> tuple[float, float]:
         predicted, scores = det.inspect(adv)
-        hit = predicted == t
+        hit = predicted == t.numpy()
         return hit.mean(), (hit & (scores >= det.offset_)).mean()
 
-    hit_plain, plain = passed()
-    hit_adaptive, adaptive = passed(det.adaptive_loss(0.1, surrogate))
+    hit_plain, plain = passed(plain_adv)
+    hit_adaptive, adaptive = passed(PGD(steps=20, targeted=True, random_start=False,
+                                        loss=det.adaptive_loss(0.1, surrogate))(
+        det.model_, xq, t, 0.3))
     assert hit_plain > 0.5 and hit_adaptive > 0.5
     assert adaptive >= plain - 0.03
     if name == "mahalanobis":
