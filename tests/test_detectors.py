@@ -226,8 +226,8 @@ def test_whitening_drops_components_without_variance():
 def test_soft_neighbours_counts_what_the_vote_counts():
     """Sitawarin & Wagner's surrogate on two clusters: at a class-0 point with target class 1
     every guide is outside the neighbourhood and every other-class neighbour inside, so the soft
-    count is ≈ 2k; at a class-1 point it is ≈ 0; between them its gradient points toward class
-    1; the radius is the mean distance to the k-th other entry."""
+    count is near 2k; at a class-1 point it is a small fraction of that; between them its
+    gradient points toward class 1; the radius is the mean distance to the k-th other entry."""
     from torch import nn
 
     from advguard.detection.adaptive import SoftNeighbours, neighbourhood_radius
@@ -252,11 +252,12 @@ def test_soft_neighbours_counts_what_the_vote_counts():
         x = torch.tensor([point], requires_grad=True)
         value, _ = loss(model, x, target)
         value.backward()
-        return float(value) - float(np.log(2)), x.grad[0]
+        return float(value.detach()) - float(np.log(2)), x.grad[0]
 
     far, _ = count([0.0, 0.0])
     near, _ = count([5.0, 0.0])
-    assert far > 2 * 5 * 0.8 and near < 2 * 5 * 0.1
+    # σ(α(d/η − 1)) is σ(−2) ≈ 0.12 for a guide at distance 0: the count is soft, not 0
+    assert far > 2 * 5 * 0.7 and near < 0.2 * far
     for start in (1.0, 2.5, 4.0):
         _, grad = count([start, 0.0])
         assert grad[0] < 0, start  # descending moves x toward the class-1 cluster

@@ -387,3 +387,5 @@ def test_mart_training_is_what_its_loss_says(mnist_train):
     assert abs(result.history[0]["loss"] - float(expected.detach())) < 1e-4
     with pytest.raises(AdvguardError, match="one loss"):
         TrainConfig(trades_beta=6.0, mart_beta=6.0)
+    with pytest.raises(AdvguardError, match="no label smoothing"):
+        TrainConfig(mart_beta=6.0, label_smoothing=0.1)

@@ -162,7 +162,8 @@ def batches(data: ImageDataset, rows: Sequence[torch.Tensor] | None = None, *,
             batch_size: int = 1000, workers: int = 0, pin_memory: bool = False,
             seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(images, labels, rows)`` for each batch of dataset rows in ``rows`` (a sequence of
-    index tensors), or for ``range(len(data))`` in order, ``batch_size`` at a time. ``workers``
+    index tensors), or for ``range(len(data))`` in order, ``batch_size`` at a time (fewer for
+    large images: :func:`fitting_batch`). ``workers``
     decode in worker processes (0: in this one), seeded from ``seed`` (their random crops
     and flips): reading data never draws from torch's global generator, so the training
     loop's own draws (sampled strengths, random starts) are the same on every path."""

@@ -98,8 +98,10 @@ class SoftNeighbours:
     guides outside the radius, other classes' entries inside it — so descending it brings k
     class-t entries into the neighbourhood and pushes the rest out, which is what the vote
     counts. The guides and neighbours are chosen again at every step, without gradient (the
-    authors fix them at the start; re-choosing follows the iterate). Batch sums; implements
-    :class:`~advguard.attacks.Loss`."""
+    authors fix them at the start; re-choosing follows the iterate). A guide many radii away
+    saturates its sigmoid and gives no gradient (the surrogate's nature): the first steps are
+    led by the cross-entropy and by the push away from the other classes. Batch sums;
+    implements :class:`~advguard.attacks.Loss`."""
 
     def __init__(self, layers: list[LayerSpec], banks: dict[str, tuple[np.ndarray, np.ndarray]],
                  transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], k: int,
@@ -122,9 +124,10 @@ class SoftNeighbours:
             z = self.transforms[key](f)
             bank, labels = (t.to(z.device) for t in self.banks[key])
             guides, others = self._chosen(z.detach().float(), bank, labels, y)
+            d = _distances(z, bank)  # (B, N): memory grows with the bank, not with k × D
             eta = self.radii[key]
-            count = count + torch.sigmoid(STEEPNESS * (_dist(z, bank[guides]) / eta - 1)).sum()
-            count = count + torch.sigmoid(STEEPNESS * (1 - _dist(z, bank[others]) / eta)).sum()
+            count = count + torch.sigmoid(STEEPNESS * (d.gather(1, guides) / eta - 1)).sum()
+            count = count + torch.sigmoid(STEEPNESS * (1 - d.gather(1, others) / eta)).sum()
         return F.cross_entropy(logits, y, reduction="sum") + self.weight * count, logits
 
     @torch.no_grad()
@@ -148,10 +151,11 @@ class SoftNeighbours:
         return guides, d.topk(k, largest=False).indices
 
 
-def _dist(z: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-    """Distances (B, k) of every row of ``z`` (B, D) to its own entries (B, k, D); the small
-    constant keeps the gradient finite at distance 0."""
-    return ((z[:, None, :] - entries).pow(2).sum(2) + 1e-12).sqrt()
+def _distances(z: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (B, N) of the rows of ``z`` to the bank's, differentiable in ``z``;
+    the small floor keeps the gradient finite at distance 0."""
+    d2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ bank.T + bank.pow(2).sum(1)
+    return d2.clamp_min(1e-12).sqrt()
 
 
 @torch.no_grad()

@@ -57,8 +57,8 @@ def predict_dataset(model: nn.Module, data: Any, *, batch_size: int = 1000,
                     progress: bool = False, desc: str = "predict",
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(predicted classes, labels)`` (N,) of ``model`` on a Dataset or DataLoader, streamed
-    ``batch_size`` images at a time (``workers``: DataLoader worker processes; default: the
-    DataLoader's, or none)."""
+    ``batch_size`` images at a time, fewer for large images (``workers``: DataLoader worker
+    processes; default: the DataLoader's, or none)."""
     from tqdm.auto import tqdm
 
     dataset, loader_workers = as_dataset(data)

@@ -85,6 +85,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be a number ≥ 0, got {getattr(self, name)!r}")
         if self.trades_beta and self.mart_beta:
             raise InputError("choose one loss: trades_beta or mart_beta, not both")
+        if self.mart_beta and self.label_smoothing:
+            raise InputError("the MART loss has no label smoothing: set label_smoothing to 0")
         if not self.clip_grad >= 0:
             raise InputError(f"clip_grad must be ≥ 0, got {self.clip_grad!r}")
         for name in ("ramp", "average", "label_smoothing", "momentum"):

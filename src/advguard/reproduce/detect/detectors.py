@@ -15,6 +15,7 @@ seen, on validation images only; never the test attacks).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -70,8 +71,9 @@ def adaptive_images(d: Detect, model: nn.Module, det: AnyDetector, x: torch.Tens
     """``(images, target classes)``: targeted PGD with the detector's own loss."""
     classes = num_classes(model, x[:1].to(d.cfg.device))
     targets = random_targets(y, classes, d.cfg.seed)
-    attack = PGD(steps=d.cfg.pgd_steps, random_start=False, targeted=True,
-                 loss=det.adaptive_loss(weight, surrogate))
+    attack = PGD(steps=d.cfg.pgd_steps, random_start=False, targeted=True)  # λ = 0: plain PGD
+    if weight:
+        attack = replace(attack, loss=det.adaptive_loss(weight, surrogate))
     return attack.craft_dataset(model, x, targets, d.cfg.eps, batch_size=ATTACK_BATCH,
                                 device=d.cfg.device), targets
 
@@ -92,8 +94,13 @@ def choose_attack(d: Detect, model: nn.Module, det: AnyDetector
             predicted, scores = det.inspect(adv)
             tried.setdefault(surrogate, {})[str(w)] = float(
                 ((predicted == targets.numpy()) & (scores >= float(det.offset_ or 0))).mean())
-    share, surrogate, weight = max((v, s, w) for s, ws in tried.items() for w, v in ws.items())
-    return (det.surrogates[0] if surrogate == "none" else surrogate), float(weight), tried
+    best: tuple[str, float, float] = ("none", 0.0, -1.0)  # ties keep the earlier: PGD alone,
+    # then the lower weight
+    for surrogate, shares in tried.items():
+        for weight, share in shares.items():
+            if share > best[2]:
+                best = (surrogate, float(weight), share)
+    return (det.surrogates[0] if best[0] == "none" else best[0]), best[1], tried
 
 
 def detector_table(d: Detect, model: nn.Module, model_name: str,
