@@ -280,28 +280,34 @@ def test_the_trades_loss_needs_one_adversarial_copy_per_image(mnist_train):
     assert done.history[0]["loss"] > 0
 
 
+def one_paired_step(data, config: TrainConfig, attack):
+    """``(loss the loop reports, model before the step in train mode, x, y, adversarial x)``
+    for one step over 50 images at strength 0.2, the batch and copies rebuilt by hand."""
+    torch.manual_seed(0)
+    model = build_model("mlp3", "mnist")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, data, StrengthMix((0.2,), clean=False), WhiteBox(attack), config,
+                   progress=False)
+    ref = build_model("mlp3", "mnist")
+    ref.load_state_dict(before)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(config.seed))
+    x, y = data.x[order], data.y[order]
+    torch.manual_seed(config.seed)
+    adv = attack.craft(ref, x, y, torch.full((50,), 0.2))
+    ref.train()
+    return result.history[0]["loss"], ref, x, y, adv
+
+
 def test_trades_training_is_what_its_loss_says(mnist_train):
     """One step of the loop equals CE(clean) + β·KL/N computed by hand on the same batch."""
     from advguard.attacks import TradesKL, trades_kl
 
-    data = mnist_train.subset(slice(0, 50))
-    torch.manual_seed(0)
-    model = build_model("mlp3", "mnist")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     config = TrainConfig(epochs=1, batch_size=50, trades_beta=3.0, lr=1e-3)
-    result = train(model, data, StrengthMix((0.2,), clean=False), WhiteBox(TradesKL(steps=2)),
-                   config, progress=False)
-    ref = build_model("mlp3", "mnist")
-    ref.load_state_dict(before)
-    torch.manual_seed(0)
-    order = torch.randperm(50, generator=torch.Generator().manual_seed(config.seed))
-    x, y = data.x[order], data.y[order]
-    torch.manual_seed(config.seed)
-    adv = TradesKL(steps=2).craft(ref, x, y, torch.full((50,), 0.2))
-    ref.train()
+    loss, ref, x, y, adv = one_paired_step(mnist_train.subset(slice(0, 50)), config,
+                                           TradesKL(steps=2))
     clean = ref(x)
     expected = torch.nn.functional.cross_entropy(clean, y) + 3.0 * trades_kl(ref(adv), clean) / 50
-    assert abs(result.history[0]["loss"] - float(expected.detach())) < 1e-4
+    assert abs(loss - float(expected.detach())) < 1e-4
 
 
 def test_strength_ramp_rises_from_zero_and_holds(mnist_train):
@@ -368,23 +374,11 @@ def test_mart_training_is_what_its_loss_says(mnist_train):
     """One step of the loop equals the MART loss of the same batch and adversarial copies."""
     from advguard.training.losses import mart_loss
 
-    data = mnist_train.subset(slice(0, 50))
-    torch.manual_seed(0)
-    model = build_model("mlp3", "mnist")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     config = TrainConfig(epochs=1, batch_size=50, mart_beta=5.0, lr=1e-3)
-    attack = PGD(steps=2, seed=None, keep_best=False)
-    result = train(model, data, StrengthMix((0.2,), clean=False), WhiteBox(attack), config,
-                   progress=False)
-    ref = build_model("mlp3", "mnist")
-    ref.load_state_dict(before)
-    order = torch.randperm(50, generator=torch.Generator().manual_seed(config.seed))
-    x, y = data.x[order], data.y[order]
-    torch.manual_seed(config.seed)
-    adv = attack.craft(ref, x, y, torch.full((50,), 0.2))
-    ref.train()
+    loss, ref, x, y, adv = one_paired_step(mnist_train.subset(slice(0, 50)), config,
+                                           PGD(steps=2, seed=None, keep_best=False))
     expected = mart_loss(ref(x), ref(adv), y, 5.0)
-    assert abs(result.history[0]["loss"] - float(expected.detach())) < 1e-4
+    assert abs(loss - float(expected.detach())) < 1e-4
     with pytest.raises(AdvguardError, match="one loss"):
         TrainConfig(trades_beta=6.0, mart_beta=6.0)
     with pytest.raises(AdvguardError, match="no label smoothing"):

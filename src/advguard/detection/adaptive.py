@@ -43,29 +43,45 @@ class FeaturePull:
         return F.cross_entropy(logits, y) + self.weight * pull, logits
 
 
-class CentroidPull:
-    """``CE(model(x), t) + weight · Σ_ℓ ‖g_ℓ(f_ℓ(x)) − c_{ℓ,t}‖²`` (batch sums; each layer's
-    term divided by its dimension with ``per_dim``): at every layer a multi-layer detector
-    reads, its transform ``g_ℓ`` of the features pulled onto the target class's centroid
-    ``c_{ℓ,t}`` in that space. Implements :class:`~advguard.attacks.Loss`."""
+Transforms = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
-    def __init__(self, layers: list[LayerSpec], centroids: dict[str, np.ndarray],
-                 transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-                 weight: float = 1.0, per_dim: bool = True) -> None:
-        self.layers, self.transforms, self.weight, self.per_dim = (layers, transforms, weight,
-                                                                   per_dim)
-        self.centroids = {k: torch.from_numpy(v) for k, v in centroids.items()}
+
+class LayerTerms:
+    """``CE(model(x), t) + weight · Σ_ℓ term_ℓ(g_ℓ(f_ℓ(x)), t)`` (batch sums) over the layers a
+    detector reads, ``g_ℓ`` its transform of layer ℓ's features: one forward pass with hooks,
+    a subclass writes :meth:`term`. Implements :class:`~advguard.attacks.Loss`."""
+
+    def __init__(self, layers: list[LayerSpec], transforms: Transforms, weight: float) -> None:
+        self.layers, self.transforms, self.weight = layers, transforms, weight
+
+    def term(self, key: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, model: nn.Module, x: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with LayersCapture(model, self.layers) as cap:
             logits = model(x)
-        pull = torch.zeros((), device=x.device)
+        total = torch.zeros((), device=x.device)
         for key, f in cap.features.items():
-            z = self.transforms[key](f)
-            d2 = (z - self.centroids[key].to(z.device)[y]).pow(2).sum()
-            pull = pull + (d2 / z.shape[1] if self.per_dim else d2)
-        return F.cross_entropy(logits, y, reduction="sum") + self.weight * pull, logits
+            total = total + self.term(key, self.transforms[key](f), y)
+        return F.cross_entropy(logits, y, reduction="sum") + self.weight * total, logits
+
+
+class CentroidPull(LayerTerms):
+    """``CE(model(x), t) + weight · Σ_ℓ ‖g_ℓ(f_ℓ(x)) − c_{ℓ,t}‖²`` (batch sums; each layer's
+    term divided by its dimension with ``per_dim``): at every layer a multi-layer detector
+    reads, its transform ``g_ℓ`` of the features pulled onto the target class's centroid
+    ``c_{ℓ,t}`` in that space."""
+
+    def __init__(self, layers: list[LayerSpec], centroids: dict[str, np.ndarray],
+                 transforms: Transforms, weight: float = 1.0, per_dim: bool = True) -> None:
+        super().__init__(layers, transforms, weight)
+        self.per_dim = per_dim
+        self.centroids = {k: torch.from_numpy(v) for k, v in centroids.items()}
+
+    def term(self, key: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d2 = (z - self.centroids[key].to(z.device)[y]).pow(2).sum()
+        return d2 / z.shape[1] if self.per_dim else d2
 
 
 def pick_surrogate(surrogates: tuple[str, ...], surrogate: str | None) -> str:
@@ -82,7 +98,7 @@ STEEPNESS = 2.0  # the sigmoid's steepness per neighbourhood radius
 RADIUS_SAMPLE = 1000  # bank entries the neighbourhood radius is measured on
 
 
-class SoftNeighbours:
+class SoftNeighbours(LayerTerms):
     """A differentiable stand-in for a k-nearest-neighbour vote (Sitawarin & Wagner 2019, "On
     the robustness of deep k-nearest neighbors"), summed over the layers a detector reads::
 
@@ -100,13 +116,12 @@ class SoftNeighbours:
     counts. The guides and neighbours are chosen again at every step, without gradient (the
     authors fix them at the start; re-choosing follows the iterate). A guide many radii away
     saturates its sigmoid and gives no gradient (the surrogate's nature): the first steps are
-    led by the cross-entropy and by the push away from the other classes. Batch sums;
-    implements :class:`~advguard.attacks.Loss`."""
+    led by the cross-entropy and by the push away from the other classes. Batch sums."""
 
     def __init__(self, layers: list[LayerSpec], banks: dict[str, tuple[np.ndarray, np.ndarray]],
-                 transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], k: int,
-                 weight: float = 1.0, *, seed: int = 0) -> None:
-        self.layers, self.transforms, self.k, self.weight = layers, transforms, int(k), weight
+                 transforms: Transforms, k: int, weight: float = 1.0, *, seed: int = 0) -> None:
+        super().__init__(layers, transforms, weight)
+        self.k = int(k)
         self.banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key, (v, y) in banks.items():  # sorted by class: class c is one slice of rows
             labels = torch.from_numpy(np.asarray(y, np.int64))
@@ -115,20 +130,13 @@ class SoftNeighbours:
         self.radii = {key: neighbourhood_radius(v, self.k, seed)
                       for key, (v, _) in self.banks.items()}
 
-    def __call__(self, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with LayersCapture(model, self.layers) as cap:
-            logits = model(x)
-        count = torch.zeros((), device=x.device)
-        for key, f in cap.features.items():
-            z = self.transforms[key](f)
-            bank, labels = (t.to(z.device) for t in self.banks[key])
-            guides, others = self._chosen(z.detach().float(), bank, labels, y)
-            d = _distances(z, bank)  # (B, N): memory grows with the bank, not with k × D
-            eta = self.radii[key]
-            count = count + torch.sigmoid(STEEPNESS * (d.gather(1, guides) / eta - 1)).sum()
-            count = count + torch.sigmoid(STEEPNESS * (1 - d.gather(1, others) / eta)).sum()
-        return F.cross_entropy(logits, y, reduction="sum") + self.weight * count, logits
+    def term(self, key: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bank, labels = (t.to(z.device) for t in self.banks[key])
+        guides, others = self._chosen(z.detach().float(), bank, labels, y)
+        d = _distances(z, bank)  # (B, N): memory grows with the bank, not with k × D
+        eta = self.radii[key]
+        return (torch.sigmoid(STEEPNESS * (d.gather(1, guides) / eta - 1)).sum()
+                + torch.sigmoid(STEEPNESS * (1 - d.gather(1, others) / eta)).sum())
 
     @torch.no_grad()
     def _chosen(self, z: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
