@@ -19,6 +19,7 @@ from advguard.data.loading import (
     ImageDataset,
     as_dataset,
     batches,
+    fitting_batch,
     info_of,
     materialise,
     subset,
@@ -30,7 +31,7 @@ from advguard.data.sources import DataOptions, data_info, load_data
 __all__ = [
     "DATASETS", "VAL_SIZE", "DataOptions", "DatasetInfo", "FlipCrop", "FolderImages",
     "ImageDataset", "ImageSet", "Split", "as_dataset", "batches", "check_images",
-    "check_labels", "custom_info", "data_info", "dataset_info", "info_of", "load_data",
-    "load_dataset", "load_folder", "materialise", "read_cifar_binary", "read_idx",
-    "strength_grid", "subset", "train_val_split", "with_info",
+    "check_labels", "custom_info", "data_info", "dataset_info", "fitting_batch", "info_of",
+    "load_data", "load_dataset", "load_folder", "materialise", "read_cifar_binary",
+    "read_idx", "strength_grid", "subset", "train_val_split", "with_info",
 ]

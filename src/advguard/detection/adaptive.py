@@ -132,25 +132,24 @@ class SoftNeighbours(LayerTerms):
 
     def term(self, key: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bank, labels = (t.to(z.device) for t in self.banks[key])
-        guides, others = self._chosen(z.detach().float(), bank, labels, y)
         d = _distances(z, bank)  # (B, N): memory grows with the bank, not with k × D
+        guides, others = self._chosen(d.detach().clone(), labels, y)
         eta = self.radii[key]
         return (torch.sigmoid(STEEPNESS * (d.gather(1, guides) / eta - 1)).sum()
                 + torch.sigmoid(STEEPNESS * (1 - d.gather(1, others) / eta)).sum())
 
     @torch.no_grad()
-    def _chosen(self, z: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
+    def _chosen(self, d: torch.Tensor, labels: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank rows ``(guides, others)``, each (B, k): the k nearest of the target class, and
-        the k nearest of every other class."""
+        """Bank rows ``(guides, others)``, each (B, k), from the distances ``d`` (B, N; written
+        over): the k nearest of the target class, and the k nearest of every other class."""
         classes = torch.arange(max(int(labels[-1]), int(y.max())) + 2, device=y.device)
         starts = torch.searchsorted(labels, classes)
         sizes = starts[y + 1] - starts[y]
         if int(sizes.min()) == 0:
             raise InputError("a target class has no bank entry to pull toward")
         k = max(1, min(self.k, int(sizes.min()), int((len(labels) - sizes).min())))
-        d = torch.cdist(z, bank)
-        guides = torch.empty(len(z), k, dtype=torch.long, device=z.device)
+        guides = torch.empty(len(d), k, dtype=torch.long, device=d.device)
         for c in torch.unique(y).tolist():
             rows = torch.nonzero(y == c).squeeze(1)
             lo, hi = int(starts[c]), int(starts[c + 1])

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from advguard.batching import batch_slices
-from advguard.data import as_dataset, batches
-from advguard.data.loading import fitting_batch
+from advguard.data import as_dataset, batches, fitting_batch
 from advguard.errors import InputError
 from advguard.models import eval_mode
 

@@ -84,22 +84,18 @@ def choose_attack(d: Detect, model: nn.Module, det: AnyDetector
     makes fooling and trusted, for each of the detector's surrogates and each weight (weight
     0, targeted PGD alone, tried once, under ``"none"``); the best pair is kept."""
     x, y = d.val.x[:WEIGHT_IMAGES], d.val.y[:WEIGHT_IMAGES]
+    pairs = [("none", 0.0)] + [(s, w) for s in det.surrogates for w in ADAPTIVE_WEIGHTS if w]
     tried: dict[str, dict[str, float]] = {}
-    for surrogate in ("none", *det.surrogates):
-        for w in ADAPTIVE_WEIGHTS if surrogate != "none" else (0.0,):
-            if w == 0 and surrogate != "none":
-                continue
-            adv, targets = adaptive_images(d, model, det, x, y, w,
-                                           None if surrogate == "none" else surrogate)
-            predicted, scores = det.inspect(adv)
-            tried.setdefault(surrogate, {})[str(w)] = float(
-                ((predicted == targets.numpy()) & (scores >= float(det.offset_ or 0))).mean())
-    best: tuple[str, float, float] = ("none", 0.0, -1.0)  # ties keep the earlier: PGD alone,
-    # then the lower weight
-    for surrogate, shares in tried.items():
-        for weight, share in shares.items():
-            if share > best[2]:
-                best = (surrogate, float(weight), share)
+    best = ("none", 0.0, -1.0)  # ties keep the earlier: PGD alone, then the lower weight
+    for surrogate, w in pairs:
+        adv, targets = adaptive_images(d, model, det, x, y, w,
+                                       None if surrogate == "none" else surrogate)
+        predicted, scores = det.inspect(adv)
+        share = float(((predicted == targets.numpy())
+                       & (scores >= float(det.offset_ or 0))).mean())
+        tried.setdefault(surrogate, {})[str(w)] = share
+        if share > best[2]:
+            best = (surrogate, w, share)
     return (det.surrogates[0] if best[0] == "none" else best[0]), best[1], tried
 
 
