@@ -4,7 +4,9 @@ CIFAR-10's real images written once as PNG files in ImageFolder layout (``write_
 → ``advguard train --model torchvision:resnet18 --optimizer sgd --recipe fgsm-rs --strengths
 4/255,8/255`` → ``evaluate`` (white-box PGD) → ``audit --only-autoattack`` on a slice → ``guard
 fit`` → ``serve`` on loopback, and one test PNG posted to it. Every command, its output and the
-numbers go to ``OUT/summary.json``; finished steps are kept when the script is run again.
+numbers go to ``OUT/summary.json``, rewritten after every step; a step whose output exists
+(the checkpoint, ``pgd.json``, ``audit.json``, the guard folder) is not run again, so an
+interrupted run resumes where it stopped.
 
 Run: ``python benchmarks/write_imagefolder.py runs/cifar-png --train 50000 --test 10000`` then
 ``python benchmarks/byo_end_to_end.py runs/cifar-png docs/results/byo-cifar10-resnet18``.
@@ -37,11 +39,18 @@ def advguard(*args: str, log: Path) -> str:
     return proc.stdout
 
 
+def save(out: Path, summary: dict) -> None:
+    """Write ``OUT/summary.json`` atomically (a finished step is never half-written)."""
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -61,18 +70,26 @@ def main() -> None:
     meta = read_metadata(ckpt)
     summary["train"] = {k: meta[k] for k in ("test_accuracy", "train_seconds", "history",
                                              "train_config", "model", "data")}
-    pgd = advguard("evaluate", str(ckpt), "--attack", "white-box-pgd", "--grid",
-                   "0,2/255,4/255,8/255", "--test-limit", "1000", "--pgd-steps", "20",
-                   "--pgd-restarts", "1", "--workers", str(args.workers), "-q",
-                   "--out", str(out / "pgd.json"), log=log)
+    save(out, summary)
+    if not (out / "pgd.json").exists():
+        advguard("evaluate", str(ckpt), "--attack", "white-box-pgd", "--grid",
+                 "0,2/255,4/255,8/255", "--test-limit", "1000", "--pgd-steps", "20",
+                 "--pgd-restarts", "1", "--workers", str(args.workers), "-q",
+                 "--out", str(out / "pgd.json"), log=log)
     summary["pgd"] = json.loads((out / "pgd.json").read_text())
-    advguard("audit", str(ckpt), "--only-autoattack", "--eps", "8/255", "--test-limit", "200",
-             "--workers", str(args.workers), "--out", str(out / "audit.json"), "-q", log=log)
+    save(out, summary)
+    if not (out / "audit.json").exists():
+        advguard("audit", str(ckpt), "--only-autoattack", "--eps", "8/255", "--test-limit",
+                 "200", "--workers", str(args.workers), "--out", str(out / "audit.json"), "-q",
+                 log=log)
     summary["autoattack"] = json.loads((out / "audit.json").read_text())
+    save(out, summary)
     guard = Path("runs") / "byo-guard"
-    advguard("guard", "fit", str(ckpt), "--out", str(guard), "--workers", str(args.workers),
-             "-q", log=log)
+    if not (guard / "guard.json").exists():
+        advguard("guard", "fit", str(ckpt), "--out", str(guard), "--workers",
+                 str(args.workers), "-q", log=log)
     summary["guard"] = json.loads((guard / "guard.json").read_text())
+    save(out, summary)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,8 +114,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(pgd, json.dumps(summary["served"], indent=2))
+    save(out, summary)
+    print(json.dumps(summary["served"], indent=2))
 
 
 if __name__ == "__main__":

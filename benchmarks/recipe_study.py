@@ -23,18 +23,22 @@ Two protocols, recorded in every row as ``chosen_on``:
   choices made on them are not results of record.
 
 Run: ``python benchmarks/recipe_study.py OUT [--protocol validation] [NAME ...]`` (default:
-every MNIST candidate); ``... OUT --final NAME ...``; ``... OUT --table`` prints the summary
+every MNIST candidate); ``... OUT --final [--jobs N] NAME ...`` (N slices at a time, one
+thread each); ``... OUT --table`` prints the summary
 as a markdown table. Results: ``OUT/summary.json`` and one line per candidate on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from advguard.evaluation import merge_results
 from advguard.io import read_metadata, write_json
 from advguard.options import strength
 from advguard.training import get_recipe
@@ -55,6 +59,7 @@ class Setup:
 
 
 PROTOCOLS = ("validation", "test-1000")
+FINAL_SLICE = 1000  # test images per slice of the final AutoAttack (each saved on its own)
 
 
 MNIST_SETUP = Setup("0.3", ["--model", "small-cnn"], [],
@@ -96,10 +101,10 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
 }
 
 
-def _run(args: list[str], log: Path) -> None:
+def _run(args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     with log.open("a") as f:
         subprocess.run([sys.executable, "-m", "advguard.cli", *args], check=True, stdout=f,
-                       stderr=subprocess.STDOUT)
+                       stderr=subprocess.STDOUT, env=env)
 
 
 def study(out: Path, name: str, protocol: str = "validation") -> dict:
@@ -142,19 +147,27 @@ def study(out: Path, name: str, protocol: str = "validation") -> dict:
                           "validation split; not a result of record)")}
 
 
-def final(out: Path, name: str) -> dict:
+def final(out: Path, name: str, jobs: int = 1) -> dict:
     """AutoAttack (standard) once on the whole test set, for a candidate chosen on validation:
-    the number of record, with its standard error."""
+    the number of record, with its standard error. It runs as slices of ``FINAL_SLICE`` images
+    (``audit --test-start``), ``jobs`` at a time, each saved as it finishes, so that hours of
+    attack resume where they stopped; AutoAttack attacks every image on its own, so the slices
+    add up to one run over the whole set (only the random draws of each slice differ)."""
     setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
     d = out / name
-    path = d / "autoattack-test.json"
-    if not path.exists():
-        _run(["audit", str(d / "model.safetensors"), "--eps", setup.eps, "--only-autoattack",
-              "--test-limit", str(setup.test_images), *setup.data, "--out", str(path), "-q"],
-             d / "log.txt")
-    aa = json.loads(path.read_text())["autoattack"]
-    p, n = aa["robust_accuracy"], aa["images"]
-    return {**aa, "standard_error": (p * (1 - p) / n) ** 0.5}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else None
+
+    def run_slice(start: int) -> dict:
+        path = d / f"autoattack-test-{start:05d}.json"
+        if not path.exists():
+            _run(["audit", str(d / "model.safetensors"), "--eps", setup.eps, "--only-autoattack",
+                  "--test-start", str(start), "--test-limit", str(FINAL_SLICE), *setup.data,
+                  "--out", str(path), "-q"], d / f"log-test-{start:05d}.txt", env)
+        return json.loads(path.read_text())["autoattack"]
+
+    with ThreadPoolExecutor(jobs) as pool:
+        parts = list(pool.map(run_slice, range(0, setup.test_images, FINAL_SLICE)))
+    return {**merge_results(parts), "slices": len(parts)}
 
 
 def table(summary: dict) -> str:
@@ -182,11 +195,14 @@ def main(out: Path, names: list[str]) -> None:
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if names[:1] == ["--final"]:
+        jobs = 1
+        if names[1:2] == ["--jobs"]:
+            jobs, names = int(names[2]), names[:1] + names[3:]
         for name in names[1:]:
             if not summary.get(name, {}).get("chosen_on", "").startswith("validation"):
                 raise SystemExit(f"{name}: the final test-set number is for candidates chosen "
                                  "on validation (--protocol validation first)")
-            summary[name]["autoattack_test_10k"] = final(out, name)
+            summary[name]["autoattack_test_10k"] = final(out, name, jobs)
             aa = summary[name]["autoattack_test_10k"]
             print(f"{name:<28} AutoAttack on {aa['images']} test images "
                   f"{100 * aa['robust_accuracy']:.2f} ± {100 * aa['standard_error']:.2f}")

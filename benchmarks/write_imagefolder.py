@@ -45,12 +45,15 @@ def main() -> None:
     parser.add_argument("--jpeg", action="store_true", help="JPEG (quality 90) instead of PNG")
     args = parser.parse_args()
     for split, n in (("train", args.train), ("test", args.test)):
-        if (args.out / split).exists():
-            print(f"{args.out / split} exists: kept")
+        have = sum(1 for f in (args.out / split).glob("*/*") if f.is_file())
+        if have == n:
+            print(f"{args.out / split}: {n} images already written, kept")
             continue
-        write(args.out, split, n, args.size, args.jpeg)
+        if have > n:
+            raise SystemExit(f"{args.out / split} holds {have} images, more than the {n} asked "
+                             "for: write into a new folder")
+        write(args.out, split, n, args.size, args.jpeg)  # names are row numbers: extends
     print(f"{args.out}: {args.train} training and {args.test} test images")
-
 
 if __name__ == "__main__":
     main()

@@ -137,3 +137,28 @@ def test_autoattack_targets_every_other_class_when_there_are_fewer(trained_mlp, 
     assert built["APGD-T"].n_target_classes == 3
     result = AA(steps=1, queries=1).evaluate(four, x[:4], y[:4] % 4, 0.1)
     assert 0.0 <= result.robust_accuracy <= 1.0
+
+
+def test_autoattack_slices_merge_into_the_whole_set(trained_mlp, images):
+    """A long AutoAttack runs as slices (``audit --test-start``): merged, they give the run over
+    the whole set — the same clean accuracy, robust accuracy within the random draws' noise,
+    each accuracy weighted by its slice's size — and slices of different settings are refused."""
+    from advguard.errors import InputError
+    from advguard.evaluation import merge_results
+
+    x, y = images
+    whole = QUICK_AA.evaluate(trained_mlp, x, y, 0.1, batch_size=50).to_json()
+    parts = [QUICK_AA.evaluate(trained_mlp, x[a:b], y[a:b], 0.1, batch_size=50).to_json()
+             for a, b in ((0, 30), (30, 120))]
+    merged = merge_results(parts)
+    assert merged["images"] == 120
+    assert merged["clean_accuracy"] == pytest.approx(whole["clean_accuracy"])
+    assert merged["robust_accuracy"] == pytest.approx(
+        (parts[0]["robust_accuracy"] * 30 + parts[1]["robust_accuracy"] * 90) / 120)
+    assert abs(merged["robust_accuracy"] - whole["robust_accuracy"]) <= 3 / 120
+    after = list(merged["robust_after"].values())
+    assert after == sorted(after, reverse=True) and after[-1] == merged["robust_accuracy"]
+    r = merged["robust_accuracy"]
+    assert merged["standard_error"] == pytest.approx((r * (1 - r) / 120) ** 0.5)
+    with pytest.raises(InputError, match="differ in eps"):
+        merge_results([parts[0], {**parts[1], "eps": 0.2}])

@@ -315,6 +315,7 @@ def test_choices_on_a_held_out_validation_split(tmp_path, cli):
     import torch
 
     from advguard.data import DataOptions
+    from advguard.errors import DataError
     from advguard.io import read_metadata
 
     held = tmp_path / "held.safetensors"
@@ -336,6 +337,14 @@ def test_choices_on_a_held_out_validation_split(tmp_path, cli):
     assert not any(x.numpy().tobytes() in seen for x in val_part.x[:300])
     assert torch.equal(DataOptions(hold_out=1000, split="val").load_evaluation(300).x,
                        val_part.x[:300])
+    # slices (--test-start) tile the split: a long evaluation can run as several
+    for opts_ in (DataOptions(hold_out=1000, split="val"), DataOptions()):
+        whole = opts_.load_evaluation(900).x
+        parts = [opts_.load_evaluation(300, start).x for start in (0, 300, 600)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert len(DataOptions(hold_out=1000, split="val").load_evaluation(500, 800)) == 200
+    with pytest.raises(DataError, match="--test-start 1000 is past the last of the 1000 val"):
+        DataOptions(hold_out=1000, split="val").load_evaluation(10, 1000)
     assert len(train_part) == 59_000
     # refusals: no held-out split, a different one, --split for training
     plain = tmp_path / "plain.safetensors"

@@ -76,7 +76,8 @@ def audit(
     if out is not None:
         check_output(out)
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(limit=options.test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(options.test_limit, options.test_start),
+                       workers=data.workers)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     report = run_audit(model, test.x, test.y, strength,
                        pgd=pgd, suite=not options.only_autoattack, autoattack=reference,
@@ -102,7 +103,8 @@ def audit(
                                          else "no signal"))
     if out is not None:
         write_json(out, {"checkpoint": str(checkpoint or model_options.model),
-                         "split": data.split, "hold_out": data.hold_out, **report.to_json()})
+                         "split": data.split, "hold_out": data.hold_out,
+                         "test_start": options.test_start, **report.to_json()})
 
 
 @app.command()
@@ -129,7 +131,8 @@ def evaluate(
         check_output(out)
     chosen = options.grid or None
     model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(limit=options.test_limit), workers=data.workers)
+    test = materialise(data.load_evaluation(options.test_limit, options.test_start),
+                       workers=data.workers)
     strengths = list(test.info.grid if chosen is None else chosen)
     kw: dict[str, Any] = {"device": device, "progress": not quiet}
     if threat is ThreatSetting.WHITE_BOX_PGD:
@@ -143,7 +146,7 @@ def evaluate(
         curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
     result = {"checkpoint": str(checkpoint or model_options.model), "dataset": test.info.name,
               "attack": threat.value, "split": data.split, "hold_out": data.hold_out,
-              "images": len(test),
+              "test_start": options.test_start, "images": len(test),
               "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
     if out is not None:
         write_json(out, result)

@@ -122,17 +122,24 @@ class DataOptions:
         train = self.held_out(augment=augment)[0]
         return train if limit is None else subset(train, range(min(limit, len(train))))
 
-    def load_evaluation(self, limit: int | None = None) -> ImageDataset:
-        """The images ``--split`` names: the test file, or the held-out validation images (the
-        first ``limit`` of either)."""
+    def load_evaluation(self, limit: int | None = None, start: int = 0) -> ImageDataset:
+        """The images ``--split`` names: the test file, or the held-out validation images —
+        ``limit`` of them (default: all) from the ``start``-th on (a slice, so that a long
+        evaluation can run as several)."""
+        check_int("start", start, minimum=0)
         if self.split == "test":
-            return self.load(Split.TEST, limit=limit)
-        if not self.hold_out:
+            data = self.load(Split.TEST, limit=None if limit is None else start + limit)
+        elif not self.hold_out:
             raise DataError("--split val needs the validation images held out of training "
                             "(train with --hold-out N; the checkpoint records it): without "
                             "them they would be images the model was trained on")
-        val = self.held_out()[1]
-        return subset(val, range(min(limit or self.hold_out, self.hold_out)))
+        else:
+            data = self.held_out()[1]
+        if start >= len(data):
+            raise DataError(f"--test-start {start} is past the last of the {len(data)} "
+                            f"{self.split} images")
+        end = len(data) if limit is None else min(start + limit, len(data))
+        return data if (start, end) == (0, len(data)) else subset(data, range(start, end))
 
     def info(self) -> DatasetInfo:
         return data_info(self.source, image_size=self.image_size, channels=self.channels)

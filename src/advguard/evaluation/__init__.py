@@ -10,7 +10,7 @@ from advguard.evaluation.audit import (
     audit,
     independent_attacks,
 )
-from advguard.evaluation.autoattack import AutoAttack, AutoAttackResult
+from advguard.evaluation.autoattack import AutoAttack, AutoAttackResult, merge_results
 from advguard.evaluation.detection import (
     OperatingPoint,
     auc,
@@ -35,5 +35,5 @@ __all__ = ["AUDIT_PGD", "AuditReport", "AutoAttack", "AutoAttackResult", "Operat
            "ThreatSetting", "TorchattacksAPGD",
            "TorchattacksPGD", "Transferred", "attack_curve", "audit", "auc",
            "curve_from_directions", "eer", "eer_accuracy", "fgsm_curve", "grid_mean",
-           "independent_attacks", "keep_threshold", "lbfgs_vs_fgsm", "operating_point",
-           "pgd_curve", "roc", "threshold_sweep"]
+           "independent_attacks", "keep_threshold", "lbfgs_vs_fgsm", "merge_results",
+           "operating_point", "pgd_curve", "roc", "threshold_sweep"]

@@ -31,7 +31,7 @@ and judged by ``model`` itself, not by the attack's own bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -243,6 +243,35 @@ class AutoAttackResult:
         out["attacks"] = list(ATTACKS)
         out["implementation"] = self.implementation
         return out
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """AutoAttack results (:meth:`AutoAttackResult.to_json`) of disjoint slices of one set →
+    the result over their union: every accuracy weighted by its slice's images, plus the
+    ``standard_error`` of the robust accuracy. AutoAttack attacks each image on its own, so
+    slices run apart (``audit --test-start``) add up to one run; they must share ε, budgets
+    and implementation."""
+    if not parts:
+        raise InputError("no AutoAttack results to merge")
+    for key in ("eps", "standard", "implementation"):
+        if len({str(p[key]) for p in parts}) > 1:
+            raise InputError(f"AutoAttack slices differ in {key}: "
+                             f"{sorted({str(p[key]) for p in parts})}")
+    n = sum(int(p["images"]) for p in parts)
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(v * p["images"] for v, p in zip(values, parts, strict=True)) / n
+
+    merged = {**parts[0], "images": n,
+              "warnings": sorted({w for p in parts for w in p.get("warnings", [])}),
+              "robust_after": {k: mean([p["robust_after"][k] for p in parts])
+                               for k in parts[0]["robust_after"]}}
+    for key in ("clean_accuracy", "robust_accuracy", "gradient_accuracy", "square_only",
+                "square_alone_accuracy"):
+        values = [p.get(key) for p in parts]
+        merged[key] = None if any(v is None for v in values) else mean(values)
+    r = merged["robust_accuracy"]
+    return {**merged, "standard_error": (r * (1 - r) / n) ** 0.5}
 
 
 @torch.no_grad()

@@ -12,6 +12,9 @@ from advguard.evaluation.autoattack import IMPLEMENTATIONS, AutoAttack
 from advguard.evaluation.robustness import ThreatSetting
 from advguard.options import option
 
+TEST_START_HELP = ("skip the split's first N images: --test-start 2000 --test-limit 1000 "
+                   "attacks images 2,000–2,999 (a long evaluation run as slices)")
+
 
 @dataclass(frozen=True)
 class EvaluateOptions:
@@ -22,6 +25,7 @@ class EvaluateOptions:
     pgd_steps: int = option(PGD.steps, "PGD steps (white-box-pgd; step 2.5·ε/steps)")
     pgd_restarts: int = option(PGD.restarts, "PGD random starts (white-box-pgd)")
     test_limit: int | None = option(None, "first N images of the split (default: all)")
+    test_start: int = option(0, TEST_START_HELP)
     seed: int = option(0, "seed of PGD's random starts")
     device: str = option("cpu", "torch device")
 
@@ -38,6 +42,7 @@ class AuditOptions:
                                                               "2.5·ε/steps")
     pgd_restarts: int = option(AUDIT_PGD.restarts, "advguard PGD's random starts")
     test_limit: int | None = option(1000, "first N images of the split")
+    test_start: int = option(0, TEST_START_HELP)
     only_autoattack: bool = option(False, "AutoAttack and the cheap checks only (no PGD, sweep "
                                           "or transfer)")
     autoattack: str = option(AutoAttack.implementation, "AutoAttack's implementation: "
