@@ -269,7 +269,8 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in ("clean_accuracy", "robust_accuracy", "gradient_accuracy", "square_only",
                 "square_alone_accuracy"):
         values = [p.get(key) for p in parts]
-        merged[key] = None if None in values else mean([float(v) for v in values])
+        merged[key] = mean([float(v) for v in values if v is not None]) \
+            if None not in values else None
     r = merged["robust_accuracy"]
     return {**merged, "standard_error": (r * (1 - r) / n) ** 0.5}
 
