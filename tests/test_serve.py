@@ -27,6 +27,7 @@ from advguard.detection import KNNOptions
 from advguard.models import build_model, save_model
 from advguard.serve import fit_guard, read_keys
 from advguard.serve.guard import GuardFit
+from advguard.serve.queries import QueryWatch
 from advguard.training import StrengthMix, TrainConfig, train
 
 POLICY = ["--window", "20", "--min-requests", "10", "--flagged-limit", "0.25", "--cooldown", "0"]
@@ -578,13 +579,15 @@ def test_the_page_classifies_a_dropped_digit_in_chromium(guard_dir, keys, digits
 # --- query-based attackers: stateful detection, dilution, races, what answers reveal --------
 
 def probing(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` queries of a SimBA-like probe of digit ``x``: each the last plus a pixel step."""
+    """``n`` queries of a SimBA-like probe of digit ``x``: each the last with one pixel moved by
+    0.2 (down where it would pass 1), so no query repeats an earlier one."""
     gen = torch.Generator().manual_seed(seed)
     image, out = x[None].clone(), []
     for _ in range(n):
         i = int(torch.randint(x.numel(), (1,), generator=gen))
         image = image.clone()
-        image.view(-1)[i] = (image.view(-1)[i] + 0.2).clamp(0, 1)
+        v = float(image.view(-1)[i])
+        image.view(-1)[i] = v + 0.2 if v <= 0.8 else v - 0.2
         out.append(image)
     return torch.cat(out)
 
@@ -604,10 +607,10 @@ WATCHED = ["--cooldown", "0", "--max-repeats", "5"]  # the share and flagged rul
 
 
 def test_a_probing_client_is_denied_and_its_history_survives_a_restart(guard_dir, keys, digits):
-    """A stream of near-copies from one key is denied after the watch's k = 20 untested queries
-    and 5 detections; a client sending 100 distinct test digits is not; the history is in the
+    """A stream of near-copies from one key is denied after the watch's k untested queries and
+    5 detections; a client sending 100 distinct test digits is not; the history is in the
     SQLite file, so a restart does not give the prober a fresh start."""
-    x = digits["x"]
+    x, k = digits["x"], QueryWatch().query_k
     probe = probing(x[0], 40)
     state = f"sqlite:///{guard_dir}/watch-restart.db"
     with server(guard_dir, *WATCHED, "--state", state) as url:
@@ -615,9 +618,9 @@ def test_a_probing_client_is_denied_and_its_history_survives_a_restart(guard_dir
             r = post(url, keys["honest"], json={"images": x[i].tolist()})
             assert r.status_code == 200, r.text
         assert r.json()["status"]["recent_repeats"] == 0 and r.json()["status"]["queries"] == 100
-        assert _answered_until_denied([url], keys["client-1"], probe[:18]) == 18  # not yet
+        assert _answered_until_denied([url], keys["client-1"], probe[:k - 1]) == k - 1
     with server(guard_dir, *WATCHED, "--state", state) as url:  # a restart
-        assert _answered_until_denied([url], keys["client-1"], probe[18:]) == 24 - 18
+        assert _answered_until_denied([url], keys["client-1"], probe[k - 1:]) == 5  # k+4 in all
         health = httpx.get(f"{url}/v1/health").json()
         assert health["query_watch"] is True and health["outputs"] == "probabilities"
         assert "advguard_query_repeats_total 5.0" in httpx.get(f"{url}/metrics").text
@@ -629,13 +632,13 @@ def test_a_probing_client_is_denied_and_its_history_survives_a_restart(guard_dir
 
 def test_two_servers_sharing_redis_share_every_clients_query_history(guard_dir, keys, digits,
                                                                        redis_url):
-    probe = probing(digits["x"][1], 40, seed=1)
+    probe, k = probing(digits["x"][1], 40, seed=1), QueryWatch().query_k
     with server(guard_dir, *WATCHED, "--state", redis_url) as a, \
             server(guard_dir, *WATCHED, "--state", redis_url) as b:
-        assert _answered_until_denied([a, b], keys["client-1"], probe) == 24
+        assert _answered_until_denied([a, b], keys["client-1"], probe) == k + 4
         seen = {c["client"]: c for c in httpx.get(
             f"{a}/v1/clients", headers={"X-API-Key": keys["admin"]}).json()}
-        assert seen["client-1"]["queries"] == 25 and seen["client-1"]["recent_repeats"] == 5
+        assert seen["client-1"]["queries"] == k + 5 and seen["client-1"]["recent_repeats"] == 5
 
 
 def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guard_dir, keys,

@@ -78,8 +78,9 @@ def create_app(settings: Settings) -> FastAPI:
     watch = guard.config.watch() if settings.query_watch else None
     if settings.query_watch and watch is None:
         log.warning(json.dumps({"event": "no-query-watch", "detail": (
-            f"{settings.guard_dir} was fitted without a query watch: query-based attacks are "
-            "not detected; fit the guard again to calibrate one")}))
+            f"{settings.guard_dir} was fitted without a query watch, or with one for an "
+            "earlier encoding of the queries: query-based attacks are not detected; fit the "
+            "guard again to calibrate one")}))
     store: Store = open_store(settings.state, Path(settings.guard_dir) / "clients.db",
                               settings.policy, watch)
     metrics = Metrics()

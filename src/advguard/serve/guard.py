@@ -41,7 +41,7 @@ from advguard.errors import CheckpointError, InputError
 from advguard.io import check_output, read_json, write_json, write_text
 from advguard.models import ModelOptions, model_card, save_model
 from advguard.options import option
-from advguard.serve.queries import QueryWatch, calibrate, encode
+from advguard.serve.queries import ENCODING, QueryWatch, calibrate, encode
 
 MODEL, DETECTOR, CONFIG, KEYS = ("model.safetensors", "detector.safetensors", "guard.json",
                                  "keys.json")
@@ -69,7 +69,11 @@ class GuardConfig:
     layers: list[str] | None = None  # the layers it reads
 
     def watch(self) -> QueryWatch | None:
-        return None if self.queries is None else QueryWatch(**self.queries)
+        """The calibrated query watch; None if the folder has none, or one calibrated for an
+        earlier encoding of the queries (its threshold would not mean the same)."""
+        if self.queries is None or self.queries.get("encoding") != ENCODING:
+            return None
+        return QueryWatch(**self.queries)
 
 
 @dataclass(frozen=True)
