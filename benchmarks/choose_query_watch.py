@@ -12,6 +12,8 @@ default false-alarm rate, and the policy's default (5 detections deny) is applie
 Square streams are denied, how many succeed before their denial, and how many detections the
 honest clients raise. The configurations: the earlier encoding (8×8 average pooling) and the
 full-resolution random projection (``advguard.serve.queries.encode``), each at several k.
+Last, what the chosen encoding cannot see: the distance between augmented copies of one image,
+beside the distance to the nearest of 99 other images.
 
 Run: ``python benchmarks/choose_query_watch.py GUARD_DIR OUT.json`` (GUARD_DIR: a guard fitted
 on MNIST, e.g. by ``bench_guard.py``).
@@ -99,6 +101,18 @@ def main(guard: Path, out: Path) -> None:
                "honest_max_detections_per_client": max(detections)}
         result["configurations"][name] = row
         print(name, row, flush=True)
+    # what the chosen encoding cannot see: augmented copies of one image vs. distinct images
+    copies = Q.encode(augmented(val[:200], 5, False, 0)).astype(np.float32).reshape(200, 5, -1)
+    off = ~np.eye(5, dtype=bool)
+    within = np.concatenate([Q.distances(c, c)[off] for c in copies])
+    codes = Q.encode(val[:200]).astype(np.float32)
+    nearest = np.array([Q.distances(np.delete(codes, i, 0)[:99], codes[i:i + 1]).min()
+                        for i in range(200)])
+    result["augmented_copies"] = {
+        "images": 200, "copies": 5,
+        "distance_between_copies_median": float(np.median(within)),
+        "nearest_of_99_distinct_images_median": float(np.median(nearest))}
+    print(result["augmented_copies"])
     write_json(out, result)
 
 
