@@ -64,3 +64,17 @@ def test_every_switch_can_be_turned_off(name, callback):
     for param in command.params:
         if getattr(param, "is_flag", False) and param.default is True:
             assert param.secondary_opts == [f"--no-{param.name.replace('_', '-')}"], param.name
+
+
+def test_the_operating_point_is_declared_once():
+    """keep = 98% lives in evaluation.detection.KEEP; the options, every registered detector
+    and the evaluation helper take it from there (a restated 0.98 would drift)."""
+    import inspect
+
+    from advguard.detection import DETECTORS, KNNOptions
+    from advguard.evaluation.detection import KEEP, operating_point
+
+    assert KNNOptions.keep == KEEP
+    assert inspect.signature(operating_point).parameters["keep"].default == KEEP
+    for name, cls in DETECTORS.items():
+        assert inspect.signature(cls.__init__).parameters["keep"].default == KEEP, name

@@ -111,3 +111,34 @@ def test_the_mat_pipeline_under_torchrun(tmp_path):
         "matrix-0.json", "matrix-1.json", "matrix-2.json"}  # rows written by both ranks
     assert (tmp_path / "two" / "report.html").is_file()
     assert all(0.3 < results["methods"][m]["mean"] <= 1 for m in results["methods"])
+
+
+FAILING = """
+import sys, torch, torch.distributed as dist
+from advguard import distributed
+distributed.setup("cpu")
+if distributed.rank() == 1:  # this rank's command fails: a checkpoint that is not there
+    from advguard.cli import main
+    sys.argv = ["advguard", "evaluate", "no-such-model.safetensors"]
+    main()
+dist.all_reduce(torch.zeros(1))  # rank 0 would wait here for rank 1 until the timeout
+"""
+
+
+def test_a_failing_rank_stops_the_others_with_its_error(tmp_path):
+    """Rank 1's command fails; rank 0, waiting in a collective, stops within a second or two
+    with rank 1's error — not at the 12-hour timeout, and not only because torchrun's agent
+    (told here to look every 10 s; across nodes it cannot see the other node's workers)
+    kills it."""
+    import time
+
+    (tmp_path / "w.py").write_text(FAILING)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "--monitor-interval", "10", "w.py"],
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "error: stopping this rank: rank 1:" in out and "no-such-model.safetensors" in out
+    assert time.perf_counter() - t0 < 120

@@ -216,3 +216,33 @@ def test_batches_read_in_order_hold_a_bounded_number_of_pixels():
     assert big == [222, 222, 56] and 222 * 3 * 224 * 224 <= BATCH_VALUES
     small = [len(x) for x, _, _ in batches(with_info(Blank((1, 28, 28)), 2), batch_size=1000)]
     assert small == [500]
+
+
+def test_transfer_directions_of_a_folder_live_on_disk(cifar_folder, tmp_path, cli):
+    """The transfer setting on an image folder: the crafting model's FGSM directions are
+    written batch by batch to an int8 file and read back memory-mapped — equal to the
+    directions crafted in memory — and ``train --crafter`` trains from the folder with them,
+    then removes the file; with --augment (crops drawn as the folder is read) it refuses."""
+    from advguard.attacks import fgsm_directions, fgsm_directions_file
+    from advguard.models import save_model
+
+    root, _, _ = cifar_folder
+    folder = load_folder(root, "train")
+    memory = materialise(folder)
+    torch.manual_seed(0)
+    crafter = build_model("cifar-crafter", folder.info).eval()
+    on_disk = fgsm_directions_file(crafter, folder, tmp_path / "d.npy", batch_size=64,
+                                   workers=2)
+    assert on_disk.dtype == torch.int8 and not (tmp_path / "d.npy.tmp").exists()
+    assert np.load(tmp_path / "d.npy", mmap_mode="r").shape == (300, 3, 32, 32)
+    assert torch.equal(on_disk, fgsm_directions(crafter, memory.x, memory.y))
+    crafter_file = save_model(tmp_path / "crafter.safetensors", crafter, arch="cifar-crafter",
+                              dataset="cifar10")
+    out = tmp_path / "transfer.safetensors"
+    args = ["train", str(out), "--data", f"imagefolder:{root}", "--model", "cifar-victim",
+            "--crafter", str(crafter_file), "--strengths", "4/255,8/255", "--epochs", "1", "-q"]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert load_model(out)[1]["history"][0]["epoch"] == 1
+    assert not list(tmp_path.glob("transfer.directions*"))
+    assert_one_line_error(cli(*args, "--augment"), "trains without --augment")

@@ -12,6 +12,12 @@ group (gloo on CPU, nccl when the device is CUDA). Two ways to use the ranks:
   members).
 
 Rank 0 alone logs and writes shared results; :func:`is_main` says which rank that is.
+
+A rank that fails says so (:func:`report_failure`, called by the command line on any error):
+its message goes to the process group's store, and every other rank, whose watcher thread
+polls the store, stops at once with that message instead of waiting in a collective for the
+rank that will never come (torchrun stops the workers of one node itself; the store reaches
+every node).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +39,8 @@ from advguard.errors import InputError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 TIMEOUT = datetime.timedelta(hours=12)  # rank 0 may evaluate for long while the others wait
+FAILED = "advguard/failed"  # the store key a failing rank writes its error under
+POLL_S = 0.5  # how often each rank looks for another's failure
 
 
 def launched() -> bool:
@@ -50,6 +61,44 @@ def setup(device: str = "cpu") -> None:
         raise InputError(f"cannot join the torchrun process group ({backend}): "
                          f"{str(exc).splitlines()[0]}") from None
     log.info("rank %d of %d (%s)", rank(), world_size(), backend)
+    _watch_peers()
+
+
+def _store() -> Any:
+    return dist.distributed_c10d._get_default_store()
+
+
+def report_failure(message: str) -> None:
+    """Tell the other ranks that this one failed, with ``message``: they stop with it."""
+    if not active():
+        return
+    try:
+        _store().set(FAILED, f"rank {rank()}: {' '.join(message.split())}")
+    except Exception:  # noqa: BLE001 - the store is gone: the run is ending anyway
+        pass
+
+
+def _watch_peers() -> None:
+    """A daemon thread that ends this process, with the failing rank's message, once another
+    rank reports a failure."""
+    store, me = _store(), f"rank {rank()}:"
+
+    def watch() -> None:
+        while True:
+            time.sleep(POLL_S)
+            try:
+                if not store.check([FAILED]):
+                    continue
+                message = store.get(FAILED).decode()
+            except Exception:  # noqa: BLE001 - the store is gone: the run is ending
+                return
+            if message.startswith(me):
+                return
+            sys.stderr.write(f"error: stopping this rank: {message}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    threading.Thread(target=watch, name="advguard-peer-watch", daemon=True).start()
 
 
 def active() -> bool:

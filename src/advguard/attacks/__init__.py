@@ -17,7 +17,14 @@ from advguard.attacks.base import (
     random_targets,
     with_restarts,
 )
-from advguard.attacks.fgsm import FGSM, fgsm, fgsm_directions, gradient_sign, perturb
+from advguard.attacks.fgsm import (
+    FGSM,
+    fgsm,
+    fgsm_directions,
+    fgsm_directions_file,
+    gradient_sign,
+    perturb,
+)
 from advguard.attacks.lbfgs import LBFGS, LBFGSReport
 from advguard.attacks.pgd import PGD, pgd
 from advguard.attacks.random_start import NoiseFGSM, RandomStartFGSM
@@ -26,6 +33,6 @@ from advguard.models.inference import eval_mode
 
 __all__ = ["FGSM", "LBFGS", "PGD", "Attack", "LBFGSReport", "Loss", "NoiseFGSM", "RandomStartFGSM",
            "Strength", "TradesKL", "check_attack_inputs", "check_strengths", "cross_entropy",
-           "eval_mode", "fgsm", "fgsm_directions", "gradient_sign", "input_gradient",
-           "loss_gradient", "perturb", "pgd", "project", "random_targets", "trades_kl",
-           "with_restarts"]
+           "eval_mode", "fgsm", "fgsm_directions", "fgsm_directions_file", "gradient_sign",
+           "input_gradient", "loss_gradient", "perturb", "pgd", "project", "random_targets",
+           "trades_kl", "with_restarts"]

@@ -9,12 +9,16 @@ evaluation.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, overload
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from advguard.attacks.base import (
     Attack,
@@ -25,6 +29,8 @@ from advguard.attacks.base import (
     project,
 )
 from advguard.batching import map_batches
+from advguard.data import ImageDataset, batches
+from advguard.errors import InputError
 from advguard.models.inference import eval_mode
 
 
@@ -85,3 +91,31 @@ def fgsm_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch
     model = model.to(device)
     return map_batches(lambda xb, yb: gradient_sign(model, xb, yb).to(torch.int8), x, y,
                        batch_size=batch_size, device=device, progress=progress, desc=desc)
+
+
+def fgsm_directions_file(model: nn.Module, data: ImageDataset, path: str | Path, *,
+                         batch_size: int = 500, device: str | torch.device = "cpu",
+                         workers: int = 0, progress: bool = False,
+                         desc: str = "FGSM directions") -> torch.Tensor:
+    """:func:`fgsm_directions` of any dataset (an image folder, streamed batch by batch)
+    written to ``path`` as an int8 ``.npy`` file, and returned memory-mapped: a row is read
+    from disk when it is indexed, so the directions of a dataset larger than RAM fit. The
+    file is written under a temporary name and renamed when complete."""
+    path = Path(path)
+    model = model.to(device)
+    out = None
+    tmp = path.with_name(path.name + ".tmp")
+    with tqdm(total=len(data), desc=desc, disable=not progress, leave=False) as bar:
+        for x, y, rows in batches(data, batch_size=batch_size, workers=workers):
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8,
+                                                shape=(len(data), *x.shape[1:]))
+            sign = gradient_sign(model, x.to(device), y.to(device)).to(torch.int8).cpu()
+            out[rows.numpy()] = sign.numpy()
+            bar.update(len(rows))
+    if out is None:
+        raise InputError("no images to craft FGSM directions of")
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: the file stays

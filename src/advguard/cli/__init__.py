@@ -94,6 +94,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except AdvguardError as exc:
+        _tell_other_ranks(str(exc))
         _fail(str(exc))
     except click_exceptions.NoArgsIsHelpError:  # the help was shown: that is the answer
         code = 0
@@ -103,10 +104,22 @@ def main() -> None:
         _fail(exc.format_message(), exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         code = INTERRUPTED
+    except Exception as exc:  # a bug: its traceback is printed, and the other ranks stop
+        _tell_other_ranks(f"{type(exc).__name__}: {exc}")
+        raise
     if code == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit status
         typer.echo("interrupted: finished stages and epochs are saved; run the same command "
                    "to resume", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _tell_other_ranks(message: str) -> None:
+    """Under torchrun, the other ranks stop with this rank's error (not at the collective
+    timeout)."""
+    if "torch.distributed" in sys.modules:
+        from advguard import distributed
+
+        distributed.report_failure(message)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

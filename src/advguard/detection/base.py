@@ -37,6 +37,7 @@ from advguard.detection.features import (
 from advguard.detection.verdicts import Verdicts
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import keep_threshold
+from advguard.evaluation.detection import KEEP
 from advguard.io import load_tensors, save_tensors
 
 Features = dict[str, np.ndarray]  # layer key -> (N, D_layer)
@@ -97,7 +98,7 @@ class Detector(Thresholded, ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = 0.98, *,
+    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
                  most_layers: int = 4, batch_size: int = 1000, device: str = "cpu",
                  seed: int = 0, chunk_size: int = 10_000) -> None:
         options.check_fraction("keep", keep)

@@ -25,6 +25,7 @@ from advguard.detection.adaptive import CentroidPull, SoftNeighbours, pick_surro
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.index import FeatureIndex
 from advguard.errors import InputError
+from advguard.evaluation.detection import KEEP
 
 
 def unit(f: np.ndarray) -> np.ndarray:
@@ -36,7 +37,7 @@ class DeepKNN(Detector):
     name = "dknn"
     surrogates = ("soft", "centroid")
 
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = 0.98, *,
+    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
                  k: int = 75, **kwargs: Any) -> None:
         super().__init__(layers, keep, **kwargs)
         options.check_int("k", k)

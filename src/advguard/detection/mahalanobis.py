@@ -33,6 +33,7 @@ from advguard.detection.adaptive import pick_surrogate
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.features import LayersCapture
 from advguard.errors import InputError
+from advguard.evaluation.detection import KEEP
 from advguard.models import eval_mode
 
 
@@ -40,7 +41,7 @@ class Mahalanobis(Detector):
     name = "mahalanobis"
     surrogates = ("gaussian",)
 
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = 0.98, *,
+    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
                  noise: float = 0.0, combine_sigma: float = 0.1, ridge: float = 1e-6,
                  **kwargs: Any) -> None:
         super().__init__(layers, keep, **kwargs)

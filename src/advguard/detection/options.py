@@ -10,6 +10,7 @@ from advguard.detection.index import INDEX_KINDS
 from advguard.detection.preprocessing import Preprocessing, parse_preprocessing
 from advguard.detection.scores import Weighting, parse_weighting
 from advguard.errors import InputError
+from advguard.evaluation.detection import KEEP
 from advguard.options import option
 
 
@@ -19,7 +20,7 @@ class KNNOptions:
     weighting: Weighting = option(Weighting.DWKNN, "score: knn, wknn or dwknn")
     preprocessing: Preprocessing = option(Preprocessing.PCA_WHITEN,
                                           "features: none, l2 or pca-whiten")
-    keep: float = option(0.98, "operating point: share of correctly classified validation "
+    keep: float = option(KEEP, "operating point: share of correctly classified validation "
                                "images kept")
     index: str = option("flat", "FAISS bank: flat (exact), ivf or ivfpq")
 

@@ -68,6 +68,9 @@ def keep_threshold(positive_scores: np.ndarray, keep: float) -> float:
     return float(np.quantile(pos, 1 - keep, method="lower"))
 
 
+KEEP = 0.98  # the paper's operating point: the share of authentic inputs kept (declared once)
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     keep: float  # share of authentic (positive) inputs kept
@@ -76,7 +79,7 @@ class OperatingPoint:
 
 
 def operating_point(positive_scores: np.ndarray, negative_scores: np.ndarray,
-                    keep: float = 0.98) -> OperatingPoint:
+                    keep: float = KEEP) -> OperatingPoint:
     """The threshold that keeps ``keep`` of the positives, and the share of negatives it
     filters (the paper: keep > 98% authentic, filter > 40–50% adversarial)."""
     pos, neg = _check(positive_scores, negative_scores)

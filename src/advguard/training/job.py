@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from advguard import distributed
@@ -87,14 +88,11 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
             else contextlib.nullcontext())
     with lock:
         source: AdversarialSource = WhiteBox(how.attack)
+        directions = _directions_path(out)
         if crafting_model is not None and job.strengths:
-            if not isinstance(train_set, ImageSet):
-                raise InputError("the transfer setting (--crafter) needs a dataset held in "
-                                 "memory; image folders train white-box")
-            from advguard.attacks import fgsm_directions
-
-            source = Transfer(fgsm_directions(crafting_model, train_set.x, train_set.y,
-                                              device=config.device, progress=progress))
+            source = Transfer(_transfer_directions(crafting_model, train_set, directions,
+                                                   resuming=state.exists(), config=config,
+                                                   workers=data.workers, progress=progress))
         pin = {"arch": card.builder, "dataset": info.name, "train_images": len(train_set),
                "recipe": how.name,
                "crafter": None if job.crafter is None else str(Path(job.crafter)),
@@ -111,4 +109,34 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
                    train_seconds=result.seconds, history=result.history, test_accuracy=acc,
                    recipe=how.name.value, processes=distributed.world_size())
         state.unlink(missing_ok=True)
+        directions.unlink(missing_ok=True)
     return Trained(out, acc, result.seconds)
+
+
+def _directions_path(out: Path) -> Path:
+    """Where a run's transfer directions live while it trains (one file per rank)."""
+    rank = "" if distributed.world_size() == 1 else f".rank{distributed.rank()}"
+    return out.with_suffix(f".directions{rank}.npy")
+
+
+def _transfer_directions(crafter: torch.nn.Module, train_set: Any, path: Path, *,
+                         resuming: bool, config: Any, workers: int,
+                         progress: bool) -> torch.Tensor:
+    """The crafting model's FGSM directions of the training images (the transfer setting):
+    in memory for a dataset held in memory, otherwise in an int8 file beside the checkpoint,
+    memory-mapped (a folder of any size), and reused when the run resumes."""
+    from advguard.attacks import fgsm_directions, fgsm_directions_file
+
+    if isinstance(train_set, ImageSet):
+        return fgsm_directions(crafter, train_set.x, train_set.y, device=config.device,
+                               progress=progress)
+    if config.augment:
+        raise InputError("the transfer setting on an image folder trains without --augment: "
+                         "the folder's crops are drawn as it is read, and a direction crafted "
+                         "once cannot follow them")
+    if resuming and path.exists():
+        directions = torch.from_numpy(np.load(path, mmap_mode="c"))
+        if len(directions) == len(train_set):
+            return directions
+    return fgsm_directions_file(crafter, train_set, path, device=config.device, workers=workers,
+                                progress=progress)
