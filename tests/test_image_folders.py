@@ -246,3 +246,18 @@ def test_transfer_directions_of_a_folder_live_on_disk(cifar_folder, tmp_path, cl
     assert load_model(out)[1]["history"][0]["epoch"] == 1
     assert not list(tmp_path.glob("transfer.directions*"))
     assert_one_line_error(cli(*args, "--augment"), "trains without --augment")
+
+
+def test_a_saved_array_is_read_back_memory_mapped_and_a_truncated_one_is_refused(tmp_path):
+    from advguard.errors import CheckpointError
+    from advguard.io import load_array, save_array
+
+    d = torch.randint(-1, 2, (50, 3, 8, 8), dtype=torch.int8)
+    path = save_array(tmp_path / "d.npy", d)
+    back = load_array(path)
+    assert torch.equal(back, d) and back.dtype == torch.int8
+    back[0] = 0  # copy-on-write: the file keeps its values
+    assert torch.equal(load_array(path), d)
+    (tmp_path / "bad.npy").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated array"):
+        load_array(tmp_path / "bad.npy")

@@ -1,7 +1,9 @@
 """One way to write results and checkpoints: atomically, so a crash never leaves half a file.
 
 Model weights are stored as safetensors (loading executes no code); training state that holds
-optimizer moments is stored with ``torch.save`` and read back with ``weights_only=True``.
+optimizer moments is stored with ``torch.save`` and read back with ``weights_only=True``; large
+fixed arrays (the transfer setting's FGSM directions) as ``.npy`` files read back
+memory-mapped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -114,6 +117,24 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0]}"
         ) from None
     return tensors, meta
+
+
+def save_array(path: str | Path, tensor: torch.Tensor) -> Path:
+    """Write a tensor as a ``.npy`` file (atomically), to be read by :func:`load_array`."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.save(f, tensor.detach().cpu().numpy())
+    return atomic_write(path, write)
+
+
+def load_array(path: str | Path) -> torch.Tensor:
+    """A ``.npy`` file memory-mapped (copy-on-write: the file is never changed): rows are read
+    from disk when they are indexed, so an array larger than RAM can be used."""
+    try:
+        return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt or truncated array {path}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
 
 def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:

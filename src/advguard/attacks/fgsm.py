@@ -31,6 +31,7 @@ from advguard.attacks.base import (
 from advguard.batching import map_batches
 from advguard.data import ImageDataset, batches
 from advguard.errors import InputError
+from advguard.io import load_array
 from advguard.models.inference import eval_mode
 
 
@@ -118,4 +119,4 @@ def fgsm_directions_file(model: nn.Module, data: ImageDataset, path: str | Path,
     out.flush()
     del out
     os.replace(tmp, path)
-    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: the file stays
+    return load_array(path)

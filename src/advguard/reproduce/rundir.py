@@ -25,8 +25,10 @@ from advguard.errors import CheckpointError
 from advguard.io import (
     check_output,
     hold_lock,
+    load_array,
     load_tensors,
     read_json,
+    save_array,
     save_tensors,
     write_json,
 )
@@ -124,6 +126,10 @@ class RunDir:
                 ) -> dict[str, torch.Tensor]:
         return self.cached(f"{name}.safetensors", compute, save_tensors,
                            lambda p: load_tensors(p)[0])
+
+    def array(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A fixed array kept as ``name.npy`` and read back memory-mapped (not held in RAM)."""
+        return self.cached(f"{name}.npy", compute, save_array, load_array)
 
     def model(self, name: str, compute: Callable[[], Saved], *,
               cleanup: Iterable[str] = ()) -> Saved:

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from advguard import distributed
 from advguard import options as opts
 from advguard.data import DataOptions, ImageSet
 from advguard.errors import InputError
-from advguard.io import check_output, hold_lock
+from advguard.io import check_output, hold_lock, load_array
 from advguard.models import ModelOptions, accuracy, load_model, save_model
 from advguard.options import option
 from advguard.training.config import Optimizer
@@ -135,7 +134,7 @@ def _transfer_directions(crafter: torch.nn.Module, train_set: Any, path: Path, *
                          "the folder's crops are drawn as it is read, and a direction crafted "
                          "once cannot follow them")
     if resuming and path.exists():
-        directions = torch.from_numpy(np.load(path, mmap_mode="c"))
+        directions = load_array(path)
         if len(directions) == len(train_set):
             return directions
     return fgsm_directions_file(crafter, train_set, path, device=config.device, workers=workers,

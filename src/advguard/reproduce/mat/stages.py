@@ -112,13 +112,13 @@ def crafter(m: Mat) -> nn.Module:
 
 
 def directions(m: Mat, split: str) -> torch.Tensor:
-    """FGSM directions of ``split`` crafted on the crafting model, int8 (cached)."""
-    def compute() -> dict[str, torch.Tensor]:
+    """FGSM directions of ``split`` crafted on the crafting model, int8, cached in the run
+    directory and read memory-mapped."""
+    def compute() -> torch.Tensor:
         images = m.data.split(split)
-        return {"directions": fgsm_directions(crafter(m), images.x, images.y,
-                                              device=m.cfg.device, progress=m.progress,
-                                              desc=f"craft FGSM ({split})")}
-    return m.run.tensors(f"directions-{split}", compute)["directions"]
+        return fgsm_directions(crafter(m), images.x, images.y, device=m.cfg.device,
+                               progress=m.progress, desc=f"craft FGSM ({split})")
+    return m.run.array(f"directions-{split}", compute)
 
 
 def attack_directions(m: Mat, model: nn.Module, split: str) -> torch.Tensor:
