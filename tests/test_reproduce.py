@@ -116,6 +116,8 @@ def test_mssim_bound_and_matrix_rows_are_cached(tmp_path, tiny_data, monkeypatch
     assert bound.mssim[0] == pytest.approx(1.0)
     assert bound.mssim[0] > bound.mssim[1] > bound.mssim[2]
     assert bound.bound == 0.3 and candidates(m) == [0.1, 0.3]
+    if m.cfg.transfer:  # the crafting model's directions: cached on disk, read memory-mapped
+        assert np.load(m.run.path("directions-val.npy"), mmap_mode="r").dtype == np.int8
     A = matrix(m)
     assert len(A) == 2 and all(len(row) == 2 for row in A)
     assert all(0.0 <= a <= 1.0 for row in A for a in row)
