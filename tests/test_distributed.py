@@ -126,10 +126,9 @@ dist.all_reduce(torch.zeros(1))  # rank 0 would wait here for rank 1 until the t
 
 
 def test_a_failing_rank_stops_the_others_with_its_error(tmp_path):
-    """Rank 1's command fails; rank 0, waiting in a collective, stops within a second or two
-    with rank 1's error — not at the 12-hour timeout, and not only because torchrun's agent
-    (told here to look every 10 s; across nodes it cannot see the other node's workers)
-    kills it."""
+    """Rank 1's command fails; rank 0, waiting in a collective, stops with rank 1's error —
+    not at the 12-hour timeout, and before torchrun's agent (told here to look every 10 s;
+    across nodes it cannot see the other node's workers) would kill it without a word."""
     import time
 
     (tmp_path / "w.py").write_text(FAILING)

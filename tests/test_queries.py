@@ -126,3 +126,30 @@ def test_square_is_seen_and_an_app_that_retries_is_not(digits, watch, trained_ml
     assert found >= 25
     same = encode(digits[7:8].repeat(30, 1, 1, 1))
     assert not repeats(none(same), same, watch).any()
+
+
+def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
+    """A one-pixel step on a large smooth image moves its code very little, but it is a new
+    query, compared with the history (a probe there is detected); codes of another length —
+    an earlier encoding's, still in a store — are left out of the history; a guard whose
+    watch was calibrated for another encoding runs without it."""
+    from advguard.serve.guard import GuardConfig
+    from advguard.serve.queries import ENCODING, stack_history
+
+    side = torch.linspace(0, 1, 224)
+    image = (side[None, :] * side[:, None]).expand(1, 3, 224, 224).clone()
+    probe = []
+    for i in range(30):
+        image = image.clone()
+        image[0, i % 3, 100 + i, 100] += 0.2
+        probe.append(image)
+    codes = encode(torch.cat(probe))
+    assert len({c.tobytes() for c in codes}) == 30  # no two alike
+    assert repeats(none(codes), codes, watch)[watch.query_k:].all()
+    mixed = [np.zeros(64, np.float16), *codes[:3]]  # one code of the 8×8 encoding
+    assert stack_history(mixed, DIMS).shape == (3, DIMS)
+    fields = {f: None for f in GuardConfig.__dataclass_fields__}
+    old = GuardConfig(**{**fields, "queries": {**watch.to_json(), "encoding": "pixels8"}})
+    assert old.watch() is None
+    assert GuardConfig(**{**fields, "queries": {**watch.to_json(), "encoding": ENCODING}}
+                       ).watch() == watch

@@ -75,7 +75,8 @@ def report_failure(message: str) -> None:
     try:
         _store().set(FAILED, f"rank {rank()}: {' '.join(message.split())}")
     except Exception:  # noqa: BLE001 - the store is gone: the run is ending anyway
-        pass
+        return
+    time.sleep(2 * POLL_S)  # the others read it before this exit takes the store down
 
 
 def _watch_peers() -> None:

@@ -187,14 +187,7 @@ class AutoAttack:
             gradient_accuracy=gradient, square_alone_accuracy=square,
             square_only=(gradient - after["Square"] / n), implementation=self.version(),
             robust=robust, adv=adv_all)
-        if square is not None and square < gradient - SQUARE_MARGIN:
-            result.warnings.append(
-                f"Square (black-box) alone leaves {100 * square:.1f}%, below the gradient "
-                f"attacks' {100 * gradient:.1f}% (gradient masking?)")
-        elif result.square_only > SQUARE_MARGIN:
-            result.warnings.append(
-                f"Square (black-box) fools {100 * result.square_only:.1f}% of the images that "
-                "every gradient attack failed on (gradient masking?)")
+        result.warnings.extend(_masking_warnings(square, gradient, result.square_only))
         return result
 
     @staticmethod
@@ -245,6 +238,19 @@ class AutoAttackResult:
         return out
 
 
+def _masking_warnings(square_alone: float | None, gradient: float,
+                      square_only: float) -> list[str]:
+    """The gradient-masking signal: Square (black-box) doing better than the gradient
+    attacks, alone or on the images they all failed on."""
+    if square_alone is not None and square_alone < gradient - SQUARE_MARGIN:
+        return [f"Square (black-box) alone leaves {100 * square_alone:.1f}%, below the gradient "
+                f"attacks' {100 * gradient:.1f}% (gradient masking?)"]
+    if square_only > SQUARE_MARGIN:
+        return [f"Square (black-box) fools {100 * square_only:.1f}% of the images that every "
+                "gradient attack failed on (gradient masking?)"]
+    return []
+
+
 def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """AutoAttack results (:meth:`AutoAttackResult.to_json`) of disjoint slices of one set →
     the result over their union: every accuracy weighted by its slice's images, plus the
@@ -258,12 +264,13 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise InputError(f"AutoAttack slices differ in {key}: "
                              f"{sorted({str(p[key]) for p in parts})}")
     n = sum(int(p["images"]) for p in parts)
+    if n == 0:
+        raise InputError("the AutoAttack slices hold no images")
 
     def mean(values: Sequence[float]) -> float:
         return sum(v * p["images"] for v, p in zip(values, parts, strict=True)) / n
 
     merged = {**parts[0], "images": n,
-              "warnings": sorted({w for p in parts for w in p.get("warnings", [])}),
               "robust_after": {k: mean([p["robust_after"][k] for p in parts])
                                for k in parts[0]["robust_after"]}}
     for key in ("clean_accuracy", "robust_accuracy", "gradient_accuracy", "square_only",
@@ -271,6 +278,8 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [p.get(key) for p in parts]
         merged[key] = mean([float(v) for v in values if v is not None]) \
             if None not in values else None
+    merged["warnings"] = _masking_warnings(merged["square_alone_accuracy"],
+                                           merged["gradient_accuracy"], merged["square_only"])
     r = merged["robust_accuracy"]
     return {**merged, "standard_error": (r * (1 - r) / n) ** 0.5}
 

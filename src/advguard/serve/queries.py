@@ -27,7 +27,9 @@ away; docs/SERVING.md ("The query watch") has the comparison.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,8 +42,12 @@ from advguard.options import check_at_least, check_fraction, option
 
 SIDE = 32  # images larger than SIDE × SIDE are average-pooled to it before encoding
 DIMS = 256  # the random projection's size: a query's code is DIMS float16 numbers
-ENCODING = f"pixels{SIDE}-projection{DIMS}"  # a watch calibrated for another cannot be used
-DUPLICATE = 1e-3  # codes closer than this are the same image sent again (float16 rounding)
+# the encoding's name, with a fingerprint of the projection's random stream (a numpy whose
+# generator drew other numbers would encode otherwise): a watch calibrated for another
+# encoding is not used
+ENCODING = (f"pixels{SIDE}-projection{DIMS}-"
+            + hashlib.sha256(np.random.default_rng(0).standard_normal(8).tobytes())
+            .hexdigest()[:8])
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,13 @@ def mean_knn(history: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
     return np.partition(d, k - 1, axis=1)[:, :k].mean(1)
 
 
+def stack_history(history: Sequence[np.ndarray], dims: int) -> np.ndarray:
+    """A client's stored codes as one ``(n, dims)`` float16 array, leaving out codes of
+    another length (kept from an earlier encoding until their TTL ends)."""
+    rows = [np.asarray(c, dtype=np.float16) for c in history if len(c) == dims]
+    return np.stack(rows) if rows else np.zeros((0, dims), dtype=np.float16)
+
+
 def repeats(history: np.ndarray, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
     """Which of a request's ``codes`` are attack-process detections: each is compared with the
     client's history and the request's earlier codes (a batch of near-copies in one request
@@ -126,9 +139,9 @@ def repeats(history: np.ndarray, codes: np.ndarray, watch: QueryWatch) -> np.nda
     h = np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1])
     for i, code in enumerate(codes):
         seen = np.concatenate([h, codes[:i]])[-watch.query_history:]
+        if len(seen) < watch.query_k or (seen == code).all(1).any():
+            continue  # too few to compare with, or the very same image again (nothing new)
         d = distances(seen, code[None])[0]
-        if len(d) < watch.query_k or d.min() < DUPLICATE:
-            continue  # too few to compare with, or the same image again (nothing new)
         near = np.partition(d, watch.query_k - 1)[:watch.query_k]
         out[i] = bool(near.mean() < watch.threshold)
     return out
@@ -154,4 +167,5 @@ def calibrate(codes: np.ndarray, watch: QueryWatch, seed: int = 0) -> QueryWatch
     return QueryWatch(**{**asdict(watch), "threshold": threshold})
 
 
-__all__ = ["ENCODING", "QueryWatch", "calibrate", "encode", "mean_knn", "repeats"]
+__all__ = ["ENCODING", "QueryWatch", "calibrate", "encode", "mean_knn", "repeats",
+           "stack_history"]

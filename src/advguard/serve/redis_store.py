@@ -31,7 +31,7 @@ from advguard.serve.policy import (
     judge,
     reporting,
 )
-from advguard.serve.queries import QueryWatch, repeats
+from advguard.serve.queries import QueryWatch, repeats, stack_history
 
 
 class RedisStore(CheckedStore):
@@ -115,7 +115,7 @@ class RedisStore(CheckedStore):
                 return
             found = np.zeros(len(flagged), dtype=bool)
             if codes is not None and w is not None:
-                found = repeats(np.array(history, dtype=np.float16).reshape(-1, codes.shape[1]),
+                found = repeats(stack_history(history, codes.shape[1]),
                                 codes, w)
             bad = sum(int(f) for f in flagged)
             verdicts = [f"{int(f)}:{float(s)!r}" for f, s in zip(flagged, scores, strict=True)]

@@ -41,7 +41,7 @@ from advguard.serve.policy import (
     judge,
     reporting,
 )
-from advguard.serve.queries import QueryWatch, repeats
+from advguard.serve.queries import QueryWatch, repeats, stack_history
 from advguard.serve.redis_store import RedisStore
 
 # --- SQLite -----------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class SQLiteStore(CheckedStore):
                 history = [np.frombuffer(row[0], dtype=np.float16) for row in db.execute(
                     "SELECT code FROM queries WHERE client = ? ORDER BY id DESC LIMIT ?",
                     (client, w.query_history))][::-1]
-                found = repeats(np.array(history, dtype=np.float16).reshape(-1, codes.shape[1]),
+                found = repeats(stack_history(history, codes.shape[1]),
                                 codes, w)
                 db.executemany("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
                                [(client, now, c.tobytes()) for c in codes])

@@ -99,6 +99,7 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
         result = train(net, train_set, how.mix(job.strengths, reduced=job.reduced), source,
                        config, state_path=state, pin=pin, progress=progress,
                        workers=data.workers)
+        directions.unlink(missing_ok=True)  # every rank's: training is over
         device = distributed.device_for_rank(config.device)
         acc = accuracy(net, test, device=device, workers=data.workers)
         if not distributed.is_main():
@@ -108,12 +109,12 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
                    train_seconds=result.seconds, history=result.history, test_accuracy=acc,
                    recipe=how.name.value, processes=distributed.world_size())
         state.unlink(missing_ok=True)
-        directions.unlink(missing_ok=True)
     return Trained(out, acc, result.seconds)
 
 
 def _directions_path(out: Path) -> Path:
-    """Where a run's transfer directions live while it trains (one file per rank)."""
+    """Where a run's transfer directions live while it trains (one file per rank: each rank
+    crafts them all, as it does in memory)."""
     rank = "" if distributed.world_size() == 1 else f".rank{distributed.rank()}"
     return out.with_suffix(f".directions{rank}.npy")
 
@@ -133,9 +134,9 @@ def _transfer_directions(crafter: torch.nn.Module, train_set: Any, path: Path, *
         raise InputError("the transfer setting on an image folder trains without --augment: "
                          "the folder's crops are drawn as it is read, and a direction crafted "
                          "once cannot follow them")
-    if resuming and path.exists():
+    if resuming and path.exists():  # the state's pin (crafter path, images) was checked
         directions = load_array(path)
-        if len(directions) == len(train_set):
+        if directions.shape == (len(train_set), *train_set[0][0].shape):
             return directions
     return fgsm_directions_file(crafter, train_set, path, device=config.device, workers=workers,
                                 progress=progress)
