@@ -18,6 +18,11 @@ guard folder of ``advguard guard fit``):
    full query history per client.
 
     python benchmarks/bench_guard.py --guard-dir runs/guard-mnist
+    python benchmarks/bench_guard.py --guard-dir runs/guard-cifar10 --data-dir DIR \
+        --out guard-cifar10 --fgsm 2/255,4/255,8/255 --pgd 4/255,8/255 --adaptive-eps 8/255
+
+(the strengths above are MNIST's defaults; ``--fgsm``, ``--pgd`` and ``--adaptive-eps`` set
+them for other data)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from common import save, start_server
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.data import load_data
+from advguard.options import strength
 from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
 
@@ -50,17 +56,20 @@ LOAD_REQUESTS, LOAD_CLIENTS = 2000, 8
 
 
 def attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, classes: int,
-            adaptive_weight: float = 1.0, surrogate: str | None = None
-            ) -> dict[str, torch.Tensor]:
+            adaptive_weight: float = 1.0, surrogate: str | None = None, *,
+            fgsm: tuple[str, ...] = ("0.1", "0.2", "0.3"), pgd: tuple[str, ...] = ("0.2", "0.3"),
+            adaptive: str = "0.2") -> dict[str, torch.Tensor]:
+    """The white-box attackers' images, named by attack and strength as given (``8/255``
+    stays ``8/255``); the last PGD strength is the one the dilution and race use."""
     model = guard.model
-    out = {f"fgsm-{e}": FGSM()(model, x, y, e) for e in (0.1, 0.2, 0.3)}
-    for e in (0.2, 0.3):
-        out[f"pgd20-{e}"] = PGD(steps=20, seed=0)(model, x, y, e)
+    out = {f"fgsm-{e}": FGSM()(model, x, y, strength(e)) for e in fgsm}
+    for e in pgd:
+        out[f"pgd20-{e}"] = PGD(steps=20, seed=0)(model, x, y, strength(e))
     # the guard's detector's own attack
     pull = guard.detector.adaptive_loss(adaptive_weight, surrogate)
     target = random_targets(y, classes, 0)
-    out["adaptive-0.2"] = PGD(steps=20, random_start=False, loss=pull, targeted=True)(
-        model, x, target, 0.2)
+    out[f"adaptive-{adaptive}"] = PGD(steps=20, random_start=False, loss=pull, targeted=True)(
+        model, x, target, strength(adaptive))
     return out
 
 
@@ -266,6 +275,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="where a named dataset lies")
     parser.add_argument("--out", default="guard")
     parser.add_argument("--port", type=int, default=8711)
+    parser.add_argument("--fgsm", default="0.1,0.2,0.3", help="FGSM attackers' strengths")
+    parser.add_argument("--pgd", default="0.2,0.3",
+                        help="PGD-20 attackers' strengths; the last is the dilution's and race's")
+    parser.add_argument("--adaptive-eps", default="0.2", help="the adaptive attacker's strength")
     parser.add_argument("--adaptive-weight", type=float, default=1.0,
                         help="the detector term's weight in the adaptive attack (choose it as "
                              "reproduce detect does, on validation images)")
@@ -279,8 +292,10 @@ def main() -> None:
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.tensor([int(test[i][1]) for i in range(len(test))])
     adv = attacks(guard, x[:ATTACK_IMAGES], y[:ATTACK_IMAGES], info.num_classes,
-                  args.adaptive_weight, args.adaptive_surrogate)
-    pgd = adv["pgd20-0.3" if "pgd20-0.3" in adv else next(iter(adv))]
+                  args.adaptive_weight, args.adaptive_surrogate,
+                  fgsm=tuple(args.fgsm.split(",")), pgd=tuple(args.pgd.split(",")),
+                  adaptive=args.adaptive_eps)
+    pgd = adv[f"pgd20-{args.pgd.split(',')[-1]}"]
     dup = [augmented(x[k * DUP_IMAGES:(k + 1) * DUP_IMAGES], DUP_COPIES, info.flips, k)
            for k in range(HONEST_CLIENTS)]
     ids = [*adv, *(f"dilution-{k}" for k in DILUTION), "race",
