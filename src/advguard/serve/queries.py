@@ -122,11 +122,14 @@ def mean_knn(history: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
     return np.partition(d, k - 1, axis=1)[:, :k].mean(1)
 
 
-def stack_history(history: Sequence[np.ndarray], dims: int) -> np.ndarray:
-    """A client's stored codes as one ``(n, dims)`` float16 array, leaving out codes of
-    another length (kept from an earlier encoding until their TTL ends)."""
-    rows = [np.asarray(c, dtype=np.float16) for c in history if len(c) == dims]
-    return np.stack(rows) if rows else np.zeros((0, dims), dtype=np.float16)
+def stack_history(history: Sequence[bytes | np.ndarray], dims: int) -> np.ndarray:
+    """A client's stored codes (raw float16 bytes, as the stores keep them, or arrays) as one
+    ``(n, dims)`` float16 array, leaving out codes of another length (kept from an earlier
+    encoding until their TTL ends)."""
+    raw = [h if isinstance(h, bytes) else np.asarray(h, dtype=np.float16).tobytes()
+           for h in history]
+    blob = b"".join(r for r in raw if len(r) == 2 * dims)
+    return np.frombuffer(blob, dtype=np.float16).reshape(-1, dims)
 
 
 def repeats(history: np.ndarray, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:

@@ -64,7 +64,7 @@ class RedisStore(CheckedStore):
         return f"{self.prefix}:clients"
 
     def _read(self, r: Any, client: str, now: float
-              ) -> tuple[ClientStatus, list[np.ndarray], list[str], bool]:
+              ) -> tuple[ClientStatus, list[bytes], list[str], bool]:
         """The client's status, query history, share window (newest first), and whether a
         denial's cool-down has ended (``r``: the connection or a watching pipeline, in
         immediate mode); after a cool-down the client is read as starting afresh."""
@@ -83,9 +83,8 @@ class RedisStore(CheckedStore):
                                        "+inf")
             history = r.lrange(k["queries"], 0, -1) if self.watch is not None else []
         ttl = self.watch.query_ttl_s if self.watch is not None else math.inf
-        codes = [np.frombuffer(base64.b64decode(c), dtype=np.float16)
-                 for t, c in (h.split(":", 1) for h in reversed(history))
-                 if float(t) > now - ttl]
+        codes = [base64.b64decode(c) for t, c in (h.split(":", 1) for h in reversed(history))
+                 if float(t) > now - ttl]  # raw float16 codes (queries.stack_history)
         if not info:
             return ClientStatus.empty(client), codes, items, expired
         flags = [int(i.split(":", 1)[0]) for i in items]

@@ -145,7 +145,7 @@ class SQLiteStore(CheckedStore):
             if codes is not None and w is not None:
                 db.execute("DELETE FROM queries WHERE client = ? AND t <= ?",
                            (client, now - w.query_ttl_s))
-                history = [np.frombuffer(row[0], dtype=np.float16) for row in db.execute(
+                history = [row[0] for row in db.execute(
                     "SELECT code FROM queries WHERE client = ? ORDER BY id DESC LIMIT ?",
                     (client, w.query_history))][::-1]
                 found = repeats(stack_history(history, codes.shape[1]),
