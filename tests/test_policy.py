@@ -182,3 +182,61 @@ def test_parallel_requests_cannot_outrun_a_denial(kind, tmp_path, request):
         answered = sum(pool.map(one, range(32)))
     assert 8 * answered < policy.max_flagged  # 2 requests (16 images), never more
     assert answered == 2
+
+
+def test_sqlite_workers_sharing_one_file_see_one_query_history(tmp_path):
+    """Each worker process keeps its clients' histories read and fetches only the rows newer
+    than its copy; what another worker adds, trims or clears is seen all the same — a clear
+    followed by new queries whose rows take the old ids again, or rows deleted by hand."""
+    import sqlite3
+
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)  # nothing denies
+    a, b = (SQLiteStore(tmp_path / "w.db", quiet, watch(history=8)) for _ in range(2))
+    near = codes(40, seed=5, spread=0.01)
+    far = codes(40, seed=6, spread=10.0)
+
+    def send(store, code, now):
+        return bool(store.admit("p", [False], [0.9], code[None], now=now).repeats[0])
+
+    # near-copies sent by turns through both: each sees the other's (3 untested, then found)
+    assert [send((a, b)[i % 2], near[i], i) for i in range(6)] == [False] * 3 + [True] * 3
+    for i in range(8):  # a alone: 8 distinct queries push every near-copy out (history 8)
+        send(a, far[i], 10 + i)
+    assert not send(b, near[6], 20)  # b's copy held near-copies: it saw a's trim
+    for i in range(4):
+        send(a, near[7 + i], 21 + i)
+    assert send(b, near[11], 30)  # and a's newest near-copies
+
+
+
+def test_a_sqlite_worker_notices_rows_reused_or_deleted_behind_its_copy(tmp_path):
+    """A clear followed by new queries whose rows take the old ids again (the table emptied),
+    and a row deleted by hand from the middle of a history: either makes the copy stale."""
+    import sqlite3
+
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    a, b = (SQLiteStore(tmp_path / "r.db", quiet, watch(history=8)) for _ in range(2))
+    near, far = codes(10, seed=5, spread=0.01), codes(10, seed=6, spread=10.0)
+    for i in range(3):  # b's copy: rows 1, 2, 3, far apart
+        b.admit("q", [False], [0.9], far[i][None], now=i)
+    a.clear("q")
+    for i in range(3):  # rows 1, 2, 3 again, near-copies
+        a.admit("q", [False], [0.9], near[i][None], now=10 + i)
+    assert b.admit("q", [False], [0.9], near[3][None], now=20).repeats[0]  # rows 1 … 4
+
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        db.execute("DELETE FROM queries WHERE id IN (2, 3)")
+    a.admit("q", [False], [0.9], far[4][None], now=21)
+    # rows 1 and 4 (near-copies) beside row 5 (far): the three nearest include the far one
+    assert not b.admit("q", [False], [0.9], near[4][None], now=22).repeats[0]
+
+
+def test_codes_of_an_earlier_encoding_are_dropped_from_a_sqlite_history(tmp_path):
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "w.db", Policy(max_repeats=0), watch())
+    s.admit("c", [False], [0.9], codes(1, seed=7)[:1], now=0)
+    with sqlite3.connect(tmp_path / "w.db") as db:  # an 8×8 code left by an earlier version
+        db.execute("INSERT INTO queries (client, t, code) VALUES ('c', 1, ?)", (bytes(128),))
+    fresh = SQLiteStore(tmp_path / "w.db", Policy(max_repeats=0), watch())
+    assert fresh.admit("c", [False], [0.9], codes(1, seed=8)[:1], now=2).status.queries == 2

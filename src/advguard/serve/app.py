@@ -87,6 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
     lim = settings.limits
     batcher = Batcher(guard.verdicts, max_images=max(256, lim.max_batch))
     heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode")
+    # clients this process saw denied: only their requests read the store before inference
+    # (a denial made by another worker or replica is found by the admission itself)
+    denied: set[str] = set()
     info = guard.info
 
     @asynccontextmanager
@@ -181,10 +184,12 @@ def create_app(settings: Settings) -> FastAPI:
         body ``{"images": [...]}`` of pixels in [0, 1] of the model's shape."""
         t0 = time.perf_counter()
         now = time.time()
-        status = await asyncio.to_thread(store.get, who.id, now)
-        if status.denied(now):  # the cheap early refusal; admit() below decides for good
-            metrics.refused.inc()
-            raise HTTPException(403, denial(who, status))
+        if who.id in denied:  # the early refusal, before any work; admit() decides for good
+            status = await asyncio.to_thread(store.get, who.id, now)  # cleared meanwhile?
+            if status.denied(now):
+                metrics.refused.inc()
+                raise HTTPException(403, denial(who, status))
+            denied.discard(who.id)
         batch = await read_images(request, info, max_batch=lim.max_batch,
                                   max_pixels=lim.max_pixels,
                                   max_request_pixels=lim.max_request_pixels, heavy=heavy)
@@ -204,6 +209,8 @@ def create_app(settings: Settings) -> FastAPI:
 
         admission = await asyncio.to_thread(admit)
         status = admission.status
+        if status.denied(now):
+            denied.add(who.id)
         verdicts = ["trusted" if t else "flagged" for t in v.trusted.tolist()]
         for verdict in verdicts:
             metrics.verdicts.labels(verdict).inc()

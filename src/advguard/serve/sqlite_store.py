@@ -10,8 +10,10 @@ import math
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from advguard.serve.policy import (
     judge,
     reporting,
 )
-from advguard.serve.queries import QueryWatch, repeats, stack_history
+from advguard.serve.queries import QueryWatch, repeats
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -42,6 +44,7 @@ CREATE INDEX IF NOT EXISTS evidence_client ON evidence (client, t);
 CREATE TABLE IF NOT EXISTS queries (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, t REAL NOT NULL, code BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS queries_client ON queries (client, id);
+CREATE INDEX IF NOT EXISTS queries_client_t ON queries (client, t);
 """
 
 
@@ -50,6 +53,36 @@ _COLUMNS = {"clients": ["client", "requests", "flagged", "seq", "denied_until", 
             "verdicts": ["client", "seq", "flagged", "score"],
             "evidence": ["client", "t", "flagged", "repeats"],
             "queries": ["id", "client", "t", "code"]}
+
+CACHED_CLIENTS = 256  # clients whose query history a process keeps read (≤ 512 KB each)
+
+
+@dataclass(frozen=True)
+class _History:
+    """One client's rows of the ``queries`` table as this process last read them (id order)."""
+
+    ids: np.ndarray  # (n,) int64
+    times: np.ndarray  # (n,) float64
+    codes: np.ndarray  # (n, dims) float16
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[int, float, bytes]], dims: int) -> _History:
+        rows = [r for r in rows if len(r[2]) == 2 * dims]  # codes of this encoding only
+        return cls(np.array([r[0] for r in rows], dtype=np.int64),
+                   np.array([r[1] for r in rows], dtype=np.float64),
+                   np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
+                   .reshape(-1, dims))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __add__(self, other: _History) -> _History:
+        return _History(np.concatenate([self.ids, other.ids]),
+                        np.concatenate([self.times, other.times]),
+                        np.concatenate([self.codes, other.codes]))
+
+    def __getitem__(self, keep: slice | np.ndarray) -> _History:
+        return _History(self.ids[keep], self.times[keep], self.codes[keep])
 
 
 class SQLiteStore(CheckedStore):
@@ -72,6 +105,7 @@ class SQLiteStore(CheckedStore):
                              "sqlite:///path/to/clients.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._histories: OrderedDict[str, _History] = OrderedDict()  # see _history
         try:
             db = self._connect()
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
@@ -125,18 +159,7 @@ class SQLiteStore(CheckedStore):
                 return Admission(False, status, np.zeros(len(flagged), dtype=bool))
             found = np.zeros(len(flagged), dtype=bool)
             if codes is not None and w is not None:
-                db.execute("DELETE FROM queries WHERE client = ? AND t <= ?",
-                           (client, now - w.query_ttl_s))
-                history = [row[0] for row in db.execute(
-                    "SELECT code FROM queries WHERE client = ? ORDER BY id DESC LIMIT ?",
-                    (client, w.query_history))][::-1]
-                found = repeats(stack_history(history, codes.shape[1]),
-                                codes, w)
-                db.executemany("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
-                               [(client, now, c.tobytes()) for c in codes])
-                db.execute("DELETE FROM queries WHERE client = ? AND id NOT IN (SELECT id FROM "
-                           "queries WHERE client = ? ORDER BY id DESC LIMIT ?)",
-                           (client, client, w.query_history))
+                found = self._watch(db, client, codes, w, now)
             db.execute("INSERT OR IGNORE INTO clients (client) VALUES (?)", (client,))
             (seq,) = db.execute("SELECT seq FROM clients WHERE client = ?", (client,)).fetchone()
             rows = [(client, seq + i + 1, int(f), float(s))
@@ -164,6 +187,53 @@ class SQLiteStore(CheckedStore):
                 status = self._status(db, client, now)
         return Admission(why is None, status, found, why is not None)
 
+    def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray, w: QueryWatch,
+               now: float) -> np.ndarray:
+        """The attack-process detections among ``codes``, which join the client's history
+        (expired queries and those past its size leave it)."""
+        h = self._history(db, client, codes.shape[1])
+        old = h.times <= now - w.query_ttl_s
+        if old.any():
+            db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
+            h = h[~old]
+        found = repeats(h.codes, codes, w)
+        ids = [db.execute("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
+                          (client, now, c.tobytes())).lastrowid for c in codes]
+        h = h + _History(np.array(ids, dtype=np.int64), np.full(len(ids), now), codes)
+        if len(h) > w.query_history:
+            db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
+                       (client, int(h.ids[-w.query_history - 1])))
+            h = h[-w.query_history:]
+        self._histories[client] = h
+        self._histories.move_to_end(client)
+        if len(self._histories) > CACHED_CLIENTS:
+            self._histories.popitem(last=False)
+        return found
+
+    def _history(self, db: sqlite3.Connection, client: str, dims: int) -> _History:
+        """The client's stored queries, every process's, read incrementally: only the rows
+        newer than this process's copy are fetched, once the copy is checked against the table
+        (its last row unchanged, and the row count and first id agreeing after the new rows);
+        any other change — a clear, another process's trim — reads the history whole. Called
+        inside the admission's transaction, which no other connection can interleave."""
+        count, first = db.execute("SELECT COUNT(*), MIN(id) FROM queries WHERE client = ?",
+                                  (client,)).fetchone()
+        h = self._histories.get(client)
+        if count and h is not None and len(h):
+            row = db.execute("SELECT t FROM queries WHERE id = ? AND client = ?",
+                             (int(h.ids[-1]), client)).fetchone()
+            if row is not None and row[0] == h.times[-1]:
+                h = h[h.ids >= first] + _History.of(db.execute(
+                    "SELECT id, t, code FROM queries WHERE client = ? AND id > ? ORDER BY id",
+                    (client, int(h.ids[-1]))).fetchall(), dims)
+                if len(h) == count:
+                    return h
+        # read whole; codes of another length (an earlier encoding) are of no use: dropped
+        db.execute("DELETE FROM queries WHERE client = ? AND length(code) != ?",
+                   (client, 2 * dims))
+        return _History.of(db.execute("SELECT id, t, code FROM queries WHERE client = ? "
+                                      "ORDER BY id", (client,)).fetchall(), dims)
+
     def _expire(self, db: sqlite3.Connection, client: str, now: float) -> None:
         """A denial whose cool-down has passed ends, and the client starts afresh."""
         row = db.execute("SELECT denied_until FROM clients WHERE client = ?",
@@ -171,9 +241,9 @@ class SQLiteStore(CheckedStore):
         if row is not None and row[0] is not None and now >= row[0]:
             self._forget(db, client)
 
-    @staticmethod
-    def _forget(db: sqlite3.Connection, client: str) -> None:
+    def _forget(self, db: sqlite3.Connection, client: str) -> None:
         """Lift a denial and start the client afresh (its totals stay)."""
+        self._histories.pop(client, None)
         db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
                    (client,))
         for table in ("verdicts", "evidence", "queries"):
