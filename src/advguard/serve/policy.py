@@ -42,9 +42,11 @@ from advguard.serve.queries import QueryWatch
 class Policy:
     window: int = option(50, "verdicts per client kept for the flagged-share rule")
     min_requests: int = option(20, "verdicts in the window before the share rule can deny")
-    flagged_limit: float = option(0.5, "flagged share of the window that denies a client; "
+    # the budget and the share limit: chosen on validation traffic, the least answered to
+    # white-box attackers that denies no honest client (benchmarks/choose_policy.py)
+    flagged_limit: float = option(0.6, "flagged share of the window that denies a client; "
                                        "0: share rule off")
-    max_flagged: int = option(30, "flagged images within window_s that deny a client, however "
+    max_flagged: int = option(40, "flagged images within window_s that deny a client, however "
                                   "many clean ones surround them; 0: off")
     max_repeats: int = option(5, "attack-process detections (queries too close to the "
                                  "client's recent ones) within window_s that deny a client; "
