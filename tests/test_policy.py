@@ -186,10 +186,7 @@ def test_parallel_requests_cannot_outrun_a_denial(kind, tmp_path, request):
 
 def test_sqlite_workers_sharing_one_file_see_one_query_history(tmp_path):
     """Each worker process keeps its clients' histories read and fetches only the rows newer
-    than its copy; what another worker adds, trims or clears is seen all the same — a clear
-    followed by new queries whose rows take the old ids again, or rows deleted by hand."""
-    import sqlite3
-
+    than its copy; what another worker adds or trims is seen all the same."""
     quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)  # nothing denies
     a, b = (SQLiteStore(tmp_path / "w.db", quiet, watch(history=8)) for _ in range(2))
     near = codes(40, seed=5, spread=0.01)
@@ -208,10 +205,9 @@ def test_sqlite_workers_sharing_one_file_see_one_query_history(tmp_path):
     assert send(b, near[11], 30)  # and a's newest near-copies
 
 
-
 def test_a_sqlite_worker_notices_rows_reused_or_deleted_behind_its_copy(tmp_path):
     """A clear followed by new queries whose rows take the old ids again (the table emptied),
-    and a row deleted by hand from the middle of a history: either makes the copy stale."""
+    and rows deleted by hand from the middle of a history: either makes the copy stale."""
     import sqlite3
 
     quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)

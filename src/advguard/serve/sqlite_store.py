@@ -211,11 +211,9 @@ class SQLiteStore(CheckedStore):
         return found
 
     def _history(self, db: sqlite3.Connection, client: str, dims: int) -> _History:
-        """The client's stored queries, every process's, read incrementally: only the rows
-        newer than this process's copy are fetched, once the copy is checked against the table
-        (its last row unchanged, and the row count and first id agreeing after the new rows);
-        any other change — a clear, another process's trim — reads the history whole. Called
-        inside the admission's transaction, which no other connection can interleave."""
+        """The client's stored queries (every process's), inside the admission's transaction:
+        only rows newer than this process's copy are read, once the copy is checked (its last
+        row unchanged; row count and first id agreeing); else the history is read whole."""
         count, first = db.execute("SELECT COUNT(*), MIN(id) FROM queries WHERE client = ?",
                                   (client,)).fetchone()
         h = self._histories.get(client)
