@@ -88,6 +88,9 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     "trades-0.3-10": ("trades", "0.3", 10, []),
     "trades-mixed-10": ("trades", "0.2,0.3,0.4", 10, []),
     "mart-mixed-10": ("mart", "0.2,0.3,0.4", 10, []),
+    # the same two TRADES candidates at the budget: 34 epochs × 12 passes = 408 ≤ 410
+    "trades-0.3-34": ("trades", "0.3", 34, []),
+    "trades-mixed-34": ("trades", "0.2,0.3,0.4", 34, []),
     # TRADES' SmallCNN: TRADES with one strength, multi-strength TRADES, PGD-AT, all ≤ 410 passes
     "trades-cnn-pgd-at": ("pgd-at", "0.3", 10, ["--model", "trades-cnn"]),
     "trades-cnn-trades-0.3": ("trades", "0.3", 30, ["--model", "trades-cnn"]),
@@ -188,6 +191,13 @@ def table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _save_row(path: Path, name: str, row: dict) -> None:
+    """Add one candidate's row to the summary as it is on disk now: studies of other candidates
+    may run beside this one and write their rows while this one trains."""
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**summary, name: row})
+
+
 def main(out: Path, names: list[str]) -> None:
     if names == ["--table"]:
         print(table(json.loads((out / "summary.json").read_text())))
@@ -202,11 +212,10 @@ def main(out: Path, names: list[str]) -> None:
             if not summary.get(name, {}).get("chosen_on", "").startswith("validation"):
                 raise SystemExit(f"{name}: the final test-set number is for candidates chosen "
                                  "on validation (--protocol validation first)")
-            summary[name]["autoattack_test_10k"] = final(out, name, jobs)
-            aa = summary[name]["autoattack_test_10k"]
+            aa = final(out, name, jobs)
             print(f"{name:<28} AutoAttack on {aa['images']} test images "
                   f"{100 * aa['robust_accuracy']:.2f} ± {100 * aa['standard_error']:.2f}")
-            write_json(summary_path, summary)
+            _save_row(summary_path, name, {**summary[name], "autoattack_test_10k": aa})
         return
     protocol = "validation"
     if names[:1] == ["--protocol"]:
@@ -214,13 +223,12 @@ def main(out: Path, names: list[str]) -> None:
         if protocol not in PROTOCOLS:
             raise SystemExit(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     for name in names or [n for n in CANDIDATES if not n.startswith("cifar10-")]:
-        summary[name] = study(out, name, protocol)
-        s = summary[name]
+        s = study(out, name, protocol)
         print(f"{name:<28} clean {100 * s['clean_accuracy_10k']:.2f}  PGD min "
               f"{100 * s['pgd_min']:.1f}  AA {100 * s['autoattack']['robust_accuracy']:.1f}"
               f"  passes {s['passes_per_example']}  train {s['train_seconds']:.0f} s",
               flush=True)
-        write_json(summary_path, summary)
+        _save_row(summary_path, name, s)
 
 
 if __name__ == "__main__":
