@@ -34,6 +34,8 @@ RUNS = {
     "trades, 0.3, 10 epochs": ("trades", (0.3,), 10, 0.0),
     "trades, {0.2,0.3,0.4} sampled, 10 epochs": ("trades", (0.2, 0.3, 0.4), 10, 0.0),
     "mart, {0.2,0.3,0.4} sampled, 10 epochs": ("mart", (0.2, 0.3, 0.4), 10, 0.0),
+    "trades, 0.3, 34 epochs": ("trades", (0.3,), 34, 0.0),
+    "trades, {0.2,0.3,0.4} sampled, 34 epochs": ("trades", (0.2, 0.3, 0.4), 34, 0.0),
     BASELINE: ("pgd-at", (0.3,), 10, 0.0),
 }
 
