@@ -290,6 +290,8 @@ def test_train_with_a_white_box_recipe(tmp_path, cli):
     meta = read_metadata(out)
     assert meta["recipe"] == "fgsm-rs" and meta["arch"] == "small-cnn"
     assert meta["history"][0]["epoch"] == 1
+    # what a bit-for-bit retraining needs beside the options: torch and its thread count
+    assert meta["threads"] == torch.get_num_threads() and meta["torch"] == torch.__version__
     assert_one_line_error(cli("train", str(out), "--recipe", "fgsm-rs", "--crafter",
                                   str(out), "--strengths", "0.1"), "--recipe fgsm only")
 
