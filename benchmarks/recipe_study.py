@@ -87,6 +87,7 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
     # the small CNN with the TRADES and MART losses, one strength and several (the ramp)
     "trades-0.3-10": ("trades", "0.3", 10, []),
     "trades-mixed-10": ("trades", "0.2,0.3,0.4", 10, []),
+    "mart-0.3-10": ("mart", "0.3", 10, []),
     "mart-mixed-10": ("mart", "0.2,0.3,0.4", 10, []),
     # the same two TRADES candidates at the budget: 34 epochs × 12 passes = 408 ≤ 410
     "trades-0.3-34": ("trades", "0.3", 34, []),
