@@ -105,6 +105,15 @@ CANDIDATES: dict[str, tuple[str, str, int, list[str]]] = {
 }
 
 
+def _setup(name: str) -> Setup:
+    return CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
+
+
+def _slice_path(d: Path, start: int) -> Path:
+    """One saved slice of the final AutoAttack: test images ``start`` .. ``start + FINAL_SLICE``."""
+    return d / f"autoattack-test-{start:05d}.json"
+
+
 def _run(args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     with log.open("a") as f:
         subprocess.run([sys.executable, "-m", "advguard.cli", *args], check=True, stdout=f,
@@ -113,7 +122,7 @@ def _run(args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
 
 def study(out: Path, name: str, protocol: str = "validation") -> dict:
     recipe, strengths, epochs, extra = CANDIDATES[name]
-    setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
+    setup = _setup(name)
     val = protocol == "validation"
     hold = ["--hold-out", str(setup.hold_out)] if val else []
     split = ["--split", "val"] if val else []
@@ -135,20 +144,24 @@ def study(out: Path, name: str, protocol: str = "validation") -> dict:
     pgd = json.loads((d / "pgd.json").read_text())
     aa = json.loads((d / "autoattack.json").read_text())["autoattack"]
     eps = tuple(strength(e) for e in strengths.split(",")) if strengths else ()
-    return {"recipe": recipe, "strengths": list(eps), "epochs": epochs, "options": extra,
-            "train_command": " ".join(["advguard", "train", "OUT", *setup.model, "--recipe",
-                                       recipe, *(["--strengths", strengths] if strengths
-                                                 else []), "--epochs", str(epochs), *extra]),
-            "clean_accuracy_10k": meta["test_accuracy"], "train_seconds": meta["train_seconds"],
-            "passes_per_example": get_recipe(recipe).passes(eps, epochs),
-            "checks_per_example": get_recipe(recipe).checks(eps, epochs),
-            "pgd_options": setup.pgd,
-            "pgd_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
-            "pgd_min": min(pgd["curve"]), "autoattack": aa,
-            "chosen_on": (f"validation: the first {setup.autoattack_images:,} of "
-                          f"{setup.hold_out:,} training images held out" if val else
-                          f"test: the first {setup.autoattack_images:,} test images (no "
-                          "validation split; not a result of record)")}
+    row = {"recipe": recipe, "strengths": list(eps), "epochs": epochs, "options": extra,
+           "train_command": " ".join(["advguard", "train", "OUT", *setup.model, "--recipe",
+                                      recipe, *(["--strengths", strengths] if strengths
+                                                else []), "--epochs", str(epochs), *extra]),
+           "clean_accuracy_10k": meta["test_accuracy"], "train_seconds": meta["train_seconds"],
+           "passes_per_example": get_recipe(recipe).passes(eps, epochs),
+           "checks_per_example": get_recipe(recipe).checks(eps, epochs),
+           "pgd_options": setup.pgd,
+           "pgd_curve": dict(zip(map(str, pgd["grid"]), pgd["curve"], strict=True)),
+           "pgd_min": min(pgd["curve"]), "autoattack": aa,
+           "chosen_on": (f"validation: the first {setup.autoattack_images:,} of "
+                         f"{setup.hold_out:,} training images held out" if val else
+                         f"test: the first {setup.autoattack_images:,} test images (no "
+                         "validation split; not a result of record)")}
+    # a row rewritten after --final keeps the number of record its saved slices give
+    if val and (final_aa := saved_final(d, setup)) is not None:
+        row["autoattack_test_10k"] = final_aa
+    return row
 
 
 def final(out: Path, name: str, jobs: int = 1) -> dict:
@@ -157,28 +170,28 @@ def final(out: Path, name: str, jobs: int = 1) -> dict:
     (``audit --test-start``), ``jobs`` at a time, each saved as it finishes, so that hours of
     attack resume where they stopped; AutoAttack attacks every image on its own, so the slices
     add up to one run over the whole set (only the random draws of each slice differ)."""
-    setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
+    setup = _setup(name)
     d = out / name
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else None
 
-    def run_slice(start: int) -> dict:
-        path = d / f"autoattack-test-{start:05d}.json"
+    def run_slice(start: int) -> None:
+        path = _slice_path(d, start)
         if not path.exists():
             _run(["audit", str(d / "model.safetensors"), "--eps", setup.eps, "--only-autoattack",
                   "--test-start", str(start), "--test-limit", str(FINAL_SLICE), *setup.data,
                   "--out", str(path), "-q"], d / f"log-test-{start:05d}.txt", env)
-        return json.loads(path.read_text())["autoattack"]
 
     with ThreadPoolExecutor(jobs) as pool:
-        parts = list(pool.map(run_slice, range(0, setup.test_images, FINAL_SLICE)))
-    return {**merge_results(parts), "slices": len(parts)}
+        list(pool.map(run_slice, range(0, setup.test_images, FINAL_SLICE)))
+    merged = saved_final(d, setup)
+    assert merged is not None  # every slice was written above, or _run raised
+    return merged
 
 
 def saved_final(d: Path, setup: Setup) -> dict | None:
-    """The final AutoAttack merged from the slices already in ``d``, or None while any is
-    missing: a study row rewritten after ``--final`` keeps the number of record."""
-    paths = [d / f"autoattack-test-{start:05d}.json"
-             for start in range(0, setup.test_images, FINAL_SLICE)]
+    """The final AutoAttack merged from the slices saved in ``d``, or None while any is
+    missing."""
+    paths = [_slice_path(d, start) for start in range(0, setup.test_images, FINAL_SLICE)]
     if not all(p.exists() for p in paths):
         return None
     parts = [json.loads(p.read_text())["autoattack"] for p in paths]
@@ -236,9 +249,6 @@ def main(out: Path, names: list[str]) -> None:
             raise SystemExit(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     for name in names or [n for n in CANDIDATES if not n.startswith("cifar10-")]:
         s = study(out, name, protocol)
-        setup = CIFAR_SETUP if name.startswith("cifar10-") else MNIST_SETUP
-        if val_final := (protocol == "validation" and saved_final(out / name, setup)):
-            s["autoattack_test_10k"] = val_final
         print(f"{name:<28} clean {100 * s['clean_accuracy_10k']:.2f}  PGD min "
               f"{100 * s['pgd_min']:.1f}  AA {100 * s['autoattack']['robust_accuracy']:.1f}"
               f"  passes {s['passes_per_example']}  train {s['train_seconds']:.0f} s",
