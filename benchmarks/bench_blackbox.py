@@ -13,7 +13,11 @@ and their adaptive variants on the guarded service: **query blinding** (uniform 
 defence) and **dilution** (k clean test images sent by the same key after every attack query,
 k = 1, 5, 10).
 
-Each attacked test image has its own API key (so a denial ends the attack on that image only).
+Each attacked test image has its own API key (so a denial ends the attack on that image only),
+or — spread over keys (``--spread 3,10``) — its own 3 or 10 keys, taking turns one request each;
+a denied key drops out and the attack goes on with the others until all are denied. Blinding
+covers the whole image at ``--blind``, or half of it (a random rectangle, redrawn each query)
+at ε: the strongest noise that stays inside the ball.
 An image is *fooled* when the service answers a query that lies within ε (L∞) of it with a
 wrong class, and *evaded* when that answer is also trusted (not flagged by the detector): what
 a guarded service's user relies on. The unguarded service never denies (no query watch, no flagged
@@ -57,12 +61,15 @@ class Target:
     """One attacked image as the attacker meets it: queries go over HTTP under its own key;
     counts the queries answered, and notes the first answered success and the denial."""
 
-    def __init__(self, http: httpx.Client, key: str, x0: torch.Tensor, y: int, eps: float,
-                 budget: int, classes: int, per_request: int = 1, blind: float = 0.0,
-                 dilution: int = 0, clean: torch.Tensor | None = None, seed: int = 0) -> None:
-        self.http, self.key, self.x0, self.y, self.eps = http, key, x0, y, eps
+    def __init__(self, http: httpx.Client, keys: list[str], x0: torch.Tensor, y: int,
+                 eps: float, budget: int, classes: int, per_request: int = 1,
+                 blind: float = 0.0, dilution: int = 0, clean: torch.Tensor | None = None,
+                 seed: int = 0, blind_part: float = 1.0) -> None:
+        self.http, self.keys, self.x0, self.y, self.eps = http, list(keys), x0, y, eps
         self.budget, self.classes, self.per_request = budget, classes, per_request
         self.blind, self.dilution, self.clean = blind, dilution, clean
+        self.blind_part = blind_part  # the share of the image the blinding noise covers
+        self.turn = 0  # the keys take turns, one request each; a denied key drops out
         self.gen = torch.Generator().manual_seed(seed)
         self.queries = 0  # attack queries answered
         self.clean_sent = 0
@@ -71,13 +78,35 @@ class Target:
         self.denied_at: int | None = None
 
     def _post(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        r = self.http.post("/v1/predict", json={"images": images.tolist()},
-                           headers={"X-API-Key": self.key})
-        if r.status_code == 403:
-            raise Denied
-        r.raise_for_status()
-        results: list[dict[str, Any]] = r.json()["results"]
-        return results
+        while self.keys:
+            key = self.keys[self.turn % len(self.keys)]
+            self.turn += 1
+            r = self.http.post("/v1/predict", json={"images": images.tolist()},
+                               headers={"X-API-Key": key})
+            if r.status_code != 403:
+                r.raise_for_status()
+                results: list[dict[str, Any]] = r.json()["results"]
+                return results
+            self.keys.remove(key)  # denied: the attack goes on with the keys it has left
+        raise Denied
+
+    def _blinded(self, batch: torch.Tensor) -> torch.Tensor:
+        """Fresh uniform noise of up to ``blind`` on a random rectangle covering
+        ``blind_part`` of the image (all of it at 1), redrawn for every query and kept inside
+        the ε-ball (Chen et al.'s query blinding)."""
+        noise = (torch.rand(batch.shape, generator=self.gen) * 2 - 1) * self.blind
+        if self.blind_part < 1:
+            h, w = batch.shape[-2:]
+            side_h = max(1, round(h * self.blind_part ** 0.5))
+            side_w = max(1, round(w * self.blind_part ** 0.5))
+            mask = torch.zeros(batch.shape)
+            for i in range(len(batch)):
+                top = int(torch.randint(h - side_h + 1, (1,), generator=self.gen))
+                left = int(torch.randint(w - side_w + 1, (1,), generator=self.gen))
+                mask[i, :, top:top + side_h, left:left + side_w] = 1
+            noise = noise * mask
+        return torch.min(torch.max(batch + noise, self.x0 - self.eps),
+                         self.x0 + self.eps).clamp(0, 1)
 
     def ask(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classes and probabilities the service answers for ``batch``."""
@@ -86,9 +115,7 @@ class Target:
         if self.queries + len(batch) > self.budget:
             raise Spent
         if self.blind:
-            noise = (torch.rand(batch.shape, generator=self.gen) * 2 - 1) * self.blind
-            batch = torch.min(torch.max(batch + noise, self.x0 - self.eps),
-                              self.x0 + self.eps).clamp(0, 1)
+            batch = self._blinded(batch)
         classes, probs = [], []
         for start in range(0, len(batch), self.per_request):
             part = batch[start:start + self.per_request]
@@ -173,15 +200,16 @@ ATTACKS: dict[str, tuple[Callable[..., None], int]] = {  # attack, queries per r
     "square": (square, 1), "simba": (simba, 1), "hopskipjump": (hopskipjump, 64)}
 
 
-def run(name: str, url: str, keys: list[str], x: torch.Tensor, y: torch.Tensor, eps: float,
-        budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
-        dilution: int = 0, simba_step: float = 0.2, threads: int = 12) -> dict[str, Any]:
+def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Tensor,
+        eps: float, budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
+        blind_part: float = 1.0, dilution: int = 0, simba_step: float = 0.2,
+        threads: int = 12) -> dict[str, Any]:
     fn, per_request = ATTACKS[name]
     http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
 
     def one(i: int) -> Target:
         t = Target(http, keys[i], x[i], int(y[i]), eps, budget, classes, per_request,
-                   blind=blind, dilution=dilution, clean=clean, seed=i)
+                   blind=blind, dilution=dilution, clean=clean, seed=i, blind_part=blind_part)
         try:
             if name == "simba":
                 simba(t, simba_step)
@@ -200,7 +228,8 @@ def run(name: str, url: str, keys: list[str], x: torch.Tensor, y: torch.Tensor, 
     denied = [t for t in targets if t.denied_at is not None]
     return {
         "images": len(targets), "eps": eps, "budget": budget, "blind": blind,
-        "dilution": dilution, "seconds": round(time.perf_counter() - t0, 1),
+        "blind_part": blind_part, "keys_per_image": len(keys[0]), "dilution": dilution,
+        "seconds": round(time.perf_counter() - t0, 1),
         "fooled_rate": len(wins) / len(targets),
         "median_queries_to_fool": statistics.median(wins) if wins else None,
         "evaded_rate": len(evasions) / len(targets),
@@ -229,6 +258,7 @@ def main() -> None:
     parser.add_argument("--blind", type=float, default=0.1)
     parser.add_argument("--attacks", default="square,simba,hopskipjump")
     parser.add_argument("--dilution", default="1,5,10", help="clean images per attack query")
+    parser.add_argument("--spread", default="3,10", help="keys an attack takes turns with")
     parser.add_argument("--only", default=None, help="comma-separated settings to (re)run")
     parser.add_argument("--out", default="blackbox")
     parser.add_argument("--port", type=int, default=8731)
@@ -246,22 +276,33 @@ def main() -> None:
         settings += [(f"{name}/unguarded", name, {}), (f"{name}/guarded", name, {})]
         if name != "hopskipjump":
             settings.append((f"{name}/guarded/blinded", name, {"blind": args.blind}))
+            # noise of up to ε on half of the image, redrawn every query
+            settings.append((f"{name}/guarded/blinded-half-eps", name,
+                             {"blind": args.eps, "blind_part": 0.5}))
+        for n in map(int, args.spread.split(",")):
+            settings.append((f"{name}/guarded/keys-{n}", name, {"spread": n}))
+            if name != "hopskipjump":
+                settings.append((f"{name}/guarded/keys-{n}/blinded-half-eps", name,
+                                 {"spread": n, "blind": args.eps, "blind_part": 0.5}))
     settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k})
                  for k in map(int, args.dilution.split(","))]
     only = None if args.only is None else set(args.only.split(","))
     for setting, name, kw in settings:
         if (only is None and setting in done) or (only is not None and setting not in only):
             continue
-        ids = [f"bb-{setting.replace('/', '-')}-{i}" for i in range(args.images)]
+        spread = kw.pop("spread", 1)
+        ids = [[f"bb-{setting.replace('/', '-')}-{i}-{j}" for j in range(spread)]
+               for i in range(args.images)]
         keys = read_keys(args.guard_dir / KEYS)  # afresh: another benchmark may have added
-        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+        keys.update({f"{c}-key-{'x' * 16}": Client(c) for row in ids for c in row})
         write_keys(args.guard_dir / KEYS, keys)
         key_of = {c.id: k for k, c in keys.items()}
         extra = UNGUARDED if setting.endswith("unguarded") else ()
         proc = start_server(args.guard_dir, args.port, args.guard_dir / "bb-clients.db", *extra)
         try:
             budget = args.hsj_budget if name == "hopskipjump" else args.budget
-            result = run(name, f"http://127.0.0.1:{args.port}", [key_of[c] for c in ids], x, y,
+            result = run(name, f"http://127.0.0.1:{args.port}",
+                         [[key_of[c] for c in row] for row in ids], x, y,
                          args.eps, budget, info.num_classes, clean,
                          simba_step=args.simba_step, **kw)
         finally:

@@ -236,3 +236,108 @@ def test_codes_of_an_earlier_encoding_are_dropped_from_a_sqlite_history(tmp_path
         db.execute("INSERT INTO queries (client, t, code) VALUES ('c', 1, ?)", (bytes(128),))
     fresh = SQLiteStore(tmp_path / "w.db", Policy(max_repeats=0), watch())
     assert fresh.admit("c", [False], [0.9], codes(1, seed=8)[:1], now=2).status.queries == 2
+
+
+# --- the global index: an attack spread over several keys ------------------------------------
+
+def linking(threshold: float = 0.2, k: int = 3, history: int = 8, size: int = 50):
+    from advguard.serve.queries import QueryWatch
+
+    return QueryWatch(query_k=k, query_history=history, query_ttl_s=50.0, query_global=size,
+                      threshold=threshold, global_threshold=threshold)
+
+
+def _round_robin(s, keys: list[str], near: np.ndarray) -> list[bool]:
+    """Near-copies of one image sent by turns from ``keys``, until every key is denied;
+    whether each was answered."""
+    answered = []
+    for i, c in enumerate(near):
+        key = keys[i % len(keys)]
+        answered.append(s.admit(key, [False], [0.9], c[None], now=i).answered)
+        if all(s.get(k, now=i).denied(i) for k in keys):
+            break
+    return answered
+
+
+def test_an_attack_spread_over_keys_is_linked_and_every_key_is_denied(watched):
+    """Three keys take turns sending near-copies of one image: alone, each key's history holds
+    a third of the stream; the global index links every query to the other keys' and every
+    key is denied, after far fewer answers than the same stream gets without the index."""
+    near = codes(120, seed=9, spread=0.01)
+    spread = _round_robin(watched(w=linking()), ["k1", "k2", "k3"], near)
+    s = watched(w=linking(size=0))  # the same stream, each key on its own
+    alone = _round_robin(s, ["a1", "a2", "a3"], near)
+    assert sum(spread) <= 9 and sum(alone) >= 3 * (3 + 2)  # k untested, then 3 detections each
+    assert sum(spread) < sum(alone)
+
+
+def test_linked_keys_are_named_and_denied_at_their_next_request(watched):
+    """k2's detections link it to k1; they count on k1 once k1 has one of its own, and k1's
+    then count on k2: the request that denies k1 denies k2 with it (k2's next is refused)."""
+    s = watched(w=linking())
+    near = codes(40, seed=10, spread=0.01)
+    for i in range(6):  # k1 and k2 by turns: k2's last query is a detection linked to k1
+        s.admit(("k1", "k2")[i % 2], [False], [0.9], near[i][None], now=i)
+    k1 = s.get("k1", now=5)
+    assert k1.linked == ["k2"] and k1.recent_repeats == 0  # none of its own yet
+    assert s.admit("k1", [False], [0.9], near[6][None], now=6).status.recent_repeats == 2
+    last = s.admit("k1", [False], [0.9], near[7][None], now=7)
+    assert not last.answered and last.denied_now
+    k2 = s.get("k2", now=8)
+    assert k2.denied(8) and k2.reason.startswith("linked to client 'k1'")
+    assert not s.admit("k2", [False], [0.9], codes(1, seed=16, spread=10.0), now=8).answered
+
+
+def test_near_copies_of_an_honest_clients_image_do_not_get_it_denied(watched):
+    """An attacker who near-copies images an honest client sent links to that client, but a
+    client with no detection of its own is never denied for what another key did."""
+    s = watched(w=linking())
+    near = codes(30, seed=11, spread=0.01)
+    for i in range(3):  # three frames of one scene: too few to be tested (k = 3)
+        assert s.admit("honest", [False], [0.9], near[i][None], now=i).answered
+    answered = [s.admit("copier", [False], [0.9], c[None], now=3 + i).answered
+                for i, c in enumerate(near[3:])]
+    assert not all(answered)  # the copier is denied
+    honest = s.get("honest", now=40)
+    assert honest.linked == ["copier"] and not honest.denied(40)
+    assert s.admit("honest", [False], [0.9], codes(1, seed=12, spread=10.0), now=41).answered
+
+
+def test_a_clear_takes_the_clients_queries_out_of_the_global_index(watched):
+    s = watched(w=linking())
+    near = codes(10, seed=13, spread=0.01)
+    for i in range(4):
+        s.admit("first", [False], [0.9], near[i][None], now=i)
+    s.clear("first")
+    a = s.admit("second", [False], [0.9], near[4][None], now=5)
+    assert not a.repeats.any()  # nothing of first's left to near-copy
+    assert s.admit("second", [False], [0.9], near[5][None], now=6).status.linked == []
+
+
+def test_two_sqlite_workers_share_one_global_index(tmp_path):
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    a, b = (SQLiteStore(tmp_path / "g.db", quiet, linking()) for _ in range(2))
+    near = codes(10, seed=14, spread=0.01)
+    for i in range(3):
+        a.admit(f"a{i}", [False], [0.9], near[i][None], now=i)  # three keys through worker a
+    found = b.admit("b", [False], [0.9], near[3][None], now=3)
+    assert found.repeats[0] and found.status.linked == ["a0", "a1", "a2"]
+
+
+def test_the_state_file_and_its_wal_are_readable_by_the_service_user_alone(tmp_path):
+    """The stored query codes tell what images each client sent: 0600, also for a file an
+    earlier version left world-readable."""
+    import os
+    import stat
+
+    path = tmp_path / "clients.db"
+    s = SQLiteStore(path, POLICY, watch())
+    s.admit("c", [False], [0.9], codes(1, seed=15), now=0)
+    parts = [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm")]
+    assert all(p.exists() for p in parts)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in parts} == {0o600}
+    for p in parts:  # as an earlier version left them, while a worker has the file open
+        os.chmod(p, 0o644)
+    SQLiteStore(path, POLICY, watch()).close()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in parts} == {0o600}
+    s.close()

@@ -662,8 +662,16 @@ def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guar
         (odd,) = answers[2].json()["results"]
         assert odd["verdict"] == "flagged" and odd["unlike_training"] is True
         assert httpx.get(f"{url}/v1/health").json()["outputs"] == "label"
-    with server(guard_dir, "--outputs", "top1", "--decimals", "2", "--count-unlike", "--state",
-                f"sqlite:///{guard_dir}/top1.db") as url:
+        # the attacker who reads everything an answer holds: before, the status's window mean
+        # gave each query's exact kNN score back; now the only number that is not a count
+        # is the time it was last seen
+        for i in range(10):
+            r = post(url, keys["attacker"], json={"images": x[10 + i].tolist()})
+            assert set(_fractional(r.json())) <= {"status.last_seen"}, r.text
+            assert not {"window_mean_score", "recent_repeats", "queries"} & set(
+                r.json()["status"])
+    with server(guard_dir, "--outputs", "top1", "--decimals", "2", "--count-unlike",
+                "--no-flagged-class", "--state", f"sqlite:///{guard_dir}/top1.db") as url:
         (result,) = post(url, keys["client-1"], json={"images": x[0].tolist()}).json()["results"]
         assert set(result) >= {"class", "confidence"} and "probabilities" not in result
         assert result["confidence"] == round(result["confidence"], 2)
@@ -671,6 +679,17 @@ def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guar
         r = post(url, keys["honest"], json={"images": noise.tolist()}).json()
         assert r["results"][0]["unlike_training"] is True
         assert r["status"]["recent_flagged"] == before["status"]["recent_flagged"] + 1
+        # failing closed: a flagged answer carries its verdict and no class, no confidence
+        assert r["results"][0]["class"] is None and "confidence" not in r["results"][0]
+
+
+def _fractional(obj, path: str = "") -> list[str]:
+    """The paths of every non-integer number in a JSON answer."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _fractional(v, f"{path}.{k}".lstrip("."))]
+    if isinstance(obj, list):
+        return [p for v in obj for p in _fractional(v, path)]
+    return [path] if isinstance(obj, float) and not obj.is_integer() else []
 
 
 def test_parallel_batches_cannot_outrun_the_flagged_budget_and_images_are_rate_limited(
@@ -775,14 +794,14 @@ def test_a_state_error_while_serving_is_a_503_and_health_says_so(guard_dir, keys
     with server(guard_dir, *POLICY, "--state", f"sqlite:///{path}") as url:
         assert post(url, keys["client-1"], json=one).status_code == 200
         with sqlite3.connect(path) as db:  # another program breaks the file under the service
-            db.execute("DROP TABLE verdicts")
+            db.execute("DROP TABLE clients")
         r = post(url, keys["client-1"], json=one)
         assert r.status_code == 503, r.text
         assert r.json()["detail"].startswith("client state unavailable") and \
-            "no such table: verdicts" in r.json()["detail"]
+            "no such table: clients" in r.json()["detail"]
         health = httpx.get(f"{url}/v1/health")
         assert health.status_code == 503 and health.json()["status"] == "degraded"
-        assert "verdicts" in health.json()["store"]["detail"]
+        assert "clients" in health.json()["store"]["detail"]
         assert counted(url, 503) == 2
 
 

@@ -50,6 +50,7 @@ def fit(
     g = fit_guard(checkpoint, out, knn=knn, fit=fit, model=model_options, data=data,
                   watch=watch, progress=not quiet)
     c = g.config
+    q = c.queries or {}
     reads = (f"{c.preprocessing} + {c.weighting}, k = {c.k}" if c.detector == "knn"
              else f"layers {', '.join(c.layers or [])}")
     typer.echo(f"{out}: {c.dataset} {c.detector} guard, {reads}, "
@@ -58,9 +59,10 @@ def fit(
                + (f"bank-distance limit keeps {100 * c.familiar_keep:.1f}%; "
                   if c.familiar_keep is not None else "")
                + "query watch: k = "
-               f"{(c.queries or {}).get('query_k')}, threshold "
-               f"{(c.queries or {}).get('threshold', 0):.4f} at "
-               f"{100 * (c.queries or {}).get('query_false_alarm', 0):g}% false alarms")
+               f"{q.get('query_k')}, threshold {q.get('threshold', 0):.4f}"
+               + (f" (global index of {q['query_global']}: {q['global_threshold']:.4f})"
+                  if q.get("global_threshold") is not None else "")
+               + f" at {100 * q.get('query_false_alarm', 0):g}% false alarms")
     admins = [key for key, who in read_keys(out / KEYS).items() if who.admin]
     typer.echo(f"API keys: {out / KEYS} (admin key {admins[0]})")
 

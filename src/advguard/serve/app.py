@@ -34,7 +34,7 @@ from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Admission, Policy, Store
 from advguard.serve.queries import encode
-from advguard.serve.reveal import Reveal, summary
+from advguard.serve.reveal import Reveal, public_status, summary
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
 from advguard.serve.stores import open_store
@@ -229,7 +229,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(403, denial(who, status))
         results = [{**summary(v, i, info.num_classes, settings.reveal), "name": names[i],
                     "converted": notes[i]} for i in range(len(x))]
-        return {"client": who.id, "results": results, "status": status.to_json()}
+        return {"client": who.id, "results": results,
+                "status": public_status(status, settings.reveal)}
 
     @api.get("/clients", response_model=list[ClientState], tags=["admin"])
     async def clients(_who: Annotated[Client, Depends(admin)]) -> Any:

@@ -55,6 +55,9 @@ class Policy:
                                      "detections are counted")
     cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",
                                aliases=("--cooldown",))
+    deny_linked: bool = option(True, "count an attack-process detection also on the keys "
+                                     "whose queries it near-copied (the global index), once "
+                                     "such a key has a detection of its own")
     count_unlike: bool = option(False, "count inputs unlike any training image as flagged "
                                        "evidence too (stricter on attackers whose images look "
                                        "unnatural, and on honest clients with odd images)")
@@ -92,6 +95,7 @@ class ClientStatus:
     reason: str | None
     denials: int  # times this client was denied
     last_seen: float | None
+    linked: Sequence[str] = ()  # clients its attack-process detections linked it to (window_s)
 
     @classmethod
     def empty(cls, client: str) -> ClientStatus:
@@ -102,6 +106,7 @@ class ClientStatus:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["linked"] = list(self.linked)
         if out["denied_until"] == math.inf:
             out["denied_until"] = "until cleared"
         return out
@@ -122,7 +127,8 @@ def judge(e: Evidence, policy: Policy) -> str | None:
     p = policy
     if p.max_repeats and e.recent_repeats >= p.max_repeats:
         return (f"{e.recent_repeats} of its queries within {p.window_s:g} s were near-copies of "
-                f"its earlier ones, as a query-based attack sends (limit {p.max_repeats})")
+                f"its earlier ones or of other keys' recent ones, as a query-based attack sends "
+                f"(limit {p.max_repeats})")
     if p.max_flagged and e.recent_flagged >= p.max_flagged:
         return (f"{e.recent_flagged} of its inputs within {p.window_s:g} s were flagged as "
                 f"adversarial (limit {p.max_flagged})")

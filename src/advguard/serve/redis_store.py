@@ -1,13 +1,15 @@
 """Client state on a Redis server, shared by every replica of the service, with the semantics of
 :class:`~advguard.serve.stores.SQLiteStore`: each admission is one optimistic transaction
-(``WATCH`` the client's keys, read, decide with :func:`~advguard.serve.policy.judge`, then
+(``WATCH`` the client's keys, read, decide with :func:`~advguard.serve.state.admit`, then
 ``MULTI``/``EXEC``; retried when another replica changed the client in between), so two
 replicas never both answer past a denial.
 
-Keys of a client ``C`` (prefix ``advguard``): ``client:C`` (hash: totals and denial),
-``verdicts:C`` (list, newest first: ``flagged:score``), ``evidence:C`` (sorted set by time:
-flagged images and attack-process detections of a request), ``queries:C`` (list, newest first:
-``time:code`` with the code in base64; expires ``ttl_s`` after the last query).
+Keys (prefix ``advguard``): ``record:C`` (client ``C``'s :class:`~advguard.serve.state.Record`
+as JSON: totals, denial, share window, evidence), ``queries:C`` (list, newest first:
+``time:code`` with the code in base64; expires ``ttl_s`` after the last query), ``clients``
+(set of every client), ``ring`` (stream: the global index of every client's newest queries,
+capped at ``query_global`` entries) and ``ring-generation`` (changed when a clear deletes from
+the ring).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -22,16 +25,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from advguard.errors import StateError
-from advguard.serve.policy import (
-    Admission,
-    CheckedStore,
-    ClientStatus,
-    Evidence,
-    Policy,
-    judge,
-    reporting,
-)
-from advguard.serve.queries import QueryWatch, repeats, stack_history
+from advguard.serve import state
+from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
+from advguard.serve.queries import QueryWatch, Ring, detect, stack_history
 
 
 class RedisStore(CheckedStore):
@@ -51,127 +47,133 @@ class RedisStore(CheckedStore):
         self.backend_errors = (redis.RedisError,)
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                           socket_connect_timeout=5)
+        self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
             self.redis.ping()
         except redis.RedisError as exc:
             raise StateError(f"cannot reach {self.where}: {exc}") from None
 
-    def _keys(self, client: str) -> dict[str, str]:
-        return {name: f"{self.prefix}:{name}:{client}"
-                for name in ("client", "verdicts", "evidence", "queries")}
+    def _key(self, name: str, client: str = "") -> str:
+        return f"{self.prefix}:{name}:{client}" if client else f"{self.prefix}:{name}"
 
-    def _all(self) -> str:
-        return f"{self.prefix}:clients"
-
-    def _read(self, r: Any, client: str, now: float
-              ) -> tuple[ClientStatus, list[bytes], list[str], bool]:
-        """The client's status, query history, share window (newest first), and whether a
-        denial's cool-down has ended (``r``: the connection or a watching pipeline, in
-        immediate mode); after a cool-down the client is read as starting afresh."""
-        k = self._keys(client)
-        info: dict[str, str] = r.hgetall(k["client"])
-        until = info.get("denied_until")
-        expired = until is not None and until != "inf" and now >= float(until)
-        if expired:
-            info = {key: v for key, v in info.items() if key not in ("denied_until", "reason")}
-            items: list[str] = []
-            evidence: list[str] = []
-            history: list[str] = []
-        else:
-            items = r.lrange(k["verdicts"], 0, -1)
-            evidence = r.zrangebyscore(k["evidence"], f"({now - self.policy.window_s!r}",
-                                       "+inf")
-            history = r.lrange(k["queries"], 0, -1) if self.watch is not None else []
-        ttl = self.watch.query_ttl_s if self.watch is not None else math.inf
-        codes = [base64.b64decode(c) for t, c in (h.split(":", 1) for h in reversed(history))
-                 if float(t) > now - ttl]  # raw float16 codes (queries.stack_history)
-        if not info:
-            return ClientStatus.empty(client), codes, items, expired
-        flags = [int(i.split(":", 1)[0]) for i in items]
-        scores = [float(i.split(":", 1)[1]) for i in items]
-        counts = [tuple(int(v) for v in e.split(":")[2:4]) for e in evidence]
-        until = info.get("denied_until")
-        return ClientStatus(
-            client, int(info.get("requests", 0)), int(info.get("flagged", 0)), len(items),
-            sum(flags), sum(scores) / len(scores) if scores else 1.0,
-            sum(c[0] for c in counts), sum(c[1] for c in counts), len(codes),
-            None if until is None else float(until), info.get("reason"),
-            int(info.get("denials", 0)),
-            float(info["last_seen"]) if "last_seen" in info else None), codes, items, expired
+    def _history(self, r: Any, client: str, now: float) -> list[bytes]:
+        """The client's query history, oldest first, as raw float16 codes (``r``: the
+        connection or a watching pipeline)."""
+        if self.watch is None:
+            return []
+        ttl = self.watch.query_ttl_s
+        return [base64.b64decode(c) for t, c in
+                (h.split(":", 1) for h in reversed(r.lrange(self._key("queries", client), 0, -1)))
+                if float(t) > now - ttl]
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                codes: np.ndarray | None, now: float) -> Admission:
         p, w = self.policy, self.watch
-        k = self._keys(client)
+        key, queries = self._key("record", client), self._key("queries", client)
+        # the global index is read before the transaction: a query is compared with the other
+        # keys' queries as they stood a moment before (not watched: every admission would
+        # conflict with every other)
+        ring = self._read_ring(now, codes.shape[1]) if codes is not None else None
         out: list[Admission] = []
 
         def attempt(pipe: Any) -> None:
             out.clear()
-            status, history, items, expired = self._read(pipe, client, now)
-            if status.denied(now):
+            record = state.Record.from_json(pipe.get(key))
+            expired = record.expired(now)
+            history = [] if expired else self._history(pipe, client, now)
+            if record.denied(now):
+                status = state.status(client, record, len(history), now, p)
                 out.append(Admission(False, status, np.zeros(len(flagged), dtype=bool)))
                 return
             found = np.zeros(len(flagged), dtype=bool)
+            linked: list[tuple[str, ...]] = []
             if codes is not None and w is not None:
-                found = repeats(stack_history(history, codes.shape[1]),
-                                codes, w)
-            bad = sum(int(f) for f in flagged)
-            verdicts = [f"{int(f)}:{float(s)!r}" for f, s in zip(flagged, scores, strict=True)]
-            seen = (verdicts[::-1] + items)[:p.window]  # newest first
-            evidence = Evidence(len(seen), sum(int(i.split(":", 1)[0]) for i in seen),
-                                status.recent_flagged + bad,
-                                status.recent_repeats + int(found.sum()))
-            why = judge(evidence, p)
+                found, linked = detect(stack_history(history, codes.shape[1]), codes, w, ring,
+                                       client)
+            links = Counter(c for names in linked for c in names)
+            step = state.admit(record, flagged, scores, int(found.sum()), list(links), now, p)
+            others = {}
+            for other, n in links.items():  # the detections count on the linked keys too
+                pipe.watch(self._key("record", other))
+                others[other] = state.attribute(
+                    state.Record.from_json(pipe.get(self._key("record", other))), client, n,
+                    now, p)
             pipe.multi()
-            pipe.sadd(self._all(), client)
+            pipe.sadd(self._key("clients"), client)
             if expired:  # its cool-down ended: start afresh
-                pipe.hdel(k["client"], "denied_until", "reason")
-                pipe.delete(k["verdicts"], k["evidence"], k["queries"])
-            if verdicts:
-                pipe.lpush(k["verdicts"], *verdicts)
-            pipe.ltrim(k["verdicts"], 0, p.window - 1)
-            pipe.zremrangebyscore(k["evidence"], "-inf", repr(now - p.window_s))
-            if bad or found.any():
-                pipe.zadd(k["evidence"], {f"{now!r}:{time.monotonic_ns()}:{bad}:"
-                                          f"{int(found.sum())}": now})
-            pipe.expire(k["evidence"], math.ceil(p.window_s))
+                pipe.delete(queries)
+            pipe.set(key, step.record.to_json())
+            for other, rec in others.items():
+                pipe.set(self._key("record", other), rec.to_json())
+            n_queries = len(history)
             if codes is not None and w is not None:
-                pipe.lpush(k["queries"], *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}"
-                                           for c in codes))
-                pipe.ltrim(k["queries"], 0, w.query_history - 1)
-                pipe.expire(k["queries"], math.ceil(w.query_ttl_s))
-            pipe.hincrby(k["client"], "requests", len(verdicts))
-            pipe.hincrby(k["client"], "flagged", bad)
-            pipe.hset(k["client"], "last_seen", repr(now))
-            if why is not None:
-                until = now + p.cooldown_s if p.cooldown_s > 0 else math.inf
-                pipe.hset(k["client"], mapping={"denied_until": repr(until), "reason": why})
-                pipe.hincrby(k["client"], "denials", 1)
-            out.append(Admission(why is None, status, found, why is not None))
+                pipe.lpush(queries, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}"
+                                      for c in codes))
+                pipe.ltrim(queries, 0, w.query_history - 1)
+                pipe.expire(queries, math.ceil(w.query_ttl_s))
+                n_queries = min(w.query_history, n_queries + len(codes))
+                if ring is not None:
+                    for c in codes:
+                        pipe.xadd(self._key("ring"), {"c": client, "t": repr(now),
+                                                      "q": base64.b64encode(c.tobytes())},
+                                  maxlen=w.query_global, approximate=False)
+            status = state.status(client, step.record, n_queries, now, p)
+            out.append(Admission(step.answered, status, found, step.denied_now))
 
-        self.redis.transaction(attempt, *k.values())
-        decided = out[0]
-        return Admission(decided.answered, self.get(client, now), decided.repeats,
-                         decided.denied_now)
+        self.redis.transaction(attempt, key, queries)
+        return out[0]
+
+    def _read_ring(self, now: float, dims: int) -> Ring | None:
+        """This process's copy of the global index (a Redis stream of the newest
+        ``query_global`` queries), brought up to date: only entries added since its last read,
+        unless a clear changed the generation."""
+        ring, w = self._ring, self.watch
+        if ring is None or w is None:
+            return None
+        r: Any = self.redis  # decode_responses: strings
+        generation = r.get(self._key("ring-generation")) or ""
+        if generation != ring.generation:
+            ring.reset(generation)
+        start = "-" if not ring.last_id else f"({_stream_id(ring.last_id)}"
+        entries = r.xrange(self._key("ring"), start, "+")
+        ring.extend([(_id_number(i), f["c"], float(f["t"]), base64.b64decode(f["q"]))
+                     for i, f in entries], dims)
+        ring.trim(now, w.query_ttl_s)
+        return ring
 
     @reporting
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
-        return self._read(self.redis, client, now)[0]
+        raw: Any = self.redis.get(self._key("record", client))
+        if raw is None:
+            return ClientStatus.empty(client)
+        record = state.Record.from_json(raw)
+        history = [] if record.expired(now) else self._history(self.redis, client, now)
+        return state.status(client, record, len(history), now, self.policy)
 
     @reporting
     def clients(self, now: float | None = None) -> list[ClientStatus]:
-        names: set[str] = self.redis.smembers(self._all())  # type: ignore[assignment]
+        names: set[str] = self.redis.smembers(self._key("clients"))  # type: ignore[assignment]
         return [self.get(c, now) for c in sorted(names)]
 
     @reporting
     def clear(self, client: str) -> ClientStatus:
-        k = self._keys(client)
-        with self.redis.pipeline() as pipe:
-            pipe.hdel(k["client"], "denied_until", "reason")
-            pipe.delete(k["verdicts"], k["evidence"], k["queries"])
-            pipe.execute()
+        key = self._key("record", client)
+        entries: Any = self.redis.xrange(self._key("ring"), "-", "+")
+        ring = [i for i, f in entries if f["c"] == client]
+
+        def attempt(pipe: Any) -> None:
+            record = state.Record.from_json(pipe.get(key))
+            pipe.multi()
+            if record != state.Record():
+                pipe.set(key, record.afresh().to_json())
+            pipe.delete(self._key("queries", client))
+            if ring:
+                pipe.xdel(self._key("ring"), *ring)
+                pipe.incr(self._key("ring-generation"))
+
+        self.redis.transaction(attempt, key)
         return self.get(client)
 
     @reporting
@@ -180,3 +182,14 @@ class RedisStore(CheckedStore):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _stream_id(number: int) -> str:
+    """A Redis stream id (``ms-seq``) from :func:`_id_number`'s integer."""
+    return f"{number // 1_000_000}-{number % 1_000_000}"
+
+
+def _id_number(stream_id: str) -> int:
+    """A Redis stream id as one increasing integer (the ring's ids)."""
+    ms, seq = stream_id.split("-")
+    return int(ms) * 1_000_000 + int(seq)

@@ -18,7 +18,9 @@ class PixelsRequest(BaseModel):
 
 class ImageResult(BaseModel):
     name: str | None = Field(None, description="the upload's file name")
-    class_: int = Field(alias="class", description="the model's predicted class")
+    class_: int | None = Field(alias="class", description="the model's predicted class (null "
+                                                         "for a flagged input under serve "
+                                                         "--no-flagged-class)")
     verdict: str = Field(description="trusted or flagged")
     unlike_training: bool | None = Field(
         None, description="farther from every training image than held-out images are "
@@ -41,15 +43,23 @@ class ClientState(BaseModel):
     flagged: int
     window: int
     window_flagged: int
-    window_mean_score: float
+    window_mean_score: float | None = Field(
+        None, description="mean kNN score of the window (answered with --outputs "
+                          "probabilities only)")
     recent_flagged: int = Field(description="flagged images within the policy's window_s")
-    recent_repeats: int = Field(description="queries within window_s that were near-copies of "
-                                            "the client's earlier ones")
-    queries: int = Field(description="queries in the client's history")
+    recent_repeats: int | None = Field(
+        None, description="queries within window_s that were near-copies of the client's "
+                          "earlier ones or of other keys' recent ones (with --outputs "
+                          "probabilities only, and to admins)")
+    queries: int | None = Field(None, description="queries in the client's history (with "
+                                                  "--outputs probabilities only, and to admins)")
     denied_until: float | str | None
     reason: str | None
     denials: int
     last_seen: float | None
+    linked: list[str] | None = Field(None, description="other keys its detections linked it "
+                                                       "to, within window_s (admins, and "
+                                                       "--outputs probabilities)")
 
 
 class PredictResponse(BaseModel):

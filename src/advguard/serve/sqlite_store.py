@@ -7,10 +7,12 @@ transaction, so several worker processes on one machine share it and it survives
 from __future__ import annotations
 
 import math
+import os
+import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,40 +21,28 @@ from pathlib import Path
 import numpy as np
 
 from advguard.errors import StateError
-from advguard.serve.policy import (
-    Admission,
-    CheckedStore,
-    ClientStatus,
-    Evidence,
-    Policy,
-    judge,
-    reporting,
-)
-from advguard.serve.queries import QueryWatch, repeats
+from advguard.serve import state
+from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
+from advguard.serve.queries import QueryWatch, Ring, detect
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS clients (
-    client TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
-    flagged INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL DEFAULT 0,
-    denied_until REAL, reason TEXT, denials INTEGER NOT NULL DEFAULT 0, last_seen REAL);
-CREATE TABLE IF NOT EXISTS verdicts (
-    client TEXT NOT NULL, seq INTEGER NOT NULL, flagged INTEGER NOT NULL, score REAL NOT NULL,
-    PRIMARY KEY (client, seq));
-CREATE TABLE IF NOT EXISTS evidence (
-    client TEXT NOT NULL, t REAL NOT NULL, flagged INTEGER NOT NULL, repeats INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS evidence_client ON evidence (client, t);
+CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS queries (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, t REAL NOT NULL, code BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS queries_client ON queries (client, id);
 CREATE INDEX IF NOT EXISTS queries_client_t ON queries (client, t);
+CREATE TABLE IF NOT EXISTS ring (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, client TEXT NOT NULL, t REAL NOT NULL,
+    code BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS ring_t ON ring (t);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-
-_COLUMNS = {"clients": ["client", "requests", "flagged", "seq", "denied_until", "reason",
-                        "denials", "last_seen"],
-            "verdicts": ["client", "seq", "flagged", "score"],
-            "evidence": ["client", "t", "flagged", "repeats"],
-            "queries": ["id", "client", "t", "code"]}
+_COLUMNS = {"clients": ["client", "record"],
+            "queries": ["id", "client", "t", "code"],
+            "ring": ["id", "client", "t", "code"],
+            "meta": ["key", "value"]}
+PRIVATE = 0o600  # the state file and its WAL files: readable by the service's user alone
 
 CACHED_CLIENTS = 256  # clients whose query history a process keeps read (≤ 512 KB each)
 
@@ -89,7 +79,9 @@ class SQLiteStore(CheckedStore):
     """Client state in one SQLite file, safe for several processes (WAL, immediate locks).
 
     ``synchronous=NORMAL``: a committed update survives the service crashing or restarting;
-    only a power loss can take the last few back (SQLite's recommended setting for WAL)."""
+    only a power loss can take the last few back (SQLite's recommended setting for WAL). The
+    file and its WAL files are made readable by the service's user alone (0600): the stored
+    query codes tell what images each client sent (docs/SERVING.md)."""
 
     kind = "sqlite"
     backend_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -106,7 +98,9 @@ class SQLiteStore(CheckedStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._histories: OrderedDict[str, _History] = OrderedDict()  # see _history
+        self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, PRIVATE))
             db = self._connect()
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
@@ -115,15 +109,24 @@ class SQLiteStore(CheckedStore):
                 found = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
                 if found and found != columns:
                     raise sqlite3.DatabaseError(f"table {table} has columns {found}, not the "
-                                                "client state's")
+                                                "client state's of this version")
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            self._private()
+        except (sqlite3.Error, OSError) as exc:
             self.close()
             raise StateError(
                 f"{self.path} is not a usable client-state database "
                 f"({str(exc).splitlines()[0]}): move it aside, or start with --reset-state "
                 "(which keeps a copy beside it)") from None
+
+    def _private(self) -> None:
+        """The file and its WAL files readable by this user alone (SQLite gives the WAL files
+        the database file's mode; a file made by an earlier version may be wider)."""
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            if part.exists() and part.stat().st_mode & 0o777 != PRIVATE:
+                part.chmod(PRIVATE)
 
     def _connect(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections stay in the thread that made them)."""
@@ -148,55 +151,49 @@ class SQLiteStore(CheckedStore):
                 db.execute("ROLLBACK")
             raise
 
+    def _load(self, db: sqlite3.Connection, client: str) -> state.Record:
+        row = db.execute("SELECT record FROM clients WHERE client = ?", (client,)).fetchone()
+        return state.Record.from_json(None if row is None else row[0])
+
+    def _save(self, db: sqlite3.Connection, client: str, record: state.Record) -> None:
+        db.execute("INSERT INTO clients VALUES (?, ?) ON CONFLICT (client) DO UPDATE SET "
+                   "record = excluded.record", (client, record.to_json()))
+
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                codes: np.ndarray | None, now: float) -> Admission:
         p, w = self.policy, self.watch
         with self._transaction() as db:
-            self._expire(db, client, now)
-            status = self._status(db, client, now)
-            if status.denied(now):  # refused, and nothing it sent is counted
-                return Admission(False, status, np.zeros(len(flagged), dtype=bool))
+            record = self._load(db, client)
+            if record.expired(now):
+                self._forget(db, client)
+            if record.denied(now):  # refused, and nothing it sent is counted
+                return Admission(False, self._status(db, client, record, now),
+                                 np.zeros(len(flagged), dtype=bool))
             found = np.zeros(len(flagged), dtype=bool)
+            linked: list[tuple[str, ...]] = []
             if codes is not None and w is not None:
-                found = self._watch(db, client, codes, w, now)
-            db.execute("INSERT OR IGNORE INTO clients (client) VALUES (?)", (client,))
-            (seq,) = db.execute("SELECT seq FROM clients WHERE client = ?", (client,)).fetchone()
-            rows = [(client, seq + i + 1, int(f), float(s))
-                    for i, (f, s) in enumerate(zip(flagged, scores, strict=True))]
-            db.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?)", rows)
-            seq += len(rows)
-            db.execute("DELETE FROM verdicts WHERE client = ? AND seq <= ?",
-                       (client, seq - p.window))
-            bad = sum(int(f) for f in flagged)
-            db.execute("DELETE FROM evidence WHERE client = ? AND t <= ?",
-                       (client, now - p.window_s))
-            if bad or found.any():
-                db.execute("INSERT INTO evidence VALUES (?, ?, ?, ?)",
-                           (client, now, bad, int(found.sum())))
-            db.execute("UPDATE clients SET requests = requests + ?, flagged = flagged + ?, "
-                       "seq = ?, last_seen = ? WHERE client = ?",
-                       (len(rows), bad, seq, now, client))
-            status = self._status(db, client, now)
-            why = judge(Evidence(status.window, status.window_flagged, status.recent_flagged,
-                                 status.recent_repeats), p)
-            if why is not None:
-                until = now + p.cooldown_s if p.cooldown_s > 0 else math.inf
-                db.execute("UPDATE clients SET denied_until = ?, reason = ?, "
-                           "denials = denials + 1 WHERE client = ?", (until, why, client))
-                status = self._status(db, client, now)
-        return Admission(why is None, status, found, why is not None)
+                found, linked = self._watch(db, client, codes, w, now)
+            links = Counter(c for names in linked for c in names)
+            step = state.admit(record, flagged, scores, int(found.sum()), list(links), now, p)
+            self._save(db, client, step.record)
+            for other, n in links.items():  # the detections count on the linked keys too
+                self._save(db, other, state.attribute(self._load(db, other), client, n, now, p))
+            status = self._status(db, client, step.record, now)
+        return Admission(step.answered, status, found, step.denied_now)
 
     def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray, w: QueryWatch,
-               now: float) -> np.ndarray:
-        """The attack-process detections among ``codes``, which join the client's history
-        (expired queries and those past its size leave it)."""
+               now: float) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """The attack-process detections among ``codes`` (and the clients each links to),
+        which join the client's history and the global index (expired queries and those past
+        their size leave them)."""
         h = self._history(db, client, codes.shape[1])
         old = h.times <= now - w.query_ttl_s
         if old.any():
             db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
             h = h[~old]
-        found = repeats(h.codes, codes, w)
+        ring = self._read_ring(db, now, w, codes.shape[1])
+        found, linked = detect(h.codes, codes, w, ring, client)
         ids = [db.execute("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
                           (client, now, c.tobytes())).lastrowid for c in codes]
         h = h + _History(np.array(ids, dtype=np.int64), np.full(len(ids), now), codes)
@@ -208,7 +205,33 @@ class SQLiteStore(CheckedStore):
         self._histories.move_to_end(client)
         if len(self._histories) > CACHED_CLIENTS:
             self._histories.popitem(last=False)
-        return found
+        if ring is not None:
+            rows = [(int(db.execute("INSERT INTO ring (client, t, code) VALUES (?, ?, ?)",
+                                    (client, now, c.tobytes())).lastrowid or 0), client, now,
+                     c.tobytes()) for c in codes]
+            ring.extend(rows, codes.shape[1])
+            ring.trim(now, w.query_ttl_s)
+            db.execute("DELETE FROM ring WHERE id <= ? OR t <= ?",
+                       (rows[-1][0] - w.query_global, now - w.query_ttl_s))
+        return found, linked
+
+    def _read_ring(self, db: sqlite3.Connection, now: float, w: QueryWatch,
+                   dims: int) -> Ring | None:
+        """This process's copy of the global index, brought up to date: only the rows added
+        since its last read, unless the index changed otherwise (a clear: a new generation)
+        or was emptied (its ids behind the copy's)."""
+        ring = self._ring
+        if ring is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key = 'ring'").fetchone()
+        generation = "" if row is None else row[0]
+        (top,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM ring").fetchone()
+        if generation != ring.generation or top < ring.last_id:
+            ring.reset(generation)
+        ring.extend(db.execute("SELECT id, client, t, code FROM ring WHERE id > ? ORDER BY id",
+                               (ring.last_id,)).fetchall(), dims)
+        ring.trim(now, w.query_ttl_s)
+        return ring
 
     def _history(self, db: sqlite3.Connection, client: str, dims: int) -> _History:
         """The client's stored queries (every process's), inside the admission's transaction:
@@ -232,47 +255,39 @@ class SQLiteStore(CheckedStore):
         return _History.of(db.execute("SELECT id, t, code FROM queries WHERE client = ? "
                                       "ORDER BY id", (client,)).fetchall(), dims)
 
-    def _expire(self, db: sqlite3.Connection, client: str, now: float) -> None:
-        """A denial whose cool-down has passed ends, and the client starts afresh."""
-        row = db.execute("SELECT denied_until FROM clients WHERE client = ?",
-                         (client,)).fetchone()
-        if row is not None and row[0] is not None and now >= row[0]:
-            self._forget(db, client)
-
     def _forget(self, db: sqlite3.Connection, client: str) -> None:
-        """Lift a denial and start the client afresh (its totals stay)."""
+        """Start the client afresh: its denial lifted, window, evidence and query history
+        emptied (its totals stay), and its queries taken out of the global index."""
         self._histories.pop(client, None)
-        db.execute("UPDATE clients SET denied_until = NULL, reason = NULL WHERE client = ?",
-                   (client,))
-        for table in ("verdicts", "evidence", "queries"):
-            db.execute(f"DELETE FROM {table} WHERE client = ?", (client,))
+        record = self._load(db, client)
+        if record != state.Record():
+            self._save(db, client, record.afresh())
+        db.execute("DELETE FROM queries WHERE client = ?", (client,))
+        if db.execute("DELETE FROM ring WHERE client = ?", (client,)).rowcount:
+            db.execute("INSERT INTO meta VALUES ('ring', ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value", (secrets.token_hex(8),))
 
     @reporting
     def get(self, client: str, now: float | None = None) -> ClientStatus:
         now = time.time() if now is None else now
-        status = self._status(self._connect(), client, now)
-        if status.denied_until is not None and now >= status.denied_until:
+        db = self._connect()
+        record = self._load(db, client)
+        if record.expired(now):
             with self._transaction() as db:
-                self._expire(db, client, now)
-                status = self._status(db, client, now)
-        return status
+                record = self._load(db, client)
+                if record.expired(now):
+                    self._forget(db, client)
+                    record = self._load(db, client)
+        return self._status(db, client, record, now)
 
-    def _status(self, db: sqlite3.Connection, client: str, now: float) -> ClientStatus:
-        row = db.execute("SELECT requests, flagged, denied_until, reason, denials, last_seen "
-                         "FROM clients WHERE client = ?", (client,)).fetchone()
-        if row is None:
+    def _status(self, db: sqlite3.Connection, client: str, record: state.Record,
+                now: float) -> ClientStatus:
+        if record == state.Record():
             return ClientStatus.empty(client)
-        count, bad, mean = db.execute("SELECT COUNT(*), COALESCE(SUM(flagged), 0), "
-                                      "COALESCE(AVG(score), 1.0) FROM verdicts "
-                                      "WHERE client = ?", (client,)).fetchone()
-        recent_bad, recent_rep = db.execute(
-            "SELECT COALESCE(SUM(flagged), 0), COALESCE(SUM(repeats), 0) FROM evidence "
-            "WHERE client = ? AND t > ?", (client, now - self.policy.window_s)).fetchone()
         ttl = self.watch.query_ttl_s if self.watch is not None else math.inf
         (queries,) = db.execute("SELECT COUNT(*) FROM queries WHERE client = ? AND t > ?",
                                 (client, now - ttl)).fetchone()
-        return ClientStatus(client, row[0], row[1], count, bad, float(mean), int(recent_bad),
-                            int(recent_rep), int(queries), row[2], row[3], row[4], row[5])
+        return state.status(client, record, int(queries), now, self.policy)
 
     @reporting
     def clients(self, now: float | None = None) -> list[ClientStatus]:
@@ -284,14 +299,13 @@ class SQLiteStore(CheckedStore):
     def clear(self, client: str) -> ClientStatus:
         with self._transaction() as db:
             self._forget(db, client)
-            return self._status(db, client, time.time())
+            return self._status(db, client, self._load(db, client), time.time())
 
     @reporting
     def probe(self) -> None:
         db = self._connect()
-        db.execute("SELECT client FROM clients LIMIT 1").fetchall()
-        for table in ("verdicts", "evidence", "queries"):
-            db.execute(f"SELECT client FROM {table} LIMIT 1").fetchall()
+        for table in _COLUMNS:
+            db.execute(f"SELECT * FROM {table} LIMIT 1").fetchall()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -1,0 +1,136 @@
+"""The guard service under load with everything on (query watch, global index, SQLite state),
+beside the same service with the watch off and the model + detector in-process at batch 1,
+measured side by side in one run; and what the global index costs: its memory per million
+queries (SQLite file growth and Redis ``MEMORY USAGE`` of the stream, per query) and the time
+one admission spends comparing with it.
+
+    python benchmarks/bench_guard_load.py --guard-dir runs/guard-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_guard import LOAD_CLIENTS, in_process, load
+from common import save, start_server
+
+from advguard.data import load_data
+from advguard.serve import Guard, Policy, read_keys, write_keys
+from advguard.serve.guard import KEYS, Client
+from advguard.serve.queries import Ring, encode, links
+
+RING_ROWS = 20_000  # rows written to measure the index's memory per query
+
+
+def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
+    """Bytes per query of the global index: SQLite (file growth) and Redis (stream)."""
+    from advguard.serve.stores import RedisStore, SQLiteStore
+
+    watch = guard.config.watch()
+    assert watch is not None and watch.linking
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    codes = encode(x[:1000])
+    rows = [(i + 1, f"client-{i % 100}", 1.0, codes[i % len(codes)].tobytes())
+            for i in range(RING_ROWS)]
+    out: dict[str, Any] = {"rows": RING_ROWS, "code_bytes": int(codes[0].nbytes)}
+    path = folder / "bench-ring.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    store = SQLiteStore(path, quiet, watch)
+    db = store._connect()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = path.stat().st_size
+    db.executemany("INSERT INTO ring (client, t, code) VALUES (?, ?, ?)",
+                   [(c, t, q) for _, c, t, q in rows])
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    out["sqlite_bytes_per_query"] = (path.stat().st_size - before) / RING_ROWS
+    store.close()
+    ring = Ring(RING_ROWS)
+    ring.extend(rows, codes.shape[1])
+    out["process_bytes_per_query"] = (ring.codes.nbytes + ring.ids.nbytes + ring.times.nbytes
+                                      + 8 * len(ring.clients)) / RING_ROWS
+    for size in (watch.query_global, RING_ROWS):  # one admission's comparison, one query
+        ring.trim(1.0, 1e9) if size == RING_ROWS else None
+        part = Ring(size)
+        part.extend(rows[-size:], codes.shape[1])
+        links(part, "someone", codes[:1], watch)
+        t0 = time.perf_counter()
+        for i in range(200):
+            links(part, "someone", codes[i:i + 1], watch)
+        out[f"compare_ms_ring_{size}"] = 1000 * (time.perf_counter() - t0) / 200
+    redis_server = shutil.which("redis-server")
+    if redis_server is not None:
+        import redis
+
+        proc = subprocess.Popen([redis_server, "--port", "6392", "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    redis.Redis(port=6392).ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+            rs = RedisStore("redis://127.0.0.1:6392/0", quiet, watch)
+            for i in range(0, 2000, 50):  # through the store, as the service writes it
+                rs.admit(f"client-{i // 50}", [False] * 50, [1.0] * 50, codes[i % 1000:][:50],
+                         now=1.0)
+            used = rs.redis.memory_usage("advguard:ring", samples=0)
+            out["redis_bytes_per_query"] = used / min(2000, watch.query_global)
+            rs.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    out["mb_per_million_queries"] = {k[:-len("_bytes_per_query")]: round(v, 1)
+                                     for k, v in out.items() if k.endswith("_bytes_per_query")}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="guard-load")
+    parser.add_argument("--port", type=int, default=8733)
+    args = parser.parse_args()
+    guard = Guard.load(args.guard_dir)
+    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    result: dict[str, Any] = {}
+    for name, extra in (("everything-on", ()), ("watch-off", ("--no-query-watch",))):
+        ids = [f"load-{name}-{k}" for k in range(LOAD_CLIENTS)]
+        keys = read_keys(args.guard_dir / KEYS)
+        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+        write_keys(args.guard_dir / KEYS, keys)
+        key_of = {c.id: k for k, c in keys.items()}
+        proc = start_server(args.guard_dir, args.port, args.guard_dir / "load-clients.db",
+                            *extra)
+        try:
+            result[name] = asyncio.run(load(f"http://127.0.0.1:{args.port}",
+                                            [key_of[c] for c in ids], x))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        local = in_process(guard, x)  # right after, on the same machine state
+        result[name]["in_process_images_per_s"] = local
+        result[name]["service_over_in_process"] = result[name]["requests_per_s"] / local
+        print(name, json.dumps(result[name]), flush=True)
+    result["global_index"] = ring_memory(guard, x, args.guard_dir)
+    print(json.dumps(result["global_index"]), flush=True)
+    save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
+                    "policy": Policy().to_json(), "torch_threads": torch.get_num_threads(),
+                    "numpy": np.__version__, **result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Honest look-alike traffic against the guard service, over HTTP: the clients a stateful defence
+must keep serving while it watches for query-based attacks. Each kind is 100 clients (one API
+key each) sending at once to one server with the default policy and query watch, so the
+global index sees every client's queries:
+
+* **distinct**: 100 different test digits each (10,000 in all);
+* **augmented**: 5 copies of each of 20 digits, each shifted by up to 2 px, brightness ± 0.1
+  and noise σ 0.02;
+* **fixed-camera**: 100 frames of one scene (a digit) with fresh sensor noise σ 0.02;
+* **jittering-camera**: the same with the frame shifted by up to 2 px each time;
+* **retrying-app**: 50 digits, each sent twice (the retry identical);
+* **burst**: 100 different digits in two 50-image requests.
+
+Reported per kind: clients denied (the goal is 0 of 100), the attack-process detections per
+query (the false-positive rate per similar-but-benign query; goal ≤ 1%), and detections per
+client. The digits are test images 100 – 9,999 (the attack benchmarks use the first 100):
+client i sends the 100 digits from the 100i-th on (wrapping), so on MNIST client 99 resends
+99 of the digits clients 0 and 1 sent (users sending the same picture).
+
+    python benchmarks/bench_honest.py --guard-dir runs/guard-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from common import save, start_server
+
+from advguard.data import load_data
+from advguard.serve import Guard, Policy, read_keys, write_keys
+from advguard.serve.guard import KEYS, Client
+
+CLIENTS = 100
+SIGMA = 0.02  # sensor noise
+
+
+def shift(x: torch.Tensor, gen: torch.Generator, most: int = 2) -> torch.Tensor:
+    """``x`` moved by up to ``most`` pixels in each direction, the edge filled with zeros."""
+    dy, dx = (int(v) for v in torch.randint(-most, most + 1, (2,), generator=gen))
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    out[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+        x[..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    return out
+
+
+def noisy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return (x + SIGMA * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def streams(x: torch.Tensor, kind: str, client: int) -> list[torch.Tensor]:
+    """The requests (batches) one honest client of ``kind`` sends."""
+    gen = torch.Generator().manual_seed(client)
+    start = (100 * client) % (len(x) - 99)
+    own = x[start:start + 100]
+    if kind == "distinct":
+        return [own[i:i + 1] for i in range(100)]
+    if kind == "augmented":
+        out = []
+        for i in range(20):
+            for _ in range(5):
+                b = float(torch.empty(1).uniform_(-0.1, 0.1, generator=gen))
+                out.append(noisy(shift(own[i:i + 1], gen) + b, gen))
+        return out
+    if kind == "fixed-camera":
+        return [noisy(own[:1], gen) for _ in range(100)]
+    if kind == "jittering-camera":
+        return [noisy(shift(own[:1], gen), gen) for _ in range(100)]
+    if kind == "retrying-app":
+        return [own[i // 2:i // 2 + 1] for i in range(100)]
+    if kind == "burst":
+        return [own[:50], own[50:]]
+    raise ValueError(kind)
+
+
+KINDS = ("distinct", "augmented", "fixed-camera", "jittering-camera", "retrying-app", "burst")
+
+
+def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], admin: str,
+        ids: list[str]) -> dict[str, Any]:
+    http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
+
+    def one(i: int) -> tuple[int, int | None]:
+        sent = 0
+        for batch in make(i):
+            r = http.post("/v1/predict", json={"images": batch.tolist()},
+                          headers={"X-API-Key": keys[i]})
+            if r.status_code == 403:
+                return sent, sent
+            r.raise_for_status()
+            sent += len(batch)
+        return sent, None
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(one, range(len(keys))))
+    seen = {c["client"]: c for c in http.get("/v1/clients",
+                                             headers={"X-API-Key": admin}).json()}
+    http.close()
+    detections = [int(seen[c]["recent_repeats"]) for c in ids]
+    queries = sum(n for n, _ in outcomes)
+    denied = [d for _, d in outcomes if d is not None]
+    return {"clients": len(keys), "queries": queries, "denied": len(denied),
+            "denied_after_queries": sorted(denied),
+            "detections": sum(detections),
+            "detections_per_query": sum(detections) / max(1, queries),
+            "clients_with_a_detection": sum(d > 0 for d in detections),
+            "linked_clients": sum(bool(seen[c]["linked"]) for c in ids),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--out", default="honest")
+    parser.add_argument("--port", type=int, default=8732)
+    args = parser.parse_args()
+    guard = Guard.load(args.guard_dir)
+    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
+    x = torch.stack([test[i][0] for i in range(100, len(test))])
+    results: dict[str, Any] = {}
+    for kind in args.kinds.split(","):
+        ids = [f"honest-{kind}-{i}" for i in range(CLIENTS)]
+        keys = read_keys(args.guard_dir / KEYS)
+        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+        write_keys(args.guard_dir / KEYS, keys)
+        key_of = {c.id: k for k, c in keys.items()}
+        admin = next(k for k, c in keys.items() if c.admin)
+        proc = start_server(args.guard_dir, args.port, args.guard_dir / "honest-clients.db")
+        try:
+            results[kind] = run(f"http://127.0.0.1:{args.port}", [key_of[c] for c in ids],
+                                lambda i, kind=kind: streams(x, kind, i), admin, ids)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        print(kind, json.dumps(results[kind]), flush=True)
+        save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
+                        "policy": Policy().to_json(),
+                        "images": f"{guard.config.dataset} test images 100 - {len(test) - 1}",
+                        "runs": results})
+
+
+if __name__ == "__main__":
+    main()

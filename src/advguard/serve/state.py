@@ -1,0 +1,159 @@
+"""One client's state and how a request changes it: pure functions that every store runs inside
+its own atomic admission (SQLite: one ``BEGIN IMMEDIATE`` transaction; Redis: ``WATCH`` …
+``MULTI``/``EXEC``). A store loads a client's :class:`Record`, calls :func:`admit` (and
+:func:`attribute` for the clients a detection links it to), and saves what comes back; the
+rules themselves (:func:`~advguard.serve.policy.judge`) live in :mod:`advguard.serve.policy`.
+
+A record is small and self-contained (totals, the denial, the share window's verdicts and the
+evidence of the last ``window_s`` seconds), kept by a store as one JSON document; the query
+histories it is judged with are kept beside it (:mod:`advguard.serve.queries`), because they
+are large and grow by appending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from advguard.serve.policy import ClientStatus, Evidence, Policy, judge
+
+Entry = tuple[float, int, int, int, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a store keeps of one client, apart from its query history."""
+
+    requests: int = 0  # images judged, all time
+    flagged: int = 0  # of which flagged, all time
+    denials: int = 0
+    last_seen: float | None = None
+    denied_until: float | None = None  # epoch seconds; inf: until cleared
+    reason: str | None = None
+    # the share window, oldest first: (flagged 0/1, score) of the last ``window`` verdicts
+    verdicts: tuple[tuple[int, float], ...] = ()
+    # what the requests that brought any evidence brought, within ``window_s``: (time, flagged
+    # images, its own attack-process detections, detections attributed to it by linked keys,
+    # the clients linked)
+    evidence: tuple[Entry, ...] = ()
+
+    def denied(self, now: float) -> bool:
+        return self.denied_until is not None and now < self.denied_until
+
+    def expired(self, now: float) -> bool:
+        """A denial whose cool-down has passed: the client starts afresh (its query history
+        is emptied by the store)."""
+        return self.denied_until is not None and now >= self.denied_until
+
+    def afresh(self) -> Record:
+        """The denial lifted, the window and the evidence emptied; the totals stay."""
+        return replace(self, denied_until=None, reason=None, verdicts=(), evidence=())
+
+    def recent(self, now: float, policy: Policy) -> tuple[Entry, ...]:
+        return tuple(e for e in self.evidence if e[0] > now - policy.window_s)
+
+    def to_json(self) -> str:
+        obj = asdict(self)
+        if self.denied_until == math.inf:
+            obj["denied_until"] = "inf"
+        return json.dumps(obj, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Record:
+        if not text:
+            return cls()
+        obj: dict[str, Any] = json.loads(text)
+        if obj.get("denied_until") == "inf":
+            obj["denied_until"] = math.inf
+        obj["verdicts"] = tuple((int(f), float(s)) for f, s in obj.get("verdicts", ()))
+        obj["evidence"] = tuple((float(t), int(b), int(r), int(a), tuple(links))
+                                for t, b, r, a, links in obj.get("evidence", ()))
+        return cls(**obj)
+
+
+def evidence(record: Record, now: float, policy: Policy) -> Evidence:
+    """What the rules count of ``record`` at ``now``: detections attributed to it by linked
+    keys count only once it has made one of its own within ``window_s`` (so nobody can get an
+    honest client denied by sending near-copies of the images it sent), and only with
+    ``policy.deny_linked``."""
+    recent = record.recent(now, policy)
+    own = sum(e[2] for e in recent)
+    attributed = sum(e[3] for e in recent) if own and policy.deny_linked else 0
+    return Evidence(len(record.verdicts), sum(f for f, _ in record.verdicts),
+                    sum(e[1] for e in recent), own + attributed)
+
+
+def status(client: str, record: Record, queries: int, now: float,
+           policy: Policy) -> ClientStatus:
+    """The client's status as the service reports it (``queries``: its history's size)."""
+    if record.expired(now):
+        record = record.afresh()
+    e = evidence(record, now, policy)
+    scores = [s for _, s in record.verdicts]
+    linked = sorted({c for entry in record.recent(now, policy) for c in entry[4]})
+    return ClientStatus(client, record.requests, record.flagged, e.window, e.window_flagged,
+                        sum(scores) / len(scores) if scores else 1.0, e.recent_flagged,
+                        e.recent_repeats, queries, record.denied_until, record.reason,
+                        record.denials, record.last_seen, linked)
+
+
+@dataclass(frozen=True)
+class Step:
+    """:func:`admit`'s outcome: the record to save, and whether the request is answered."""
+
+    record: Record
+    answered: bool
+    denied_now: bool = False  # this request brought the denial
+
+
+def _deny(record: Record, why: str | None, now: float, policy: Policy) -> Record:
+    if why is None:
+        return record
+    until = now + policy.cooldown_s if policy.cooldown_s > 0 else math.inf
+    return replace(record, denied_until=until, reason=why, denials=record.denials + 1)
+
+
+def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repeats: int,
+          linked: Sequence[str], now: float, policy: Policy) -> Step:
+    """Count a request (its verdicts, and ``repeats`` attack-process detections among its
+    queries, which linked it to the clients ``linked``) and decide whether it is answered: a
+    denied client's request is refused and not counted; a request that brings the client to a
+    denial is refused too (the record it returns holds the denial)."""
+    if record.expired(now):
+        record = record.afresh()
+    if record.denied(now):
+        return Step(record, False)
+    verdicts = (record.verdicts + tuple((int(f), float(s)) for f, s in
+                                        zip(flagged, scores, strict=True)))[-policy.window:]
+    bad = sum(int(f) for f in flagged)
+    kept = record.recent(now, policy)
+    if bad or repeats:
+        kept += ((now, bad, int(repeats), 0, tuple(sorted(set(linked)))),)
+    record = replace(record, requests=record.requests + len(flagged),
+                     flagged=record.flagged + bad, last_seen=now, verdicts=verdicts,
+                     evidence=kept)
+    why = judge(evidence(record, now, policy), policy)
+    return Step(_deny(record, why, now, policy), why is None, why is not None)
+
+
+def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy) -> Record:
+    """Count against a client the ``repeats`` detections that client ``by``'s queries made
+    against its queries (the global index linked them): an attack spread over several keys
+    is counted on every key it used, and a key that reaches a rule is denied at once (its
+    next request is refused)."""
+    if record.expired(now):
+        record = record.afresh()
+    if record.denied(now) or repeats <= 0:
+        return record
+    record = replace(record, evidence=record.recent(now, policy) + ((now, 0, 0, int(repeats),
+                                                                      (by,)),))
+    why = judge(evidence(record, now, policy), policy)
+    if why is not None:
+        why = f"linked to client {by!r}: {why}"
+    return _deny(record, why, now, policy)
+
+
+__all__ = ["Record", "Step", "admit", "attribute", "evidence", "status"]
