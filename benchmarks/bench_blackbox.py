@@ -17,7 +17,11 @@ Each attacked test image has its own API key (so a denial ends the attack on tha
 or — spread over keys (``--spread 3,10``) — its own 3 or 10 keys, taking turns one request each;
 a denied key drops out and the attack goes on with the others until all are denied. Blinding
 covers the whole image at ``--blind``, or half of it (a random rectangle, redrawn each query)
-at ε: the strongest noise that stays inside the ball.
+at ε: the strongest noise that stays inside the ball. The *adaptive* attacker (OARS, Feng et
+al. 2023) reads the guard's answers as the oracle of its watch: an answer identical to one it
+already had means its query was taken for a near-copy, and it raises its blinding noise
+(×1.5, up to ε on the whole image) after each such answer and lowers it (×0.95) after a fresh
+one.
 An image is *fooled* when the service answers a query that lies within ε (L∞) of it with a
 wrong class, and *evaded* when that answer is also trusted (not flagged by the detector): what
 a guarded service's user relies on. The unguarded service never denies (no query watch, no flagged
@@ -64,12 +68,19 @@ class Target:
     def __init__(self, http: httpx.Client, keys: list[str], x0: torch.Tensor, y: int,
                  eps: float, budget: int, classes: int, per_request: int = 1,
                  blind: float = 0.0, dilution: int = 0, clean: torch.Tensor | None = None,
-                 seed: int = 0, blind_part: float = 1.0) -> None:
+                 seed: int = 0, blind_part: float = 1.0, adaptive: bool = False) -> None:
         self.http, self.keys, self.x0, self.y, self.eps = http, list(keys), x0, y, eps
         self.budget, self.classes, self.per_request = budget, classes, per_request
         self.blind, self.dilution, self.clean = blind, dilution, clean
         self.blind_part = blind_part  # the share of the image the blinding noise covers
         self.turn = 0  # the keys take turns, one request each; a denied key drops out
+        # OARS-style (Feng et al. 2023): the service's answers as the oracle of its watch — an
+        # answer identical to one already had means the query was taken for a near-copy — and
+        # the blinding noise raised after each such answer (up to ε), lowered after a fresh one
+        self.adaptive = adaptive
+        self.seen: set[tuple[float, ...]] = set()
+        self.as_before = 0  # answers identical to an earlier one
+        self.detected_at: int | None = None  # the first query the service counted as a repeat
         self.gen = torch.Generator().manual_seed(seed)
         self.queries = 0  # attack queries answered
         self.clean_sent = 0
@@ -86,6 +97,8 @@ class Target:
             if r.status_code != 403:
                 r.raise_for_status()
                 results: list[dict[str, Any]] = r.json()["results"]
+                if self.detected_at is None and r.json()["status"].get("recent_repeats"):
+                    self.detected_at = self.queries + len(results)
                 return results
             self.keys.remove(key)  # denied: the attack goes on with the keys it has left
         raise Denied
@@ -114,7 +127,7 @@ class Target:
             raise Denied
         if self.queries + len(batch) > self.budget:
             raise Spent
-        if self.blind:
+        if self.blind or self.adaptive:
             batch = self._blinded(batch)
         classes, probs = [], []
         for start in range(0, len(batch), self.per_request):
@@ -139,6 +152,12 @@ class Target:
                     self.evaded_at = self.queries
                 classes.append(c)
                 probs.append(res.get("probabilities") or np.eye(self.classes)[c].tolist())
+                again = tuple(probs[-1]) in self.seen
+                self.as_before += again
+                self.seen.add(tuple(probs[-1]))
+                if self.adaptive:
+                    self.blind = (min(self.eps, max(self.blind, self.eps / 8) * 1.5) if again
+                                  else self.blind * 0.95)
         return torch.tensor(classes), torch.tensor(probs, dtype=torch.float32)
 
 
@@ -203,13 +222,14 @@ ATTACKS: dict[str, tuple[Callable[..., None], int]] = {  # attack, queries per r
 def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Tensor,
         eps: float, budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
         blind_part: float = 1.0, dilution: int = 0, simba_step: float = 0.2,
-        threads: int = 12) -> dict[str, Any]:
+        threads: int = 12, adaptive: bool = False) -> dict[str, Any]:
     fn, per_request = ATTACKS[name]
     http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
 
     def one(i: int) -> Target:
         t = Target(http, keys[i], x[i], int(y[i]), eps, budget, classes, per_request,
-                   blind=blind, dilution=dilution, clean=clean, seed=i, blind_part=blind_part)
+                   blind=blind, dilution=dilution, clean=clean, seed=i, blind_part=blind_part,
+                   adaptive=adaptive)
         try:
             if name == "simba":
                 simba(t, simba_step)
@@ -239,6 +259,12 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
             statistics.median(t.denied_at for t in denied) if denied else None),
         "max_queries_answered_until_denial": max((t.denied_at for t in denied), default=None),
         "clean_images_sent": sum(t.clean_sent for t in targets),
+        "adaptive": adaptive,
+        "detected": sum(t.detected_at is not None for t in targets),
+        "median_queries_to_detection": (statistics.median(
+            t.detected_at for t in targets if t.detected_at is not None)
+            if any(t.detected_at is not None for t in targets) else None),
+        "answers_as_before": sum(t.as_before for t in targets),
         "queries_answered": sum(t.queries for t in targets)}
 
 
@@ -279,6 +305,10 @@ def main() -> None:
             # noise of up to ε on half of the image, redrawn every query
             settings.append((f"{name}/guarded/blinded-half-eps", name,
                              {"blind": args.eps, "blind_part": 0.5}))
+        if name != "hopskipjump":  # OARS-style adaptive blinding, alone and over 10 keys
+            settings.append((f"{name}/guarded/adaptive", name, {"adaptive": True}))
+            settings.append((f"{name}/guarded/keys-10/adaptive", name,
+                             {"adaptive": True, "spread": 10}))
         for n in map(int, args.spread.split(",")):
             settings.append((f"{name}/guarded/keys-{n}", name, {"spread": n}))
             if name != "hopskipjump":

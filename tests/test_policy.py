@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -233,7 +234,8 @@ def test_codes_of_an_earlier_encoding_are_dropped_from_a_sqlite_history(tmp_path
     s = SQLiteStore(tmp_path / "w.db", Policy(max_repeats=0), watch())
     s.admit("c", [False], [0.9], codes(1, seed=7)[:1], now=0)
     with sqlite3.connect(tmp_path / "w.db") as db:  # an 8×8 code left by an earlier version
-        db.execute("INSERT INTO queries (client, t, code) VALUES ('c', 1, ?)", (bytes(128),))
+        db.execute("INSERT INTO queries (client, t, code, answer) VALUES ('c', 1, ?, '{}')",
+                   (bytes(128),))
     fresh = SQLiteStore(tmp_path / "w.db", Policy(max_repeats=0), watch())
     assert fresh.admit("c", [False], [0.9], codes(1, seed=8)[:1], now=2).status.queries == 2
 
@@ -341,3 +343,58 @@ def test_the_state_file_and_its_wal_are_readable_by_the_service_user_alone(tmp_p
     SQLiteStore(path, POLICY, watch()).close()
     assert {stat.S_IMODE(p.stat().st_mode) for p in parts} == {0o600}
     s.close()
+
+
+# --- a near-copy is answered as its earlier query was; flips deny ----------------------------
+
+def _answer(cls: int, note: str = "") -> str:
+    return json.dumps({"class": cls, "note": note, "_c": cls})
+
+
+FLIPS = Policy(window=50, min_requests=20, flagged_limit=0, max_flagged=0, max_repeats=0,
+               max_flips=3, window_s=100, cooldown_s=0)
+
+
+def test_a_near_copy_is_answered_as_its_earlier_query_and_a_resend_as_itself(watched):
+    """A camera's frames (near-copies of one scene) are served the first frame's answer once
+    the watch has k to compare with, and are never denied by detections alone; the very same
+    image sent again gets its own earlier answer; distinct images are answered fresh."""
+    s = watched(FLIPS)
+    near = codes(30, seed=17, spread=0.01)
+    given = [s.admit("camera", [False], [0.9], c[None], now=i,
+                     answers=[_answer(4, f"frame {i}")]) for i, c in enumerate(near)]
+    assert all(a.answered for a in given) and all(a.answers[0] is None for a in given[:3])
+    assert all(a.repeats[0] and a.answers[0] is not None for a in given[3:])
+    notes = {json_note(a.answers[0]) for a in given[3:]}
+    assert notes <= {f"frame {i}" for i in range(3)}  # an earlier frame's answer, never its own
+    again = s.admit("camera", [False], [0.9], near[-1][None], now=40,
+                    answers=[_answer(4, "x")])  # the last frame again
+    assert not again.repeats[0] and json_note(again.answers[0]) == json_note(given[-1].answers[0])
+    far = codes(5, seed=18, spread=10.0)
+    fresh = [s.admit("viewer", [False], [0.9], c[None], now=i, answers=[_answer(1)])
+             for i, c in enumerate(far)]
+    assert all(a.answers[0] is None for a in fresh)
+
+
+def json_note(answer: str | None) -> str:
+    assert answer is not None
+    return json.loads(answer)["note"]
+
+
+def test_near_copies_the_model_would_answer_otherwise_are_flips_and_deny(watched):
+    """A probing attack whose near-copy crosses the decision boundary is answered the earlier
+    class (it learns nothing) and the crossing counts: the 3rd flip denies."""
+    s = watched(FLIPS)
+    near = codes(20, seed=19, spread=0.01)
+    outcomes = []
+    for i, c in enumerate(near):
+        a = s.admit("prober", [False], [0.9], c[None], now=i,
+                    answers=[_answer(7 if i < 6 else 3)])  # from the 7th on, the model says 3
+        outcomes.append(a)
+        if not a.answered:
+            break
+    answered = [a for a in outcomes if a.answered]
+    assert [json.loads(a.answers[0])["class"] for a in answered[3:]] == [7] * (len(answered) - 3)
+    assert len(outcomes) == 6 + 3 and outcomes[-1].denied_now
+    assert outcomes[-1].status.recent_flips == 3 and "another class" in outcomes[-1].status.reason
+

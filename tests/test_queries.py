@@ -10,7 +10,16 @@ import torch
 
 from advguard.data import load_dataset
 from advguard.errors import InputError
-from advguard.serve.queries import DIMS, QueryWatch, calibrate, encode, mean_knn, repeats
+from advguard.serve.queries import (
+    DIMS,
+    VIEW,
+    QueryWatch,
+    calibrate,
+    encode,
+    mean_knn,
+    repeats,
+    split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +37,30 @@ def none(codes: np.ndarray) -> np.ndarray:
 
 
 def test_the_encoding_keeps_distances_and_is_blind_to_brightness_and_contrast(digits):
-    """Codes are DIMS numbers whatever the image size; the projection keeps the distances of
-    the centred unit-length images within a few percent (Johnson–Lindenstrauss at 256)."""
+    """A code's projection is DIMS numbers whatever the image size and keeps the distances of
+    the centred unit-length images within a few percent (Johnson–Lindenstrauss at 256); its
+    pixel view is the image, pooled to at most VIEW values, where a perturbation within ε in
+    L∞ stays within ε."""
     x = digits[:40]
-    z = encode(x).astype(np.float32)
-    assert z.shape == (40, DIMS) and encode(x).dtype == np.float16
+    z = split(encode(x))[0]
+    assert encode(x).shape == (40, DIMS + 784) and encode(x).dtype == np.float16
     u = (x.flatten(1) - x.flatten(1).mean(1, keepdim=True)).numpy()
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     pairs = np.triu_indices(40, 1)
     true = np.linalg.norm(u[:, None] - u[None], axis=-1)[pairs]
     kept = np.linalg.norm(z[:, None] - z[None], axis=-1)[pairs]
     assert np.abs(kept / true - 1).mean() < 0.05 and np.abs(kept / true - 1).max() < 0.3
-    assert np.allclose(encode(0.5 * x + 0.2).astype(np.float32), z, atol=5e-3)
+    assert np.allclose(split(encode(0.5 * x + 0.2))[0], z, atol=5e-3)
     assert not encode(torch.zeros(1, 1, 28, 28)).any()  # a blank codes as zeros
-    assert encode(torch.rand(2, 3, 5, 7)).shape == (2, DIMS)  # small images: their own size
+    assert encode(torch.rand(2, 3, 5, 7)).shape == (2, DIMS + 105)  # small: their own size
     big = torch.rand(2, 3, 224, 224)  # large images: average-pooled to 32×32 first
     pooled = torch.nn.functional.adaptive_avg_pool2d(big, 32)
+    assert encode(big).shape == (2, DIMS + 18 * 18 * 3) and VIEW >= 18 * 18 * 3
     assert np.allclose(encode(big).astype(np.float32), encode(pooled).astype(np.float32),
                        atol=2e-3)
+    noise = (torch.rand(big.shape) * 2 - 1) * 0.05
+    moved = np.abs(split(encode(big + noise))[1] - split(encode(big))[1]).max()
+    assert moved <= 0.05 + 1e-3  # float16 rounding
 
 
 def test_the_threshold_keeps_its_false_alarm_rate_on_other_digits(digits, watch):
@@ -147,7 +162,7 @@ def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
     assert len({c.tobytes() for c in codes}) == 30  # no two alike
     assert repeats(none(codes), codes, watch)[watch.query_k:].all()
     mixed = [np.zeros(64, np.float16), *codes[:3]]  # one code of the 8×8 encoding
-    assert stack_history(mixed, DIMS).shape == (3, DIMS)
+    assert stack_history(mixed, codes.shape[1]).shape == (3, codes.shape[1])
     fields = {f: None for f in GuardConfig.__dataclass_fields__}
     old = GuardConfig(**{**fields, "queries": {**watch.to_json(), "encoding": "pixels8"}})
     assert old.watch() is None

@@ -630,6 +630,34 @@ def test_a_probing_client_is_denied_and_its_history_survives_a_restart(guard_dir
         assert httpx.get(f"{url}/v1/health").json()["query_watch"] is False
 
 
+def test_a_camera_is_served_and_a_probe_learns_nothing_from_its_near_copies(guard_dir, keys,
+                                                                          digits):
+    """With the defaults: a fixed camera sending 40 noisy frames of one digit is never denied
+    and every frame is answered (after the watch's first k, as an earlier frame was); a
+    SimBA-like probe sent through another key and one blinded with noise of ±0.3 on half the
+    image get, from their (k+1)-th query on, only answers they already had — the very same
+    probabilities — so a score-based attack has nothing to climb on."""
+    x, k = digits["x"], QueryWatch().query_k
+    gen = torch.Generator().manual_seed(3)
+    camera = (x[5][None] + 0.02 * torch.randn(40, 1, 28, 28, generator=gen)).clamp(0, 1)
+    blind = torch.zeros(40, 1, 28, 28)
+    blind[:, :, :, :14] = (torch.rand(40, 1, 28, 14, generator=gen) * 2 - 1) * 0.3
+    probes = {"client-1": probing(x[6], 40, seed=3),
+              "attacker": (probing(x[7], 40, seed=4) + blind).clamp(0, 1)}
+    with server(guard_dir, "--state", f"sqlite:///{guard_dir}/camera.db") as url:
+        answers = [post(url, keys["honest"], json={"images": f.tolist()}) for f in camera]
+        assert all(r.status_code == 200 for r in answers)
+        assert {r.json()["results"][0]["class"] for r in answers} == {int(digits["y"][5])}
+        for who, probe in probes.items():
+            seen = []
+            for q in probe:
+                r = post(url, keys[who], json={"images": q.tolist()})
+                assert r.status_code == 200, r.text
+                seen.append(tuple(r.json()["results"][0]["probabilities"]))
+            assert set(seen[k:]) <= set(seen[:k]), who  # nothing it did not have already
+            assert r.json()["status"]["recent_repeats"] >= 40 - k - 1
+
+
 def test_two_servers_sharing_redis_share_every_clients_query_history(guard_dir, keys, digits,
                                                                        redis_url):
     probe, k = probing(digits["x"][1], 40, seed=1), QueryWatch().query_k

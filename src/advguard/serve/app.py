@@ -202,10 +202,13 @@ def create_app(settings: Settings) -> FastAPI:
         # Evidence is what the kNN score flags; an input only unlike the training images is
         # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
         evidence = ~v.trusted if settings.policy.count_unlike else v.scores < v.threshold
+        fresh = [summary(v, i, info.num_classes, settings.reveal) for i in range(len(x))]
 
         def admit() -> Admission:  # off the event loop, the query encoding included
             codes = encode(x) if store.watch is not None else None
-            return store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now)
+            kept = [json.dumps({**r, "_c": int(c)}) for r, c in zip(fresh, v.predicted,
+                                                                    strict=True)]
+            return store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now, kept)
 
         admission = await asyncio.to_thread(admit)
         status = admission.status
@@ -215,11 +218,13 @@ def create_app(settings: Settings) -> FastAPI:
         for verdict in verdicts:
             metrics.verdicts.labels(verdict).inc()
         metrics.repeats.inc(int(admission.repeats.sum()))
+        cached = [a for a in admission.answers if a is not None]
         latency = time.perf_counter() - t0
         log.info(json.dumps({"event": "predict", "client": who.id, "images": len(x),
                              "classes": v.predicted.tolist(),
                              "scores": [round(float(s), 4) for s in v.scores],
                              "verdicts": verdicts, "repeats": int(admission.repeats.sum()),
+                             "answered_as_before": len(cached),
                              "answered": admission.answered, "denied": status.denied(now),
                              "latency_ms": round(1000 * latency, 2)}))
         if not admission.answered:  # denied by this request, or by a parallel one
@@ -227,8 +232,11 @@ def create_app(settings: Settings) -> FastAPI:
             if admission.denied_now:
                 metrics.denials.inc()
             raise HTTPException(403, denial(who, status))
-        results = [{**summary(v, i, info.num_classes, settings.reveal), "name": names[i],
-                    "converted": notes[i]} for i in range(len(x))]
+        # a near-copy (or a resend) is answered as its earlier query was: nothing new
+        given = [fresh[i] if a is None else json.loads(a)
+                 for i, a in enumerate(admission.answers or [None] * len(x))]
+        results = [{**{k: val for k, val in g.items() if k != "_c"}, "name": names[i],
+                    "converted": notes[i]} for i, g in enumerate(given)]
         return {"client": who.id, "results": results,
                 "status": public_status(status, settings.reveal)}
 

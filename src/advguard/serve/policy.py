@@ -48,9 +48,17 @@ class Policy:
                                        "0: share rule off")
     max_flagged: int = option(40, "flagged images within window_s that deny a client, however "
                                   "many clean ones surround them; 0: off")
-    max_repeats: int = option(5, "attack-process detections (queries too close to the "
-                                 "client's recent ones) within window_s that deny a client; "
-                                 "0: off")
+    # a detected near-copy is answered as the query it copies was (serve.queries), so it
+    # tells an attacker nothing: detections alone deny no one by default (honest cameras send
+    # near-copies all day); the flips among them do — a near-copy the model would have
+    # answered with another class is what a query-based attack sends when it has found an
+    # adversarial example
+    max_repeats: int = option(0, "attack-process detections (queries too close to the "
+                                 "client's recent ones or to other keys') within window_s "
+                                 "that deny a client; 0: off")
+    max_flips: int = option(3, "near-copies within window_s that the model would have "
+                               "answered with another class than they were (their earlier "
+                               "answer) that deny a client; 0: off")
     window_s: float = option(3600.0, "seconds over which flagged images and attack-process "
                                      "detections are counted")
     cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",
@@ -64,7 +72,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "window", "min_requests")
-        check_at_least(self, 0, "max_flagged", "max_repeats")
+        check_at_least(self, 0, "max_flagged", "max_repeats", "max_flips")
         if self.min_requests > self.window:
             raise InputError(f"min_requests ({self.min_requests}) cannot exceed the window "
                              f"({self.window})")
@@ -96,6 +104,7 @@ class ClientStatus:
     denials: int  # times this client was denied
     last_seen: float | None
     linked: Sequence[str] = ()  # clients its attack-process detections linked it to (window_s)
+    recent_flips: int = 0  # near-copies within window_s the model would have answered otherwise
 
     @classmethod
     def empty(cls, client: str) -> ClientStatus:
@@ -120,6 +129,7 @@ class Evidence:
     window_flagged: int
     recent_flagged: int  # within window_s
     recent_repeats: int
+    recent_flips: int = 0
 
 
 def judge(e: Evidence, policy: Policy) -> str | None:
@@ -129,6 +139,11 @@ def judge(e: Evidence, policy: Policy) -> str | None:
         return (f"{e.recent_repeats} of its queries within {p.window_s:g} s were near-copies of "
                 f"its earlier ones or of other keys' recent ones, as a query-based attack sends "
                 f"(limit {p.max_repeats})")
+    if p.max_flips and e.recent_flips >= p.max_flips:
+        return (f"{e.recent_flips} of its queries within {p.window_s:g} s were near-copies of "
+                f"earlier queries that the model would have answered with another class, as "
+                f"a query-based attack that finds an adversarial example sends (limit "
+                f"{p.max_flips})")
     if p.max_flagged and e.recent_flagged >= p.max_flagged:
         return (f"{e.recent_flagged} of its inputs within {p.window_s:g} s were flagged as "
                 f"adversarial (limit {p.max_flagged})")
@@ -142,12 +157,14 @@ def judge(e: Evidence, policy: Policy) -> str | None:
 @dataclass(frozen=True)
 class Admission:
     """A store's decision on one request: whether it is answered, the client's status after
-    it, and which of its queries were attack-process detections."""
+    it, which of its queries were attack-process detections, and the answer each query is to
+    be given instead of its fresh one (the earlier answer of a near-copy; None: fresh)."""
 
     answered: bool
     status: ClientStatus
     repeats: np.ndarray  # (N,) bool
     denied_now: bool = False  # this request brought the denial
+    answers: Sequence[str | None] = ()
 
 
 @dataclass(frozen=True)
@@ -162,7 +179,8 @@ class Store(Protocol):
     watch: QueryWatch | None  # None: no stateful detection
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None) -> Admission: ...
+              codes: np.ndarray | None = None, now: float | None = None,
+              answers: Sequence[str] | None = None) -> Admission: ...
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus: ...
     def get(self, client: str, now: float | None = None) -> ClientStatus: ...
@@ -205,14 +223,17 @@ class CheckedStore:
     watch: QueryWatch | None = None
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None) -> Admission:
-        """Count a request's verdicts (and, when queries are watched, its query codes) and
-        decide in one atomic step whether it is answered."""
+              codes: np.ndarray | None = None, now: float | None = None,
+              answers: Sequence[str] | None = None) -> Admission:
+        """Count a request's verdicts (and, when queries are watched, its query codes, with the
+        ``answers`` the model gives them, as JSON: see :mod:`advguard.serve.state`) and
+        decide in one atomic step whether it is answered, and which answers are replaced."""
         return self._admit(client, flagged, scores, self.watching(codes, len(flagged)),
-                           time.time() if now is None else now)
+                           time.time() if now is None else now,
+                           list(answers) if answers is not None else ["{}"] * len(flagged))
 
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
         raise NotImplementedError
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],

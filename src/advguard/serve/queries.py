@@ -1,27 +1,32 @@
 """Stateful detection of query-based black-box attacks (Chen, Carlini & Wagner 2019, "Stateful
-detection of black-box adversarial attacks").
+detection of black-box adversarial attacks"), made to hold against an attacker who knows it:
+query blinding, many keys, and the watch's own answers as an oracle (OARS, Feng et al. 2023).
 
 A query-based attacker (Square, SimBA, HopSkipJump, Boundary) sends hundreds to thousands of
-near-copies of one image; an honest client sends different images. Each query is encoded
-compactly (:func:`encode`: the image at full resolution up to 32×32 per channel, centred and
-scaled to unit length — brightness and contrast cancel — then a fixed random projection to 256
-numbers, which keeps distances (Johnson–Lindenstrauss), stored as float16: 512 bytes a query
-whatever the image size) and kept in its client's bounded history (``history`` queries,
-``ttl_s`` seconds; the stores of :mod:`advguard.serve.stores` hold it beside the denial
-state). A query whose mean distance to its ``k`` nearest earlier queries of the same client
-falls below ``threshold`` is an *attack-process detection* (:func:`repeats`). The threshold
-is calibrated by :func:`calibrate` on distinct held-out images to a stated false-alarm rate
-per benign query.
+queries that all lie within the ε-ball of one image; an honest client sends different images —
+or, a camera, near-copies of one scene. Each query is encoded (:func:`encode`) in two views: a
+fixed random projection of the centred, unit-length image (``DIMS`` numbers: L2 distances kept,
+brightness and contrast cancel) and its pixels pooled to at most ``VIEW`` values (the *pixel
+view*: a perturbation within ε in L∞ stays within ε there, so blinding noise inside the ball
+cannot move a query out of it). A query is a detection (:func:`scan`) when the mean L2 distance
+of its projection to its ``k`` nearest earlier queries falls below ``threshold``, or when ``k``
+earlier queries lie within ``view_threshold`` of it in L∞ in the pixel view; both thresholds are
+calibrated by :func:`calibrate` on distinct held-out images to a stated false-alarm rate.
 
-Each client's first ``k`` queries are not tested (the mean needs ``k`` neighbours), and a query
-identical to one the client already sent (an app that retries) is never a detection: it tells an
-attacker nothing new. A client that spreads its queries over many API keys has a history per
-key (docs/SERVING.md says what this does and does not stop).
+Queries are compared with their client's bounded history (``query_history`` queries,
+``query_ttl_s`` seconds) and, account-obliviously (Li et al. 2022, "Blacklight"), with the
+newest ``query_global`` queries of every client (:class:`Ring`, thresholds of its own), each
+kept with the answer it was given. **A detection is answered as the query it copies was**
+(:func:`detect`): a near-copy tells an attacker nothing its earlier answer did not — whether it
+was blinded or sent under another key — while a camera's frames keep getting their scene's
+answer. The very same image sent again (an app that retries) is answered as it was and is no
+detection. The stores of :mod:`advguard.serve.stores` keep the histories beside each client's
+record; :mod:`advguard.serve.state` counts what the findings add up to.
 
-The encoding and ``k`` were chosen on validation traffic (Square streams and augmented honest
-streams on MNIST training images, none of the test images the benchmarks report): Square at
-ε = 0.3 redraws large squares of ±ε stripes, which the earlier 8×8 pooled encoding averaged
-away; docs/SERVING.md ("The query watch") has the comparison.
+The projection and ``k`` were chosen on validation traffic (Square streams and augmented honest
+streams on MNIST training images, none of the test images the benchmarks report); the pixel
+view was added for blinded streams of the same kind (``benchmarks/choose_flip_limit.py``);
+docs/SERVING.md ("The query watch") has both.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from advguard.errors import InputError
 from advguard.options import check_at_least, check_fraction, option
 
 SIDE = 32  # images larger than SIDE × SIDE are average-pooled to it before encoding
-DIMS = 256  # the random projection's size: a query's code is DIMS float16 numbers
+DIMS = 256  # the random projection's size: a code's first DIMS float16 numbers
+VIEW = 1024  # the pixel view's most values (32×32 grey; colour is pooled to 18×18×3)
 # the encoding's name, with a fingerprint of the projection's random stream (a numpy whose
 # generator drew other numbers would encode otherwise): a watch calibrated for another
 # encoding is not used
-ENCODING = (f"pixels{SIDE}-projection{DIMS}-"
+ENCODING = (f"pixels{SIDE}-projection{DIMS}-view{VIEW}-"
             + hashlib.sha256(np.random.default_rng(0).standard_normal(8).tobytes())
             .hexdigest()[:8])
 
@@ -67,6 +73,11 @@ class QueryWatch:
                                            "(calibrated)", cli=False)
     global_threshold: float | None = option(None, "the same against the account-oblivious "
                                                   "index (calibrated for its size)", cli=False)
+    view_threshold: float | None = option(None, "L∞ distance in the pixel view within which "
+                                                "query_k earlier queries make a detection "
+                                                "(calibrated)", cli=False)
+    global_view_threshold: float | None = option(None, "the same against the global index",
+                                                 cli=False)
     encoding: str = option(ENCODING, "the encoding the threshold was calibrated for",
                            cli=False)
 
@@ -83,7 +94,8 @@ class QueryWatch:
         if not 0 < self.query_ttl_s < math.inf:
             raise InputError(f"query_ttl_s must be a finite number > 0, got "
                              f"{self.query_ttl_s!r}")
-        for name in ("threshold", "global_threshold"):
+        for name in ("threshold", "global_threshold", "view_threshold",
+                     "global_view_threshold"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < math.inf:
                 raise InputError(f"{name} must be a finite number ≥ 0, got {value!r}")
@@ -98,20 +110,26 @@ class QueryWatch:
 
 
 def encode(x: torch.Tensor) -> np.ndarray:
-    """Images ``(N, C, H, W)`` in [0, 1] → float16 codes ``(N, DIMS)``: each image (average-
-    pooled to at most ``SIDE`` × ``SIDE``) minus its mean, scaled to unit length and projected
-    by a fixed random matrix, so a code's length stays near 1 and distances are kept (a blank
-    image codes as zeros)."""
+    """Images ``(N, C, H, W)`` in [0, 1] → float16 codes ``(N, DIMS + V)``, two views of each
+    image: first, the image (average-pooled to at most ``SIDE`` × ``SIDE``) minus its mean,
+    scaled to unit length and projected by a fixed random matrix to ``DIMS`` numbers, so
+    distances are kept and brightness and contrast cancel (a blank image projects to zeros);
+    then its pixels, average-pooled to at most ``VIEW`` values (the *pixel view*: any
+    perturbation within ε in L∞ stays within ε there, averaging cannot enlarge it)."""
     if x.dim() != 4:
         raise InputError(f"encode takes a batch (N, C, H, W), got shape {tuple(x.shape)}")
     z = x.detach().float().cpu()
     if z.shape[-2] > SIDE or z.shape[-1] > SIDE:
         z = F.adaptive_avg_pool2d(z, (min(SIDE, z.shape[-2]), min(SIDE, z.shape[-1])))
+    side = max(1, math.isqrt(VIEW // z.shape[1]))
+    view = z if z.shape[1] * z.shape[2] * z.shape[3] <= VIEW else F.adaptive_avg_pool2d(
+        z, (min(side, z.shape[-2]), min(side, z.shape[-1])))
     a = z.flatten(1).numpy()  # NumPy from here: cheaper than torch on one small image
     a = a - a.mean(1, keepdims=True)
     norm = np.linalg.norm(a, axis=1, keepdims=True)
     a = np.where(norm > 1e-6, a / np.maximum(norm, 1e-6), 0).astype(np.float32)
-    return (a @ _projection(a.shape[1])).astype(np.float16)
+    return np.concatenate([a @ _projection(a.shape[1]), view.flatten(1).numpy()],
+                          axis=1).astype(np.float16)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,6 +138,15 @@ def _projection(d: int) -> np.ndarray:
     query alike), scaled so that it keeps lengths on average."""
     return (np.random.default_rng(0).standard_normal((d, DIMS)) / math.sqrt(DIMS)).astype(
         np.float32)
+
+
+def split(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Codes' two views as float32: the projection and the pixel view (None for codes of
+    ``DIMS`` numbers or fewer, which have only the first)."""
+    c = np.asarray(codes, dtype=np.float32)
+    if c.shape[-1] <= DIMS:
+        return c, None
+    return c[..., :DIMS], c[..., DIMS:]
 
 
 def distances(history: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -149,85 +176,209 @@ def stack_history(history: Sequence[bytes | np.ndarray], dims: int) -> np.ndarra
     return np.frombuffer(blob, dtype=np.float16).reshape(-1, dims)
 
 
-def repeats(history: np.ndarray, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
-    """Which of a request's ``codes`` are attack-process detections: each is compared with the
-    client's history and the request's earlier codes (a batch of near-copies in one request
-    detects itself), the newest ``watch.query_history`` of them."""
+CHUNK = 16  # pixel-view values averaged into one number of the cheap L∞ bound
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Codes prepared for comparison: the raw float16 rows (to tell the very same image), the
+    projection, its squared norms, the pixel view and its chunk means (the largest gap between
+    two views' means over ``CHUNK`` values never exceeds their L∞ distance: a cheap bound that
+    rules most pairs out before the exact distance is taken)."""
+
+    raw: np.ndarray  # (n, D) float16
+    proj: np.ndarray  # (n, DIMS) float32
+    norms: np.ndarray  # (n,) float32
+    view: np.ndarray | None  # (n, V) float32
+    chunks: np.ndarray | None  # (n, V // CHUNK) float32
+
+    @classmethod
+    def of(cls, codes: np.ndarray) -> Bank:
+        raw = np.asarray(codes, dtype=np.float16)
+        proj, view = split(raw)
+        chunks = None
+        if view is not None and view.shape[1] >= 4 * CHUNK:
+            g = view.shape[1] // CHUNK * CHUNK
+            chunks = view[:, :g].reshape(len(view), g // CHUNK, CHUNK).mean(2)
+        return cls(raw, proj, (proj * proj).sum(1), view, chunks)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __add__(self, other: Bank) -> Bank:
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return Bank(np.concatenate([self.raw, other.raw]), np.concatenate([self.proj, other.proj]),
+                    np.concatenate([self.norms, other.norms]), cat(self.view, other.view),
+                    cat(self.chunks, other.chunks))
+
+    def __getitem__(self, keep: slice | np.ndarray) -> Bank:
+        return Bank(self.raw[keep], self.proj[keep], self.norms[keep],
+                    None if self.view is None else self.view[keep],
+                    None if self.chunks is None else self.chunks[keep])
+
+    def l2(self, q: Bank) -> np.ndarray:
+        """L2 distances ``(len(q), len(self))`` between projections."""
+        d2 = q.norms[:, None] + self.norms[None, :] - 2 * q.proj @ self.proj.T
+        return np.sqrt(np.maximum(d2, 0))
+
+    def linf(self, q: Bank, i: int, rows: np.ndarray, below: float) -> np.ndarray:
+        """The L∞ distances in the pixel view from query ``i`` of ``q`` to ``rows`` of this
+        bank, exact where they can be below ``below`` (the rest ``inf``)."""
+        assert self.view is not None and q.view is not None
+        out = np.full(len(rows), np.inf, dtype=np.float32)
+        near = np.arange(len(rows))
+        if self.chunks is not None and q.chunks is not None:
+            near = np.flatnonzero(np.abs(self.chunks[rows] - q.chunks[i]).max(1) <= below)
+        if len(near):
+            out[near] = np.abs(self.view[rows[near]] - q.view[i]).max(1)
+        return out
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the watch finds of a request's queries against what it is compared with."""
+
+    found: np.ndarray  # (n,) bool: attack-process detections
+    # (n,) int: the row each query is answered as (a near-copy, or the very same image
+    # again), in the order compared — the bank, then the request's earlier queries; -1: a
+    # fresh answer
+    match: np.ndarray
+    near: list[np.ndarray]  # per query, the rows of its nearest (those that detected it)
+
+
+def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float,
+         view_threshold: float | None, *, within: bool = True,
+         skip: np.ndarray | None = None) -> Scan:
+    """Each of ``codes`` compared with the ``bank`` (and, ``within``, with the request's
+    earlier codes: a batch of near-copies detects itself), the newest ``window`` of them, less
+    the rows ``skip`` marks: a detection when the mean L2 distance of its projection to its
+    ``k`` nearest is below ``threshold`` or when ``k`` of them lie within ``view_threshold`` of
+    it in L∞ in the pixel view (the ε-ball every query of one attack stays in, blinding noise
+    included). A detection is answered as its nearest (in the view that detected it); the very
+    same image sent again is answered as it was and is no detection (it tells nothing new)."""
+    q = Bank.of(codes)
+    n = len(bank)
+    seen = bank + q if within else bank
+    d = seen.l2(q)
+    if skip is not None:
+        d[:, :n][:, skip] = np.inf
+    use_view = view_threshold is not None and seen.view is not None and q.view is not None
+    found = np.zeros(len(codes), dtype=bool)
+    match = np.full(len(codes), -1)
+    near: list[np.ndarray] = [np.zeros(0, dtype=int) for _ in range(len(codes))]
+    for i in range(len(codes)):
+        hi = n + i if within else n
+        lo = max(0, hi - window)  # what code i is compared with
+        row = d[i, lo:hi]
+        rows = lo + np.flatnonzero(np.isfinite(row))
+        close = lo + np.flatnonzero(row < 0.01)  # candidates for the very same image again
+        same = close[(seen.raw[close].view(np.uint16) == q.raw[i].view(np.uint16)).all(1)]
+        if len(same):  # sent before: answered as it was, and tells nothing new
+            match[i] = same[-1]
+            continue
+        if len(rows) < k:
+            continue  # too few to compare with
+        if use_view:
+            assert view_threshold is not None
+            dv = seen.linf(q, i, rows, view_threshold)
+            inside = np.argpartition(dv, k - 1)[:k]
+            if dv[inside].max() < view_threshold:
+                found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
+                continue
+        nearest = np.argpartition(d[i, rows], k - 1)[:k]
+        if d[i, rows[nearest]].mean() < threshold:
+            found[i], match[i], near[i] = True, rows[int(np.argmin(d[i, rows]))], rows[nearest]
+    return Scan(found, match, near)
+
+
+def repeats(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
+    """Which of a request's ``codes`` are attack-process detections against the client's
+    history and the request's earlier codes (:func:`scan` with the per-client thresholds)."""
+    return own(history, codes, watch).found
+
+
+def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Scan:
+    """:func:`scan` of a request's ``codes`` against its client's history (codes, or a bank
+    prepared from them)."""
     if watch.threshold is None:
         raise InputError("the query watch has no threshold: calibrate it first")
-    k, n = watch.query_k, len(history)
-    seen = np.concatenate([np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]),
-                           np.asarray(codes, dtype=np.float16)])
-    d = distances(seen, seen[n:])  # every code against the history and the request
-    out = np.zeros(len(codes), dtype=bool)
-    for i in range(len(codes)):
-        lo, hi = max(0, n + i - watch.query_history), n + i  # what code i is compared with
-        if hi - lo < k:
-            continue  # too few to compare with
-        row = d[i, lo:hi]
-        close = lo + np.flatnonzero(row < 0.01)  # candidates for the very same image again
-        if (seen[close] == seen[n + i]).all(1).any():  # sent before: tells nothing new
-            continue
-        out[i] = bool(np.partition(row, k - 1)[:k].mean() < watch.threshold)
-    return out
+    if not isinstance(history, Bank):
+        history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
+    return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
+                watch.view_threshold)
 
 
 def calibrate(codes: np.ndarray, watch: QueryWatch, seed: int = 0) -> QueryWatch:
     """``watch`` with the thresholds that flag a share ``query_false_alarm`` of benign queries:
     each of ``codes`` (distinct held-out images) is compared with a history of
-    ``watch.query_history`` others drawn at random (the per-client threshold) and with one of
+    ``watch.query_history`` others drawn at random (the per-client thresholds) and with one of
     ``watch.query_global`` others (the global index's, which compares a query with more
-    queries and so needs a smaller threshold; both capped by the images there are), and each
-    threshold is that quantile of the mean distances."""
+    queries and so needs smaller thresholds; both capped by the images there are); each
+    threshold is that quantile of the mean L2 distance to the ``query_k`` nearest projections,
+    and of the L∞ distance to the ``query_k``-th nearest pixel view."""
     n = len(codes)
     if n < watch.query_k + 2:
         raise InputError(f"calibrating the query watch needs more than {watch.query_k + 1} images, "
                          f"got {n}")
-    out = {"threshold": _quantile(codes, watch.query_history, watch, seed)}
+    out = dict(zip(("threshold", "view_threshold"),
+                   _quantiles(codes, watch.query_history, watch, seed), strict=True))
     if watch.query_global:
-        out["global_threshold"] = _quantile(codes, watch.query_global, watch, seed + 1)
+        out.update(zip(("global_threshold", "global_view_threshold"),
+                       _quantiles(codes, watch.query_global, watch, seed + 1), strict=True))
     return QueryWatch(**{**asdict(watch), **out})
 
 
-def _quantile(codes: np.ndarray, size: int, watch: QueryWatch, seed: int) -> float:
-    n = len(codes)
+VIEW_ROWS = 2000  # calibration images the pixel view's thresholds are measured on (at most)
+
+
+def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
+               ) -> tuple[float, float | None]:
+    n, k = len(codes), watch.query_k
     rng = np.random.default_rng(seed)
-    stats = np.empty(n)
+    proj, view = split(codes)
+    stats, vstats = np.empty(n), np.full(n, np.nan)
     for start in range(0, n, 256):
         rows = np.arange(start, min(n, start + 256))
         others = rng.choice(n - 1, size=min(size, n - 1), replace=False)
         for r in rows:
             pick = others + (others >= r)  # any row but r itself
-            stats[r] = mean_knn(codes[pick], codes[r][None], watch.query_k)[0]
-    return float(np.quantile(stats, watch.query_false_alarm))
+            stats[r] = mean_knn(proj[pick], proj[r][None], k)[0]
+            if view is not None and r < VIEW_ROWS:
+                vstats[r] = np.partition(np.abs(view[pick] - view[r]).max(1), k - 1)[k - 1]
+    q = watch.query_false_alarm
+    return (float(np.quantile(stats, q)),
+            None if view is None else float(np.nanquantile(vstats, q)))
 
 
 @dataclass
 class Ring:
     """The account-oblivious index: the newest ``size`` queries of every client (Li et al.
     2022, "Blacklight": one store over all accounts, so spreading an attack over many keys does
-    not hide it), as a store's process holds them. Rows come from the store in id order and
-    leave by a rule every process applies alike (the newest ``size``, younger than the TTL),
-    so a process reads only the rows added since its last read; ``generation`` changes when
-    rows are deleted otherwise (an admin's clear), and a process that sees it change reads the
-    index whole."""
+    not hide it), with the answer each was given, as a store's process holds them. Rows come
+    from the store in id order and leave by a rule every process applies alike (the newest
+    ``size``, younger than the TTL), so a process reads only the rows added since its last
+    read; ``generation`` changes when rows are deleted otherwise (an admin's clear), and a
+    process that sees it change reads the index whole."""
 
     size: int
     ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     clients: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=object))
     times: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-    codes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, DIMS),
-                                                                           dtype=np.float32))
+    bank: Bank = dataclasses.field(default_factory=lambda: Bank.of(np.zeros((0, DIMS))))
+    answers: list[str] = dataclasses.field(default_factory=list)
     generation: str = ""
 
     @property
     def last_id(self) -> int:
         return int(self.ids[-1]) if len(self.ids) else 0
 
-    def extend(self, rows: Sequence[tuple[int, str, float, bytes]], dims: int) -> None:
-        """Add rows ``(id, client, time, code bytes)`` newer than the last one held, of codes
-        of ``dims`` numbers (codes of another length, from another encoding, are left out)."""
-        if self.codes.shape[1] != dims:
+    def extend(self, rows: Sequence[tuple[int, str, float, bytes, str]], dims: int) -> None:
+        """Add rows ``(id, client, time, code bytes, answer)`` newer than the last one held, of
+        codes of ``dims`` numbers (codes of another length, from another encoding, are left
+        out)."""
+        if self.bank.raw.shape[1] != dims:
             self.reset(self.generation, dims)
         rows = [r for r in rows if len(r[3]) == 2 * dims and r[0] > self.last_id]
         if not rows:
@@ -237,7 +388,8 @@ class Ring:
                                                               dtype=object)])
         self.times = np.concatenate([self.times, np.array([r[2] for r in rows])])
         new = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float16).reshape(-1, dims)
-        self.codes = np.concatenate([self.codes, new.astype(np.float32)])
+        self.bank = self.bank + Bank.of(new)
+        self.answers += [r[4] for r in rows]
 
     def trim(self, now: float, ttl_s: float) -> None:
         keep = np.zeros(len(self.ids), dtype=bool)
@@ -245,58 +397,59 @@ class Ring:
         keep &= self.times > now - ttl_s
         if not keep.all():
             self.ids, self.clients = self.ids[keep], self.clients[keep]
-            self.times, self.codes = self.times[keep], self.codes[keep]
+            self.times, self.bank = self.times[keep], self.bank[keep]
+            self.answers = [a for a, kept in zip(self.answers, keep, strict=True) if kept]
 
     def reset(self, generation: str, dims: int = DIMS) -> None:
         """Forget every row (the store's index changed otherwise than by the rule)."""
-        fresh = Ring(self.size, generation=generation,
-                     codes=np.zeros((0, dims), dtype=np.float32))
-        self.ids, self.clients, self.times, self.codes = (fresh.ids, fresh.clients, fresh.times,
-                                                          fresh.codes)
-        self.generation = generation
+        self.ids, self.clients = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+        self.times, self.bank = np.zeros(0), Bank.of(np.zeros((0, dims)))
+        self.answers, self.generation = [], generation
 
 
-def links(ring: Ring, client: str, codes: np.ndarray, watch: QueryWatch
-          ) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Which of a request's ``codes`` are near-copies of *other* clients' recent queries (the
-    global index: mean distance to their ``query_k`` nearest below ``global_threshold``), and
-    for each such code the clients of those nearest queries; a code identical to one in the
-    index tells nothing new and is not a detection."""
-    found = np.zeros(len(codes), dtype=bool)
+@dataclass(frozen=True)
+class Found:
+    """The watch's findings on one request: which queries are attack-process detections, the
+    answer each query is to be given instead of a fresh one (a near-copy or a resend is
+    answered as its nearest earlier query was; None: answered fresh), and the other clients
+    each detection linked it to."""
+
+    detections: np.ndarray  # (n,) bool
+    answers: list[str | None]
+    linked: list[tuple[str, ...]]
+
+
+def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np.ndarray,
+           answers: Sequence[str], watch: QueryWatch, ring: Ring | None = None,
+           client: str = "") -> Found:
+    """The watch on a request's ``codes`` (with the ``answers`` fresh from the model): each is
+    compared with the client's history (:func:`own`) and, with ``ring``, with the other
+    clients' recent queries (the global index, its own thresholds; a detection there names
+    the clients of the queries that detected it). A query the watch matches is answered as
+    the query it matched was — the client's own first, else another client's — so a
+    near-copy tells an attacker nothing the earlier answer did not."""
+    mine = own(history, codes, watch)
+    given: list[str] = list(history_answers)
+    out: list[str | None] = []
+    for i in range(len(codes)):  # in order: a request's near-copies answer as its earlier ones
+        m = int(mine.match[i])
+        out.append(None if m < 0 else given[m])
+        given.append(out[-1] if out[-1] is not None else answers[i])
+    found = mine.found.copy()
     linked: list[tuple[str, ...]] = [() for _ in codes]
-    if not watch.linking or not len(ring.ids):
-        return found, linked
-    other = ring.clients != client
-    k = watch.query_k
-    if other.sum() < k:
-        return found, linked
-    index, owners = ring.codes[other], ring.clients[other]
-    d = distances(index, np.asarray(codes, dtype=np.float32))
-    nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+    if ring is None or not watch.linking or not len(ring.ids):
+        return Found(found, out, linked)
     assert watch.global_threshold is not None
+    cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
+                 watch.global_view_threshold, within=False, skip=ring.clients == client)
     for i in range(len(codes)):
-        row = d[i, nearest[i]]
-        close = d[i] < 0.01  # candidates for the very same image again: no new information
-        if close.any() and (index[close] == codes[i].astype(np.float32)).all(1).any():
-            continue
-        if row.mean() < watch.global_threshold:
+        if cross.found[i]:
             found[i] = True
-            linked[i] = tuple(sorted(set(owners[nearest[i]].tolist())))
-    return found, linked
+            linked[i] = tuple(sorted(set(ring.clients[cross.near[i]].tolist())))
+        if out[i] is None and cross.match[i] >= 0:
+            out[i] = ring.answers[cross.match[i]]
+    return Found(found, out, linked)
 
 
-
-def detect(history: np.ndarray, codes: np.ndarray, watch: QueryWatch, ring: Ring | None = None,
-           client: str = "") -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """The attack-process detections among a request's ``codes``: near-copies of the client's
-    own history (:func:`repeats`) or, with ``ring``, of other clients' recent queries
-    (:func:`links`, which names the clients they link to)."""
-    own = repeats(history, codes, watch)
-    if ring is None:
-        return own, [() for _ in codes]
-    cross, linked = links(ring, client, codes, watch)
-    return own | cross, linked
-
-
-__all__ = ["ENCODING", "QueryWatch", "Ring", "calibrate", "detect", "encode", "links", "mean_knn",
-           "repeats", "stack_history"]
+__all__ = ["ENCODING", "Bank", "Found", "QueryWatch", "Ring", "Scan", "calibrate", "detect",
+           "encode", "mean_knn", "own", "repeats", "scan", "split", "stack_history"]

@@ -6,7 +6,7 @@ replicas never both answer past a denial.
 
 Keys (prefix ``advguard``): ``record:C`` (client ``C``'s :class:`~advguard.serve.state.Record`
 as JSON: totals, denial, share window, evidence), ``queries:C`` (list, newest first:
-``time:code`` with the code in base64; expires ``ttl_s`` after the last query), ``clients``
+``time:code:answer`` with the code in base64; expires ``ttl_s`` after the last query), ``clients``
 (set of every client), ``ring`` (stream: the global index of every client's newest queries,
 capped at ``query_global`` entries) and ``ring-generation`` (changed when a clear deletes from
 the ring).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -27,7 +26,7 @@ import numpy as np
 from advguard.errors import StateError
 from advguard.serve import state
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
-from advguard.serve.queries import QueryWatch, Ring, detect, stack_history
+from advguard.serve.queries import Found, QueryWatch, Ring, detect, stack_history
 
 
 class RedisStore(CheckedStore):
@@ -56,19 +55,19 @@ class RedisStore(CheckedStore):
     def _key(self, name: str, client: str = "") -> str:
         return f"{self.prefix}:{name}:{client}" if client else f"{self.prefix}:{name}"
 
-    def _history(self, r: Any, client: str, now: float) -> list[bytes]:
-        """The client's query history, oldest first, as raw float16 codes (``r``: the
-        connection or a watching pipeline)."""
+    def _history(self, r: Any, client: str, now: float) -> list[tuple[bytes, str]]:
+        """The client's query history, oldest first: raw float16 codes and the answers they
+        were given (``r``: the connection or a watching pipeline)."""
         if self.watch is None:
             return []
         ttl = self.watch.query_ttl_s
-        return [base64.b64decode(c) for t, c in
-                (h.split(":", 1) for h in reversed(r.lrange(self._key("queries", client), 0, -1)))
+        return [(base64.b64decode(c), a) for t, c, a in
+                (h.split(":", 2) for h in reversed(r.lrange(self._key("queries", client), 0, -1)))
                 if float(t) > now - ttl]
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
         p, w = self.policy, self.watch
         key, queries = self._key("record", client), self._key("queries", client)
         # the global index is read before the transaction: a query is compared with the other
@@ -82,17 +81,18 @@ class RedisStore(CheckedStore):
             record = state.Record.from_json(pipe.get(key))
             expired = record.expired(now)
             history = [] if expired else self._history(pipe, client, now)
+            none = np.zeros(len(flagged), dtype=bool)
             if record.denied(now):
                 status = state.status(client, record, len(history), now, p)
-                out.append(Admission(False, status, np.zeros(len(flagged), dtype=bool)))
+                out.append(Admission(False, status, none))
                 return
-            found = np.zeros(len(flagged), dtype=bool)
-            linked: list[tuple[str, ...]] = []
+            found = Found(none, [None] * len(flagged), [() for _ in flagged])
             if codes is not None and w is not None:
-                found, linked = detect(stack_history(history, codes.shape[1]), codes, w, ring,
-                                       client)
-            links = Counter(c for names in linked for c in names)
-            step = state.admit(record, flagged, scores, int(found.sum()), list(links), now, p)
+                kept = [(c, a) for c, a in history if len(c) == 2 * codes.shape[1]]
+                found = detect(stack_history([c for c, _ in kept], codes.shape[1]),
+                               [a for _, a in kept], codes, answers, w, ring, client)
+            repeats, flips, links = state.tally(found, answers)
+            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
             others = {}
             for other, n in links.items():  # the detections count on the linked keys too
                 pipe.watch(self._key("record", other))
@@ -108,18 +108,22 @@ class RedisStore(CheckedStore):
                 pipe.set(self._key("record", other), rec.to_json())
             n_queries = len(history)
             if codes is not None and w is not None:
-                pipe.lpush(queries, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}"
-                                      for c in codes))
+                given = [a if a is not None else fresh
+                         for a, fresh in zip(found.answers, answers, strict=True)]
+                pipe.lpush(queries, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}:{a}"
+                                      for c, a in zip(codes, given, strict=True)))
                 pipe.ltrim(queries, 0, w.query_history - 1)
                 pipe.expire(queries, math.ceil(w.query_ttl_s))
                 n_queries = min(w.query_history, n_queries + len(codes))
                 if ring is not None:
-                    for c in codes:
+                    for c, a in zip(codes, given, strict=True):
                         pipe.xadd(self._key("ring"), {"c": client, "t": repr(now),
-                                                      "q": base64.b64encode(c.tobytes())},
+                                                      "q": base64.b64encode(c.tobytes()),
+                                                      "a": a},
                                   maxlen=w.query_global, approximate=False)
             status = state.status(client, step.record, n_queries, now, p)
-            out.append(Admission(step.answered, status, found, step.denied_now))
+            out.append(Admission(step.answered, status, found.detections, step.denied_now,
+                                 found.answers))
 
         self.redis.transaction(attempt, key, queries)
         return out[0]
@@ -137,7 +141,7 @@ class RedisStore(CheckedStore):
             ring.reset(generation)
         start = "-" if not ring.last_id else f"({_stream_id(ring.last_id)}"
         entries = r.xrange(self._key("ring"), start, "+")
-        ring.extend([(_id_number(i), f["c"], float(f["t"]), base64.b64decode(f["q"]))
+        ring.extend([(_id_number(i), f["c"], float(f["t"]), base64.b64decode(f["q"]), f["a"])
                      for i, f in entries], dims)
         ring.trim(now, w.query_ttl_s)
         return ring

@@ -12,7 +12,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,28 +23,29 @@ import numpy as np
 from advguard.errors import StateError
 from advguard.serve import state
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
-from advguard.serve.queries import QueryWatch, Ring, detect
+from advguard.serve.queries import Bank, Found, QueryWatch, Ring, detect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS queries (
-    id INTEGER PRIMARY KEY, client TEXT NOT NULL, t REAL NOT NULL, code BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, client TEXT NOT NULL, t REAL NOT NULL, code BLOB NOT NULL,
+    answer TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS queries_client ON queries (client, id);
 CREATE INDEX IF NOT EXISTS queries_client_t ON queries (client, t);
 CREATE TABLE IF NOT EXISTS ring (
     id INTEGER PRIMARY KEY AUTOINCREMENT, client TEXT NOT NULL, t REAL NOT NULL,
-    code BLOB NOT NULL);
+    code BLOB NOT NULL, answer TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS ring_t ON ring (t);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _COLUMNS = {"clients": ["client", "record"],
-            "queries": ["id", "client", "t", "code"],
-            "ring": ["id", "client", "t", "code"],
+            "queries": ["id", "client", "t", "code", "answer"],
+            "ring": ["id", "client", "t", "code", "answer"],
             "meta": ["key", "value"]}
 PRIVATE = 0o600  # the state file and its WAL files: readable by the service's user alone
 
-CACHED_CLIENTS = 256  # clients whose query history a process keeps read (≤ 512 KB each)
+CACHED_CLIENTS = 128  # clients whose query history a process keeps read (≤ 2.6 MB each)
 
 
 @dataclass(frozen=True)
@@ -53,26 +54,27 @@ class _History:
 
     ids: np.ndarray  # (n,) int64
     times: np.ndarray  # (n,) float64
-    codes: np.ndarray  # (n, dims) float16
+    bank: Bank  # (n,) codes, prepared for comparison
+    answers: np.ndarray  # (n,) object: the answer each query was given (JSON)
 
     @classmethod
-    def of(cls, rows: Sequence[tuple[int, float, bytes]], dims: int) -> _History:
+    def of(cls, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> _History:
         rows = [r for r in rows if len(r[2]) == 2 * dims]  # codes of this encoding only
         return cls(np.array([r[0] for r in rows], dtype=np.int64),
                    np.array([r[1] for r in rows], dtype=np.float64),
-                   np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
-                   .reshape(-1, dims))
+                   Bank.of(np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
+                           .reshape(-1, dims)), np.array([r[3] for r in rows], dtype=object))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __add__(self, other: _History) -> _History:
         return _History(np.concatenate([self.ids, other.ids]),
-                        np.concatenate([self.times, other.times]),
-                        np.concatenate([self.codes, other.codes]))
+                        np.concatenate([self.times, other.times]), self.bank + other.bank,
+                        np.concatenate([self.answers, other.answers]))
 
     def __getitem__(self, keep: slice | np.ndarray) -> _History:
-        return _History(self.ids[keep], self.times[keep], self.codes[keep])
+        return _History(self.ids[keep], self.times[keep], self.bank[keep], self.answers[keep])
 
 
 class SQLiteStore(CheckedStore):
@@ -161,42 +163,46 @@ class SQLiteStore(CheckedStore):
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
         p, w = self.policy, self.watch
+        none = np.zeros(len(flagged), dtype=bool)
         with self._transaction() as db:
             record = self._load(db, client)
             if record.expired(now):
                 self._forget(db, client)
             if record.denied(now):  # refused, and nothing it sent is counted
-                return Admission(False, self._status(db, client, record, now),
-                                 np.zeros(len(flagged), dtype=bool))
-            found = np.zeros(len(flagged), dtype=bool)
-            linked: list[tuple[str, ...]] = []
+                return Admission(False, self._status(db, client, record, now), none)
+            found = Found(none, [None] * len(flagged), [() for _ in flagged])
             if codes is not None and w is not None:
-                found, linked = self._watch(db, client, codes, w, now)
-            links = Counter(c for names in linked for c in names)
-            step = state.admit(record, flagged, scores, int(found.sum()), list(links), now, p)
+                found = self._watch(db, client, codes, answers, w, now)
+            repeats, flips, links = state.tally(found, answers)
+            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
             self._save(db, client, step.record)
             for other, n in links.items():  # the detections count on the linked keys too
                 self._save(db, other, state.attribute(self._load(db, other), client, n, now, p))
             status = self._status(db, client, step.record, now)
-        return Admission(step.answered, status, found, step.denied_now)
+        return Admission(step.answered, status, found.detections, step.denied_now,
+                         found.answers)
 
-    def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray, w: QueryWatch,
-               now: float) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-        """The attack-process detections among ``codes`` (and the clients each links to),
-        which join the client's history and the global index (expired queries and those past
-        their size leave them)."""
+    def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray,
+               answers: list[str], w: QueryWatch, now: float) -> Found:
+        """The watch's findings on ``codes``, which join the client's history and the global
+        index with the answers they are given (expired queries and those past their size
+        leave them)."""
         h = self._history(db, client, codes.shape[1])
         old = h.times <= now - w.query_ttl_s
         if old.any():
             db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
             h = h[~old]
         ring = self._read_ring(db, now, w, codes.shape[1])
-        found, linked = detect(h.codes, codes, w, ring, client)
-        ids = [db.execute("INSERT INTO queries (client, t, code) VALUES (?, ?, ?)",
-                          (client, now, c.tobytes())).lastrowid for c in codes]
-        h = h + _History(np.array(ids, dtype=np.int64), np.full(len(ids), now), codes)
+        found = detect(h.bank, list(h.answers), codes, answers, w, ring, client)
+        given = [a if a is not None else fresh for a, fresh in zip(found.answers, answers,
+                                                                    strict=True)]
+        ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
+                          (client, now, c.tobytes(), a)).lastrowid
+               for c, a in zip(codes, given, strict=True)]
+        h = h + _History(np.array(ids, dtype=np.int64), np.full(len(ids), now), Bank.of(codes),
+                         np.array(given, dtype=object))
         if len(h) > w.query_history:
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
                        (client, int(h.ids[-w.query_history - 1])))
@@ -206,14 +212,15 @@ class SQLiteStore(CheckedStore):
         if len(self._histories) > CACHED_CLIENTS:
             self._histories.popitem(last=False)
         if ring is not None:
-            rows = [(int(db.execute("INSERT INTO ring (client, t, code) VALUES (?, ?, ?)",
-                                    (client, now, c.tobytes())).lastrowid or 0), client, now,
-                     c.tobytes()) for c in codes]
+            rows = [(int(db.execute("INSERT INTO ring (client, t, code, answer) VALUES "
+                                    "(?, ?, ?, ?)", (client, now, c.tobytes(), a)).lastrowid
+                         or 0), client, now, c.tobytes(), a)
+                    for c, a in zip(codes, given, strict=True)]
             ring.extend(rows, codes.shape[1])
             ring.trim(now, w.query_ttl_s)
             db.execute("DELETE FROM ring WHERE id <= ? OR t <= ?",
                        (rows[-1][0] - w.query_global, now - w.query_ttl_s))
-        return found, linked
+        return found
 
     def _read_ring(self, db: sqlite3.Connection, now: float, w: QueryWatch,
                    dims: int) -> Ring | None:
@@ -228,8 +235,8 @@ class SQLiteStore(CheckedStore):
         (top,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM ring").fetchone()
         if generation != ring.generation or top < ring.last_id:
             ring.reset(generation)
-        ring.extend(db.execute("SELECT id, client, t, code FROM ring WHERE id > ? ORDER BY id",
-                               (ring.last_id,)).fetchall(), dims)
+        ring.extend(db.execute("SELECT id, client, t, code, answer FROM ring WHERE id > ? "
+                               "ORDER BY id", (ring.last_id,)).fetchall(), dims)
         ring.trim(now, w.query_ttl_s)
         return ring
 
@@ -245,15 +252,16 @@ class SQLiteStore(CheckedStore):
                              (int(h.ids[-1]), client)).fetchone()
             if row is not None and row[0] == h.times[-1]:
                 h = h[h.ids >= first] + _History.of(db.execute(
-                    "SELECT id, t, code FROM queries WHERE client = ? AND id > ? ORDER BY id",
-                    (client, int(h.ids[-1]))).fetchall(), dims)
+                    "SELECT id, t, code, answer FROM queries WHERE client = ? AND id > ? "
+                    "ORDER BY id", (client, int(h.ids[-1]))).fetchall(), dims)
                 if len(h) == count:
                     return h
         # read whole; codes of another length (an earlier encoding) are of no use: dropped
         db.execute("DELETE FROM queries WHERE client = ? AND length(code) != ?",
                    (client, 2 * dims))
-        return _History.of(db.execute("SELECT id, t, code FROM queries WHERE client = ? "
-                                      "ORDER BY id", (client,)).fetchall(), dims)
+        return _History.of(db.execute("SELECT id, t, code, answer FROM queries "
+                                      "WHERE client = ? ORDER BY id", (client,)).fetchall(),
+                           dims)
 
     def _forget(self, db: sqlite3.Connection, client: str) -> None:
         """Start the client afresh: its denial lifted, window, evidence and query history

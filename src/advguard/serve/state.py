@@ -4,6 +4,10 @@ its own atomic admission (SQLite: one ``BEGIN IMMEDIATE`` transaction; Redis: ``
 :func:`attribute` for the clients a detection links it to), and saves what comes back; the
 rules themselves (:func:`~advguard.serve.policy.judge`) live in :mod:`advguard.serve.policy`.
 
+Answers are JSON (the result as the client is told it, and ``"_c"``: the class the model gave
+the query it was first made for), kept with each query, so that a near-copy is answered as its
+earlier query was and its *flip* — the model now answering another class — is counted.
+
 A record is small and self-contained (totals, the denial, the share window's verdicts and the
 evidence of the last ``window_s`` seconds), kept by a store as one JSON document; the query
 histories it is judged with are kept beside it (:mod:`advguard.serve.queries`), because they
@@ -14,13 +18,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from advguard.serve.policy import ClientStatus, Evidence, Policy, judge
+from advguard.serve.queries import Found
 
-Entry = tuple[float, int, int, int, tuple[str, ...]]
+# (time, flagged images, own attack-process detections, detections attributed by linked keys,
+# flips: near-copies the model would have answered with another class, linked clients)
+Entry = tuple[float, int, int, int, int, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -35,9 +43,7 @@ class Record:
     reason: str | None = None
     # the share window, oldest first: (flagged 0/1, score) of the last ``window`` verdicts
     verdicts: tuple[tuple[int, float], ...] = ()
-    # what the requests that brought any evidence brought, within ``window_s``: (time, flagged
-    # images, its own attack-process detections, detections attributed to it by linked keys,
-    # the clients linked)
+    # what the requests that brought any evidence brought, within ``window_s`` (Entry)
     evidence: tuple[Entry, ...] = ()
 
     def denied(self, now: float) -> bool:
@@ -69,8 +75,8 @@ class Record:
         if obj.get("denied_until") == "inf":
             obj["denied_until"] = math.inf
         obj["verdicts"] = tuple((int(f), float(s)) for f, s in obj.get("verdicts", ()))
-        obj["evidence"] = tuple((float(t), int(b), int(r), int(a), tuple(links))
-                                for t, b, r, a, links in obj.get("evidence", ()))
+        obj["evidence"] = tuple((float(t), int(b), int(r), int(a), int(f), tuple(links))
+                                for t, b, r, a, f, links in obj.get("evidence", ()))
         return cls(**obj)
 
 
@@ -83,7 +89,7 @@ def evidence(record: Record, now: float, policy: Policy) -> Evidence:
     own = sum(e[2] for e in recent)
     attributed = sum(e[3] for e in recent) if own and policy.deny_linked else 0
     return Evidence(len(record.verdicts), sum(f for f, _ in record.verdicts),
-                    sum(e[1] for e in recent), own + attributed)
+                    sum(e[1] for e in recent), own + attributed, sum(e[4] for e in recent))
 
 
 def status(client: str, record: Record, queries: int, now: float,
@@ -93,11 +99,11 @@ def status(client: str, record: Record, queries: int, now: float,
         record = record.afresh()
     e = evidence(record, now, policy)
     scores = [s for _, s in record.verdicts]
-    linked = sorted({c for entry in record.recent(now, policy) for c in entry[4]})
+    linked = sorted({c for entry in record.recent(now, policy) for c in entry[5]})
     return ClientStatus(client, record.requests, record.flagged, e.window, e.window_flagged,
                         sum(scores) / len(scores) if scores else 1.0, e.recent_flagged,
                         e.recent_repeats, queries, record.denied_until, record.reason,
-                        record.denials, record.last_seen, linked)
+                        record.denials, record.last_seen, linked, e.recent_flips)
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,13 @@ def _deny(record: Record, why: str | None, now: float, policy: Policy) -> Record
 
 
 def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repeats: int,
-          linked: Sequence[str], now: float, policy: Policy) -> Step:
-    """Count a request (its verdicts, and ``repeats`` attack-process detections among its
-    queries, which linked it to the clients ``linked``) and decide whether it is answered: a
-    denied client's request is refused and not counted; a request that brings the client to a
-    denial is refused too (the record it returns holds the denial)."""
+          linked: Sequence[str], now: float, policy: Policy, flips: int = 0) -> Step:
+    """Count a request (its verdicts, ``repeats`` attack-process detections among its
+    queries, which linked it to the clients ``linked``, and ``flips``: near-copies the model
+    would have answered with another class than the earlier answer they were given) and
+    decide whether it is answered: a denied client's request is refused and not counted; a
+    request that brings the client to a denial is refused too (the record it returns holds
+    the denial)."""
     if record.expired(now):
         record = record.afresh()
     if record.denied(now):
@@ -130,8 +138,8 @@ def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repe
                                         zip(flagged, scores, strict=True)))[-policy.window:]
     bad = sum(int(f) for f in flagged)
     kept = record.recent(now, policy)
-    if bad or repeats:
-        kept += ((now, bad, int(repeats), 0, tuple(sorted(set(linked)))),)
+    if bad or repeats or flips:
+        kept += ((now, bad, int(repeats), 0, int(flips), tuple(sorted(set(linked)))),)
     record = replace(record, requests=record.requests + len(flagged),
                      flagged=record.flagged + bad, last_seen=now, verdicts=verdicts,
                      evidence=kept)
@@ -148,7 +156,7 @@ def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy)
         record = record.afresh()
     if record.denied(now) or repeats <= 0:
         return record
-    record = replace(record, evidence=record.recent(now, policy) + ((now, 0, 0, int(repeats),
+    record = replace(record, evidence=record.recent(now, policy) + ((now, 0, 0, int(repeats), 0,
                                                                       (by,)),))
     why = judge(evidence(record, now, policy), policy)
     if why is not None:
@@ -156,4 +164,25 @@ def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy)
     return _deny(record, why, now, policy)
 
 
-__all__ = ["Record", "Step", "admit", "attribute", "evidence", "status"]
+def answer_class(answer: str | None) -> int | None:
+    """The class the model gave the query an answer (JSON) was first made for (its ``"_c"``;
+    None when the answer does not say)."""
+    if not answer:
+        return None
+    value = json.loads(answer).get("_c")
+    return None if value is None else int(value)
+
+
+def tally(found: Found, answers: Sequence[str]) -> tuple[int, int, Counter[str]]:
+    """What the watch's findings on a request count: its detections, its flips (queries given
+    an earlier answer whose class is not the one the model gives them now) and, per linked
+    client, the detections that linked it."""
+    flips = sum(1 for given, fresh in zip(found.answers, answers, strict=True)
+                if given is not None and answer_class(given) is not None
+                and answer_class(given) != answer_class(fresh))
+    links = Counter(c for names in found.linked for c in names)
+    return int(found.detections.sum()), flips, links
+
+
+__all__ = ["Record", "Step", "admit", "answer_class", "attribute", "evidence", "status",
+           "tally"]
