@@ -269,7 +269,7 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
 
 
 UNGUARDED = ("--no-query-watch", "--flagged-limit", "0", "--max-flagged", "0",
-             "--max-repeats", "0")
+             "--max-repeats", "0", "--max-flips", "0")
 
 
 def main() -> None:

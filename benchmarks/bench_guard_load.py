@@ -26,7 +26,7 @@ from common import save, start_server
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
-from advguard.serve.queries import Ring, encode, links
+from advguard.serve.queries import Ring, detect, encode
 
 RING_ROWS = 20_000  # rows written to measure the index's memory per query
 
@@ -39,8 +39,8 @@ def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
     assert watch is not None and watch.linking
     quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
     codes = encode(x[:1000])
-    rows = [(i + 1, f"client-{i % 100}", 1.0, codes[i % len(codes)].tobytes())
-            for i in range(RING_ROWS)]
+    rows = [(i + 1, f"client-{i % 100}", 1.0, codes[i % len(codes)].tobytes(),
+             '{"class": 1, "_c": 1}') for i in range(RING_ROWS)]
     out: dict[str, Any] = {"rows": RING_ROWS, "code_bytes": int(codes[0].nbytes)}
     path = folder / "bench-ring.db"
     for suffix in ("", "-wal", "-shm"):
@@ -49,23 +49,26 @@ def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
     db = store._connect()
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     before = path.stat().st_size
-    db.executemany("INSERT INTO ring (client, t, code) VALUES (?, ?, ?)",
-                   [(c, t, q) for _, c, t, q in rows])
+    db.executemany("INSERT INTO ring (client, t, code, answer) VALUES (?, ?, ?, ?)",
+                   [(c, t, q, a) for _, c, t, q, a in rows])
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     out["sqlite_bytes_per_query"] = (path.stat().st_size - before) / RING_ROWS
     store.close()
     ring = Ring(RING_ROWS)
     ring.extend(rows, codes.shape[1])
-    out["process_bytes_per_query"] = (ring.codes.nbytes + ring.ids.nbytes + ring.times.nbytes
-                                      + 8 * len(ring.clients)) / RING_ROWS
+    b = ring.bank
+    arrays = [b.raw, b.proj, b.norms, b.view, b.chunks, ring.ids, ring.times]
+    out["process_bytes_per_query"] = (sum(a.nbytes for a in arrays if a is not None)
+                                      + 8 * len(ring.clients)
+                                      + sum(len(a) + 49 for a in ring.answers)) / RING_ROWS
+    none = codes[:0]
     for size in (watch.query_global, RING_ROWS):  # one admission's comparison, one query
-        ring.trim(1.0, 1e9) if size == RING_ROWS else None
         part = Ring(size)
         part.extend(rows[-size:], codes.shape[1])
-        links(part, "someone", codes[:1], watch)
+        detect(none, [], codes[:1], ["{}"], watch, part, "someone")
         t0 = time.perf_counter()
         for i in range(200):
-            links(part, "someone", codes[i:i + 1], watch)
+            detect(none, [], codes[i:i + 1], ["{}"], watch, part, "someone")
         out[f"compare_ms_ring_{size}"] = 1000 * (time.perf_counter() - t0) / 200
     redis_server = shutil.which("redis-server")
     if redis_server is not None:

@@ -398,3 +398,28 @@ def test_near_copies_the_model_would_answer_otherwise_are_flips_and_deny(watched
     assert len(outcomes) == 6 + 3 and outcomes[-1].denied_now
     assert outcomes[-1].status.recent_flips == 3 and "another class" in outcomes[-1].status.reason
 
+
+
+def test_flips_of_an_attack_spread_over_keys_deny_every_key(watched):
+    """Three keys take turns probing one image through the global index: each flip counts on
+    the key that sent it and on the keys whose queries it near-copied, so all three are denied
+    after about as many flips as one key alone would need."""
+    policy = Policy(window=50, min_requests=20, flagged_limit=0, max_flagged=0, max_repeats=0,
+                    max_flips=3, window_s=100, cooldown_s=0)
+    s = watched(policy, linking())
+    keys = ["k1", "k2", "k3"]
+    near = codes(60, seed=20, spread=0.01)
+    denied_at = {}
+    for i, c in enumerate(near):
+        key = keys[i % 3]
+        if key in denied_at:
+            continue
+        a = s.admit(key, [False], [0.9], c[None], now=i, answers=[_answer(7 if i < 9 else 3)])
+        if not a.answered:
+            denied_at[key] = i
+        for k in keys:
+            if k not in denied_at and s.get(k, now=i).denied(i):
+                denied_at[k] = i
+        if len(denied_at) == 3:
+            break
+    assert set(denied_at) == set(keys) and max(denied_at.values()) <= 9 + 6

@@ -94,11 +94,11 @@ class RedisStore(CheckedStore):
             repeats, flips, links = state.tally(found, answers)
             step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
             others = {}
-            for other, n in links.items():  # the detections count on the linked keys too
+            for other, (n, f) in links.items():  # they count on the linked keys too
                 pipe.watch(self._key("record", other))
                 others[other] = state.attribute(
                     state.Record.from_json(pipe.get(self._key("record", other))), client, n,
-                    now, p)
+                    now, p, f)
             pipe.multi()
             pipe.sadd(self._key("clients"), client)
             if expired:  # its cool-down ended: start afresh

@@ -178,8 +178,9 @@ class SQLiteStore(CheckedStore):
             repeats, flips, links = state.tally(found, answers)
             step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
             self._save(db, client, step.record)
-            for other, n in links.items():  # the detections count on the linked keys too
-                self._save(db, other, state.attribute(self._load(db, other), client, n, now, p))
+            for other, (n, f) in links.items():  # they count on the linked keys too
+                self._save(db, other, state.attribute(self._load(db, other), client, n, now, p,
+                                                      f))
             status = self._status(db, client, step.record, now)
         return Admission(step.answered, status, found.detections, step.denied_now,
                          found.answers)

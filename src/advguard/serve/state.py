@@ -27,8 +27,9 @@ from advguard.serve.policy import ClientStatus, Evidence, Policy, judge
 from advguard.serve.queries import Found
 
 # (time, flagged images, own attack-process detections, detections attributed by linked keys,
-# flips: near-copies the model would have answered with another class, linked clients)
-Entry = tuple[float, int, int, int, int, tuple[str, ...]]
+# own flips — near-copies the model would have answered with another class — flips attributed
+# by linked keys, the clients linked)
+Entry = tuple[float, int, int, int, int, int, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class Record:
         if obj.get("denied_until") == "inf":
             obj["denied_until"] = math.inf
         obj["verdicts"] = tuple((int(f), float(s)) for f, s in obj.get("verdicts", ()))
-        obj["evidence"] = tuple((float(t), int(b), int(r), int(a), int(f), tuple(links))
-                                for t, b, r, a, f, links in obj.get("evidence", ()))
+        obj["evidence"] = tuple((float(t), int(b), int(r), int(a), int(f), int(af), tuple(links))
+                                for t, b, r, a, f, af, links in obj.get("evidence", ()))
         return cls(**obj)
 
 
@@ -87,9 +88,10 @@ def evidence(record: Record, now: float, policy: Policy) -> Evidence:
     ``policy.deny_linked``."""
     recent = record.recent(now, policy)
     own = sum(e[2] for e in recent)
-    attributed = sum(e[3] for e in recent) if own and policy.deny_linked else 0
+    linked = bool(own and policy.deny_linked)
     return Evidence(len(record.verdicts), sum(f for f, _ in record.verdicts),
-                    sum(e[1] for e in recent), own + attributed, sum(e[4] for e in recent))
+                    sum(e[1] for e in recent), own + linked * sum(e[3] for e in recent),
+                    sum(e[4] for e in recent) + linked * sum(e[5] for e in recent))
 
 
 def status(client: str, record: Record, queries: int, now: float,
@@ -99,7 +101,7 @@ def status(client: str, record: Record, queries: int, now: float,
         record = record.afresh()
     e = evidence(record, now, policy)
     scores = [s for _, s in record.verdicts]
-    linked = sorted({c for entry in record.recent(now, policy) for c in entry[5]})
+    linked = sorted({c for entry in record.recent(now, policy) for c in entry[6]})
     return ClientStatus(client, record.requests, record.flagged, e.window, e.window_flagged,
                         sum(scores) / len(scores) if scores else 1.0, e.recent_flagged,
                         e.recent_repeats, queries, record.denied_until, record.reason,
@@ -139,7 +141,7 @@ def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repe
     bad = sum(int(f) for f in flagged)
     kept = record.recent(now, policy)
     if bad or repeats or flips:
-        kept += ((now, bad, int(repeats), 0, int(flips), tuple(sorted(set(linked)))),)
+        kept += ((now, bad, int(repeats), 0, int(flips), 0, tuple(sorted(set(linked)))),)
     record = replace(record, requests=record.requests + len(flagged),
                      flagged=record.flagged + bad, last_seen=now, verdicts=verdicts,
                      evidence=kept)
@@ -147,17 +149,18 @@ def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repe
     return Step(_deny(record, why, now, policy), why is None, why is not None)
 
 
-def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy) -> Record:
-    """Count against a client the ``repeats`` detections that client ``by``'s queries made
-    against its queries (the global index linked them): an attack spread over several keys
-    is counted on every key it used, and a key that reaches a rule is denied at once (its
-    next request is refused)."""
+def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy,
+              flips: int = 0) -> Record:
+    """Count against a client the ``repeats`` detections (and ``flips``) that client ``by``'s
+    queries made against its queries (the global index linked them): an attack spread over
+    several keys is counted on every key it used, and a key that reaches a rule is denied at
+    once (its next request is refused)."""
     if record.expired(now):
         record = record.afresh()
-    if record.denied(now) or repeats <= 0:
+    if record.denied(now) or (repeats <= 0 and flips <= 0):
         return record
-    record = replace(record, evidence=record.recent(now, policy) + ((now, 0, 0, int(repeats), 0,
-                                                                      (by,)),))
+    record = replace(record, evidence=record.recent(now, policy) + (
+        (now, 0, 0, int(repeats), 0, int(flips), (by,)),))
     why = judge(evidence(record, now, policy), policy)
     if why is not None:
         why = f"linked to client {by!r}: {why}"
@@ -173,15 +176,19 @@ def answer_class(answer: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def tally(found: Found, answers: Sequence[str]) -> tuple[int, int, Counter[str]]:
+def tally(found: Found, answers: Sequence[str]
+          ) -> tuple[int, int, dict[str, tuple[int, int]]]:
     """What the watch's findings on a request count: its detections, its flips (queries given
     an earlier answer whose class is not the one the model gives them now) and, per linked
-    client, the detections that linked it."""
-    flips = sum(1 for given, fresh in zip(found.answers, answers, strict=True)
-                if given is not None and answer_class(given) is not None
-                and answer_class(given) != answer_class(fresh))
-    links = Counter(c for names in found.linked for c in names)
-    return int(found.detections.sum()), flips, links
+    client, the detections and flips of the queries that linked it."""
+    flipped = [given is not None and answer_class(given) is not None
+               and answer_class(given) != answer_class(fresh)
+               for given, fresh in zip(found.answers, answers, strict=True)]
+    links: Counter[str] = Counter(c for names in found.linked for c in names)
+    flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flipped, strict=True)
+                                     if f for c in names)
+    return (int(found.detections.sum()), sum(flipped),
+            {c: (n, flips_of[c]) for c, n in links.items()})
 
 
 __all__ = ["Record", "Step", "admit", "answer_class", "attribute", "evidence", "status",
