@@ -35,8 +35,8 @@ from advguard.serve.queries import encode
 from advguard.serve.reveal import summary
 from advguard.serve.state import answer_class
 
-STREAMS = 20  # per attack and per honest kind
-QUERIES = 150
+STREAMS = 10  # per attack and per honest kind
+QUERIES = 100
 LIMITS = (1, 2, 3, 4, 5, 8)
 
 

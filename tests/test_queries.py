@@ -168,3 +168,24 @@ def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
     assert old.watch() is None
     assert GuardConfig(**{**fields, "queries": {**watch.to_json(), "encoding": ENCODING}}
                        ).watch() == watch
+
+
+def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_digit(digits):
+    """With ``query_eps`` the pixel view's threshold is the ε-ball's diameter: a probe whose
+    every query carries fresh noise of up to ε on half of the image (query blinding) is
+    detected from its 6th query on; 1,000 distinct digits raise no detection."""
+    watch = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3))
+    assert watch.threshold is None and watch.view_threshold == pytest.approx(0.6, abs=2e-3)
+    gen = torch.Generator().manual_seed(2)
+    x0, probe = digits[3:4], []
+    for i in range(40):
+        q = x0.clone()
+        q.view(-1)[int(torch.randint(784, (1,), generator=gen))] += 0.3  # a SimBA-like step
+        noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * 0.3
+        noise[..., :, (i % 2) * 14:(i % 2) * 14 + 14] = 0  # half of the image
+        probe.append(torch.min(torch.max(q + noise, x0 - 0.3), x0 + 0.3).clamp(0, 1))
+    codes = encode(torch.cat(probe))
+    found = repeats(none(codes), codes, watch)
+    assert not found[:5].any() and found[5:].all()
+    other = encode(digits[:1000])
+    assert not repeats(none(other), other, watch).any()

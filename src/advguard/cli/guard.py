@@ -59,14 +59,18 @@ def fit(
                + (f"bank-distance limit keeps {100 * c.familiar_keep:.1f}%; "
                   if c.familiar_keep is not None else "")
                + "query watch: k = "
-               f"{q.get('query_k')}, thresholds {q.get('threshold', 0):.4f} (L2) and "
-               f"{q.get('view_threshold') or 0:.4f} (L∞)"
-               + (f", global index of {q['query_global']}: {q['global_threshold']:.4f} and "
-                  f"{q.get('global_view_threshold') or 0:.4f}"
-                  if q.get("global_threshold") is not None else "")
-               + f", at {100 * q.get('query_false_alarm', 0):g}% false alarms")
+               f"{q.get('query_k')}, thresholds {_num(q.get('threshold'))} (L2) and "
+               f"{_num(q.get('view_threshold'))} (L∞)"
+               + (f", global index of {q['query_global']}: {_num(q.get('global_threshold'))} "
+                  f"and {_num(q.get('global_view_threshold'))}" if q.get("query_global") else "")
+               + (f", the ball of ε = {q['query_eps']:g}" if q.get("query_eps") else
+                  f", at {100 * q.get('query_false_alarm', 0):g}% false alarms"))
     admins = [key for key, who in read_keys(out / KEYS).items() if who.admin]
     typer.echo(f"API keys: {out / KEYS} (admin key {admins[0]})")
+
+
+def _num(value: float | None) -> str:
+    return "off" if value is None else f"{value:.4f}"
 
 
 @app.command()

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advguard import options
 from advguard.errors import InputError
 from advguard.options import check_at_least, check_fraction, option
 
@@ -66,6 +67,12 @@ class QueryWatch:
     query_ttl_s: float = option(86400.0, "seconds a query stays in its client's history")
     query_false_alarm: float = option(0.001, "false-alarm rate per benign query the "
                                              "threshold is calibrated to")
+    query_eps: float | None = option(
+        None, "the L∞ radius of the attacks to watch for (e.g. 0.3 or 8/255): a query is a "
+              "detection when query_k earlier ones lie within 2ε of it in the pixel view — the "
+              "ball every query of one attack stays in — and the calibrated thresholds are not "
+              "used (fewer false alarms on distinct images); default: both views calibrated",
+        parse=options.strength)
     query_global: int = option(5000, "newest queries of every client kept in the account-"
                                      "oblivious index (a query near-copying another key's "
                                      "links the keys); 0: off")
@@ -94,6 +101,8 @@ class QueryWatch:
         if not 0 < self.query_ttl_s < math.inf:
             raise InputError(f"query_ttl_s must be a finite number > 0, got "
                              f"{self.query_ttl_s!r}")
+        if self.query_eps is not None and not 0 < self.query_eps <= 1:
+            raise InputError(f"query_eps must be in (0, 1], got {self.query_eps!r}")
         for name in ("threshold", "global_threshold", "view_threshold",
                      "global_view_threshold"):
             value = getattr(self, name)
@@ -103,7 +112,8 @@ class QueryWatch:
     @property
     def linking(self) -> bool:
         """Whether queries are also compared across clients (the global index)."""
-        return self.query_global > 0 and self.global_threshold is not None
+        return self.query_global > 0 and (self.global_threshold is not None
+                                          or self.global_view_threshold is not None)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,7 +258,7 @@ class Scan:
     near: list[np.ndarray]  # per query, the rows of its nearest (those that detected it)
 
 
-def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float,
+def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
          view_threshold: float | None, *, within: bool = True,
          skip: np.ndarray | None = None) -> Scan:
     """Each of ``codes`` compared with the ``bank`` (and, ``within``, with the request's
@@ -288,7 +298,7 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float,
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
                 continue
         nearest = np.argpartition(d[i, rows], k - 1)[:k]
-        if d[i, rows[nearest]].mean() < threshold:
+        if threshold is not None and d[i, rows[nearest]].mean() < threshold:
             found[i], match[i], near[i] = True, rows[int(np.argmin(d[i, rows]))], rows[nearest]
     return Scan(found, match, near)
 
@@ -302,7 +312,7 @@ def repeats(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) ->
 def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Scan:
     """:func:`scan` of a request's ``codes`` against its client's history (codes, or a bank
     prepared from them)."""
-    if watch.threshold is None:
+    if watch.threshold is None and watch.view_threshold is None:
         raise InputError("the query watch has no threshold: calibrate it first")
     if not isinstance(history, Bank):
         history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
@@ -319,6 +329,11 @@ def calibrate(codes: np.ndarray, watch: QueryWatch, seed: int = 0) -> QueryWatch
     threshold is that quantile of the mean L2 distance to the ``query_k`` nearest projections,
     and of the L∞ distance to the ``query_k``-th nearest pixel view."""
     n = len(codes)
+    if watch.query_eps is not None:  # the ball of the threat model, float16's rounding beside
+        ball = 2 * watch.query_eps + 2 ** -10
+        return QueryWatch(**{**asdict(watch), "threshold": None, "global_threshold": None,
+                             "view_threshold": ball,
+                             "global_view_threshold": ball if watch.query_global else None})
     if n < watch.query_k + 2:
         raise InputError(f"calibrating the query watch needs more than {watch.query_k + 1} images, "
                          f"got {n}")
@@ -439,7 +454,6 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
     linked: list[tuple[str, ...]] = [() for _ in codes]
     if ring is None or not watch.linking or not len(ring.ids):
         return Found(found, out, linked)
-    assert watch.global_threshold is not None
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
                  watch.global_view_threshold, within=False, skip=ring.clients == client)
     for i in range(len(codes)):
