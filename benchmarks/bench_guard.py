@@ -32,7 +32,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from common import save, start_server
+from common import redis_server, save, start_server
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.data import load_data
@@ -241,31 +240,16 @@ def history_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any
     code = encode(x[:1]).nbytes
     out: dict[str, Any] = {"queries_per_client": n, "code_bytes": code,
                            "raw_codes_bytes": n * code, "sqlite_bytes": grown}
-    redis_server = shutil.which("redis-server")
-    if redis_server is not None:  # MEMORY USAGE of one client's full history list
-        import redis
-
+    if shutil.which("redis-server") is not None:  # MEMORY USAGE of one client's full history
         from advguard.serve.stores import RedisStore
 
-        proc = subprocess.Popen([redis_server, "--port", "6391", "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                try:
-                    redis.Redis(port=6391).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
-            rs = RedisStore("redis://127.0.0.1:6391/0", policy, watch)
+        with redis_server(6391) as url:
+            rs = RedisStore(url, policy, watch)
             for i in range(0, n, 50):
                 part = x[i:i + 50]
                 rs.admit("full", [False] * len(part), [1.0] * len(part), encode(part), now=1)
             out["redis_bytes"] = rs.redis.memory_usage("advguard:queries:full")
             rs.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
     return out
 
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_guard import LOAD_CLIENTS, in_process, load
-from common import save, start_server
+from common import redis_server, save, start_server
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
@@ -70,30 +69,15 @@ def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
         for i in range(200):
             detect(none, [], codes[i:i + 1], ["{}"], watch, part, "someone")
         out[f"compare_ms_ring_{size}"] = 1000 * (time.perf_counter() - t0) / 200
-    redis_server = shutil.which("redis-server")
-    if redis_server is not None:
-        import redis
-
-        proc = subprocess.Popen([redis_server, "--port", "6392", "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                try:
-                    redis.Redis(port=6392).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
-            rs = RedisStore("redis://127.0.0.1:6392/0", quiet, watch)
+    if shutil.which("redis-server") is not None:
+        with redis_server(6392) as url:
+            rs = RedisStore(url, quiet, watch)
             for i in range(0, 2000, 50):  # through the store, as the service writes it
                 rs.admit(f"client-{i // 50}", [False] * 50, [1.0] * 50, codes[i % 1000:][:50],
                          now=1.0)
             used = rs.redis.memory_usage("advguard:ring", samples=0)
             out["redis_bytes_per_query"] = used / min(2000, watch.query_global)
             rs.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
     out["mb_per_million_queries"] = {k[:-len("_bytes_per_query")]: round(v, 1)
                                      for k, v in out.items() if k.endswith("_bytes_per_query")}
     return out

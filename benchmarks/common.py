@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -68,3 +70,25 @@ def start_server(guard_dir: Path, port: int, state: Path, *args: str) -> subproc
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("the server did not start")
+
+
+@contextlib.contextmanager
+def redis_server(port: int) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a loopback port (no persistence) until the block ends;
+    yields its URL."""
+    import redis
+
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port),
+                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
