@@ -343,7 +343,7 @@ def main() -> None:
         save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
                         "policy": Policy().to_json(), "unguarded": " ".join(UNGUARDED),
                         "images": f"the first {args.images} {guard.config.dataset} test images",
-                        "runs": done})
+                        "runs": done}, args.guard_dir)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
 from advguard.serve.queries import Ring, detect, encode
+from advguard.serve.state import kept
 
 RING_ROWS = 20_000  # rows written to measure the index's memory per query
 
@@ -39,7 +40,7 @@ def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
     quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
     codes = encode(x[:1000])
     rows = [(i + 1, f"client-{i % 100}", 1.0, codes[i % len(codes)].tobytes(),
-             '{"class": 1, "_c": 1}') for i in range(RING_ROWS)]
+             kept({"class": 1}, 1)) for i in range(RING_ROWS)]
     out: dict[str, Any] = {"rows": RING_ROWS, "code_bytes": int(codes[0].nbytes)}
     path = folder / "bench-ring.db"
     for suffix in ("", "-wal", "-shm"):
@@ -116,7 +117,7 @@ def main() -> None:
     print(json.dumps(result["global_index"]), flush=True)
     save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
                     "policy": Policy().to_json(), "torch_threads": torch.get_num_threads(),
-                    "numpy": np.__version__, **result})
+                    "numpy": np.__version__, **result}, args.guard_dir)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def main() -> None:
         save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
                         "policy": Policy().to_json(),
                         "images": f"{guard.config.dataset} test images 100 - {len(test) - 1}",
-                        "runs": results})
+                        "runs": results}, args.guard_dir)
 
 
 if __name__ == "__main__":

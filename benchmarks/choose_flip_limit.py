@@ -33,7 +33,7 @@ from advguard.data import load_dataset
 from advguard.serve import Guard, Policy, SQLiteStore
 from advguard.serve.queries import encode
 from advguard.serve.reveal import summary
-from advguard.serve.state import answer_class
+from advguard.serve.state import answer_class, kept, shown
 
 STREAMS = 10  # per attack and per honest kind
 QUERIES = 100
@@ -54,12 +54,12 @@ class Service(nn.Module):
     def ask(self, x: torch.Tensor) -> list[dict[str, Any]]:
         v = self.guard.verdicts(x)
         fresh = [summary(v, i, self.guard.info.num_classes) for i in range(len(x))]
-        kept = [json.dumps({**r, "_c": int(c)}) for r, c in zip(fresh, v.predicted, strict=True)]
+        answers = [kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
         self.now += 1.0
         a = self.store.admit(self.client, (v.scores < v.threshold).tolist(), v.scores.tolist(),
-                             encode(x), self.now, kept)
-        given = [json.loads(g) if g is not None else json.loads(k)
-                 for g, k in zip(a.answers, kept, strict=True)]
+                             encode(x), self.now, answers)
+        given = [shown(g if g is not None else k) for g, k in zip(a.answers, answers,
+                                                                  strict=True)]
         for i, g in enumerate(given):
             inside = self.x0 is not None and float((x[i] - self.x0).abs().max()) <= EPS + 1e-5
             self.rows.append({"detected": bool(a.repeats[i]),
@@ -141,7 +141,7 @@ def main() -> None:
     save(args.out, {"guard": str(args.guard_dir), "streams": STREAMS, "queries": QUERIES,
                     "eps": EPS, "images": "MNIST training images, the last 3,000",
                     "limits": LIMITS, "chosen": min(honest_ok) if honest_ok else None,
-                    "table": table})
+                    "table": table}, args.guard_dir)
     print("chosen", min(honest_ok) if honest_ok else None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import platform
 import shutil
@@ -40,10 +41,16 @@ def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
                 "ratio_to_" + baseline: statistics.median(v) / base} for k, v in times.items()}
 
 
-def save(name: str, payload: dict) -> Path:
+def model_sha256(guard_dir: Path) -> str:
+    """The sha256 of a guard folder's model file: what a result measured."""
+    return hashlib.sha256((Path(guard_dir) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def save(name: str, payload: dict, guard_dir: Path | None = None) -> Path:
     RESULTS.mkdir(exist_ok=True)
     payload = {"machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version()}, **payload}
+                           "python": platform.python_version()},
+               **({"model_sha256": model_sha256(guard_dir)} if guard_dir else {}), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -348,7 +348,9 @@ def test_the_state_file_and_its_wal_are_readable_by_the_service_user_alone(tmp_p
 # --- a near-copy is answered as its earlier query was; flips deny ----------------------------
 
 def _answer(cls: int, note: str = "") -> str:
-    return json.dumps({"class": cls, "note": note, "_c": cls})
+    from advguard.serve.state import kept
+
+    return kept({"class": cls, "note": note}, cls)
 
 
 FLIPS = Policy(window=50, min_requests=20, flagged_limit=0, max_flagged=0, max_repeats=0,

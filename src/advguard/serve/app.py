@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 
 from advguard.errors import AdvguardError, StateError, TooLargeError, UnsupportedFormatError
+from advguard.serve import state
 from advguard.serve.guard import KEYS, Client, Guard, KeyRing, read_keys
 from advguard.serve.http import CLIENT, BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit, read_images
@@ -206,9 +207,9 @@ def create_app(settings: Settings) -> FastAPI:
 
         def admit() -> Admission:  # off the event loop, the query encoding included
             codes = encode(x) if store.watch is not None else None
-            kept = [json.dumps({**r, "_c": int(c)}) for r, c in zip(fresh, v.predicted,
-                                                                    strict=True)]
-            return store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now, kept)
+            answers = [state.kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
+            return store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
+                               answers)
 
         admission = await asyncio.to_thread(admit)
         status = admission.status
@@ -218,13 +219,13 @@ def create_app(settings: Settings) -> FastAPI:
         for verdict in verdicts:
             metrics.verdicts.labels(verdict).inc()
         metrics.repeats.inc(int(admission.repeats.sum()))
-        cached = [a for a in admission.answers if a is not None]
         latency = time.perf_counter() - t0
         log.info(json.dumps({"event": "predict", "client": who.id, "images": len(x),
                              "classes": v.predicted.tolist(),
                              "scores": [round(float(s), 4) for s in v.scores],
                              "verdicts": verdicts, "repeats": int(admission.repeats.sum()),
-                             "answered_as_before": len(cached),
+                             "answered_as_before": sum(a is not None
+                                                       for a in admission.answers),
                              "answered": admission.answered, "denied": status.denied(now),
                              "latency_ms": round(1000 * latency, 2)}))
         if not admission.answered:  # denied by this request, or by a parallel one
@@ -233,10 +234,9 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics.denials.inc()
             raise HTTPException(403, denial(who, status))
         # a near-copy (or a resend) is answered as its earlier query was: nothing new
-        given = [fresh[i] if a is None else json.loads(a)
+        given = [fresh[i] if a is None else state.shown(a)
                  for i, a in enumerate(admission.answers or [None] * len(x))]
-        results = [{**{k: val for k, val in g.items() if k != "_c"}, "name": names[i],
-                    "converted": notes[i]} for i, g in enumerate(given)]
+        results = [{**g, "name": names[i], "converted": notes[i]} for i, g in enumerate(given)]
         return {"client": who.id, "results": results,
                 "status": public_status(status, settings.reveal)}
 

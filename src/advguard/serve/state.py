@@ -167,12 +167,26 @@ def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy,
     return _deny(record, why, now, policy)
 
 
+MODEL_CLASS = "_c"  # an answer's private field: the class the model gave the query
+
+
+def kept(result: dict[str, Any], model_class: int) -> str:
+    """An answer as the watch keeps it with its query: the result the client is told, and the
+    class the model gave (which a fail-closed answer does not tell)."""
+    return json.dumps({**result, MODEL_CLASS: int(model_class)})
+
+
+def shown(answer: str) -> dict[str, Any]:
+    """A kept answer as the client is told it again."""
+    return {k: v for k, v in json.loads(answer).items() if k != MODEL_CLASS}
+
+
 def answer_class(answer: str | None) -> int | None:
-    """The class the model gave the query an answer (JSON) was first made for (its ``"_c"``;
-    None when the answer does not say)."""
+    """The class the model gave the query a kept answer was first made for (None when the
+    answer does not say)."""
     if not answer:
         return None
-    value = json.loads(answer).get("_c")
+    value = json.loads(answer).get(MODEL_CLASS)
     return None if value is None else int(value)
 
 
@@ -191,5 +205,5 @@ def tally(found: Found, answers: Sequence[str]
             {c: (n, flips_of[c]) for c, n in links.items()})
 
 
-__all__ = ["Record", "Step", "admit", "answer_class", "attribute", "evidence", "status",
-           "tally"]
+__all__ = ["MODEL_CLASS", "Record", "Step", "admit", "answer_class", "attribute", "evidence",
+           "kept", "shown", "status", "tally"]
