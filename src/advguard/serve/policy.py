@@ -48,16 +48,18 @@ class Policy:
                                        "0: share rule off")
     max_flagged: int = option(40, "flagged images within window_s that deny a client, however "
                                   "many clean ones surround them; 0: off")
-    # a detected near-copy is answered as the query it copies was (serve.queries), so it
-    # tells an attacker nothing: detections alone deny no one by default (honest cameras send
-    # near-copies all day); the flips among them do — a near-copy the model would have
-    # answered with another class is what a query-based attack sends when it has found an
-    # adversarial example; 2, the least that denied no honest stream on validation traffic
-    # (benchmarks/choose_flip_limit.py: 1 denied 3 of 10 jittering cameras)
+    # a detected near-copy is answered as the query it copies was (serve.queries), so past its
+    # first query_k queries in one ε-ball an attacker gets no fresh answer: denial is not what
+    # stops it. Detections deny no one by default (honest cameras send near-copies all day),
+    # and neither do flips — a near-copy the model would have answered with another class, as
+    # a query attack sends when it crosses the boundary: on validation traffic no flip limit
+    # changed how many attack streams were fooled and trusted (none at any limit), while a
+    # limit of 1 denied 3 of 10 jittering cameras (benchmarks/choose_flip_limit.py); an
+    # operator whose clients never resend one scene can deny on them (--max-flips 2)
     max_repeats: int = option(0, "attack-process detections (queries too close to the "
                                  "client's recent ones or to other keys') within window_s "
                                  "that deny a client; 0: off")
-    max_flips: int = option(2, "near-copies within window_s that the model would have "
+    max_flips: int = option(0, "near-copies within window_s that the model would have "
                                "answered with another class than they were (their earlier "
                                "answer) that deny a client; 0: off")
     window_s: float = option(3600.0, "seconds over which flagged images and attack-process "
