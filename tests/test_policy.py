@@ -425,3 +425,20 @@ def test_flips_of_an_attack_spread_over_keys_deny_every_key(watched):
         if len(denied_at) == 3:
             break
     assert set(denied_at) == set(keys) and max(denied_at.values()) <= 9 + 6
+
+
+def test_a_camera_resending_one_flagged_scene_is_one_flagged_image(watched):
+    """Frames answered as an earlier frame add no verdict: a camera whose scene the detector
+    flags is counted once, not once a frame, so the flagged budget and share do not deny it;
+    a client sending as many distinct flagged images is denied."""
+    policy = Policy(window=20, min_requests=5, flagged_limit=0.5, max_flagged=5, max_repeats=0,
+                    window_s=100, cooldown_s=0)
+    s = watched(policy)
+    near, far = codes(30, seed=21, spread=0.01), codes(30, seed=22, spread=10.0)
+    camera = [s.admit("camera", [True], [0.0], c[None], now=i, answers=[_answer(2)])
+              for i, c in enumerate(near)]
+    assert all(a.answered for a in camera)
+    assert camera[-1].status.recent_flagged == 3 and camera[-1].status.requests == 30
+    distinct = [s.admit("odd", [True], [0.0], c[None], now=i, answers=[_answer(2)])
+                for i, c in enumerate(far[:6])]
+    assert all(a.answered for a in distinct[:4]) and not distinct[4].answered

@@ -92,7 +92,8 @@ class RedisStore(CheckedStore):
                 found = detect(stack_history([c for c, _ in kept], codes.shape[1]),
                                [a for _, a in kept], codes, answers, w, ring, client)
             repeats, flips, links = state.tally(found, answers)
-            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
+            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
+                               [a is not None for a in found.answers])
             others = {}
             for other, (n, f) in links.items():  # they count on the linked keys too
                 pipe.watch(self._key("record", other))

@@ -176,7 +176,8 @@ class SQLiteStore(CheckedStore):
             if codes is not None and w is not None:
                 found = self._watch(db, client, codes, answers, w, now)
             repeats, flips, links = state.tally(found, answers)
-            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips)
+            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
+                               [a is not None for a in found.answers])
             self._save(db, client, step.record)
             for other, (n, f) in links.items():  # they count on the linked keys too
                 self._save(db, other, state.attribute(self._load(db, other), client, n, now, p,

@@ -125,20 +125,24 @@ def _deny(record: Record, why: str | None, now: float, policy: Policy) -> Record
 
 
 def admit(record: Record, flagged: Sequence[bool], scores: Sequence[float], repeats: int,
-          linked: Sequence[str], now: float, policy: Policy, flips: int = 0) -> Step:
+          linked: Sequence[str], now: float, policy: Policy, flips: int = 0,
+          as_before: Sequence[bool] = ()) -> Step:
     """Count a request (its verdicts, ``repeats`` attack-process detections among its
     queries, which linked it to the clients ``linked``, and ``flips``: near-copies the model
     would have answered with another class than the earlier answer they were given) and
     decide whether it is answered: a denied client's request is refused and not counted; a
     request that brings the client to a denial is refused too (the record it returns holds
-    the denial)."""
+    the denial). Queries answered as before (``as_before``: a near-copy or a resend, given an
+    earlier query's answer) add no verdict: theirs was counted when it was first given, and a
+    camera resending one flagged scene is one flagged image, not one a frame."""
     if record.expired(now):
         record = record.afresh()
     if record.denied(now):
         return Step(record, False)
-    verdicts = (record.verdicts + tuple((int(f), float(s)) for f, s in
-                                        zip(flagged, scores, strict=True)))[-policy.window:]
-    bad = sum(int(f) for f in flagged)
+    before = list(as_before) or [False] * len(flagged)
+    new = [(int(f), float(s)) for f, s, b in zip(flagged, scores, before, strict=True) if not b]
+    verdicts = (record.verdicts + tuple(new))[-policy.window:]
+    bad = sum(f for f, _ in new)
     kept = record.recent(now, policy)
     if bad or repeats or flips:
         kept += ((now, bad, int(repeats), 0, int(flips), 0, tuple(sorted(set(linked)))),)
