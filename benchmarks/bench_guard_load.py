@@ -25,7 +25,8 @@ from common import redis_server, save, start_server
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
 from advguard.serve.guard import KEYS, Client
-from advguard.serve.queries import Ring, detect, encode
+from advguard.serve.matching import Ring, detect
+from advguard.serve.queries import encode
 from advguard.serve.state import kept
 
 RING_ROWS = 20_000  # rows written to measure the index's memory per query

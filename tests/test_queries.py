@@ -10,16 +10,8 @@ import torch
 
 from advguard.data import load_dataset
 from advguard.errors import InputError
-from advguard.serve.queries import (
-    DIMS,
-    VIEW,
-    QueryWatch,
-    calibrate,
-    encode,
-    mean_knn,
-    repeats,
-    split,
-)
+from advguard.serve.matching import repeats
+from advguard.serve.queries import DIMS, VIEW, QueryWatch, calibrate, encode, mean_knn, split
 
 
 @pytest.fixture(scope="module")

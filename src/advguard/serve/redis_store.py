@@ -25,8 +25,9 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
+from advguard.serve.matching import Found, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
-from advguard.serve.queries import Found, QueryWatch, Ring, detect, stack_history
+from advguard.serve.queries import QueryWatch, stack_history
 
 
 class RedisStore(CheckedStore):

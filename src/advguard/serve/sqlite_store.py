@@ -15,15 +15,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
+from advguard.serve.matching import Bank, Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
-from advguard.serve.queries import Bank, Found, QueryWatch, Ring, detect
+from advguard.serve.queries import QueryWatch
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, record TEXT NOT NULL);
@@ -48,35 +48,6 @@ PRIVATE = 0o600  # the state file and its WAL files: readable by the service's u
 CACHED_CLIENTS = 128  # clients whose query history a process keeps read (≤ 2.6 MB each)
 
 
-@dataclass(frozen=True)
-class _History:
-    """One client's rows of the ``queries`` table as this process last read them (id order)."""
-
-    ids: np.ndarray  # (n,) int64
-    times: np.ndarray  # (n,) float64
-    bank: Bank  # (n,) codes, prepared for comparison
-    answers: np.ndarray  # (n,) object: the answer each query was given (JSON)
-
-    @classmethod
-    def of(cls, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> _History:
-        rows = [r for r in rows if len(r[2]) == 2 * dims]  # codes of this encoding only
-        return cls(np.array([r[0] for r in rows], dtype=np.int64),
-                   np.array([r[1] for r in rows], dtype=np.float64),
-                   Bank.of(np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
-                           .reshape(-1, dims)), np.array([r[3] for r in rows], dtype=object))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __add__(self, other: _History) -> _History:
-        return _History(np.concatenate([self.ids, other.ids]),
-                        np.concatenate([self.times, other.times]), self.bank + other.bank,
-                        np.concatenate([self.answers, other.answers]))
-
-    def __getitem__(self, keep: slice | np.ndarray) -> _History:
-        return _History(self.ids[keep], self.times[keep], self.bank[keep], self.answers[keep])
-
-
 class SQLiteStore(CheckedStore):
     """Client state in one SQLite file, safe for several processes (WAL, immediate locks).
 
@@ -99,7 +70,7 @@ class SQLiteStore(CheckedStore):
                              "sqlite:///path/to/clients.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._histories: OrderedDict[str, _History] = OrderedDict()  # see _history
+        self._histories: OrderedDict[str, History] = OrderedDict()  # see _history
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, PRIVATE))
@@ -203,7 +174,7 @@ class SQLiteStore(CheckedStore):
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
                           (client, now, c.tobytes(), a)).lastrowid
                for c, a in zip(codes, given, strict=True)]
-        h = h + _History(np.array(ids, dtype=np.int64), np.full(len(ids), now), Bank.of(codes),
+        h = h + History(np.array(ids, dtype=np.int64), np.full(len(ids), now), Bank.of(codes),
                          np.array(given, dtype=object))
         if len(h) > w.query_history:
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
@@ -242,7 +213,7 @@ class SQLiteStore(CheckedStore):
         ring.trim(now, w.query_ttl_s)
         return ring
 
-    def _history(self, db: sqlite3.Connection, client: str, dims: int) -> _History:
+    def _history(self, db: sqlite3.Connection, client: str, dims: int) -> History:
         """The client's stored queries (every process's), inside the admission's transaction:
         only rows newer than this process's copy are read, once the copy is checked (its last
         row unchanged; row count and first id agreeing); else the history is read whole."""
@@ -253,7 +224,7 @@ class SQLiteStore(CheckedStore):
             row = db.execute("SELECT t FROM queries WHERE id = ? AND client = ?",
                              (int(h.ids[-1]), client)).fetchone()
             if row is not None and row[0] == h.times[-1]:
-                h = h[h.ids >= first] + _History.of(db.execute(
+                h = h[h.ids >= first] + History.of(db.execute(
                     "SELECT id, t, code, answer FROM queries WHERE client = ? AND id > ? "
                     "ORDER BY id", (client, int(h.ids[-1]))).fetchall(), dims)
                 if len(h) == count:
@@ -261,7 +232,7 @@ class SQLiteStore(CheckedStore):
         # read whole; codes of another length (an earlier encoding) are of no use: dropped
         db.execute("DELETE FROM queries WHERE client = ? AND length(code) != ?",
                    (client, 2 * dims))
-        return _History.of(db.execute("SELECT id, t, code, answer FROM queries "
+        return History.of(db.execute("SELECT id, t, code, answer FROM queries "
                                       "WHERE client = ? ORDER BY id", (client,)).fetchall(),
                            dims)
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from advguard.serve.matching import Found
 from advguard.serve.policy import ClientStatus, Evidence, Policy, judge
-from advguard.serve.queries import Found
 
 # (time, flagged images, own attack-process detections, detections attributed by linked keys,
 # own flips — near-copies the model would have answered with another class — flips attributed
