@@ -100,7 +100,8 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     same image sent again is answered as it was and is no detection (it tells nothing new)."""
     q = Bank.of(codes)
     n = len(bank)
-    seen = bank + q if within else bank
+    # a lone query is compared with the bank alone (nothing earlier in its request): no copy
+    seen = bank + q if within and len(q) > 1 else bank
     d = seen.l2(q)
     if skip is not None:
         d[:, :n][:, skip] = np.inf
