@@ -70,6 +70,7 @@ class SQLiteStore(CheckedStore):
                              "sqlite:///path/to/clients.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._writer = threading.Lock()  # this process's writers, one at a time
         self._histories: OrderedDict[str, History] = OrderedDict()  # see _history
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
@@ -113,16 +114,19 @@ class SQLiteStore(CheckedStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: the writers of every process take turns."""
+        """One ``BEGIN IMMEDIATE`` transaction: the writers of every process take turns. The
+        threads of one process queue on a lock first: left to SQLite's busy handler, a waiting
+        thread sleeps in growing steps and a burst of admissions waits hundreds of ms."""
         db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        with self._writer:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def _load(self, db: sqlite3.Connection, client: str) -> state.Record:
         row = db.execute("SELECT record FROM clients WHERE client = ?", (client,)).fetchone()
