@@ -34,6 +34,7 @@ from advguard.data import load_dataset
 from advguard.ensemble import load_any
 from advguard.io import write_json
 from advguard.serve import queries as Q
+from advguard.serve.matching import repeats
 
 DENY_AFTER = 5  # the policy's max_repeats
 
@@ -57,6 +58,12 @@ class Recorder(torch.nn.Module):
         return self.model(x)
 
 
+def projection(x: torch.Tensor) -> np.ndarray:
+    """The encoding's first view alone (the one this study chose; the pixel view came later,
+    chosen in ``choose_flip_limit.py``)."""
+    return Q.split(Q.encode(x))[0].astype(np.float16)
+
+
 def main(guard: Path, out: Path) -> None:
     torch.set_num_threads(1)
     model = load_any(guard / "model.safetensors")[0].eval()
@@ -78,17 +85,17 @@ def main(guard: Path, out: Path) -> None:
                     "deny_after": DENY_AFTER, "configurations": {}}
     for name, enc, k in (("pooled 8x8, k=20 (before)", pooled8, 20),
                          ("pooled 8x8, k=5", pooled8, 5),
-                         ("projection, k=20", Q.encode, 20), ("projection, k=10", Q.encode, 10),
-                         ("projection, k=5 (chosen)", Q.encode, 5),
-                         ("projection, k=3", Q.encode, 3)):
+                         ("projection, k=20", projection, 20), ("projection, k=10", projection, 10),
+                         ("projection, k=5 (chosen)", projection, 5),
+                         ("projection, k=3", projection, 3)):
         watch = Q.calibrate(enc(val[:2000]), Q.QueryWatch(query_k=k))
         denied_at, before = [], 0
         for qs, first in streams:
-            hits = np.cumsum(Q.repeats(np.zeros((0, 1)), enc(qs), watch))
+            hits = np.cumsum(repeats(np.zeros((0, 1)), enc(qs), watch))
             at = int(np.argmax(hits >= DENY_AFTER)) + 1 if hits[-1] >= DENY_AFTER else None
             denied_at.append(at)
             before += first is not None and (at is None or first < at)
-        detections = [int(Q.repeats(np.zeros((0, 1)), enc(h), watch).sum()) for h in honest]
+        detections = [int(repeats(np.zeros((0, 1)), enc(h), watch).sum()) for h in honest]
         row = {"k": k, "threshold": watch.threshold,
                "square_streams": len(streams),
                "square_fooled_within_budget": sum(f is not None for _, f in streams),
@@ -102,10 +109,10 @@ def main(guard: Path, out: Path) -> None:
         result["configurations"][name] = row
         print(name, row, flush=True)
     # what the chosen encoding cannot see: augmented copies of one image vs. distinct images
-    copies = Q.encode(augmented(val[:200], 5, False, 0)).astype(np.float32).reshape(200, 5, -1)
+    copies = projection(augmented(val[:200], 5, False, 0)).astype(np.float32).reshape(200, 5, -1)
     off = ~np.eye(5, dtype=bool)
     within = np.concatenate([Q.distances(c, c)[off] for c in copies])
-    codes = Q.encode(val[:200]).astype(np.float32)
+    codes = projection(val[:200]).astype(np.float32)
     nearest = np.array([Q.distances(np.delete(codes, i, 0)[:99], codes[i:i + 1]).min()
                         for i in range(200)])
     result["augmented_copies"] = {
