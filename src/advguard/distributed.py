@@ -22,6 +22,7 @@ every node).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -61,7 +62,21 @@ def setup(device: str = "cpu") -> None:
         raise InputError(f"cannot join the torchrun process group ({backend}): "
                          f"{str(exc).splitlines()[0]}") from None
     log.info("rank %d of %d (%s)", rank(), world_size(), backend)
-    _watch_peers()
+    atexit.register(_close, _watch_peers())
+
+
+def _close(watcher: tuple[threading.Thread, threading.Event]) -> None:
+    """At exit: stop the watcher thread, then leave the process group. A process that
+    left it to the interpreter's shutdown could abort ("terminate called without an active
+    exception") while the watcher was inside a store call."""
+    thread, stop = watcher
+    stop.set()
+    thread.join(timeout=5 * POLL_S)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing is left to release
+            log.debug("process group already torn down")
 
 
 def _store() -> Any:
@@ -79,14 +94,13 @@ def report_failure(message: str) -> None:
     time.sleep(2 * POLL_S)  # the others read it before this exit takes the store down
 
 
-def _watch_peers() -> None:
+def _watch_peers() -> tuple[threading.Thread, threading.Event]:
     """A daemon thread that ends this process, with the failing rank's message, once another
-    rank reports a failure."""
-    store, me = _store(), f"rank {rank()}:"
+    rank reports a failure; it stops when the returned event is set."""
+    store, me, stop = _store(), f"rank {rank()}:", threading.Event()
 
     def watch() -> None:
-        while True:
-            time.sleep(POLL_S)
+        while not stop.wait(POLL_S):
             try:
                 if not store.check([FAILED]):
                     continue
@@ -99,7 +113,9 @@ def _watch_peers() -> None:
             sys.stderr.flush()
             os._exit(1)
 
-    threading.Thread(target=watch, name="advguard-peer-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="advguard-peer-watch", daemon=True)
+    thread.start()
+    return thread, stop
 
 
 def active() -> bool:
