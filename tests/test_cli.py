@@ -277,7 +277,24 @@ def test_audit_reports_every_attack_and_check(model_file, tmp_path, cli):
     report = json.loads(out.read_text())
     assert report["images"] == 60 and report["eps"] == 0.1
     assert set(report["steps_sweep"]) == {"10", "40", "100"}
-    assert report["worst_case_accuracy"] <= min(report["attacks"].values())
+    from advguard.io import file_sha256
+
+    assert report["model"]["file_sha256"] == file_sha256(model_file)
+    # the worst case is the images no attack fooled, from the per-image pieces saved
+    shards = sorted((tmp_path / "audit.parts" / "shards").glob("*.json"))
+    cols = [json.loads(s.read_text())["columns"] for s in shards]
+    names = [*report["attacks"].keys() - {"AutoAttack (standard)"}, "AutoAttack Square",
+             "clean"]
+    robust = sum(all(c[n][i] == "1" for n in names) for c in cols for i in range(len(c["clean"])))
+    assert report["worst_case_accuracy"] == robust / 60
+    # a finished run is not run again: the same command answers from its pieces
+    stamps = [s.stat().st_mtime_ns for s in shards]
+    again = cli("audit", str(model_file), "--eps", "0.1", "--test-limit", "60",
+                "--pgd-steps", "5", "--pgd-restarts", "1", "--out", str(out), "--quiet")
+    assert again.returncode == 0 and again.stdout == proc.stdout
+    assert [s.stat().st_mtime_ns for s in shards] == stamps
+    assert_one_line_error(cli("audit", str(model_file), "--eps", "0.2", "--test-limit", "60",
+                              "--out", str(out)), "holds a run of another plan")
 
 
 def test_train_with_a_white_box_recipe(tmp_path, cli):

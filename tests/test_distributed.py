@@ -141,3 +141,29 @@ def test_a_failing_rank_stops_the_others_with_its_error(tmp_path):
     out = proc.stdout + proc.stderr
     assert "error: stopping this rank: rank 1:" in out and "no-such-model.safetensors" in out
     assert time.perf_counter() - t0 < 120
+
+
+def test_an_audit_under_torchrun_is_the_audit_of_one_process(tmp_path, trained_mlp):
+    """Two ranks share the pieces of one audit; every image's outcome is the one process's,
+    and the report, written by rank 0 alone, is the same."""
+    from advguard.models.checkpoint import save_model
+
+    save_model(tmp_path / "mlp.safetensors", trained_mlp, arch="mlp3", dataset="mnist")
+    args = ["audit", "mlp.safetensors", "--eps", "0.1", "--only-autoattack", "--test-limit",
+            "40", "--shard-size", "10", "--quiet"]
+    two = torchrun(advguard_script(), *args, "--out", "two.json", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([advguard_script(), *args, "--out", "one.json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    ranks = set()
+    for piece in sorted((tmp_path / "two.parts" / "shards").glob("*.json")):
+        mine, theirs = json.loads(piece.read_text()), json.loads(
+            (tmp_path / "one.parts" / "shards" / piece.name).read_text())
+        assert mine["columns"] == theirs["columns"]
+        ranks.add(mine["rank"])
+    assert ranks == {0, 1}  # both ranks attacked
+    r2, r1 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert r2["autoattack"] == r1["autoattack"] and r2["images"] == 40
+    assert two.stdout.count("worst case over all attacks") == 1

@@ -456,7 +456,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(advguard.data.sources, "load_dataset", interrupted)
     result = cli("train", str(tmp_path / "m.safetensors"))
     assert result.returncode == 130
-    assert "interrupted: finished stages and epochs are saved; run the same command to " \
+    assert "interrupted: finished stages, epochs and pieces are saved; run the same command to " \
            "resume" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -160,6 +160,15 @@ def spread(items: Sequence[Any], fn: Callable[[Any], T]) -> list[T]:
     return [merged[i] for i in range(len(items))]
 
 
+def gather_all(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def main_only(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 while the others wait; every rank gets its result."""
     if not active():

@@ -132,6 +132,18 @@ def strength(text: str) -> float:
     return values[0]
 
 
+def limit(text: str) -> int | None:
+    """A number of images: ``"1000"``, or ``"all"`` for no limit."""
+    if text.strip().lower() in ("all", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"give a number of images or 'all', got {text!r}") from None
+    check_int("the number of images", value)
+    return value
+
+
 def plain(value: Any) -> Any:
     """A config value as JSON would hold it (enums as values, tuples as lists)."""
     if isinstance(value, Enum):

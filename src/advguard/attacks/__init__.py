@@ -17,6 +17,7 @@ from advguard.attacks.base import (
     random_targets,
     with_restarts,
 )
+from advguard.attacks.external import TorchattacksAPGD, TorchattacksPGD, Transferred
 from advguard.attacks.fgsm import (
     FGSM,
     fgsm,
@@ -32,7 +33,8 @@ from advguard.attacks.trades import TradesKL, trades_kl
 from advguard.models.inference import eval_mode
 
 __all__ = ["FGSM", "LBFGS", "PGD", "Attack", "LBFGSReport", "Loss", "NoiseFGSM", "RandomStartFGSM",
-           "Strength", "TradesKL", "check_attack_inputs", "check_strengths", "cross_entropy",
+           "Strength", "TorchattacksAPGD", "TorchattacksPGD", "TradesKL", "Transferred",
+           "check_attack_inputs", "check_strengths", "cross_entropy",
            "eval_mode", "fgsm", "fgsm_directions", "fgsm_directions_file", "gradient_sign",
            "input_gradient", "loss_gradient", "perturb", "pgd", "project", "random_targets",
            "trades_kl", "with_restarts"]

@@ -72,7 +72,7 @@ def _reproduce_detect(config: object, out: Path | None, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from advguard.cli import commands, guard  # noqa: F401  (registers their commands)
+    from advguard.cli import commands, evaluation, guard  # noqa: F401  (their commands)
     from advguard.reproduce.detect.config import DetectConfig
     from advguard.reproduce.mat.config import MatConfig
 
@@ -108,8 +108,8 @@ def main() -> None:
         _tell_other_ranks(f"{type(exc).__name__}: {exc}")
         raise
     if code == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit status
-        typer.echo("interrupted: finished stages and epochs are saved; run the same command "
-                   "to resume", err=True)
+        typer.echo("interrupted: finished stages, epochs and pieces are saved; run the same "
+                   "command to resume", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

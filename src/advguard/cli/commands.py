@@ -13,8 +13,6 @@ from advguard.cli.options import Quiet, config_command, with_configs
 from advguard.cli.options import option_param as opts_param
 from advguard.data import DataOptions
 from advguard.errors import InputError, parse_choice
-from advguard.evaluation.options import AuditOptions, EvaluateOptions
-from advguard.io import check_output
 from advguard.models import ModelOptions
 from advguard.strengths import SelectOptions
 from advguard.training import Method, TrainConfig, TrainJob
@@ -47,112 +45,6 @@ app.command("train")(config_command(
 
 CHECKPOINT_HELP = ("model or ensemble (.safetensors); or leave it out and give --model (with "
                    "--weights) and --data")
-
-
-@app.command()
-@with_configs(data=DataOptions, model_options=ModelOptions, options=AuditOptions)
-def audit(
-    data: DataOptions,
-    model_options: ModelOptions,
-    options: AuditOptions,
-    checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
-    transfer_from: Annotated[list[Path] | None, typer.Option(
-        help="other models whose PGD examples are transferred (black-box check); repeatable")]
-    = None,
-    out: Annotated[Path | None, typer.Option(help="write the report as JSON here")] = None,
-    quiet: Quiet = False,
-) -> None:
-    """Audit a white-box robustness claim: AutoAttack (standard: APGD-CE, APGD-T, FAB-T,
-    Square), advguard's PGD, torchattacks' PGD and APGD (CE, DLR), a PGD step sweep, black-box
-    transfer, zero gradients and an unbounded attack."""
-    from advguard.data import materialise
-    from advguard.ensemble import load_any, open_model
-    from advguard.evaluation import audit as run_audit
-    from advguard.io import write_json
-
-    setup_logging(quiet)
-    pgd, reference, strength = options.pgd(), options.reference(), options.eps
-    opts.device(options.device)
-    if out is not None:
-        check_output(out)
-    model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(options.test_limit, options.test_start),
-                       workers=data.workers)
-    sources = {p.name: load_any(p)[0] for p in transfer_from or []}
-    report = run_audit(model, test.x, test.y, strength,
-                       pgd=pgd, suite=not options.only_autoattack, autoattack=reference,
-                       sources=sources, device=options.device, seed=options.seed,
-                       progress=not quiet)
-    name = checkpoint.name if checkpoint is not None else model_options.model
-    typer.echo(f"{name}: ε = {strength:g}, {report.images} {data.split} images")
-    typer.echo(f"  clean accuracy                 {100 * report.clean_accuracy:6.2f}%")
-    for name, acc in report.attacks.items():
-        typer.echo(f"  {name:<30} {100 * acc:6.2f}%")
-    aa = report.autoattack or {}
-    for name, acc in aa.get("robust_after", {}).items():
-        typer.echo(f"    AutoAttack after {name:<13} {100 * acc:6.2f}%")
-    if aa.get("square_alone_accuracy") is not None:
-        typer.echo(f"    Square (black-box) alone       {100 * aa['square_alone_accuracy']:6.2f}%")
-    typer.echo(f"  worst case over all attacks    {100 * report.worst_case_accuracy:6.2f}%")
-    for name, acc in report.transfer.items():
-        typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
-    typer.echo(f"  zero-gradient inputs           {100 * report.zero_gradient_fraction:6.2f}%")
-    typer.echo(f"  unbounded PGD (ε = 1)          {100 * report.unbounded_accuracy:6.2f}%")
-    typer.echo("  warnings: " + ("; ".join(report.warnings) or "none"))
-    typer.echo("  gradient masking: " + ("signal, see the warnings" if report.masking_signal
-                                         else "no signal"))
-    if out is not None:
-        write_json(out, {"checkpoint": str(checkpoint or model_options.model),
-                         "split": data.split, "hold_out": data.hold_out,
-                         "test_start": options.test_start, **report.to_json()})
-
-
-@app.command()
-@with_configs(data=DataOptions, model_options=ModelOptions, options=EvaluateOptions)
-def evaluate(
-    data: DataOptions,
-    model_options: ModelOptions,
-    options: EvaluateOptions,
-    checkpoint: Annotated[Path | None, typer.Argument(help=CHECKPOINT_HELP)] = None,
-    crafter: Annotated[Path | None, typer.Option(help="crafting model (transfer-fgsm)")] = None,
-    out: Annotated[Path | None, typer.Option(help="write the curve as JSON here")] = None,
-    quiet: Quiet = False,
-) -> None:
-    """Accuracy vs. strength of a saved model under one attack."""
-    from advguard.data import materialise
-    from advguard.ensemble import load_any, open_model
-    from advguard.evaluation import ThreatSetting, fgsm_curve, grid_mean, pgd_curve
-    from advguard.io import write_json
-
-    setup_logging(quiet)
-    pgd, threat, device = options.pgd(), options.attack, options.device
-    opts.device(device)
-    if out is not None:
-        check_output(out)
-    chosen = options.grid or None
-    model, meta, data = open_model(checkpoint, model_options, data)
-    test = materialise(data.load_evaluation(options.test_limit, options.test_start),
-                       workers=data.workers)
-    strengths = list(test.info.grid if chosen is None else chosen)
-    kw: dict[str, Any] = {"device": device, "progress": not quiet}
-    if threat is ThreatSetting.WHITE_BOX_PGD:
-        curve = pgd_curve(model, test.x, test.y, strengths, pgd, **kw)
-    else:
-        crafting = None
-        if threat is ThreatSetting.TRANSFER_FGSM:
-            if crafter is None:
-                raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
-            crafting = load_any(crafter)[0]
-        curve = fgsm_curve(model, test.x, test.y, strengths, crafter=crafting, **kw)
-    result = {"checkpoint": str(checkpoint or model_options.model), "dataset": test.info.name,
-              "attack": threat.value, "split": data.split, "hold_out": data.hold_out,
-              "test_start": options.test_start, "images": len(test),
-              "grid": strengths, "curve": curve, "mean": grid_mean(curve)}
-    if out is not None:
-        write_json(out, result)
-    for eps, acc in zip(strengths, curve, strict=True):
-        typer.echo(f"eps={eps:.4g}\taccuracy={acc:.4f}")
-    typer.echo(f"grid mean ({threat.value}): {result['mean']:.4f}")
 
 
 @app.command()

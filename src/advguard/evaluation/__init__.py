@@ -1,16 +1,15 @@
 """Robustness curves (accuracy vs. strength) and their grid means (SPEC A6), detection metrics,
 and the robustness audit (AutoAttack, independent attacks, gradient-masking checks)."""
 
+from advguard.attacks import TorchattacksAPGD, TorchattacksPGD, Transferred
 from advguard.evaluation.audit import (
     AUDIT_PGD,
+    AuditPlan,
     AuditReport,
-    TorchattacksAPGD,
-    TorchattacksPGD,
-    Transferred,
     audit,
     independent_attacks,
 )
-from advguard.evaluation.autoattack import AutoAttack, AutoAttackResult, merge_results
+from advguard.evaluation.autoattack import AutoAttack, AutoAttackResult
 from advguard.evaluation.detection import (
     OperatingPoint,
     auc,
@@ -21,6 +20,7 @@ from advguard.evaluation.detection import (
     roc,
     threshold_sweep,
 )
+from advguard.evaluation.outcomes import Outcomes, merge_results, read_run, run_shards
 from advguard.evaluation.perturbation import lbfgs_vs_fgsm
 from advguard.evaluation.robustness import (
     ThreatSetting,
@@ -31,9 +31,10 @@ from advguard.evaluation.robustness import (
     pgd_curve,
 )
 
-__all__ = ["AUDIT_PGD", "AuditReport", "AutoAttack", "AutoAttackResult", "OperatingPoint",
+__all__ = ["AUDIT_PGD", "AuditPlan", "AuditReport", "AutoAttack", "AutoAttackResult",
+           "OperatingPoint", "Outcomes",
            "ThreatSetting", "TorchattacksAPGD",
            "TorchattacksPGD", "Transferred", "attack_curve", "audit", "auc",
            "curve_from_directions", "eer", "eer_accuracy", "fgsm_curve", "grid_mean",
            "independent_attacks", "keep_threshold", "lbfgs_vs_fgsm", "merge_results",
-           "operating_point", "pgd_curve", "roc", "threshold_sweep"]
+           "operating_point", "pgd_curve", "read_run", "roc", "run_shards", "threshold_sweep"]

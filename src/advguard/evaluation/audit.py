@@ -16,6 +16,10 @@ security").
 
 ``suite=False`` runs AutoAttack and the cheap checks only (zero gradients, ε = 1).
 
+Every check is decided image by image (:class:`AuditPlan` gives one batch's per-image columns,
+:mod:`advguard.evaluation.outcomes` streams them over any dataset, resumable and across
+torchrun ranks); the report is computed from those columns alone.
+
 Each attack's own output is checked against the ε-ball and [0, 1] *before* any projection (an
 attack whose step leaves them is reported and its result ignored, not silently clipped), and
 the caller's model is left in the mode it came in.
@@ -23,72 +27,33 @@ the caller's model is left in the mode it came in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advguard.attacks import (
     PGD,
     Attack,
-    Strength,
+    TorchattacksAPGD,
+    TorchattacksPGD,
+    Transferred,
     check_attack_inputs,
     check_strengths,
     input_gradient,
-    with_restarts,
 )
-from advguard.batching import map_batches
-from advguard.errors import AdvguardError
+from advguard.batching import batch_slices
+from advguard.errors import InputError
 from advguard.evaluation.autoattack import AutoAttack
-from advguard.models import correct, eval_mode
+from advguard.evaluation.outcomes import Columns, Outcomes
+from advguard.models import eval_mode
 
-
-def _torchattacks() -> Any:
-    try:
-        import torchattacks
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise AdvguardError("the independent-attack audit needs torchattacks: "
-                            "pip install torchattacks") from exc
-    return torchattacks
-
-
-@dataclass(frozen=True)
-class TorchattacksPGD(Attack):
-    """torchattacks' PGD with ``restarts`` random starts (later ones only where earlier ones
-    failed), seeded once per call through torch's global generator as torchattacks expects."""
-
-    steps: int = 40
-    step_size: float = 0.01
-    restarts: int = 5
-    seed: int = 0
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Strength) -> torch.Tensor:
-        ta = _torchattacks()
-        torch.manual_seed(self.seed)
-
-        def one_start(xs: torch.Tensor, ys: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            return ta.PGD(model, eps=float(eps), alpha=self.step_size, steps=self.steps,
-                          random_start=True)(xs, ys)
-
-        return with_restarts(model, x, y, self.restarts, one_start)
-
-
-@dataclass(frozen=True)
-class TorchattacksAPGD(Attack):
-    """torchattacks' APGD (Croce & Hein 2020) with the ``ce`` or ``dlr`` loss."""
-
-    loss: str = "ce"
-    steps: int = 100
-    seed: int = 0
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Strength) -> torch.Tensor:
-        return _torchattacks().APGD(model, norm="Linf", eps=float(eps), steps=self.steps,
-                                    n_restarts=1, seed=self.seed, loss=self.loss)(x, y)
+AUDIT_PGD = PGD(steps=40, step_size=0.01, restarts=5)  # advguard's PGD in the audit, by default
+AUDIT_STEP_SWEEP = (10, 40, 100)
+AA, LEFT, TRANSFER = "AutoAttack ", " left the ball", "transfer from "
+ZERO, UNBOUNDED = "zero gradient", "unbounded PGD"
 
 
 def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int = 5,
@@ -98,10 +63,6 @@ def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int 
                                                                       seed),
             f"torchattacks APGD-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed),
             f"torchattacks APGD-DLR-{apgd_steps}": TorchattacksAPGD("dlr", apgd_steps, seed)}
-
-
-AUDIT_PGD = PGD(steps=40, step_size=0.01, restarts=5)  # advguard's PGD in the audit, by default
-AUDIT_STEP_SWEEP = (10, 40, 100)
 
 
 @dataclass
@@ -117,6 +78,7 @@ class AuditReport:
     unbounded_accuracy: float = 0.0  # PGD at ε = 1
     autoattack: dict[str, Any] | None = None  # AutoAttackResult.to_json()
     warnings: list[str] = field(default_factory=list)
+    standard_error: float = 0.0  # of the worst-case accuracy, from the number of images
 
     @property
     def masking_signal(self) -> bool:
@@ -126,16 +88,150 @@ class AuditReport:
         return asdict(self)
 
 
+def _settings(attack: Attack) -> dict[str, Any]:
+    """What a result file records of an attack: its class and settings."""
+    kept: dict[str, Any] = {f.name: getattr(attack, f.name) for f in fields(attack)
+            if isinstance(getattr(attack, f.name), int | float | str | bool | None)} \
+        if is_dataclass(attack) else {}
+    return {"class": type(attack).__name__, **kept}
+
+
 @dataclass(frozen=True)
-class Transferred(Attack):
-    """``attack`` crafted on ``source`` whatever model it is asked to attack (black-box)."""
+class AuditPlan:
+    """What an audit runs at strength ``eps``: named ``attacks`` (advguard's PGD, the step
+    sweep, the independent attacks), ``autoattack``, PGD transferred from ``sources`` and
+    the cheap checks. :meth:`batch` decides a batch image by image; :meth:`report` sums."""
 
-    source: nn.Module
-    attack: Attack
+    eps: float
+    attacks: dict[str, Attack]
+    step_sweep: tuple[int, ...]
+    sources: dict[str, nn.Module]
+    autoattack: AutoAttack
+    seed: int = 0
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Strength) -> torch.Tensor:
-        return self.attack.craft(self.source, x, y, eps)
+    @staticmethod
+    def make(eps: float, *, pgd: PGD = AUDIT_PGD, attacks: dict[str, Attack] | None = None,
+             step_sweep: Sequence[int] = AUDIT_STEP_SWEEP,
+             sources: dict[str, nn.Module] | None = None, autoattack: AutoAttack | None = None,
+             suite: bool = True, seed: int = 0) -> AuditPlan:
+        (eps,) = check_strengths(eps)
+        if not suite:
+            attacks, step_sweep, sources = {}, (), None
+        elif attacks is None:
+            attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
+                                          pgd.restarts, seed=seed)
+        step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
+        every: dict[str, Attack] = {
+            **({f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
+            **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
+        return AuditPlan(eps, every, tuple(step_sweep), dict(sources or {}),
+                         autoattack or AutoAttack(seed=seed), seed)
+
+    def describe(self) -> dict[str, Any]:
+        """The plan as a result's provenance records it (attack settings, implementations)."""
+        return {"eps": self.eps, "seed": self.seed, "step_sweep": list(self.step_sweep),
+                "attacks": {k: _settings(a) for k, a in self.attacks.items()},
+                "autoattack": {**asdict(self.autoattack), "version": self.autoattack.version()},
+                "transfer_from": sorted(self.sources)}
+
+    def batch(self, model: nn.Module, device: str | torch.device = "cpu"
+              ) -> Callable[[torch.Tensor, torch.Tensor], Columns]:
+        """``fn(x, y)``: one batch's per-image columns (``model`` in eval mode on ``device``)."""
+        built: dict[str, Any] = {}
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> Columns:
+            check_attack_inputs(x, y)
+            x, y = x.to(device), y.long().to(device)
+            if not built:
+                built.update(self.autoattack.build(model, x[:1], self.eps))
+            return self._columns(model, x, y, built)
+
+        return fn
+
+    def _columns(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 aa_attacks: dict[str, Any]) -> Columns:
+        eps = self.eps
+        cols: Columns = {"clean": _right(model, x, y)}
+        for name, attack in self.attacks.items():
+            adv = attack.perturb(model, x, y, eps).detach()  # before any projection
+            flat = adv.flatten(1)
+            cols[name + LEFT] = ((flat - x.flatten(1)).abs().amax(1) > eps + 1e-5) | (
+                flat.amin(1) < 0) | (flat.amax(1) > 1)
+            cols[name] = _right(model, adv, y)
+        aa, _ = self.autoattack.columns(aa_attacks, model, x, y, eps)
+        cols.update({AA + k: v for k, v in aa.items() if k != "clean"})
+        for name, source in self.sources.items():
+            adv = Transferred(source.to(x.device), PGD(steps=40, seed=self.seed)).craft(
+                model, x, y, eps)
+            cols[TRANSFER + name] = _right(model, adv, y)
+        cols[ZERO] = input_gradient(model, x, y).flatten(1).abs().amax(1) == 0
+        unbounded = PGD(steps=100, step_size=0.05, seed=self.seed).craft(model, x, y, 1.0)
+        cols[UNBOUNDED] = _right(model, unbounded, y)
+        return {k: v.cpu() for k, v in cols.items()}
+
+    def report(self, outcomes: Outcomes) -> AuditReport:
+        """The audit's numbers and warnings from the per-image columns of every image."""
+        return summarise(self.describe(), outcomes)
+
+
+def summarise(plan: dict[str, Any], outcomes: Outcomes) -> AuditReport:
+    """The audit's numbers and warnings from the per-image columns of every image, by the plan
+    that made them (:meth:`AuditPlan.describe`, as a run's manifest records it)."""
+    cols, n, eps = outcomes.columns, len(outcomes), float(plan["eps"])
+    if n == 0:
+        raise InputError("the audit ran on no images")
+
+    def share(col: torch.Tensor) -> float:
+        return int(col.sum()) / n
+
+    robust = cols["clean"].clone()
+    report = AuditReport(eps=eps, images=n, clean_accuracy=share(robust),
+                         attacks={}, worst_case_accuracy=0.0, steps_sweep={})
+    for name in plan["attacks"]:
+        if bool(cols[name + LEFT].any()):
+            report.warnings.append(f"{name} left the ε-ball or [0, 1]; its result is ignored")
+            continue
+        report.attacks[name] = share(cols[name])
+        robust &= cols[name]
+    settings = {k: v for k, v in plan["autoattack"].items() if k != "version"}
+    aa = AutoAttack(**settings).result({"clean": cols["clean"], **{
+        k[len(AA):]: v for k, v in cols.items() if k.startswith(AA)}}, eps,
+        version=plan["autoattack"]["version"])
+    report.autoattack = aa.to_json()
+    report.attacks[f"AutoAttack ({'standard' if aa.standard else 'reduced budget'})"] = (
+        aa.robust_accuracy)
+    report.warnings.extend(aa.warnings)
+    robust &= aa.robust
+    report.worst_case_accuracy = r = share(robust)
+    report.standard_error = (r * (1 - r) / n) ** 0.5
+    report.steps_sweep = {str(k): report.attacks[f"advguard PGD-{k}"]
+                          for k in plan["step_sweep"] if f"advguard PGD-{k}" in report.attacks}
+    _masking_checks(report, aa.gradient_accuracy, cols, share)
+    return report
+
+
+def _masking_checks(report: AuditReport, aa_gradient: float, cols: Columns,
+                    share: Callable[[torch.Tensor], float]) -> None:
+    sweep = list(report.steps_sweep.values())
+    if any(b > a + 0.01 for a, b in zip(sweep, sweep[1:], strict=False)):
+        report.warnings.append("robust accuracy rises with more PGD steps (gradient masking?)")
+    # the gradient attacks' best, which a black-box attack must not beat
+    white_box = min([aa_gradient, *(v for k, v in report.attacks.items()
+                                    if not k.startswith("AutoAttack"))])
+    for name in (k[len(TRANSFER):] for k in cols if k.startswith(TRANSFER)):
+        report.transfer[name] = share(cols[TRANSFER + name])
+        if report.transfer[name] < white_box - 0.01:
+            report.warnings.append(f"transfer from {name} beats the white-box attacks "
+                                   "(gradient masking?)")
+    report.zero_gradient_fraction = share(cols[ZERO])
+    if report.zero_gradient_fraction > 0.01:
+        report.warnings.append(f"{100 * report.zero_gradient_fraction:.1f}% of inputs have an "
+                               "exactly zero loss gradient")
+    report.unbounded_accuracy = share(cols[UNBOUNDED])
+    if report.unbounded_accuracy > 0.05:
+        report.warnings.append("an unbounded attack (ε = 1) leaves "
+                               f"{100 * report.unbounded_accuracy:.1f}% accuracy "
+                               "(gradient masking?)")
 
 
 def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
@@ -143,92 +239,26 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
           attacks: dict[str, Attack] | None = None, step_sweep: Sequence[int] = AUDIT_STEP_SWEEP,
           sources: dict[str, nn.Module] | None = None, batch_size: int = 500,
           device: str | torch.device = "cpu", seed: int = 0,
-          autoattack: AutoAttack | None = None, suite: bool = True,
-          progress: bool = False) -> AuditReport:
+          autoattack: AutoAttack | None = None, suite: bool = True) -> AuditReport:
     """Attack ``model`` on ``(x, y)`` at strength ``eps`` with advguard's ``pgd``, PGD with
     ``step_sweep`` steps (step 2.5·ε/steps) and ``attacks`` (default:
     :func:`independent_attacks` with ``pgd``'s steps, step and restarts), and check the
     gradient-masking signals. ``sources`` are other models whose PGD examples are transferred
     to ``model`` (black-box). ``autoattack`` (default: the standard version, seeded with
-    ``seed``) runs too; ``suite=False`` leaves out every attack but AutoAttack."""
+    ``seed``) runs too; ``suite=False`` leaves out every attack but AutoAttack. (A dataset of
+    any size, resumable: :func:`advguard.evaluation.outcomes.run_shards` with
+    :meth:`AuditPlan.batch`.)"""
     check_attack_inputs(x, y)
-    (eps,) = check_strengths(eps)
+    plan = AuditPlan.make(eps, pgd=pgd, attacks=attacks, step_sweep=step_sweep,
+                          sources=sources, autoattack=autoattack, suite=suite, seed=seed)
     model = model.to(device)
     with eval_mode(model):
-        return _audit(model, x, y, eps, pgd, attacks, step_sweep, sources, batch_size, device,
-                      seed, autoattack, suite, progress)
+        fn = plan.batch(model, device)
+        parts = [Outcomes(torch.arange(len(x))[sl], fn(x[sl], y[sl]))
+                 for sl in batch_slices(len(x), batch_size)]
+    return plan.report(Outcomes.cat(parts))
 
 
-def _raw(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-         batch_size: int, device: str | torch.device) -> torch.Tensor:
-    """The attack's own output (its :meth:`~Attack.perturb`), before the base class projects
-    it, so that an attack leaving the ε-ball can be caught."""
-    return map_batches(lambda xb, yb: attack.perturb(model, xb, yb, eps).detach(), x, y,
-                       batch_size=batch_size, device=device)
-
-
-def _audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, pgd: PGD,
-           attacks: dict[str, Attack] | None, step_sweep: Sequence[int],
-           sources: dict[str, nn.Module] | None, batch_size: int,
-           device: str | torch.device, seed: int, autoattack: AutoAttack | None, suite: bool,
-           progress: bool) -> AuditReport:
-    autoattack = autoattack or AutoAttack(seed=seed)
-    if not suite:
-        attacks, step_sweep, sources = {}, (), None
-    elif attacks is None:
-        attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
-                                      pgd.restarts, seed=seed)
-    kw: dict[str, Any] = {"batch_size": batch_size, "device": device}
-    robust = correct(model, x, y, **kw)
-    report = AuditReport(eps=eps, images=len(x), clean_accuracy=int(robust.sum()) / len(x),
-                         attacks={}, worst_case_accuracy=0.0, steps_sweep={})
-    step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
-    every: dict[str, Attack] = {
-        **({f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
-        **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
-    for name, attack in tqdm(every.items(), desc="audit", disable=not progress, leave=False):
-        adv = _raw(attack, model, x, y, eps, batch_size, device)
-        if (adv - x).abs().amax() > eps + 1e-5 or adv.amin() < 0 or adv.amax() > 1:
-            report.warnings.append(f"{name} left the ε-ball or [0, 1]; its result is ignored")
-            continue
-        ok = correct(model, adv, y, **kw)
-        report.attacks[name] = int(ok.sum()) / len(x)
-        robust &= ok
-    aa = autoattack.evaluate(model, x, y, eps, batch_size=batch_size, device=device,
-                             progress=progress)
-    report.autoattack = aa.to_json()
-    report.attacks[f"AutoAttack ({'standard' if aa.standard else 'reduced budget'})"] = (
-        aa.robust_accuracy)
-    report.warnings.extend(aa.warnings)
-    robust &= aa.robust
-    report.worst_case_accuracy = int(robust.sum()) / len(x)
-    report.steps_sweep = {str(n): report.attacks[f"advguard PGD-{n}"] for n in step_sweep}
-    # the gradient attacks' best, which a black-box attack must not beat
-    white_box = min([aa.gradient_accuracy, *(v for k, v in report.attacks.items()
-                                             if not k.startswith("AutoAttack"))])
-
-    sweep = list(report.steps_sweep.values())
-    if any(b > a + 0.01 for a, b in zip(sweep, sweep[1:], strict=False)):
-        report.warnings.append("robust accuracy rises with more PGD steps (gradient masking?)")
-    for name, source in (sources or {}).items():
-        source = source.to(device)
-        adv = Transferred(source, PGD(steps=40, seed=seed)).craft_dataset(
-            model, x, y, eps, batch_size=batch_size, device=device)
-        report.transfer[name] = float(correct(model, adv, y, **kw).float().mean())
-        if report.transfer[name] < white_box - 0.01:
-            report.warnings.append(f"transfer from {name} beats the white-box attacks "
-                                   "(gradient masking?)")
-    zero = map_batches(lambda xb, yb: input_gradient(model, xb, yb).flatten(1).abs().amax(1) == 0,
-                       x, y, **kw)
-    report.zero_gradient_fraction = int(zero.sum()) / len(x)
-    if report.zero_gradient_fraction > 0.01:
-        report.warnings.append(f"{100 * report.zero_gradient_fraction:.1f}% of inputs have an "
-                               "exactly zero loss gradient")
-    unbounded = PGD(steps=100, step_size=0.05, seed=seed).craft_dataset(
-        model, x, y, 1.0, batch_size=batch_size, device=device)
-    report.unbounded_accuracy = float(correct(model, unbounded, y, **kw).float().mean())
-    if report.unbounded_accuracy > 0.05:
-        report.warnings.append("an unbounded attack (ε = 1) leaves "
-                               f"{100 * report.unbounded_accuracy:.1f}% accuracy "
-                               "(gradient masking?)")
-    return report
+@torch.no_grad()
+def _right(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y

@@ -31,7 +31,7 @@ and judged by ``model`` itself, not by the attack's own bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -147,47 +147,65 @@ class AutoAttack:
         check_attack_inputs(x, y)
         (eps,) = check_strengths(eps)
         model = model.to(device)
-        y = y.long()
-        adv_all = x.clone()
-        robust = torch.zeros(len(x), dtype=torch.bool)
-        after = {name: 0 for name in ATTACKS}
-        square_ok = 0
-        clean = 0
+        adv_all, parts = x.clone(), []
         with eval_mode(model):
-            classes = int(model(x[:1].to(device)).shape[1])
-            attacks = self._attacks(model, eps, classes)
-            slices = batch_slices(len(x), batch_size)
-            for sl in tqdm(slices, desc=f"AutoAttack ε={eps:g}", disable=not progress,
-                           leave=False):
-                xb, yb = x[sl].to(device), y[sl].to(device)
-                ok = _correct(model, xb, yb)
-                clean += int(ok.sum())
-                correct_clean = ok.clone()
-                advb = xb.clone()
-                for name in GRADIENT_ATTACKS:
-                    ok = self._step(attacks[name], model, xb, yb, eps, ok, advb)
-                    after[name] += int(ok.sum())
-                gradient_ok = ok.clone()
-                if self.square_alone:
-                    sq = self._step(attacks["Square"], model, xb, yb, eps,
-                                    correct_clean.clone(), advb, only=gradient_ok)
-                    square_ok += int(sq.sum())
-                    ok = gradient_ok & sq
-                else:
-                    ok = self._step(attacks["Square"], model, xb, yb, eps, ok, advb)
-                after["Square"] += int(ok.sum())
-                robust[sl] = ok.cpu()
-                adv_all[sl] = advb.cpu()
-        n = len(x)
-        gradient = after[GRADIENT_ATTACKS[-1]] / n
-        square = square_ok / n if self.square_alone else None
+            attacks = self.build(model, x[:1].to(device), eps)
+            for sl in tqdm(batch_slices(len(x), batch_size), desc=f"AutoAttack ε={eps:g}",
+                           disable=not progress, leave=False):
+                columns, adv = self.columns(attacks, model, x[sl].to(device),
+                                            y[sl].long().to(device), eps)
+                parts.append(columns)
+                adv_all[sl] = adv.cpu()
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self.result(merged, eps, adv_all)
+
+    def build(self, model: nn.Module, example: torch.Tensor, eps: float
+              ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The four attacks for ``model`` (``example``: one input, for the class count)."""
+        with torch.no_grad():
+            return self._attacks(model, eps, int(model(example).shape[1]))
+
+    def columns(self, attacks: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One batch: per image (CPU bool tensors) whether the model is right on it clean
+        (``clean``), after each attack of the sequence (``APGD-CE`` … ``Square``, cumulative)
+        and under Square alone (``Square alone``, with :attr:`square_alone`); and the batch's
+        adversarial images (clean where no attack fooled). The seeds are per call, so a
+        batch's outcome depends on its own images only: batches may run apart, in any order."""
+        ok = _correct(model, x, y)
+        out, adv = {"clean": ok.cpu()}, x.clone()
+        for name in GRADIENT_ATTACKS:
+            ok = self._step(attacks[name], model, x, y, eps, ok, adv)
+            out[name] = ok.cpu()
+        if self.square_alone:
+            sq = self._step(attacks["Square"], model, x, y, eps, out["clean"].to(x.device),
+                            adv, only=ok)
+            out["Square alone"], out["Square"] = sq.cpu(), (ok & sq).cpu()
+        else:
+            out["Square"] = self._step(attacks["Square"], model, x, y, eps, ok, adv).cpu()
+        return out, adv
+
+    def result(self, columns: dict[str, torch.Tensor], eps: float,
+               adv: torch.Tensor | None = None, version: str | None = None) -> AutoAttackResult:
+        """The summary of the per-image :meth:`columns` of a whole set (``version``: the
+        implementation that made them, default: the installed one)."""
+        n = len(columns["clean"])
+        if n == 0:
+            raise InputError("AutoAttack ran on no images")
+
+        def share(name: str) -> float:
+            return int(columns[name].sum()) / n
+
+        gradient = share(GRADIENT_ATTACKS[-1])
+        square = share("Square alone") if "Square alone" in columns else None
         result = AutoAttackResult(
-            eps=eps, images=n, standard=self.standard, clean_accuracy=clean / n,
-            robust_after={k: v / n for k, v in after.items()}, robust_accuracy=after["Square"] / n,
+            eps=eps, images=n, standard=self.standard, clean_accuracy=share("clean"),
+            robust_after={k: share(k) for k in ATTACKS}, robust_accuracy=share("Square"),
             gradient_accuracy=gradient, square_alone_accuracy=square,
-            square_only=(gradient - after["Square"] / n), implementation=self.version(),
-            robust=robust, adv=adv_all)
-        result.warnings.extend(_masking_warnings(square, gradient, result.square_only))
+            square_only=gradient - share("Square"), implementation=version or self.version(),
+            robust=columns["Square"], adv=adv if adv is not None else torch.empty(0))
+        result.warnings.extend(masking_warnings(square, gradient, result.square_only))
         return result
 
     @staticmethod
@@ -234,11 +252,10 @@ class AutoAttackResult:
         out = asdict(self)
         del out["robust"], out["adv"]
         out["attacks"] = list(ATTACKS)
-        out["implementation"] = self.implementation
         return out
 
 
-def _masking_warnings(square_alone: float | None, gradient: float,
+def masking_warnings(square_alone: float | None, gradient: float,
                       square_only: float) -> list[str]:
     """The gradient-masking signal: Square (black-box) doing better than the gradient
     attacks, alone or on the images they all failed on."""
@@ -249,39 +266,6 @@ def _masking_warnings(square_alone: float | None, gradient: float,
         return [f"Square (black-box) fools {100 * square_only:.1f}% of the images that every "
                 "gradient attack failed on (gradient masking?)"]
     return []
-
-
-def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """AutoAttack results (:meth:`AutoAttackResult.to_json`) of disjoint slices of one set →
-    the result over their union: every accuracy weighted by its slice's images, plus the
-    ``standard_error`` of the robust accuracy. AutoAttack attacks each image on its own, so
-    slices run apart (``audit --test-start``) add up to one run; they must share ε, budgets
-    and implementation."""
-    if not parts:
-        raise InputError("no AutoAttack results to merge")
-    for key in ("eps", "standard", "implementation"):
-        if len({str(p[key]) for p in parts}) > 1:
-            raise InputError(f"AutoAttack slices differ in {key}: "
-                             f"{sorted({str(p[key]) for p in parts})}")
-    n = sum(int(p["images"]) for p in parts)
-    if n == 0:
-        raise InputError("the AutoAttack slices hold no images")
-
-    def mean(values: Sequence[float]) -> float:
-        return sum(v * p["images"] for v, p in zip(values, parts, strict=True)) / n
-
-    merged = {**parts[0], "images": n,
-              "robust_after": {k: mean([p["robust_after"][k] for p in parts])
-                               for k in parts[0]["robust_after"]}}
-    for key in ("clean_accuracy", "robust_accuracy", "gradient_accuracy", "square_only",
-                "square_alone_accuracy"):
-        values = [p.get(key) for p in parts]
-        merged[key] = mean([float(v) for v in values if v is not None]) \
-            if None not in values else None
-    merged["warnings"] = _masking_warnings(merged["square_alone_accuracy"],
-                                           merged["gradient_accuracy"], merged["square_only"])
-    r = merged["robust_accuracy"]
-    return {**merged, "standard_error": (r * (1 - r) / n) ** 0.5}
 
 
 @torch.no_grad()

@@ -41,8 +41,14 @@ class AuditOptions:
     pgd_step_size: float | None = option(AUDIT_PGD.step_size, "PGD step in pixel units; none: "
                                                               "2.5·ε/steps")
     pgd_restarts: int = option(AUDIT_PGD.restarts, "advguard PGD's random starts")
-    test_limit: int | None = option(1000, "first N images of the split")
+    test_limit: int | None = option(None, "attack N images of the split (default: all of them; "
+                                          "the run streams, resumes and shows its ETA)",
+                                    parse=opts.limit)
     test_start: int = option(0, TEST_START_HELP)
+    shard_size: int = option(500, "images attacked together and saved as one piece (the "
+                                  "seeds are per piece: the same size gives the same outcome)")
+    square_alone: bool = option(True, "also run Square on the images the gradient attacks "
+                                      "broke (the masking check; costs Square's queries on them)")
     only_autoattack: bool = option(False, "AutoAttack and the cheap checks only (no PGD, sweep "
                                           "or transfer)")
     autoattack: str = option(AutoAttack.implementation, "AutoAttack's implementation: "
@@ -56,4 +62,5 @@ class AuditOptions:
                    restarts=self.pgd_restarts, seed=self.seed)
 
     def reference(self) -> AutoAttack:
-        return AutoAttack(seed=self.seed, implementation=self.autoattack)
+        return AutoAttack(seed=self.seed, implementation=self.autoattack,
+                          square_alone=self.square_alone)

@@ -9,7 +9,7 @@ Three threat settings, named as reports name them:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 
 import torch
@@ -81,3 +81,34 @@ def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence
     """:func:`attack_curve` under white-box PGD."""
     return attack_curve(model, x, y, grid, attack, batch_size=batch_size, device=device,
                         progress=progress, desc=desc)
+
+
+def curve_batch(model: nn.Module, grid: Sequence[float], threat: ThreatSetting, *,
+                pgd: PGD = PGD(), crafter: nn.Module | None = None,
+                device: str | torch.device = "cpu"
+                ) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """``fn(x, y)``: per image of one batch, whether ``model`` is still right at each strength
+    of ``grid`` under ``threat`` (one column per strength, named :func:`strength_column`) —
+    the curve of a dataset of any size, streamed (:mod:`advguard.evaluation.outcomes`)."""
+    grid = check_strengths(grid)
+    source = crafter if threat is ThreatSetting.TRANSFER_FGSM else model
+    if source is None:
+        raise ValueError("the transfer setting needs a crafting model")
+
+    def fn(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, y = x.to(device), y.long().to(device)
+        with eval_mode(model):
+            if threat is ThreatSetting.WHITE_BOX_PGD:
+                advs = [pgd.craft(model, x, y, eps) for eps in grid]
+            else:
+                d = fgsm_directions(source, x, y, batch_size=len(x), device=device)
+                advs = [perturb(x, d.to(device), eps) for eps in grid]
+            with torch.no_grad():
+                return {strength_column(eps): (model(adv).argmax(1) == y).cpu()
+                        for eps, adv in zip(grid, advs, strict=True)}
+
+    return fn
+
+
+def strength_column(eps: float) -> str:
+    return f"ε={eps!r}"
