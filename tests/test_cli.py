@@ -377,3 +377,11 @@ def test_choices_on_a_held_out_validation_split(tmp_path, cli):
                           "--split chooses the images evaluate and audit attack")
     assert_one_line_error(cli("evaluate", str(held), "--split", "train"),
                           "split must be one of test, val")
+
+
+def test_version_names_advguard_and_torch(cli):
+    from advguard import __version__
+
+    proc = cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"advguard {__version__} (torch {torch.__version__})"

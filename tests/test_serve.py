@@ -892,3 +892,18 @@ def test_the_documented_refusals_are_the_tested_ones():
     documented = {(m[1], int(m[2])) for m in re.finditer(r"^\| `([\w-]+)` \| (\d{3}) \|", section,
                                                          re.MULTILINE)}
     assert documented == {(row[0], row[2]) for row in BAD}
+
+
+def test_answers_name_the_class_where_the_model_knows_its_names():
+    import numpy as np
+
+    from advguard.detection import Verdicts
+    from advguard.serve.reveal import Reveal, summary
+
+    v = Verdicts(np.array([1, 0]), np.array([[0.2, 0.8], [0.9, 0.1]]), np.array([0.9, 0.1]),
+                 np.array([True, False]), 0.5)
+    assert summary(v, 0, 2, Reveal(), ("cat", "dog"))["label"] == "dog"
+    assert summary(v, 1, 2, Reveal(), ("cat", "dog"))["label"] == "cat"
+    assert "label" not in summary(v, 0, 2, Reveal())  # MNIST's classes have no names
+    hidden = summary(v, 1, 2, Reveal(flagged_class=False), ("cat", "dog"))
+    assert hidden["class"] is None and "label" not in hidden  # fail closed hides the name too

@@ -25,6 +25,22 @@ reproduce_app = typer.Typer(help="Reproduce a paper's experiment end to end.",
 app.add_typer(reproduce_app, name="reproduce")
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        import torch
+
+        from advguard import __version__
+        typer.echo(f"advguard {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print advguard's and torch's versions and exit")] = False) -> None:
+    """Harden image classifiers against adversarial examples."""
+
+
 def setup_logging(quiet: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler

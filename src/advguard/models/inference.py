@@ -11,6 +11,7 @@ from torch import nn
 
 from advguard.batching import map_batches
 from advguard.data import as_dataset, batches
+from advguard.errors import InputError
 
 
 @contextmanager
@@ -70,3 +71,27 @@ def predict_dataset(model: nn.Module, data: Any, *, batch_size: int = 1000,
             out.append(model(x.to(device)).argmax(1).cpu())
             labels.append(y)
     return torch.cat(out), torch.cat(labels)
+
+
+def check_takes(model: nn.Module, shape: tuple[int, ...], num_classes: int,
+                device: str | torch.device = "cpu") -> None:
+    """Refuse, before any work, data whose images ``model`` cannot take or whose classes it
+    does not have: one line naming both shapes, not a traceback from inside the model."""
+    c, h, w = shape
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(torch.zeros(1, c, h, w, device=device))
+    except (RuntimeError, InputError) as exc:  # torch's own, or a model's own check
+        hint = {1: " (grey images: a colour model repeats them with --channels 3, or "
+                   "v2.Grayscale(3) in the transform)",
+                3: " (colour images for a grey model? add v2.Grayscale() to the transform, "
+                   "or --channels 1)"}.get(c, "")
+        raise InputError(f"the model cannot take the data's {c}x{h}x{w} images{hint}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise InputError("the model must return logits of shape (N, classes), got "
+                         f"{getattr(out, 'shape', type(out).__name__)}: wrap(model) picks "
+                         "them out of a tuple, a dict or .logits")
+    if out.shape[1] < num_classes:
+        raise InputError(f"the model has {out.shape[1]} outputs and the data {num_classes} "
+                         "classes")

@@ -26,6 +26,8 @@ def pick_logits(out: Any, output: Output = None) -> torch.Tensor:
     if callable(output):
         return output(out)
     if isinstance(output, str):
+        if isinstance(out, torch.Tensor) and output == "logits":  # a plain model's output is
+            return out  # its logits already
         if isinstance(out, Mapping) and output in out:
             return out[output]
         if hasattr(out, output):

@@ -203,7 +203,8 @@ def create_app(settings: Settings) -> FastAPI:
         # Evidence is what the kNN score flags; an input only unlike the training images is
         # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
         evidence = ~v.trusted if settings.policy.count_unlike else v.scores < v.threshold
-        fresh = [summary(v, i, info.num_classes, settings.reveal) for i in range(len(x))]
+        fresh = [summary(v, i, info.num_classes, settings.reveal, tuple(info.classes))
+                 for i in range(len(x))]
 
         def admit() -> Admission:  # off the event loop, the query encoding included
             codes = encode(x) if store.watch is not None else None

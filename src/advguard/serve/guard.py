@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import shutil
 import time
@@ -45,6 +46,8 @@ from advguard.serve.queries import ENCODING, QueryWatch, calibrate, encode
 
 MODEL, DETECTOR, CONFIG, KEYS = ("model.safetensors", "detector.safetensors", "guard.json",
                                  "keys.json")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,12 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     path = None if source is None else _model_file(Path(source))
     net, meta, data = open_model(path, model, data)
     full = data.load("train", limit=fit.train_limit)
-    tr, va = train_val_split(len(full), min(fit.val_size, len(full) // 5), fit.seed)
+    held = min(fit.val_size, len(full) // 5)
+    if held < fit.val_size:
+        log.warning("--val-size %d of %d training images: %d held out for calibration (at "
+                    "most a fifth; the rest is the detector's bank)", fit.val_size, len(full),
+                    held)
+    tr, va = train_val_split(len(full), held, fit.seed)
     # the bank in a seeded shuffled order: the pre-processing (and IVF cells) are fitted on
     # its first vectors, which must not be the first classes of a folder
     tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(fit.seed))]

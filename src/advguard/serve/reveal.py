@@ -52,12 +52,14 @@ class Reveal:
 SCORED_STATUS = ("window_mean_score", "recent_repeats", "queries", "linked")
 
 
-def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal()  # noqa: B008
-            ) -> dict[str, Any]:
-    """One image's verdict as the service answers it (what ``reveal`` allows)."""
+def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal(),  # noqa: B008
+            names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One image's verdict as the service answers it (what ``reveal`` allows); ``names``: the
+    class names (a folder's), answered as ``label`` beside the class index."""
     trusted = bool(v.trusted[i])
+    c = int(v.predicted[i])
     out: dict[str, Any] = {
-        "class": int(v.predicted[i]),
+        "class": c, **({"label": names[c]} if c < len(names) else {}),
         "verdict": "trusted" if trusted else "flagged",
         "unlike_training": None if v.unlike is None else bool(v.unlike[i])}
     if not trusted and not reveal.flagged_class:

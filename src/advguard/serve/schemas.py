@@ -21,6 +21,8 @@ class ImageResult(BaseModel):
     class_: int | None = Field(alias="class", description="the model's predicted class (null "
                                                          "for a flagged input under serve "
                                                          "--no-flagged-class)")
+    label: str | None = Field(None, description="the predicted class's name, where the model "
+                                                "knows its classes' names (an image folder's)")
     verdict: str = Field(description="trusted or flagged")
     unlike_training: bool | None = Field(
         None, description="farther from every training image than held-out images are "

@@ -27,6 +27,7 @@ from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
 from advguard.models import accuracy
+from advguard.models.inference import check_takes
 from advguard.options import plain
 from advguard.training.config import (
     OPTIONAL,
@@ -97,6 +98,8 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
     device = torch.device(distributed_.device_for_rank(config.device) if world > 1
                           else config.device)
     model.to(device)
+    if info is not None:
+        check_takes(model, info.shape, info.num_classes, device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:
         model.to(memory_format=layout)
