@@ -30,9 +30,22 @@ class LayerSpec:
     inputs: bool = False
 
 
+def is_transformer(model: nn.Module) -> bool:
+    """A model built of attention blocks (ViT, Swin, timm's or Hugging Face's), or any Hugging
+    Face model (whose convolutional ones, ConvNeXt's, keep channels last inside their blocks)."""
+    return any("Attention" in type(m).__name__ or "PreTrainedModel" in
+               {c.__name__ for c in type(m).__mro__} for m in model.modules())
+
+
 def default_layer(model: nn.Module) -> LayerSpec:
-    """The last convolutional block's output, or the input of the last ``Linear`` for MLPs."""
+    """The last convolutional block's output, or the input of the last ``Linear`` for MLPs;
+    for a transformer, the input of its classifier — the last block's output as the model
+    itself pools it (the CLS token of a ViT, the mean over tokens or pixels of a Swin or a
+    ConvNeXt), not the patch-embedding convolution of its stem."""
     modules = list(model.named_modules())
+    linear = [name for name, m in modules if isinstance(m, nn.Linear)]
+    if linear and is_transformer(model):
+        return LayerSpec(linear[-1], inputs=True)
     conv_at = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if conv_at:
         block_end = conv_at[-1]
@@ -41,7 +54,6 @@ def default_layer(model: nn.Module) -> LayerSpec:
                 break
             block_end = i
         return LayerSpec(modules[block_end][0])
-    linear = [name for name, m in modules if isinstance(m, nn.Linear)]
     if not linear:
         raise InputError("the model has neither Conv2d nor Linear layers; name a layer")
     return LayerSpec(linear[-1], inputs=True)
@@ -107,9 +119,19 @@ def resolve_layer(model: nn.Module, layer: str | LayerSpec | None) -> LayerSpec:
     return spec
 
 
-def pool_features(t: torch.Tensor) -> torch.Tensor:
-    """φ as (N, D): global average pooling of 4-D activations, flattening otherwise."""
-    return t.mean(dim=(2, 3)) if t.ndim == 4 else t.flatten(1)
+def pool_features(t: Any) -> torch.Tensor:
+    """φ as (N, D): global average pooling of 4-D activations, the mean over tokens of a
+    transformer block's (N, tokens, D), flattening otherwise; a block that returns a tuple
+    (or an output object) is read at its first tensor (its hidden states)."""
+    if not isinstance(t, torch.Tensor):
+        t = getattr(t, "last_hidden_state", None) if not isinstance(t, tuple | list) else (
+            t[0] if t else None)
+        if not isinstance(t, torch.Tensor):
+            raise InputError("the layer returns no tensor (nor a tuple starting with one): "
+                             "name another layer")
+    if t.ndim == 4:
+        return t.mean(dim=(2, 3))
+    return t.mean(dim=1) if t.ndim == 3 else t.flatten(1)
 
 
 class FeatureCapture:
@@ -122,7 +144,7 @@ class FeatureCapture:
         self.last: torch.Tensor | None = None
 
     def __enter__(self) -> FeatureCapture:
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
             self.last = pool_features(args[0] if self.spec.inputs else out)
 
         self.handle = self.module.register_forward_hook(hook)

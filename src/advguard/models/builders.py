@@ -9,13 +9,18 @@ checkpoint:
                                  num_classes=…)``; grey images are repeated to 3 channels
 ``timm:resnet18``                ``timm.create_model(name, pretrained=False, num_classes=…,
                                  in_chans=…)``
+``hf:PATH``                       a Hugging Face ``transformers`` image classifier from a
+                                 local folder (``save_pretrained``'s), with its image
+                                 processor's normalisation (:mod:`advguard.models.huggingface`)
 ``my_package.my_module:build``   a factory the user writes, called with those of
                                  ``num_classes``, ``in_channels``, ``in_chans`` and
                                  ``image_size`` it accepts
 ==============================  ===========================================================
 
-No weights are downloaded: a builder's model starts untrained, or takes a user's weights
-(:func:`load_weights`: safetensors, or a torch file read weights-only). Every model but the zoo's
+Sources are an open registry (:func:`register_source`, as torchvision's ``register_model``): a
+new one is one module that registers itself. No weights are downloaded: a builder's model
+starts untrained, or takes a user's weights (:func:`load_weights`: safetensors, or a torch file
+read weights-only). Every model but the zoo's
 (which normalise inside) is :func:`~advguard.models.wrap`-ped: the data's per-channel mean/std
 is applied inside it, so every model takes images in [0, 1].
 """
@@ -26,7 +31,7 @@ import dataclasses
 import importlib
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,32 @@ from advguard.models.wrap import Wrapped
 from advguard.models.zoo import MODELS
 from advguard.options import option
 
-TORCHVISION, TIMM = "torchvision:", "timm:"
+
+@dataclass(frozen=True)
+class Source:
+    """A family of models named ``PREFIX:NAME``: ``build(NAME, card)`` makes the untrained
+    network (it is wrapped with the card's normalisation); ``prepare(NAME, card)`` may fill the
+    card from the source first (a config, a normalisation of its own); ``grey_to_rgb``: grey
+    images are repeated to 3 channels for it."""
+
+    build: Callable[[str, ModelCard], nn.Module]
+    prepare: Callable[[str, ModelCard], ModelCard] | None = None
+    grey_to_rgb: bool = False
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(prefix: str, source: Source) -> None:
+    """Make ``PREFIX:NAME`` build models of ``source`` everywhere a model is named."""
+    if not prefix.isidentifier():
+        raise ValueError(f"a model source prefix is a name, got {prefix!r}")
+    SOURCES[prefix] = source
+
+
+def _source(builder: str) -> tuple[Source, str] | None:
+    prefix, sep, rest = builder.partition(":")
+    return (SOURCES[prefix], rest) if sep and prefix in SOURCES else None
 
 
 @dataclass(frozen=True)
@@ -80,8 +110,12 @@ class ModelCard:
     @classmethod
     def for_data(cls, builder: str, info: DatasetInfo, **kwargs: Any) -> ModelCard:
         """The card of ``builder`` for the data described by ``info``."""
-        return cls(builder, info.channels, tuple(info.size), info.num_classes,  # type: ignore[arg-type]
+        card = cls(builder, info.channels, tuple(info.size), info.num_classes,  # type: ignore[arg-type]
                    tuple(info.mean), tuple(info.std), dict(kwargs), classes=info.classes)
+        found = _source(builder)
+        if found is not None and found[0].prepare is not None:
+            card = found[0].prepare(found[1], card)
+        return card
 
     @property
     def info(self) -> DatasetInfo:
@@ -117,45 +151,15 @@ def build(card: ModelCard) -> nn.Module:
     name = card.builder
     if name in MODELS:
         return MODELS[name](card.info)
-    if name.startswith(TORCHVISION):
-        net = _torchvision(name[len(TORCHVISION):], card)
-        return Wrapped(net, card.mean, card.std, card.output,
-                       expand_channels=3 if card.channels == 1 else None)
-    if name.startswith(TIMM):
-        net = _timm(name[len(TIMM):], card)
-    elif ":" in name:
-        net = _factory(name, card)
-    else:
+    found = _source(name)
+    if found is not None:
+        source, rest = found
+        return Wrapped(source.build(rest, card), card.mean, card.std, card.output,
+                       expand_channels=3 if source.grey_to_rgb and card.channels == 1 else None)
+    if ":" not in name:
         raise InputError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or "
-                         "torchvision:NAME, timm:NAME, package.module:factory")
-    return Wrapped(net, card.mean, card.std, card.output)
-
-
-def _torchvision(name: str, card: ModelCard) -> nn.Module:
-    import torchvision
-
-    if name not in torchvision.models.list_models():
-        raise InputError(f"torchvision has no model {name!r} (torchvision.models.list_models() "
-                         "lists them)")
-    try:
-        return torchvision.models.get_model(name, weights=None, num_classes=card.num_classes,
-                                            **card.kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"torchvision:{name}: {exc}") from None
-
-
-def _timm(name: str, card: ModelCard) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise InputError("timm:… models need timm: pip install timm") from None
-    if not timm.is_model(name):
-        raise InputError(f"timm has no model {name!r} (timm.list_models() lists them)")
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=card.num_classes,
-                                  in_chans=card.channels, **card.kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"timm:{name}: {exc}") from None
+                         f"{', '.join(f'{p}:NAME' for p in SOURCES)}, package.module:factory")
+    return Wrapped(_factory(name, card), card.mean, card.std, card.output)
 
 
 def _factory(spec: str, card: ModelCard) -> nn.Module:
@@ -187,8 +191,8 @@ def _factory(spec: str, card: ModelCard) -> nn.Module:
 
 def runs_user_code(builder: str) -> bool:
     """Whether building ``builder`` imports and calls a user's code (``package.module:factory``),
-    as opposed to advguard's, torchvision's or timm's own builders."""
-    return builder not in MODELS and not builder.startswith((TORCHVISION, TIMM))
+    as opposed to advguard's own builders or a registered source's."""
+    return builder not in MODELS and _source(builder) is None
 
 
 def card_for(builder: str, data: str | DatasetInfo, **kwargs: Any) -> ModelCard:
