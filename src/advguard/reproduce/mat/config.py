@@ -62,7 +62,8 @@ class MatConfig:
         None, "train accuracy-matrix models on the first N images only")
     matrix_attack: str | None = option(
         None, "attack filling the accuracy matrix: fgsm or pgd (default: fgsm in the transfer "
-        "setting, pgd in the white-box setting)")
+        "setting, pgd in the white-box setting — a default chosen by test PGD-20 grid means, "
+        "not on validation)")
     matrix_pgd_steps: int = option(10, "PGD steps of a PGD accuracy matrix (step 2.5·ε/steps)")
     matrix_val_limit: int | None = option(
         None, "accuracy matrix on the first N validation images (default: all for FGSM, "
@@ -76,7 +77,9 @@ class MatConfig:
     walks: int = same_as(SelectOptions, "walks")
     walk_steps: int = same_as(SelectOptions, "walk_steps")
     penalty: float = same_as(SelectOptions, "penalty")
-    voting: str = option("mean", "parallel MAT voting: mean, learned, gated")
+    voting: str = option("mean", "parallel MAT voting: mean, learned, gated (the default was "
+                                 "chosen by PGD on the first 1,000 test images, not on "
+                                 "validation)")
     compare_voting: bool = option(False, "also fit and evaluate every voting rule on the same "
                                          "members")
     voting_epochs: int = option(30, "epochs fitting the voting unit on validation data")
