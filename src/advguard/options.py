@@ -124,6 +124,27 @@ def is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def radii(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` or ``"0,8/255"``: strengths of any norm (≥ 0; the attack's norm checks
+    the upper bound: 1 in L∞, the image cube's diameter in L2)."""
+    try:
+        values = tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
+                         "0,0.5,1 or 1/255,3/255") from None
+    if not values or any(not 0 <= v < float("inf") for v in values):
+        raise InputError(f"strengths must be numbers ≥ 0, got {text!r}")
+    return values
+
+
+def radius(text: str) -> float:
+    """One strength of any norm: ``"0.5"`` or ``"8/255"``."""
+    values = radii(text)
+    if len(values) != 1:
+        raise InputError(f"give one strength such as 0.3 or 8/255, got {text!r}")
+    return values[0]
+
+
 def strength(text: str) -> float:
     """One strength: ``"0.3"`` or ``"8/255"``."""
     values = strengths(text)

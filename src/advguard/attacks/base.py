@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advguard.attacks.norms import LINF, Norm, norm_named
 from advguard.batching import map_batches
 from advguard.data.checks import check_images, check_labels
 from advguard.errors import InputError
@@ -59,9 +60,7 @@ def as_strength(eps: Strength, x: torch.Tensor) -> Strength:
 
 def project(x: torch.Tensor, adv: torch.Tensor, eps: Strength) -> torch.Tensor:
     """``adv`` clipped to the L∞ ball of radius ``eps`` around ``x`` and to [0, 1]."""
-    if isinstance(eps, torch.Tensor):
-        return torch.min(torch.max(adv, x - eps), x + eps).clamp_(0.0, 1.0)
-    return torch.clamp(adv, x - eps, x + eps).clamp_(0.0, 1.0)
+    return LINF.project(x, adv, eps)
 
 
 class Loss(Protocol):
@@ -135,6 +134,20 @@ class Attack(ABC):
     shares_gradient: ClassVar[bool] = False
 
     @property
+    def threat(self) -> Norm:
+        """The norm of the ball this attack stays in (a ``norm`` field, else L∞)."""
+        return norm_named(getattr(self, "norm", LINF))
+
+    def strengths(self, eps: float | Sequence[float], x: torch.Tensor) -> list[float]:
+        """``eps`` as a list of strengths of this attack's norm (one clear error if not)."""
+        if self.threat is LINF:
+            return check_strengths(eps)
+        values = [eps] if is_number(eps) else list(eps)  # type: ignore[arg-type]
+        if not values:
+            raise InputError("no strength given: eps must be a float or a non-empty list")
+        return [self.threat.check(e, tuple(x.shape[1:])) for e in values]
+
+    @property
     def passes(self) -> int:
         """Forward-backward passes per example and strength (one gradient by default)."""
         return 1
@@ -157,7 +170,7 @@ class Attack(ABC):
         """Adversarial copies of ``x`` (N, C, H, W) in [0, 1] with labels ``y`` (N,): one tensor
         for a float ``eps``, a list (one per strength) for a sequence."""
         check_attack_inputs(x, y)
-        strengths = check_strengths(eps)
+        strengths = self.strengths(eps, x)
         check_labels(y, len(x), num_classes(model, x))
         out = self.craft_many(model, x, y.long(), strengths)
         single = is_number(eps) or (isinstance(eps, (torch.Tensor, np.ndarray))
@@ -172,7 +185,7 @@ class Attack(ABC):
         e = as_strength(eps, x)
         with eval_mode(model):
             adv = self.perturb(model, x, y, e)
-        return project(x, adv.detach(), e * self.reach)
+        return self.threat.project(x, adv.detach(), e * self.reach)
 
     def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    strengths: Sequence[Strength]) -> list[torch.Tensor]:
@@ -185,7 +198,7 @@ class Attack(ABC):
         """:meth:`craft` over a whole dataset in batches on ``device``; the result on the CPU.
         ``y`` are the labels (or, for a targeted attack, the target classes)."""
         check_attack_inputs(x, y)
-        (strength,) = check_strengths(eps)
+        (strength,) = self.strengths(eps, x)
         model.to(device)
         check_labels(y, len(x), num_classes(model, x[:1].to(device)))
         return map_batches(lambda xb, yb: self.craft(model, xb, yb, strength), x, y,

@@ -1,6 +1,7 @@
 """Attacks advguard did not write, behind advguard's :class:`Attack` interface: torchattacks'
-PGD with restarts and APGD (Croce & Hein 2020) with the cross-entropy or DLR loss — the
-independent attacks of the audit — and any attack transferred from another model."""
+PGD with restarts and APGD (Croce & Hein 2020) with the cross-entropy or DLR loss, in the L∞ or
+the L2 ball — the independent attacks of the audit — and any attack transferred from another
+model."""
 
 from __future__ import annotations
 
@@ -31,15 +32,17 @@ class TorchattacksPGD(Attack):
     step_size: float = 0.01
     restarts: int = 5
     seed: int = 0
+    norm: str = "linf"
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Strength) -> torch.Tensor:
         ta = torchattacks_module()
         torch.manual_seed(self.seed)
+        kind = ta.PGDL2 if self.threat.name == "l2" else ta.PGD
 
         def one_start(xs: torch.Tensor, ys: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            return ta.PGD(model, eps=float(eps), alpha=self.step_size, steps=self.steps,
-                          random_start=True)(xs, ys)
+            return kind(model, eps=float(eps), alpha=self.step_size, steps=self.steps,
+                        random_start=True)(xs, ys)
 
         return with_restarts(model, x, y, self.restarts, one_start)
 
@@ -51,11 +54,13 @@ class TorchattacksAPGD(Attack):
     loss: str = "ce"
     steps: int = 100
     seed: int = 0
+    norm: str = "linf"
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Strength) -> torch.Tensor:
-        return torchattacks_module().APGD(model, norm="Linf", eps=float(eps), steps=self.steps,
-                                          n_restarts=1, seed=self.seed, loss=self.loss)(x, y)
+        return torchattacks_module().APGD(
+            model, norm=self.threat.torchattacks(), eps=float(eps), steps=self.steps,
+            n_restarts=1, seed=self.seed, loss=self.loss)(x, y)
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,26 @@ def fgsm_directions_file(model: nn.Module, data: ImageDataset, path: str | Path,
     del out
     os.replace(tmp, path)
     return load_array(path)
+
+
+@dataclass(frozen=True)
+class FGM(Attack):
+    """FGSM's L2 counterpart (the fast gradient method): one step of length ε along the
+    gradient normalised to unit L2 norm, ``clip(x + ε · ∇/‖∇‖₂, 0, 1)``. As FGSM, every strength
+    of a call shares the gradient: S strengths cost one forward + backward pass."""
+
+    shares_gradient: ClassVar[bool] = True
+    norm: str = "l2"
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                eps: Strength) -> torch.Tensor:
+        return self.craft_many(model, x, y, [eps])[0]
+
+    def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   strengths: Sequence[Strength]) -> list[torch.Tensor]:
+        x = x.detach()
+        ball = self.threat
+        with eval_mode(model):
+            direction = ball.direction(input_gradient(model, x, y))
+        return [ball.project(x, x + direction * as_strength(e, x), as_strength(e, x))
+                for e in strengths]

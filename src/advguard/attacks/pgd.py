@@ -1,4 +1,5 @@
-"""L∞ projected gradient descent (Madry et al. 2018) for white-box evaluation and training."""
+"""Projected gradient descent (Madry et al. 2018) for white-box evaluation and training, in
+the L∞ ball (the default) or the L2 ball (:mod:`advguard.attacks.norms`)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from advguard.attacks.base import (
     loss_gradient,
     with_restarts,
 )
+from advguard.attacks.norms import norm_named
 from advguard.errors import InputError
 from advguard.options import check_int
 
 
 @dataclass(frozen=True)
 class PGD(Attack):
-    """L∞ PGD with random start.
+    """PGD with random start, in the ``norm`` ball (``linf``: signed steps; ``l2``: steps along
+    the normalised gradient, Madry et al.'s L2 PGD).
 
     steps: gradient steps per restart. step_size: per-step change in pixel units; ``None`` means
     ``step_scale · eps / steps`` (2.5, Madry et al.'s rule). restarts: independent random
@@ -52,10 +55,12 @@ class PGD(Attack):
     loss: Loss = cross_entropy
     targeted: bool = False
     keep_best: bool = True
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
         check_int("PGD steps", self.steps)
         check_int("PGD restarts", self.restarts)
+        norm_named(self.norm)
         if self.step_size is not None and not 0.0 < float(self.step_size) <= 1.0:
             raise InputError(f"PGD step size must be in (0, 1] (pixel units), got "
                              f"{self.step_size!r}")
@@ -99,19 +104,17 @@ class PGD(Attack):
     def _one_start(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    eps: Strength, gen: torch.Generator | None) -> torch.Tensor:
         alpha = self.step_size if self.step_size is not None else self.step_scale * eps / self.steps
-        if self.random_start:
-            noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
-        else:
-            adv = x.clone()
+        ball = self.threat
+        adv = ball.random_start(x, eps, gen) if self.random_start else x.clone()
         best, found = adv.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.steps):
             grad, logits = loss_gradient(model, adv, y, self.loss)
             if self.keep_best:  # the logits are those of the current iterate
                 hit = self._success(logits, y)
                 best[hit], found = adv[hit], found | hit
-            step = adv - alpha * grad.sign() if self.targeted else adv + alpha * grad.sign()
-            moved = torch.min(torch.max(step, x - eps), x + eps).clamp_(0.0, 1.0)
+            direction = ball.direction(grad)
+            step = adv - alpha * direction if self.targeted else adv + alpha * direction
+            moved = ball.project(x, step, eps)
             if self.early_stop:
                 still = (~self._success(logits, y)).view(-1, *([1] * (x.dim() - 1)))
                 moved = torch.where(still, moved, adv)

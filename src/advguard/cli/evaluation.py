@@ -59,7 +59,8 @@ def audit(
     test = data.load_evaluation(options.test_limit, options.test_start)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     plan = AuditPlan.make(options.eps, pgd=options.pgd(), suite=not options.only_autoattack,
-                          autoattack=options.reference(), sources=sources, seed=options.seed)
+                          autoattack=options.reference(), sources=sources, seed=options.seed,
+                          norm=options.norm)
     shard = fitting_batch(test, options.shard_size)
     manifest: dict[str, Any] = {
         "kind": "audit", "model": provenance(model, checkpoint, model_options),
@@ -76,7 +77,7 @@ def audit(
         return
     report = plan.report(outcomes)
     name = checkpoint.name if checkpoint is not None else model_options.model
-    typer.echo(f"{name}: ε = {options.eps:g}, {report.images} {data.split} images "
+    typer.echo(f"{name}: {plan.norm} ε = {options.eps:g}, {report.images} {data.split} images "
                f"({_sha(manifest['model'])})")
     render(report)
     if out is not None:
@@ -116,6 +117,9 @@ def evaluate(
         parts = out.with_name(out.name.removesuffix(".json") + ".parts")
     model, meta, data = open_model(checkpoint, model_options, data)
     test = data.load_evaluation(options.test_limit, options.test_start)
+    if options.norm != "linf" and not options.grid:
+        raise InputError(f"give --grid for {options.norm} (the data's default grid is L∞), "
+                         "e.g. --grid 0,0.5,1,1.5,2,2.5,3 on MNIST")
     strengths, said = _grid(options.grid, data.info().grid, meta)
     crafting = None
     if threat is ThreatSetting.TRANSFER_FGSM:
@@ -129,12 +133,13 @@ def evaluate(
         "crafter": provenance(crafting, crafter, ModelOptions()) if crafting else None,
         "data": {**data.to_json(), "split": data.split},
         "data_slice": {"start": options.test_start, "images": len(test)},
-        "attack": threat.value, "grid": strengths, "seed": options.seed,
+        "attack": threat.value, "norm": options.norm, "grid": strengths, "seed": options.seed,
         "pgd": {"steps": options.pgd_steps, "restarts": options.pgd_restarts},
         "shard_size": shard}
     outcomes = run_shards(
         curve_batch(model, strengths, threat, pgd=options.pgd(), crafter=crafting,
-                    device=device), test, shard_size=shard, first_row=options.test_start,
+                    device=device, norm=options.norm), test, shard_size=shard,
+        first_row=options.test_start,
         directory=parts, manifest=manifest, workers=data.workers,
         progress=not quiet and distributed.is_main(), desc=f"{threat.value} curve",
         extra=_where(device))
@@ -238,7 +243,7 @@ def render(report: Any) -> None:
     for name, acc in report.transfer.items():
         typer.echo(f"  transfer from {name:<16} {100 * acc:6.2f}%")
     typer.echo(f"  zero-gradient inputs           {100 * report.zero_gradient_fraction:6.2f}%")
-    typer.echo(f"  unbounded PGD (ε = 1)          {100 * report.unbounded_accuracy:6.2f}%")
+    typer.echo(f"  unbounded PGD (whole cube)     {100 * report.unbounded_accuracy:6.2f}%")
     typer.echo("  warnings: " + ("; ".join(report.warnings) or "none"))
     typer.echo("  gradient masking: " + ("signal, see the warnings" if report.masking_signal
                                          else "no signal"))

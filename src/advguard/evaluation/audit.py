@@ -27,6 +27,7 @@ the caller's model is left in the mode it came in.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
@@ -35,14 +36,15 @@ import torch
 from torch import nn
 
 from advguard.attacks import (
+    LINF,
     PGD,
     Attack,
     TorchattacksAPGD,
     TorchattacksPGD,
     Transferred,
     check_attack_inputs,
-    check_strengths,
     input_gradient,
+    norm_named,
 )
 from advguard.batching import batch_slices
 from advguard.errors import InputError
@@ -57,12 +59,16 @@ ZERO, UNBOUNDED = "zero gradient", "unbounded PGD"
 
 
 def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int = 5,
-                        apgd_steps: int = 100, seed: int = 0) -> dict[str, Attack]:
+                        apgd_steps: int = 100, seed: int = 0,
+                        norm: str = "linf") -> dict[str, Attack]:
     """torchattacks' PGD (``restarts`` independent random starts) and APGD-CE / APGD-DLR."""
-    return {f"torchattacks PGD-{steps} x{restarts}": TorchattacksPGD(steps, step_size, restarts,
-                                                                      seed),
-            f"torchattacks APGD-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed),
-            f"torchattacks APGD-DLR-{apgd_steps}": TorchattacksAPGD("dlr", apgd_steps, seed)}
+    tag = "" if norm_named(norm) is LINF else "-L2"
+    return {f"torchattacks PGD{tag}-{steps} x{restarts}": TorchattacksPGD(
+                steps, step_size, restarts, seed, norm),
+            f"torchattacks APGD{tag}-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed,
+                                                                        norm),
+            f"torchattacks APGD{tag}-DLR-{apgd_steps}": TorchattacksAPGD("dlr", apgd_steps,
+                                                                         seed, norm)}
 
 
 @dataclass
@@ -108,28 +114,38 @@ class AuditPlan:
     sources: dict[str, nn.Module]
     autoattack: AutoAttack
     seed: int = 0
+    norm: str = "linf"
 
     @staticmethod
     def make(eps: float, *, pgd: PGD = AUDIT_PGD, attacks: dict[str, Attack] | None = None,
              step_sweep: Sequence[int] = AUDIT_STEP_SWEEP,
              sources: dict[str, nn.Module] | None = None, autoattack: AutoAttack | None = None,
-             suite: bool = True, seed: int = 0) -> AuditPlan:
-        (eps,) = check_strengths(eps)
+             suite: bool = True, seed: int = 0, norm: str = "linf") -> AuditPlan:
+        """The plan at ``eps`` in ``norm`` (``linf`` or ``l2``: every attack in its ball)."""
+        ball = norm_named(norm)
+        eps = ball.check(eps)
+        if ball is not LINF and pgd.step_size == AUDIT_PGD.step_size:
+            pgd = dataclasses.replace(pgd, step_size=None)  # an L∞ step: L2 takes 2.5·ε/steps
+        pgd = dataclasses.replace(pgd, norm=ball.name)
+        autoattack = dataclasses.replace(autoattack or AutoAttack(seed=seed), norm=ball.name)
         if not suite:
             attacks, step_sweep, sources = {}, (), None
         elif attacks is None:
             attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
-                                          pgd.restarts, seed=seed)
+                                          pgd.restarts, seed=seed, norm=ball.name)
         step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
+        tag = "" if ball is LINF else "-L2"
         every: dict[str, Attack] = {
-            **({f"advguard PGD-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
-            **{f"advguard PGD-{n}": PGD(steps=n, seed=seed) for n in step_sweep}, **attacks}
-        return AuditPlan(eps, every, tuple(step_sweep), dict(sources or {}),
-                         autoattack or AutoAttack(seed=seed), seed)
+            **({f"advguard PGD{tag}-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
+            **{f"advguard PGD{tag}-{n}": PGD(steps=n, seed=seed, norm=ball.name)
+               for n in step_sweep}, **attacks}
+        return AuditPlan(eps, every, tuple(step_sweep), dict(sources or {}), autoattack, seed,
+                         ball.name)
 
     def describe(self) -> dict[str, Any]:
         """The plan as a result's provenance records it (attack settings, implementations)."""
-        return {"eps": self.eps, "seed": self.seed, "step_sweep": list(self.step_sweep),
+        return {"eps": self.eps, "norm": self.norm, "seed": self.seed,
+                "step_sweep": list(self.step_sweep),
                 "attacks": {k: _settings(a) for k, a in self.attacks.items()},
                 "autoattack": {**asdict(self.autoattack), "version": self.autoattack.version()},
                 "transfer_from": sorted(self.sources)}
@@ -150,22 +166,26 @@ class AuditPlan:
 
     def _columns(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  aa_attacks: dict[str, Any]) -> Columns:
-        eps = self.eps
+        eps, ball = self.eps, norm_named(self.norm)
         cols: Columns = {"clean": _right(model, x, y)}
         for name, attack in self.attacks.items():
             adv = attack.perturb(model, x, y, eps).detach()  # before any projection
             flat = adv.flatten(1)
-            cols[name + LEFT] = ((flat - x.flatten(1)).abs().amax(1) > eps + 1e-5) | (
-                flat.amin(1) < 0) | (flat.amax(1) > 1)
+            cols[name + LEFT] = (ball.distance(adv, x) > eps + 1e-5) | (flat.amin(1) < 0) | (
+                flat.amax(1) > 1)
             cols[name] = _right(model, adv, y)
         aa, _ = self.autoattack.columns(aa_attacks, model, x, y, eps)
         cols.update({AA + k: v for k, v in aa.items() if k != "clean"})
         for name, source in self.sources.items():
-            adv = Transferred(source.to(x.device), PGD(steps=40, seed=self.seed)).craft(
-                model, x, y, eps)
+            adv = Transferred(source.to(x.device), PGD(steps=40, seed=self.seed,
+                                                       norm=ball.name)).craft(model, x, y, eps)
             cols[TRANSFER + name] = _right(model, adv, y)
         cols[ZERO] = input_gradient(model, x, y).flatten(1).abs().amax(1) == 0
-        unbounded = PGD(steps=100, step_size=0.05, seed=self.seed).craft(model, x, y, 1.0)
+        if ball is LINF:
+            unbounded = PGD(steps=100, step_size=0.05, seed=self.seed).craft(model, x, y, 1.0)
+        else:  # the whole image cube: its diameter
+            unbounded = PGD(steps=100, seed=self.seed, norm=ball.name).craft(
+                model, x, y, float(x[0].numel()) ** 0.5)
         cols[UNBOUNDED] = _right(model, unbounded, y)
         return {k: v.cpu() for k, v in cols.items()}
 
@@ -204,8 +224,9 @@ def summarise(plan: dict[str, Any], outcomes: Outcomes) -> AuditReport:
     robust &= aa.robust
     report.worst_case_accuracy = r = share(robust)
     report.standard_error = (r * (1 - r) / n) ** 0.5
-    report.steps_sweep = {str(k): report.attacks[f"advguard PGD-{k}"]
-                          for k in plan["step_sweep"] if f"advguard PGD-{k}" in report.attacks}
+    tag = "" if plan.get("norm", "linf") == "linf" else "-L2"
+    report.steps_sweep = {str(k): report.attacks[f"advguard PGD{tag}-{k}"] for k in
+                          plan["step_sweep"] if f"advguard PGD{tag}-{k}" in report.attacks}
     _masking_checks(report, aa.gradient_accuracy, cols, share)
     return report
 
@@ -229,7 +250,7 @@ def _masking_checks(report: AuditReport, aa_gradient: float, cols: Columns,
                                "exactly zero loss gradient")
     report.unbounded_accuracy = share(cols[UNBOUNDED])
     if report.unbounded_accuracy > 0.05:
-        report.warnings.append("an unbounded attack (ε = 1) leaves "
+        report.warnings.append("an unbounded attack (the whole image cube) leaves "
                                f"{100 * report.unbounded_accuracy:.1f}% accuracy "
                                "(gradient masking?)")
 

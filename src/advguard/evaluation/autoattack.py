@@ -1,6 +1,7 @@
 """AutoAttack, standard version (Croce & Hein 2020, "Reliable evaluation of adversarial
 robustness with an ensemble of diverse parameter-free attacks"): the reference evaluation of
-L∞ robustness the field reports.
+robustness the field reports, in its L∞ version (the default) or its L2 one (``norm="l2"``:
+the same four attacks at the same budgets in the L2 ball, as the authors' ``norm='L2'``).
 
 Two implementations of the four attacks, configured alike:
 
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advguard.attacks import check_attack_inputs, check_strengths, project
+from advguard.attacks import check_attack_inputs, norm_named
 from advguard.batching import batch_slices
 from advguard.errors import AdvguardError, InputError
 from advguard.models import eval_mode
@@ -82,10 +83,12 @@ class AutoAttack:
     seed: int = 0
     square_alone: bool = True  # also run Square on every correct example (the masking check)
     implementation: str = "torchattacks"  # or "reference": the authors' code (pyautoattack)
+    norm: str = "linf"  # or "l2": the standard L2 version (the same four attacks in the L2 ball)
 
     def __post_init__(self) -> None:
         for name in ("steps", "queries", "targets"):
             check_int(f"AutoAttack {name}", getattr(self, name))
+        norm_named(self.norm)
         if self.implementation not in IMPLEMENTATIONS:
             raise InputError(f"AutoAttack implementation must be one of "
                              f"{', '.join(IMPLEMENTATIONS)}, got {self.implementation!r}")
@@ -110,14 +113,15 @@ class AutoAttack:
             return self._reference_attacks(model, eps, targets)
         ta = _torchattacks()
         n = targets + 1  # torchattacks takes them as "n_classes - 1"
+        norm = norm_named(self.norm).torchattacks()
         return {
-            "APGD-CE": ta.APGD(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
+            "APGD-CE": ta.APGD(model, norm=norm, eps=eps, steps=self.steps, n_restarts=1,
                                seed=self.seed, loss="ce"),
-            "APGD-T": ta.APGDT(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
+            "APGD-T": ta.APGDT(model, norm=norm, eps=eps, steps=self.steps, n_restarts=1,
                                seed=self.seed, n_classes=n),
-            "FAB-T": ta.FAB(model, norm="Linf", eps=eps, steps=self.steps, n_restarts=1,
+            "FAB-T": ta.FAB(model, norm=norm, eps=eps, steps=self.steps, n_restarts=1,
                             seed=self.seed, multi_targeted=True, n_classes=n),
-            "Square": ta.Square(model, norm="Linf", eps=eps, n_queries=self.queries,
+            "Square": ta.Square(model, norm=norm, eps=eps, n_queries=self.queries,
                                 n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False,
                                 seed=self.seed)}
 
@@ -126,8 +130,8 @@ class AutoAttack:
         """The authors' four attacks as their ``version="standard"`` sets them up."""
         _, apgd, fab, square = _reference()
         device = next(model.parameters()).device
-        kw: dict[str, Any] = {"norm": "Linf", "eps": eps, "seed": self.seed, "verbose": False,
-                              "device": device}
+        kw: dict[str, Any] = {"norm": norm_named(self.norm).torchattacks(), "eps": eps,
+                              "seed": self.seed, "verbose": False, "device": device}
         ce = apgd.APGDAttack(model, n_iter=self.steps, n_restarts=1, loss="ce", eot_iter=1,
                              rho=0.75, **kw)
         t = apgd.APGDAttack_targeted(model, n_iter=self.steps, n_restarts=1, eot_iter=1,
@@ -142,10 +146,11 @@ class AutoAttack:
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                  batch_size: int = 500, device: str | torch.device = "cpu",
                  progress: bool = False) -> AutoAttackResult:
-        """Run the four attacks on ``(x, y)`` at L∞ strength ``eps``; the per-attack and
-        worst-case accuracies (and the adversarial images, :attr:`AutoAttackResult.adv`)."""
+        """Run the four attacks on ``(x, y)`` at strength ``eps`` (in :attr:`norm`); the
+        per-attack and worst-case accuracies (and the adversarial images,
+        :attr:`AutoAttackResult.adv`)."""
         check_attack_inputs(x, y)
-        (eps,) = check_strengths(eps)
+        eps = norm_named(self.norm).check(eps, tuple(x.shape[1:]))
         model = model.to(device)
         adv_all, parts = x.clone(), []
         with eval_mode(model):
@@ -176,14 +181,15 @@ class AutoAttack:
         ok = _correct(model, x, y)
         out, adv = {"clean": ok.cpu()}, x.clone()
         for name in GRADIENT_ATTACKS:
-            ok = self._step(attacks[name], model, x, y, eps, ok, adv)
+            ok = self._step(attacks[name], model, x, y, eps, ok, adv, self.norm)
             out[name] = ok.cpu()
         if self.square_alone:
             sq = self._step(attacks["Square"], model, x, y, eps, out["clean"].to(x.device),
-                            adv, only=ok)
+                            adv, self.norm, only=ok)
             out["Square alone"], out["Square"] = sq.cpu(), (ok & sq).cpu()
         else:
-            out["Square"] = self._step(attacks["Square"], model, x, y, eps, ok, adv).cpu()
+            out["Square"] = self._step(attacks["Square"], model, x, y, eps, ok, adv,
+                                       self.norm).cpu()
         return out, adv
 
     def result(self, columns: dict[str, torch.Tensor], eps: float,
@@ -211,7 +217,7 @@ class AutoAttack:
     @staticmethod
     def _step(attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
               x: torch.Tensor, y: torch.Tensor, eps: float, ok: torch.Tensor,
-              adv: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+              adv: torch.Tensor, norm: str, only: torch.Tensor | None = None) -> torch.Tensor:
         """Attack the examples still ``ok``; those it fools (inside the ε-ball, judged by
         ``model``) leave ``ok`` and, if in ``only`` (default: all), write their image to
         ``adv``."""
@@ -219,7 +225,7 @@ class AutoAttack:
         if len(todo) == 0:
             return ok
         xs = x[todo]
-        out = project(xs, attack(xs, y[todo]).detach().to(xs.device), eps)
+        out = norm_named(norm).project(xs, attack(xs, y[todo]).detach().to(xs.device), eps)
         fooled = ~_correct(model, out, y[todo])
         ok = ok.clone()
         ok[todo[fooled]] = False

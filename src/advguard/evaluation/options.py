@@ -21,7 +21,9 @@ class EvaluateOptions:
     attack: ThreatSetting = option(ThreatSetting.WHITE_BOX_FGSM,
                                    "white-box-fgsm, white-box-pgd or transfer-fgsm")
     grid: tuple[float, ...] = option((), "strengths, e.g. 0,0.1,0.3 or 0,8/255 (default: the "
-                                         "dataset's grid)", parse=opts.strengths)
+                                         "dataset's L∞ grid; give one for L2)",
+                                     parse=opts.radii)
+    norm: str = option("linf", "threat model: linf (FGSM, PGD) or l2 (FGM, PGD-L2)")
     pgd_steps: int = option(PGD.steps, "PGD steps (white-box-pgd; step 2.5·ε/steps)")
     pgd_restarts: int = option(PGD.restarts, "PGD random starts (white-box-pgd)")
     test_limit: int | None = option(None, "first N images of the split (default: all)")
@@ -30,13 +32,16 @@ class EvaluateOptions:
     device: str = option("cpu", "torch device")
 
     def pgd(self) -> PGD:
-        return PGD(steps=self.pgd_steps, restarts=self.pgd_restarts, seed=self.seed)
+        return PGD(steps=self.pgd_steps, restarts=self.pgd_restarts, seed=self.seed,
+                   norm=self.norm)
 
 
 @dataclass(frozen=True)
 class AuditOptions:
-    eps: float = option(0.3, "L∞ strength to audit at (pixel units), e.g. 0.3 or 8/255",
-                        parse=opts.strength)
+    eps: float = option(0.3, "strength to audit at (pixel units), e.g. 0.3 or 8/255 (L∞), "
+                             "or 0.5 (L2)", parse=opts.radius)
+    norm: str = option("linf", "threat model: linf or l2 (every attack in that ball; "
+                               "AutoAttack's standard L2 version)")
     pgd_steps: int = option(AUDIT_PGD.steps, "advguard PGD's steps")
     pgd_step_size: float | None = option(AUDIT_PGD.step_size, "PGD step in pixel units; none: "
                                                               "2.5·ε/steps")
@@ -63,4 +68,4 @@ class AuditOptions:
 
     def reference(self) -> AutoAttack:
         return AutoAttack(seed=self.seed, implementation=self.autoattack,
-                          square_alone=self.square_alone)
+                          square_alone=self.square_alone, norm=self.norm)

@@ -9,6 +9,7 @@ Three threat settings, named as reports name them:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from enum import Enum
 
@@ -16,7 +17,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from advguard.attacks import PGD, Attack, check_strengths, fgsm_directions, perturb
+from advguard.attacks import (
+    FGM,
+    LINF,
+    PGD,
+    Attack,
+    check_strengths,
+    fgsm_directions,
+    norm_named,
+    perturb,
+)
 from advguard.batching import batch_slices
 from advguard.models import eval_mode
 
@@ -85,12 +95,15 @@ def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence
 
 def curve_batch(model: nn.Module, grid: Sequence[float], threat: ThreatSetting, *,
                 pgd: PGD = PGD(), crafter: nn.Module | None = None,
-                device: str | torch.device = "cpu"
+                device: str | torch.device = "cpu", norm: str = "linf"
                 ) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """``fn(x, y)``: per image of one batch, whether ``model`` is still right at each strength
     of ``grid`` under ``threat`` (one column per strength, named :func:`strength_column`) —
-    the curve of a dataset of any size, streamed (:mod:`advguard.evaluation.outcomes`)."""
-    grid = check_strengths(grid)
+    the curve of a dataset of any size, streamed (:mod:`advguard.evaluation.outcomes`). In
+    ``norm`` ``l2`` the one-gradient attack is FGM and PGD is L2 PGD."""
+    ball = norm_named(norm)
+    grid = check_strengths(grid) if ball is LINF else [ball.check(e) for e in grid]
+    pgd = dataclasses.replace(pgd, norm=ball.name)
     source = crafter if threat is ThreatSetting.TRANSFER_FGSM else model
     if source is None:
         raise ValueError("the transfer setting needs a crafting model")
@@ -100,6 +113,9 @@ def curve_batch(model: nn.Module, grid: Sequence[float], threat: ThreatSetting, 
         with eval_mode(model):
             if threat is ThreatSetting.WHITE_BOX_PGD:
                 advs = [pgd.craft(model, x, y, eps) for eps in grid]
+            elif ball is not LINF:
+                assert source is not None
+                advs = FGM(norm=ball.name).craft_many(source, x, y, grid)
             else:
                 d = fgsm_directions(source, x, y, batch_size=len(x), device=device)
                 advs = [perturb(x, d.to(device), eps) for eps in grid]
