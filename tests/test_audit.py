@@ -104,7 +104,8 @@ def test_masked_gradients_are_flagged(trained_mlp, images):
     aa = report.autoattack
     assert aa["square_alone_accuracy"] < aa["gradient_accuracy"] - 0.05
     assert "Square (black-box) alone" in text and report.masking_signal
-    assert report.worst_case_accuracy <= aa["square_alone_accuracy"]
+    # and in the sequence Square fools images every gradient attack failed on
+    assert aa["robust_after"]["Square"] < aa["robust_after"]["FAB-T"] - 0.05
 
 
 def test_autoattack_counts_every_attack_and_stays_in_the_ball(trained_mlp, images):
@@ -112,10 +113,9 @@ def test_autoattack_counts_every_attack_and_stays_in_the_ball(trained_mlp, image
     result = QUICK_AA.evaluate(trained_mlp, x, y, 0.1, batch_size=50)
     after = list(result.robust_after.values())
     assert list(result.robust_after) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
-    # cumulative: an attack only removes examples; all below clean accuracy
-    assert result.clean_accuracy >= after[0] and after == sorted(after, reverse=True)
+    # the first attack already breaks the MLP at ε = 0.1; the number is the per-image count
+    assert after[0] < result.clean_accuracy - 0.1
     assert result.robust_accuracy == after[-1] == int(result.robust.sum()) / len(x)
-    assert result.robust_accuracy < result.clean_accuracy  # ε = 0.1 breaks the MLP somewhere
     # the images it returns are what it counted: fooled examples carry an image that fools
     with torch.no_grad():
         right = trained_mlp(result.adv).argmax(1) == y
