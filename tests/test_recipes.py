@@ -251,8 +251,9 @@ def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, streng
     train(net, data, recipe.mix(strengths), WhiteBox(recipe.attack),
           recipe.config(epochs=2, batch_size=50), progress=False)
     assert net.seen == recipe.passes(strengths, 2) * len(data)
-    # the forward passes without a gradient: PGD's success checks, TRADES' clean reference
-    assert net.checked == recipe.checks(strengths, 2) * len(data)
+    # the forward passes without a gradient: PGD's success checks, TRADES' clean reference —
+    # and one image before training, the check that the model takes the data's images
+    assert net.checked == recipe.checks(strengths, 2) * len(data) + 1
 
 
 def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball(trained_mlp, batch):

@@ -35,3 +35,16 @@ def mart_loss(clean: torch.Tensor, adversarial: torch.Tensor, y: torch.Tensor,
     kl = (p_clean * (torch.log(p_clean + EPS) - torch.log(p_adv + EPS))).sum(1)
     misclassified = 1 - p_clean.gather(1, y[:, None]).squeeze(1)
     return boosted + beta * (kl * misclassified).mean()
+
+
+def batch_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xb: torch.Tensor,
+               yb: torch.Tensor, *, trades_beta: float = 0.0, mart_beta: float = 0.0,
+               adversarial: bool = True, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The recipe's loss of one step: TRADES or MART on the clean images ``x`` and their
+    copies ``xb`` (one each, in order) when the recipe pairs them and there are adversarial
+    copies, else cross-entropy on the mixed batch ``(xb, yb)``."""
+    if trades_beta and adversarial:
+        return trades_loss(net(x), net(xb), y, trades_beta, label_smoothing)
+    if mart_beta and adversarial:
+        return mart_loss(net(x), net(xb), y, mart_beta)
+    return F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
