@@ -39,12 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--data-dir", default=None, help="where CIFAR-10 lies (MNIST needs none)")
     args = ap.parse_args()
     rows = {}
     for case in args.cases.split(","):
         path, dataset, eps, norm = CASES[case]
         model, _ = load_model(ROOT / path)
-        test = load_dataset(dataset, "test", limit=args.images)
+        test = load_dataset(dataset, "test", limit=args.images,
+                            data_dir=None if dataset == "mnist" else args.data_dir)
         row = {"model": path, "model_sha256": file_sha256(ROOT / path), "eps": eps,
                "norm": norm, "images": f"first {args.images} test images"}
         robust = {}
