@@ -43,8 +43,8 @@ def save_tiny(kind: str, folder) -> str:
 def test_a_hugging_face_model_through_every_entry_point(kind, tmp_path, cli, mnist_test):
     name = save_tiny(kind, tmp_path / kind)
     ckpt = tmp_path / "m.safetensors"
-    trained = cli("train", str(ckpt), "--model", name, "--train-limit", "1000", "--epochs", "4",
-                  "--batch-size", "32", "--strengths", "0.1", "--lr", "0.003", "-q")
+    trained = cli("train", str(ckpt), "--model", name, "--train-limit", "1000", "--epochs", "3",
+                  "--batch-size", "32", "-q")  # clean: a tiny ViT learns slowly adversarially
     assert trained.returncode == 0, trained.stderr
     meta = read_metadata(ckpt)
     card = meta["model"]
@@ -54,7 +54,7 @@ def test_a_hugging_face_model_through_every_entry_point(kind, tmp_path, cli, mni
     model, _ = load_model(ckpt)
     assert model(mnist_test.x[:2]).shape == (2, 10)
     losses = [h["loss"] for h in meta["history"]]
-    assert losses[-1] < losses[0] - 0.1, losses  # it learns
+    assert losses[-1] < losses[0] - 0.15, losses  # it learns (ViT: 2.20 -> 1.86 measured)
 
     layer = default_layer(model)
     assert layer.inputs and layer.name.endswith("classifier")  # not the stem's convolution
@@ -64,7 +64,7 @@ def test_a_hugging_face_model_through_every_entry_point(kind, tmp_path, cli, mni
     assert cap.features.shape == (3, width)
     if kind == "vit":  # the classifier reads the CLS token after the last block's norm
         inner = model.module
-        hidden = inner.vit(((mnist_test.x[:3] - MEAN[0]) / STD[0])).last_hidden_state
+        hidden = inner.vit((mnist_test.x[:3] - MEAN[0]) / STD[0]).last_hidden_state
         assert torch.allclose(cap.features, hidden[:, 0], atol=1e-5)
 
     evaluated = cli("evaluate", str(ckpt), "--test-limit", "40", "--grid", "0,0.1", "-q")

@@ -132,7 +132,10 @@ def radii(text: str) -> tuple[float, ...]:
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
                          "0,0.5,1 or 1/255,3/255") from None
-    if not values or any(not 0 <= v < float("inf") for v in values):
+    if not values:
+        raise InputError(f"no strength in {text!r}: give comma-separated numbers such as "
+                         "0,0.5,1, or leave the option out for its default")
+    if any(not 0 <= v < float("inf") for v in values):
         raise InputError(f"strengths must be numbers ≥ 0, got {text!r}")
     return values
 

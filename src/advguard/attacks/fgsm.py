@@ -51,10 +51,14 @@ def perturb(x: torch.Tensor, direction: torch.Tensor, eps: float | torch.Tensor)
 
 
 @dataclass(frozen=True)
-class FGSM(Attack):
-    """One signed-gradient step of size ε; every strength of a call shares the gradient."""
+class FGM(Attack):
+    """The fast gradient method in its ``norm``: one step of length ε along the gradient's
+    steepest-ascent direction — in L2 (the default here) the gradient normalised to unit
+    length, ``clip(x + ε · ∇/‖∇‖₂, 0, 1)``. Every strength of a call shares the gradient: S
+    strengths cost one forward + backward pass."""
 
     shares_gradient: ClassVar[bool] = True
+    norm: str = "l2"
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Strength) -> torch.Tensor:
@@ -63,8 +67,30 @@ class FGSM(Attack):
     def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    strengths: Sequence[Strength]) -> list[torch.Tensor]:
         x = x.detach()
-        direction = gradient_sign(model, x, y)
-        return [project(x, perturb(x, direction, e), as_strength(e, x)) for e in strengths]
+        direction = self.direction(model, x, y)
+        return [self.step(x, direction, e) for e in strengths]
+
+    def direction(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with eval_mode(model):
+            return self.threat.direction(input_gradient(model, x, y))
+
+    def step(self, x: torch.Tensor, direction: torch.Tensor, eps: Strength) -> torch.Tensor:
+        e = as_strength(eps, x)
+        return self.threat.project(x, x + direction * e, e)
+
+
+@dataclass(frozen=True)
+class FGSM(FGM):
+    """FGM in L∞ (SPEC A1): one signed-gradient step of size ε, every strength of a call from
+    one gradient — the signs as :func:`fgsm_directions` stores them."""
+
+    norm: str = "linf"
+
+    def direction(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return gradient_sign(model, x, y)
+
+    def step(self, x: torch.Tensor, direction: torch.Tensor, eps: Strength) -> torch.Tensor:
+        return project(x, perturb(x, direction, eps), as_strength(eps, x))
 
 
 @overload
@@ -120,26 +146,3 @@ def fgsm_directions_file(model: nn.Module, data: ImageDataset, path: str | Path,
     del out
     os.replace(tmp, path)
     return load_array(path)
-
-
-@dataclass(frozen=True)
-class FGM(Attack):
-    """FGSM's L2 counterpart (the fast gradient method): one step of length ε along the
-    gradient normalised to unit L2 norm, ``clip(x + ε · ∇/‖∇‖₂, 0, 1)``. As FGSM, every strength
-    of a call shares the gradient: S strengths cost one forward + backward pass."""
-
-    shares_gradient: ClassVar[bool] = True
-    norm: str = "l2"
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Strength) -> torch.Tensor:
-        return self.craft_many(model, x, y, [eps])[0]
-
-    def craft_many(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   strengths: Sequence[Strength]) -> list[torch.Tensor]:
-        x = x.detach()
-        ball = self.threat
-        with eval_mode(model):
-            direction = ball.direction(input_gradient(model, x, y))
-        return [ball.project(x, x + direction * as_strength(e, x), as_strength(e, x))
-                for e in strengths]
