@@ -75,8 +75,10 @@ class FGM(Attack):
             return self.threat.direction(input_gradient(model, x, y))
 
     def step(self, x: torch.Tensor, direction: torch.Tensor, eps: Strength) -> torch.Tensor:
-        e = as_strength(eps, x)
-        return self.threat.project(x, x + direction * e, e)
+        """``clip(x + ε · direction, 0, 1)``: the direction has unit length in the norm, so the
+        step lands on the ball's surface and clipping to [0, 1] only shortens it — no other
+        projection is needed (it would cost a norm per image and strength)."""
+        return (x + direction * as_strength(eps, x)).clamp_(0.0, 1.0)
 
 
 @dataclass(frozen=True)
