@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from advguard import options as opts
+from advguard.attacks import norm_named
 from advguard.cli import app, setup_logging
 from advguard.cli.commands import CHECKPOINT_HELP
 from advguard.cli.options import Quiet, with_configs
@@ -19,6 +20,7 @@ from advguard.errors import InputError
 from advguard.evaluation.options import AuditOptions, EvaluateOptions
 from advguard.io import check_output
 from advguard.models import ModelOptions
+from advguard.options import check_int
 
 
 @app.command()
@@ -55,7 +57,10 @@ def audit(
     if out is not None:
         check_output(out)
         parts = parts or out.with_name(out.name.removesuffix(".json") + ".parts")
+    check_int("--shard-size", options.shard_size)
+    norm_named(options.norm)
     model, meta, data = open_model(checkpoint, model_options, data)
+    norm_named(options.norm).check(options.eps, data.info().shape)  # L2: the cube's diameter
     test = data.load_evaluation(options.test_limit, options.test_start)
     sources = {p.name: load_any(p)[0] for p in transfer_from or []}
     plan = AuditPlan.make(options.eps, pgd=options.pgd(), suite=not options.only_autoattack,
@@ -121,6 +126,8 @@ def evaluate(
         raise InputError(f"give --grid for {options.norm} (the data's default grid is L∞), "
                          "e.g. --grid 0,0.5,1,1.5,2,2.5,3 on MNIST")
     strengths, said = _grid(options.grid, data.info().grid, meta)
+    for eps in strengths:
+        norm_named(options.norm).check(eps, data.info().shape)
     crafting = None
     if threat is ThreatSetting.TRANSFER_FGSM:
         if crafter is None:
