@@ -44,17 +44,9 @@ def same_as(cls: type, name: str) -> Any:
 
 
 def strengths(text: str) -> tuple[float, ...]:
-    """``"0.1,0.2"`` or ``"1/255,3/255"`` -> floats. Text that names no strength is an error:
-    leave the option out instead."""
-    try:
-        values = tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
-                         "0.1,0.2,0.3 or 1/255,3/255") from None
-    if not values:
-        raise InputError(f"no strength in {text!r}: give comma-separated numbers such as "
-                         "0.1,0.2,0.3, or leave the option out for its default")
-    return tuple(check_strengths(values))
+    """``"0.1,0.2"`` or ``"1/255,3/255"`` -> L∞ strengths (each in [0, 1]). Text that names no
+    strength is an error: leave the option out instead."""
+    return tuple(check_strengths(radii(text)))
 
 
 def device(name: str) -> str:
@@ -131,10 +123,10 @@ def radii(text: str) -> tuple[float, ...]:
         values = tuple(float(Fraction(t.strip())) for t in text.split(",") if t.strip())
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read strengths {text!r}: give comma-separated numbers such as "
-                         "0,0.5,1 or 1/255,3/255") from None
+                         "0.1,0.2,0.3 or 1/255,3/255") from None
     if not values:
         raise InputError(f"no strength in {text!r}: give comma-separated numbers such as "
-                         "0,0.5,1, or leave the option out for its default")
+                         "0.1,0.2,0.3, or leave the option out for its default")
     if any(not 0 <= v < float("inf") for v in values):
         raise InputError(f"strengths must be numbers ≥ 0, got {text!r}")
     return values
