@@ -56,7 +56,7 @@ def audit(
     device = distributed.device_for_rank(device)
     if out is not None:
         check_output(out)
-        parts = parts or out.with_name(out.name.removesuffix(".json") + ".parts")
+        parts = parts or parts_of(out)
     check_int("--shard-size", options.shard_size)
     norm_named(options.norm)
     model, meta, data = open_model(checkpoint, model_options, data)
@@ -77,7 +77,7 @@ def audit(
         plan.batch(model, device), test, shard_size=shard, first_row=options.test_start,
         directory=parts, manifest=manifest, workers=data.workers,
         progress=not quiet and distributed.is_main(), desc=f"audit ε={options.eps:g}",
-        running=_running_robust, extra=_where(device))
+        running=_RunningRobust(), extra=_where(device))
     if not distributed.is_main():
         return
     report = plan.report(outcomes)
@@ -119,7 +119,7 @@ def evaluate(
     parts = None
     if out is not None:
         check_output(out)
-        parts = out.with_name(out.name.removesuffix(".json") + ".parts")
+        parts = parts_of(out)
     model, meta, data = open_model(checkpoint, model_options, data)
     test = data.load_evaluation(options.test_limit, options.test_start)
     if options.norm != "linf" and not options.grid:
@@ -216,6 +216,11 @@ def provenance(model: Any, checkpoint: Path | None, options: ModelOptions) -> di
             "builder": None if checkpoint is not None else options.model}
 
 
+def parts_of(out: Path) -> Path:
+    """Where the finished pieces of a run writing ``out`` go: ``OUT.parts`` beside it."""
+    return out.with_name(out.name.removesuffix(".json") + ".parts")
+
+
 def _sha(model: dict[str, Any]) -> str:
     if model.get("file_sha256"):
         return f"model file sha256 {model['file_sha256'][:16]}…"
@@ -230,10 +235,16 @@ def _where(device: str) -> dict[str, Any]:
             "rank": distributed.rank()}
 
 
-def _running_robust(outcomes: Any) -> str:
-    """The progress bar's text: robust accuracy so far (AutoAttack's, per image)."""
-    robust = outcomes.columns["AutoAttack Square"]
-    return f"AutoAttack robust {100 * float(robust.float().mean()):.1f}% of {len(outcomes)}"
+class _RunningRobust:
+    """The progress bar's text: AutoAttack's robust accuracy over the pieces seen so far."""
+
+    def __init__(self) -> None:
+        self.robust = self.images = 0
+
+    def __call__(self, piece: Any) -> str:
+        self.robust += int(piece.columns["AutoAttack Square"].sum())
+        self.images += len(piece)
+        return f"AutoAttack robust {100 * self.robust / self.images:.1f}% of {self.images}"
 
 
 def render(report: Any) -> None:

@@ -55,6 +55,11 @@ from advguard.models import eval_mode
 AUDIT_PGD = PGD(steps=40, step_size=0.01, restarts=5)  # advguard's PGD in the audit, by default
 AUDIT_STEP_SWEEP = (10, 40, 100)
 AA, LEFT, TRANSFER = "AutoAttack ", " left the ball", "transfer from "
+
+
+def _tag(norm: str) -> str:
+    """What an attack's name carries of its norm: nothing in L∞ (the names of record), -L2."""
+    return "" if norm_named(norm) is LINF else "-L2"
 ZERO, UNBOUNDED = "zero gradient", "unbounded PGD"
 
 
@@ -62,7 +67,7 @@ def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int 
                         apgd_steps: int = 100, seed: int = 0,
                         norm: str = "linf") -> dict[str, Attack]:
     """torchattacks' PGD (``restarts`` independent random starts) and APGD-CE / APGD-DLR."""
-    tag = "" if norm_named(norm) is LINF else "-L2"
+    tag = _tag(norm)
     return {f"torchattacks PGD{tag}-{steps} x{restarts}": TorchattacksPGD(
                 steps, step_size, restarts, seed, norm),
             f"torchattacks APGD{tag}-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed,
@@ -134,7 +139,7 @@ class AuditPlan:
             attacks = independent_attacks(pgd.steps, pgd.step_size or 2.5 * eps / pgd.steps,
                                           pgd.restarts, seed=seed, norm=ball.name)
         step = "" if pgd.step_size is None else f" step {pgd.step_size:g}"
-        tag = "" if ball is LINF else "-L2"
+        tag = _tag(ball.name)
         every: dict[str, Attack] = {
             **({f"advguard PGD{tag}-{pgd.steps}{step} x{pgd.restarts}": pgd} if suite else {}),
             **{f"advguard PGD{tag}-{n}": PGD(steps=n, seed=seed, norm=ball.name)
@@ -224,7 +229,7 @@ def summarise(plan: dict[str, Any], outcomes: Outcomes) -> AuditReport:
     robust &= aa.robust
     report.worst_case_accuracy = r = share(robust)
     report.standard_error = (r * (1 - r) / n) ** 0.5
-    tag = "" if plan.get("norm", "linf") == "linf" else "-L2"
+    tag = _tag(plan.get("norm", "linf"))
     report.steps_sweep = {str(k): report.attacks[f"advguard PGD{tag}-{k}"] for k in
                           plan["step_sweep"] if f"advguard PGD{tag}-{k}" in report.attacks}
     _masking_checks(report, aa.gradient_accuracy, cols, share)

@@ -118,7 +118,8 @@ def run_shards(fn: ShardFn, data: ImageDataset, *, shard_size: int, first_row: i
     ``first_row + i``). With ``directory``, each batch's outcome is written there as it
     finishes and batches already there are not run again (``manifest`` must match the one
     there); under torchrun the ranks share the batches and every rank returns the whole.
-    ``running`` turns the outcomes so far into the progress bar's text (a running accuracy);
+    ``running`` is shown each piece's outcomes once, those found done included, and gives the
+    progress bar's text (a running accuracy, kept by the callable);
     ``extra`` is written into each shard (the device, versions)."""
     if shard_size < 1:
         raise InputError(f"the shard size must be at least 1, got {shard_size}")
@@ -137,6 +138,9 @@ def run_shards(fn: ShardFn, data: ImageDataset, *, shard_size: int, first_row: i
             if k % distributed.world_size() == distributed.rank() and k not in done]
     if done:
         log.info("resuming: %d of %d batches done already", len(done), len(spans))
+    if running is not None:
+        for part in done.values():
+            running(part)  # the pieces found done count in the running text
     total = sum(spans[k][1] - spans[k][0] for k in mine)
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
     rows = [torch.arange(*spans[k]) for k in mine]
@@ -149,7 +153,7 @@ def run_shards(fn: ShardFn, data: ImageDataset, *, shard_size: int, first_row: i
                        {**part.to_json(), **(extra or {})})
         done[k] = part
         if running is not None:
-            bar.set_postfix_str(running(Outcomes.cat(list(done.values()))), refresh=False)
+            bar.set_postfix_str(running(part), refresh=False)
         bar.update(b - a)
     bar.close()
     return _gather(done, len(spans), directory, first_row, spans)
