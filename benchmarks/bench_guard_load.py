@@ -57,10 +57,8 @@ def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
     store.close()
     ring = Ring(RING_ROWS)
     ring.extend(rows, codes.shape[1])
-    b = ring.bank
-    arrays = [b.raw, b.proj, b.norms, b.view, b.chunks, ring.ids, ring.times]
-    out["process_bytes_per_query"] = (sum(a.nbytes for a in arrays if a is not None)
-                                      + 8 * len(ring.clients)
+    # the columns as allocated (up to twice the rows they hold) and the answers' strings
+    out["process_bytes_per_query"] = (ring.rows.nbytes
                                       + sum(len(a) + 49 for a in ring.answers)) / RING_ROWS
     none = codes[:0]
     for size in (watch.query_global, RING_ROWS):  # one admission's comparison, one query

@@ -10,7 +10,7 @@ import torch
 
 from advguard.data import load_dataset
 from advguard.errors import InputError
-from advguard.serve.matching import repeats
+from advguard.serve.matching import Bank, Rows, repeats
 from advguard.serve.queries import DIMS, VIEW, QueryWatch, calibrate, encode, mean_knn, split
 
 
@@ -181,3 +181,50 @@ def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_dig
     assert not found[:5].any() and found[5:].all()
     other = encode(digits[:1000])
     assert not repeats(none(other), other, watch).any()
+
+
+def test_rows_added_and_dropped_in_place_match_a_plain_list():
+    """The histories and the global index keep their rows in over-allocated columns (rows
+    appended at the end, a prefix dropped by moving the start): after any sequence of appends,
+    prefix drops and arbitrary masks, the columns are what plain concatenation gives."""
+    rng = np.random.default_rng(0)
+    rows, ids, codes = Rows(), np.zeros(0, dtype=np.int64), np.zeros((0, 3), dtype=np.float32)
+    top = 0
+    for step in range(300):
+        n = int(rng.integers(1, 9))
+        new = rng.standard_normal((n, 3)).astype(np.float32)
+        rows.append(ids=np.arange(top, top + n), code=new)
+        ids, codes = np.concatenate([ids, np.arange(top, top + n)]), np.vstack([codes, new])
+        top += n
+        if step % 3 == 0:  # the oldest leave (a size limit, the TTL)
+            keep = np.arange(len(ids)) >= int(rng.integers(0, len(ids) + 1))
+        elif step % 7 == 0:  # rows leave from the middle (an expired client's queries)
+            keep = rng.random(len(ids)) > 0.2
+        else:
+            continue
+        rows.keep(keep)
+        ids, codes = ids[keep], codes[keep]
+        assert len(rows) == len(ids)
+        assert np.array_equal(rows.get("ids"), ids)
+        assert np.array_equal(rows.get("code"), codes)
+    assert rows.get("missing") is None
+
+
+def test_the_cheap_l_inf_bound_never_rules_out_a_row_within_the_threshold(digits):
+    """Bank.linf rules rows out by a bound (chunk means) before the exact distance: every row
+    it leaves at inf is truly farther than the threshold, every other distance is exact —
+    on digits and on copies of one digit with noise inside the ball, over rows that skip
+    some of the bank (another client's queries)."""
+    rng = np.random.default_rng(1)
+    x = digits[:300].clone()
+    x[200:] = (x[0] + torch.empty_like(x[200:]).uniform_(-0.3, 0.3)).clamp(0, 1)
+    bank, q = Bank.of(encode(x[1:])), Bank.of(encode(x[:1]))
+    rows = np.flatnonzero(rng.random(len(bank)) > 0.3)
+    exact = np.abs(bank.view[rows] - q.view[0]).max(1)
+    for below in (0.3, 0.61, 0.9):
+        got = bank.linf(q, 0, rows, below)
+        inside = exact <= below
+        assert np.allclose(got[inside], exact[inside])
+        assert (exact[np.isinf(got)] > below).all()
+        if below > 0.6:  # the noisy copies of the query (bank rows 199 on) are all found
+            assert np.isfinite(got[rows >= 199]).all() and (rows >= 199).sum() > 50

@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
                          settings.policy, watch),
         metrics=Metrics(), batcher=Batcher(guard.verdicts, max_images=max(256, lim.max_batch)),
         heavy=ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode"),
+        admitting=ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-admission"),
         images_allowed=RateLimiter(lim.image_rate, lim.image_burst))
 
     @asynccontextmanager
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await service.batcher.stop()
         service.heavy.shutdown(wait=False, cancel_futures=True)
+        service.admitting.shutdown(wait=True)  # admissions under way are finished
         service.store.close()
 
     app = FastAPI(title="advguard guard", version=guard.config.advguard, lifespan=lifespan,

@@ -38,9 +38,12 @@ log = logging.getLogger("advguard.serve")
 @dataclass
 class Service:
     """What every request of one worker shares: the guard, its client store, the inference
-    batcher and the decoding thread, the metrics, and the clients it saw denied (only their
-    requests read the store before inference; a denial made by another worker or replica is
-    found by the admission itself)."""
+    batcher, the decoding thread and the admission thread, the metrics, and the clients it
+    saw denied (only their requests read the store before inference; a denial made by another
+    worker or replica is found by the admission itself). Admissions run on one thread of
+    their own: they take turns on the store's write lock anyway, and six threads contending
+    for it (and the GIL) admitted half as many requests a second as one (522 vs 1,022 on the
+    MNIST guard's watch, in-process)."""
 
     settings: Settings
     guard: Guard
@@ -49,6 +52,7 @@ class Service:
     metrics: Metrics
     batcher: Batcher
     heavy: ThreadPoolExecutor
+    admitting: ThreadPoolExecutor
     images_allowed: RateLimiter
     denied: set[str] = field(default_factory=set)
 
@@ -168,7 +172,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
         return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
                                answers)
 
-    admission = await asyncio.to_thread(admit)
+    admission = await asyncio.get_running_loop().run_in_executor(svc.admitting, admit)
     status = admission.status
     if status.denied(now):
         svc.denied.add(who.id)

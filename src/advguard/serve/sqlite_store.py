@@ -21,7 +21,7 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Bank, Found, History, Ring, detect
+from advguard.serve.matching import Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
 from advguard.serve.queries import QueryWatch
 
@@ -116,7 +116,9 @@ class SQLiteStore(CheckedStore):
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: the writers of every process take turns. The
         threads of one process queue on a lock first: left to SQLite's busy handler, a waiting
-        thread sleeps in growing steps and a burst of admissions waits hundreds of ms."""
+        thread sleeps in growing steps and a burst of admissions waits hundreds of ms. A
+        transaction rolled back drops this process's copies of the histories and the index
+        (they are changed in place as the transaction goes)."""
         db = self._connect()
         with self._writer:
             db.execute("BEGIN IMMEDIATE")
@@ -126,6 +128,10 @@ class SQLiteStore(CheckedStore):
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                # the copies read in the transaction were changed in place: read afresh
+                self._histories.clear()
+                if self._ring is not None:
+                    self._ring.reset("")
                 raise
 
     def _load(self, db: sqlite3.Connection, client: str) -> state.Record:
@@ -170,7 +176,7 @@ class SQLiteStore(CheckedStore):
         old = h.times <= now - w.query_ttl_s
         if old.any():
             db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
-            h = h[~old]
+            h.keep(~old)
         ring = self._read_ring(db, now, w, codes.shape[1])
         found = detect(h.bank, list(h.answers), codes, answers, w, ring, client)
         given = [a if a is not None else fresh for a, fresh in zip(found.answers, answers,
@@ -178,12 +184,11 @@ class SQLiteStore(CheckedStore):
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
                           (client, now, c.tobytes(), a)).lastrowid
                for c, a in zip(codes, given, strict=True)]
-        h = h + History(np.array(ids, dtype=np.int64), np.full(len(ids), now), Bank.of(codes),
-                         np.array(given, dtype=object))
+        h.add(np.array(ids, dtype=np.int64), np.full(len(ids), now), codes, given)
         if len(h) > w.query_history:
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
                        (client, int(h.ids[-w.query_history - 1])))
-            h = h[-w.query_history:]
+            h.keep(np.arange(len(h)) >= len(h) - w.query_history)
         self._histories[client] = h
         self._histories.move_to_end(client)
         if len(self._histories) > CACHED_CLIENTS:
@@ -228,7 +233,8 @@ class SQLiteStore(CheckedStore):
             row = db.execute("SELECT t FROM queries WHERE id = ? AND client = ?",
                              (int(h.ids[-1]), client)).fetchone()
             if row is not None and row[0] == h.times[-1]:
-                h = h[h.ids >= first] + History.of(db.execute(
+                h.keep(h.ids >= first)
+                h.extend(db.execute(
                     "SELECT id, t, code, answer FROM queries WHERE client = ? AND id > ? "
                     "ORDER BY id", (client, int(h.ids[-1]))).fetchall(), dims)
                 if len(h) == count:
