@@ -68,11 +68,18 @@ class Target:
     def __init__(self, http: httpx.Client, keys: list[str], x0: torch.Tensor, y: int,
                  eps: float, budget: int, classes: int, per_request: int = 1,
                  blind: float = 0.0, dilution: int = 0, clean: torch.Tensor | None = None,
-                 seed: int = 0, blind_part: float = 1.0, adaptive: bool = False) -> None:
+                 seed: int = 0, blind_part: float = 1.0, adaptive: bool = False,
+                 shift: int = 0, crop: int = 0) -> None:
         self.http, self.keys, self.x0, self.y, self.eps = http, list(keys), x0, y, eps
         self.budget, self.classes, self.per_request = budget, classes, per_request
         self.blind, self.dilution, self.clean = blind, dilution, clean
         self.blind_part = blind_part  # the share of the image the blinding noise covers
+        # blinding by moving the image: every query shifted by up to ``shift`` pixels (edges
+        # repeated), or cropped by up to ``crop`` pixels a side and resized back, redrawn each
+        # query; such a query is no longer within ε of the image, so a wrong answer is cashed
+        # in by sending the unmoved candidate once: the success is judged on that answer, and
+        # the attack is told that answer (a wrong class the move alone caused is no success)
+        self.shift, self.crop = shift, crop
         self.turn = 0  # the keys take turns, one request each; a denied key drops out
         # OARS-style (Feng et al. 2023): the service's answers as the oracle of its watch — an
         # answer identical to one already had means the query was taken for a near-copy — and
@@ -121,6 +128,49 @@ class Target:
         return torch.min(torch.max(batch + noise, self.x0 - self.eps),
                          self.x0 + self.eps).clamp(0, 1)
 
+    def _moved(self, batch: torch.Tensor) -> torch.Tensor:
+        """Each image shifted by up to ``shift`` pixels each way (edges repeated), or cropped
+        by up to ``crop`` pixels a side and resized back, drawn afresh for every query."""
+        out = []
+        h, w = batch.shape[-2:]
+        for image in batch:
+            if self.shift:
+                s = self.shift
+                dy, dx = (int(v) for v in torch.randint(0, 2 * s + 1, (2,), generator=self.gen))
+                padded = torch.nn.functional.pad(image[None], (s, s, s, s), mode="replicate")
+                image = padded[0, :, dy:dy + h, dx:dx + w]
+            if self.crop:
+                t, b, left, r = (int(v) for v in
+                                 torch.randint(0, self.crop + 1, (4,), generator=self.gen))
+                image = torch.nn.functional.interpolate(
+                    image[None, :, t:h - b, left:w - r], size=(h, w), mode="bilinear",
+                    align_corners=False)[0]
+            out.append(image.clamp(0, 1))
+        return torch.stack(out)
+
+    def _send(self, part: torch.Tensor) -> list[dict[str, Any]]:
+        try:
+            results = self._post(part)
+            for _ in range(self.dilution):
+                i = int(torch.randint(len(self.clean), (1,), generator=self.gen))
+                self._post(self.clean[i:i + 1])
+                self.clean_sent += 1
+        except Denied:
+            self.denied_at = self.queries
+            raise
+        return results
+
+    def _judge(self, q: torch.Tensor, res: dict[str, Any]) -> None:
+        """Note a success: ``res`` answers ``q`` (sent as it is) with a wrong class while ``q``
+        lies within ε of the image."""
+        c = int(res["class"])
+        if c == self.y or float((q - self.x0).abs().max()) > self.eps + 1e-5:
+            return
+        if self.success_at is None:
+            self.success_at = self.queries
+        if self.evaded_at is None and res["verdict"] == "trusted":
+            self.evaded_at = self.queries
+
     def ask(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classes and probabilities the service answers for ``batch``."""
         if self.denied_at is not None:
@@ -129,27 +179,22 @@ class Target:
             raise Spent
         if self.blind or self.adaptive:
             batch = self._blinded(batch)
+        moving = bool(self.shift or self.crop)
+        sent = self._moved(batch) if moving else batch
         classes, probs = [], []
         for start in range(0, len(batch), self.per_request):
             part = batch[start:start + self.per_request]
-            try:
-                results = self._post(part)
-                for _ in range(self.dilution):
-                    i = int(torch.randint(len(self.clean), (1,), generator=self.gen))
-                    self._post(self.clean[i:i + 1])
-                    self.clean_sent += 1
-            except Denied:
-                self.denied_at = self.queries
-                raise
+            results = self._send(sent[start:start + self.per_request])
             for q, res in zip(part, results, strict=True):
                 self.queries += 1
                 c = int(res["class"])
-                within = float((q - self.x0).abs().max()) <= self.eps + 1e-5
-                if self.success_at is None and c != self.y and within:
-                    self.success_at = self.queries
-                if (self.evaded_at is None and c != self.y and within
-                        and res["verdict"] == "trusted"):
-                    self.evaded_at = self.queries
+                if not moving:
+                    self._judge(q, res)
+                elif c != self.y:  # cash in: the candidate itself, unmoved
+                    self.queries += 1
+                    res = self._send(q[None])[0]
+                    self._judge(q, res)
+                    c = int(res["class"])  # the attack goes on from what the cash-in said
                 classes.append(c)
                 probs.append(res.get("probabilities") or np.eye(self.classes)[c].tolist())
                 again = tuple(probs[-1]) in self.seen
@@ -222,14 +267,15 @@ ATTACKS: dict[str, tuple[Callable[..., None], int]] = {  # attack, queries per r
 def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Tensor,
         eps: float, budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
         blind_part: float = 1.0, dilution: int = 0, simba_step: float = 0.2,
-        threads: int = 12, adaptive: bool = False) -> dict[str, Any]:
+        threads: int = 12, adaptive: bool = False, shift: int = 0,
+        crop: int = 0, right: torch.Tensor | None = None) -> dict[str, Any]:
     fn, per_request = ATTACKS[name]
     http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
 
     def one(i: int) -> Target:
         t = Target(http, keys[i], x[i], int(y[i]), eps, budget, classes, per_request,
                    blind=blind, dilution=dilution, clean=clean, seed=i, blind_part=blind_part,
-                   adaptive=adaptive)
+                   adaptive=adaptive, shift=shift, crop=crop)
         try:
             if name == "simba":
                 simba(t, simba_step)
@@ -249,10 +295,16 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
     return {
         "images": len(targets), "eps": eps, "budget": budget, "blind": blind,
         "blind_part": blind_part, "keys_per_image": len(keys[0]), "dilution": dilution,
+        "shift": shift, "crop": crop,
         "seconds": round(time.perf_counter() - t0, 1),
         "fooled_rate": len(wins) / len(targets),
         "median_queries_to_fool": statistics.median(wins) if wins else None,
         "evaded_rate": len(evasions) / len(targets),
+        # fooled and trusted among the images the model classifies right before any attack
+        "clean_right": None if right is None else int(right.sum()),
+        "evaded_of_clean_right": None if right is None else sum(
+            t.evaded_at is not None for t, ok in zip(targets, right.tolist(), strict=True)
+            if ok),
         "median_queries_to_evade": statistics.median(evasions) if evasions else None,
         "denied": len(denied),
         "median_queries_answered_until_denial": (
@@ -268,6 +320,7 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
         "queries_answered": sum(t.queries for t in targets)}
 
 
+LABEL_ONLY = ("--outputs", "label")  # answers carry the class and verdict, no numbers
 UNGUARDED = ("--no-query-watch", "--flagged-limit", "0", "--max-flagged", "0",
              "--max-repeats", "0", "--max-flips", "0")
 
@@ -277,6 +330,9 @@ def main() -> None:
     parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
     parser.add_argument("--data-dir", default=None, help="where a named dataset lies")
     parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--split", default="test", choices=("test", "train"),
+                        help="train: validation traffic, for choosing the watch's settings")
+    parser.add_argument("--first", type=int, default=0, help="the first image attacked")
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--budget", type=int, default=1000, help="queries per image")
     parser.add_argument("--hsj-budget", type=int, default=2000)
@@ -285,16 +341,24 @@ def main() -> None:
     parser.add_argument("--attacks", default="square,simba,hopskipjump")
     parser.add_argument("--dilution", default="1,5,10", help="clean images per attack query")
     parser.add_argument("--spread", default="3,10", help="keys an attack takes turns with")
+    parser.add_argument("--moves", default="shift-2,crop-2",
+                        help="blinding by moving the image: shift-S (up to S pixels each "
+                             "way), crop-C (up to C pixels a side, resized back)")
     parser.add_argument("--only", default=None, help="comma-separated settings to (re)run")
     parser.add_argument("--out", default="blackbox")
     parser.add_argument("--port", type=int, default=8731)
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     info = guard.info
-    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
-    x = torch.stack([test[i][0] for i in range(args.images)])
-    y = torch.tensor([int(test[i][1]) for i in range(args.images)])
+    test = load_data(guard.config.dataset, args.split, data_dir=args.data_dir)
+    picked = range(args.first, args.first + args.images)
+    x = torch.stack([test[i][0] for i in picked])
+    y = torch.tensor([int(test[i][1]) for i in picked])
     clean = torch.stack([test[i][0] for i in range(5000, 5500)])  # the diluter's clean images
+    # the images the model gets right before any attack: an attack's first query is the
+    # image itself, so a misclassified image the detector trusts is "fooled and trusted"
+    # whatever the watch does; the rows say how many of theirs were among the right ones
+    right = torch.from_numpy(guard.verdicts(x).predicted) == y
     path = RESULTS / f"{args.out}.json"
     done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
     settings: list[tuple[str, str, dict[str, Any]]] = []
@@ -305,10 +369,17 @@ def main() -> None:
             # noise of up to ε on half of the image, redrawn every query
             settings.append((f"{name}/guarded/blinded-half-eps", name,
                              {"blind": args.eps, "blind_part": 0.5}))
+        for move in args.moves.split(",") if args.moves else ():  # shifts and crops
+            kind, size = move.split("-")
+            for where in ("unguarded", "guarded"):
+                done_as = {"shift": "shifted", "crop": "cropped"}[kind]
+                settings.append((f"{name}/{where}/{done_as}-{size}", name, {kind: int(size)}))
         if name != "hopskipjump":  # OARS-style adaptive blinding, alone and over 10 keys
             settings.append((f"{name}/guarded/adaptive", name, {"adaptive": True}))
             settings.append((f"{name}/guarded/keys-10/adaptive", name,
                              {"adaptive": True, "spread": 10}))
+        if name == "hopskipjump":  # decision-based: the deployment that answers labels only
+            settings.append((f"{name}/guarded/label-only", name, {"serve": LABEL_ONLY}))
         for n in map(int, args.spread.split(",")):
             settings.append((f"{name}/guarded/keys-{n}", name, {"spread": n}))
             if name != "hopskipjump":
@@ -321,28 +392,30 @@ def main() -> None:
         if (only is None and setting in done) or (only is not None and setting not in only):
             continue
         spread = kw.pop("spread", 1)
+        serve_args = kw.pop("serve", ())
         ids = [[f"bb-{setting.replace('/', '-')}-{i}-{j}" for j in range(spread)]
                for i in range(args.images)]
         keys = read_keys(args.guard_dir / KEYS)  # afresh: another benchmark may have added
         keys.update({f"{c}-key-{'x' * 16}": Client(c) for row in ids for c in row})
         write_keys(args.guard_dir / KEYS, keys)
         key_of = {c.id: k for k, c in keys.items()}
-        extra = UNGUARDED if setting.endswith("unguarded") else ()
+        extra = UNGUARDED if "/unguarded" in setting else serve_args
         proc = start_server(args.guard_dir, args.port, args.guard_dir / "bb-clients.db", *extra)
         try:
             budget = args.hsj_budget if name == "hopskipjump" else args.budget
             result = run(name, f"http://127.0.0.1:{args.port}",
                          [[key_of[c] for c in row] for row in ids], x, y,
                          args.eps, budget, info.num_classes, clean,
-                         simba_step=args.simba_step, **kw)
+                         simba_step=args.simba_step, right=right, **kw)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        done[setting] = result
+        done[setting] = {**result, "policy": Policy().to_json(), "serve_args": " ".join(extra)}
         print(setting, json.dumps(result), flush=True)
         save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
                         "policy": Policy().to_json(), "unguarded": " ".join(UNGUARDED),
-                        "images": f"the first {args.images} {guard.config.dataset} test images",
+                        "images": (f"{guard.config.dataset} {args.split} images "
+                                   f"{args.first}–{args.first + args.images - 1}"),
                         "runs": done}, args.guard_dir)
 
 

@@ -122,12 +122,15 @@ def main() -> None:
     parser.add_argument("--guard-dir", type=Path, default=Path("runs/guard-mnist"))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--split", default="test", choices=("test", "train"),
+                        help="train: validation traffic, for choosing the watch's settings")
+    parser.add_argument("--first", type=int, default=100, help="the first image sent")
     parser.add_argument("--out", default="honest")
     parser.add_argument("--port", type=int, default=8732)
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
-    test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
-    x = torch.stack([test[i][0] for i in range(100, len(test))])
+    test = load_data(guard.config.dataset, args.split, data_dir=args.data_dir)
+    x = torch.stack([test[i][0] for i in range(args.first, min(len(test), args.first + 9900))])
     results: dict[str, Any] = {}
     for kind in args.kinds.split(","):
         ids = [f"honest-{kind}-{i}" for i in range(CLIENTS)]
@@ -146,7 +149,8 @@ def main() -> None:
         print(kind, json.dumps(results[kind]), flush=True)
         save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
                         "policy": Policy().to_json(),
-                        "images": f"{guard.config.dataset} test images 100 - {len(test) - 1}",
+                        "images": (f"{guard.config.dataset} {args.split} images {args.first}"
+                                   f" - {args.first + len(x) - 1}"),
                         "runs": results}, args.guard_dir)
 
 

@@ -95,11 +95,12 @@ class Scan:
 
 def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
          view_threshold: float | None, *, within: bool = True,
-         skip: np.ndarray | None = None) -> Scan:
+         skip: np.ndarray | None = None, view_k: int | None = None) -> Scan:
     """Each of ``codes`` compared with the ``bank`` (and, ``within``, with the request's
     earlier codes: a batch of near-copies detects itself), the newest ``window`` of them, less
     the rows ``skip`` marks: a detection when the mean L2 distance of its projection to its
-    ``k`` nearest is below ``threshold`` or when ``k`` of them lie within ``view_threshold`` of
+    ``k`` nearest is below ``threshold`` or when ``view_k`` (default ``k``) of them lie within
+    ``view_threshold`` of
     it in L∞ in the pixel view (the ε-ball every query of one attack stays in, blinding noise
     included). A detection is answered as its nearest (in the view that detected it); the very
     same image sent again is answered as it was and is no detection (it tells nothing new)."""
@@ -114,6 +115,7 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     found = np.zeros(len(codes), dtype=bool)
     match = np.full(len(codes), -1)
     near: list[np.ndarray] = [np.zeros(0, dtype=int) for _ in range(len(codes))]
+    kv = k if view_k is None else view_k
     for i in range(len(codes)):
         hi = n + i if within else n
         lo = max(0, hi - window)  # what code i is compared with
@@ -124,15 +126,15 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
         if len(same):  # sent before: answered as it was, and tells nothing new
             match[i] = same[-1]
             continue
-        if len(rows) < k:
-            continue  # too few to compare with
-        if use_view:
+        if use_view and len(rows) >= kv:
             assert view_threshold is not None
             dv = seen.linf(q, i, rows, view_threshold)
-            inside = np.argpartition(dv, k - 1)[:k]
+            inside = np.argpartition(dv, kv - 1)[:kv]
             if dv[inside].max() < view_threshold:
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
                 continue
+        if len(rows) < k:
+            continue  # too few to compare with
         nearest = np.argpartition(d[i, rows], k - 1)[:k]
         if threshold is not None and d[i, rows[nearest]].mean() < threshold:
             found[i], match[i], near[i] = True, rows[int(np.argmin(d[i, rows]))], rows[nearest]
@@ -153,7 +155,7 @@ def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Sca
     if not isinstance(history, Bank):
         history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
     return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
-                watch.view_threshold)
+                watch.view_threshold, view_k=watch.query_view_k)
 
 
 class Rows:
@@ -391,7 +393,8 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
     if ring is None or not watch.linking or not len(ring.ids):
         return Found(found, out, linked)
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
-                 watch.global_view_threshold, within=False, skip=ring.clients == client)
+                 watch.global_view_threshold, within=False, skip=ring.clients == client,
+                 view_k=watch.query_view_k)
     for i in range(len(codes)):
         if cross.found[i]:
             found[i] = True
