@@ -6,7 +6,7 @@ trusts class t: onto the centroid of class t's bank entries (:class:`FeaturePull
 class-t entries and out of every other class's (:class:`SoftNeighbours`: their soft neighbour
 count, the surrogate they made for attacking Deep kNN)::
 
-    PGD(loss=FeaturePull(detector), targeted=True, random_start=False)(model, x, t, eps)
+    PGD(loss=detector.adaptive_loss(), targeted=True, random_start=False)(model, x, t, eps)
 """
 
 from __future__ import annotations
@@ -18,27 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advguard.detection.detector import KNNDetector
 from advguard.detection.features import FeatureCapture, LayersCapture, LayerSpec
 from advguard.errors import InputError
 
 
 class FeaturePull:
     """``CE(model(x), t) + weight · ‖φ̃(x) − centroid_t‖² / d`` (batch means), φ̃ the detector's
-    pre-processed features; descended by targeted PGD. Implements
+    pre-processed features (``transform`` of the ``layer``'s), ``centroids`` its bank's class
+    means in that space; descended by targeted PGD. Implements
     :class:`~advguard.attacks.Loss`."""
 
-    def __init__(self, detector: KNNDetector, weight: float = 1.0) -> None:
-        self.detector = detector
-        self.layer = detector.layer_ if hasattr(detector, "layer_") else detector.layer
-        self.centroids = torch.from_numpy(detector.class_centroids())
-        self.weight = weight
+    def __init__(self, layer: str | LayerSpec | None, centroids: np.ndarray,
+                 transform: Callable[[torch.Tensor], torch.Tensor], weight: float = 1.0) -> None:
+        self.layer, self.transform, self.weight = layer, transform, weight
+        self.centroids = torch.from_numpy(centroids)
 
     def __call__(self, model: nn.Module, x: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with FeatureCapture(model, self.layer) as cap:
             logits = model(x)
-        z = self.detector.preprocessor_.transform_tensor(cap.features)
+        z = self.transform(cap.features)
         pull = (z - self.centroids.to(z.device)[y]).pow(2).sum(1).mean() / z.shape[1]
         return F.cross_entropy(logits, y) + self.weight * pull, logits
 

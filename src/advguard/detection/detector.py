@@ -21,6 +21,7 @@ from torch import nn
 from advguard import options
 from advguard.batching import batch_slices
 from advguard.data.checks import check_images, check_labels
+from advguard.detection.adaptive import FeaturePull, SoftNeighbours, pick_surrogate
 from advguard.detection.base import Thresholded
 from advguard.detection.familiar import Familiarity
 from advguard.detection.features import (
@@ -251,10 +252,11 @@ class KNNDetector(Thresholded):
     def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Any:
         """Targeted PGD's objective for an attacker who knows this detector: ``"centroid"``
         (:class:`FeaturePull`, default) or ``"soft"`` (:class:`SoftNeighbours`)."""
-        from advguard.detection.adaptive import FeaturePull, SoftNeighbours, pick_surrogate
-
         if pick_surrogate(self.surrogates, surrogate) == "centroid":
-            return FeaturePull(self, weight)
+            layer: str | LayerSpec | None = (self.layer_ if hasattr(self, "layer_")
+                                             else self.layer)
+            return FeaturePull(layer, self.class_centroids(), self.preprocessor_.transform_tensor,
+                               weight)
         key = self.layer_keys[0]
         return SoftNeighbours([self.layer_], {key: (self.index_.vectors(), self.index_.labels)},
                               {key: self.preprocessor_.transform_tensor}, self.k, weight,

@@ -13,7 +13,7 @@ from torch import nn
 from advguard.attacks import FGSM, LBFGS, PGD, Attack, random_targets
 from advguard.batching import batch_slices
 from advguard.data import ImageSet, load_dataset, train_val_split
-from advguard.detection import FeaturePull, KNNDetector, extract_features
+from advguard.detection import KNNDetector, extract_features
 from advguard.models import accuracy, build_model
 from advguard.reproduce.detect.config import ResolvedDetectConfig
 from advguard.reproduce.rundir import RunDir
@@ -103,8 +103,8 @@ def adaptive_attack(d: Detect, model: nn.Module, bank: torch.Tensor) -> torch.Te
     c = d.cfg
     det = KNNDetector(k=c.k, preprocessing="pca-whiten", seed=c.seed).fit_features(
         bank, d.train_set.y)
-    pull = FeaturePull(det, weight=c.adaptive_weight)
-    target = random_targets(d.test.y, len(pull.centroids), c.seed)
+    pull = det.adaptive_loss(c.adaptive_weight, "centroid")
+    target = random_targets(d.test.y, int(d.train_set.y.max()) + 1, c.seed)
     attack = PGD(steps=c.pgd_steps, random_start=False, loss=pull, targeted=True)
     return attack.craft_dataset(model, d.test.x, target, c.eps, batch_size=ATTACK_BATCH,
                                 device=c.device)
