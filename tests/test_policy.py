@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,11 +186,21 @@ def test_parallel_requests_cannot_outrun_a_denial(kind, tmp_path, request):
     assert answered == 2
 
 
-def test_sqlite_workers_sharing_one_file_see_one_query_history(tmp_path):
-    """Each worker process keeps its clients' histories read and fetches only the rows newer
-    than its copy; what another worker adds or trims is seen all the same."""
+def replicas(kind: str, request, tmp_path, policy: Policy, w) -> tuple[Any, Any]:
+    """Two stores sharing one state: two SQLite workers on one file, or two Redis replicas."""
+    if kind == "sqlite":
+        return SQLiteStore(tmp_path / "w.db", policy, w), SQLiteStore(tmp_path / "w.db", policy, w)
+    url = request.getfixturevalue("redis_url")
+    return RedisStore(url, policy, w), RedisStore(url, policy, w)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_workers_sharing_one_state_see_one_query_history(kind, request, tmp_path):
+    """Each worker process (SQLite) or replica (Redis) keeps its clients' histories read and
+    fetches only what was added since its copy; what another adds or trims is seen all the
+    same."""
     quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)  # nothing denies
-    a, b = (SQLiteStore(tmp_path / "w.db", quiet, watch(history=8)) for _ in range(2))
+    a, b = replicas(kind, request, tmp_path, quiet, watch(history=8))
     near = codes(40, seed=5, spread=0.01)
     far = codes(40, seed=6, spread=10.0)
 
@@ -204,6 +215,25 @@ def test_sqlite_workers_sharing_one_file_see_one_query_history(tmp_path):
     for i in range(4):
         send(a, near[7 + i], 21 + i)
     assert send(b, near[11], 30)  # and a's newest near-copies
+
+
+def test_a_redis_replica_notices_a_clear_behind_its_copy(request, tmp_path):
+    """A clear followed by as many new queries as the replica's copy held (the push count back
+    where the copy left it): the copy's newest entry is no longer where it should be, and the
+    history is read whole — the cleared queries are not compared with."""
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    a, b = replicas("redis", request, tmp_path, quiet, watch(history=8))
+    near, far = codes(10, seed=5, spread=0.01), codes(10, seed=6, spread=10.0)
+    for i in range(3):
+        b.admit("q", [False], [0.9], far[i][None], now=i)
+    a.clear("q")
+    for i in range(3):
+        a.admit("q", [False], [0.9], near[i][None], now=10 + i)
+    assert b.admit("q", [False], [0.9], near[3][None], now=20).repeats[0]
+    for i in range(3):  # and b's copy, read whole, goes on being brought up to date
+        a.admit("q", [False], [0.9], far[3 + i][None], now=21 + i)
+    assert not b.admit("q", [False], [0.9], far[6][None], now=30).repeats[0]
+    assert b.admit("q", [False], [0.9], near[4][None], now=31).repeats[0]
 
 
 def test_a_sqlite_worker_notices_rows_reused_or_deleted_behind_its_copy(tmp_path):

@@ -6,7 +6,8 @@ replicas never both answer past a denial.
 
 Keys (prefix ``advguard``): ``record:C`` (client ``C``'s :class:`~advguard.serve.state.Record`
 as JSON: totals, denial, share window, evidence), ``queries:C`` (list, newest first:
-``time:code:answer`` with the code in base64; expires ``ttl_s`` after the last query), ``clients``
+``time:code:answer`` with the code in base64; expires ``ttl_s`` after the last query),
+``sent:C`` (how many queries C has pushed onto that list; expires with it), ``clients``
 (set of every client), ``ring`` (stream: the global index of every client's newest queries,
 capped at ``query_global`` entries) and ``ring-generation`` (changed when a clear deletes from
 the ring).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -25,9 +27,11 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Found, Ring, detect
+from advguard.serve.matching import Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
-from advguard.serve.queries import QueryWatch, stack_history
+from advguard.serve.queries import DIMS, QueryWatch
+
+CACHED_CLIENTS = 128  # clients whose query history a replica keeps read, as SQLite's workers
 
 
 class RedisStore(CheckedStore):
@@ -48,6 +52,8 @@ class RedisStore(CheckedStore):
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                           socket_connect_timeout=5)
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
+        # client -> (its sent count when read, its history prepared for comparison)
+        self._histories: OrderedDict[str, tuple[int, History]] = OrderedDict()
         try:
             self.redis.ping()
         except redis.RedisError as exc:
@@ -66,22 +72,52 @@ class RedisStore(CheckedStore):
                 (h.split(":", 2) for h in reversed(r.lrange(self._key("queries", client), 0, -1)))
                 if float(t) > now - ttl]
 
+    def _prepared(self, pipe: Any, client: str, now: float, dims: int) -> tuple[int, History]:
+        """``(sent, history)``: the client's history prepared for comparison, as of ``sent``
+        queries pushed. Only the entries pushed since this replica's copy are read (the list
+        is newest first, so they are its head), once the copy's newest entry is found where it
+        should be; a copy that does not fit what Redis holds (a clear, an expiry) is read
+        whole. Entries of other replicas are committed: the copy may
+        take them in whether or not this admission's transaction commits."""
+        assert self.watch is not None
+        queries = self._key("queries", client)
+        sent, length = int(pipe.get(self._key("sent", client)) or 0), int(pipe.llen(queries))
+        cached = self._histories.get(client)
+        if cached is not None and cached[0] <= sent and sent - cached[0] < length and len(
+                cached[1]) and _same(pipe.lindex(queries, sent - cached[0]), cached[1]):
+            h = cached[1]
+            new = pipe.lrange(queries, 0, sent - cached[0] - 1) if sent > cached[0] else []
+            h.extend(_rows(reversed(new), sent), dims)
+        else:
+            h = History.of(_rows(reversed(pipe.lrange(queries, 0, -1)), sent), dims)
+        h.keep((np.arange(len(h)) >= len(h) - length) & (h.times > now - self.watch.query_ttl_s))
+        self._histories[client] = (sent, h)
+        self._histories.move_to_end(client)
+        if len(self._histories) > CACHED_CLIENTS:
+            self._histories.popitem(last=False)
+        return sent, h
+
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
         p, w = self.policy, self.watch
         key, queries = self._key("record", client), self._key("queries", client)
+        sent_key = self._key("sent", client)
         # the global index is read before the transaction: a query is compared with the other
         # keys' queries as they stood a moment before (not watched: every admission would
         # conflict with every other)
         ring = self._read_ring(now, codes.shape[1]) if codes is not None else None
         out: list[Admission] = []
+        pushed: list[tuple[int, list[str]]] = []  # (sent before, answers) once committed
 
         def attempt(pipe: Any) -> None:
             out.clear()
+            pushed.clear()
             record = state.Record.from_json(pipe.get(key))
             expired = record.expired(now)
-            history = [] if expired else self._history(pipe, client, now)
+            sent, history = 0, History(DIMS if codes is None else codes.shape[1])
+            if not expired and w is not None:
+                sent, history = self._prepared(pipe, client, now, history.dims)
             none = np.zeros(len(flagged), dtype=bool)
             if record.denied(now):
                 status = state.status(client, record, len(history), now, p)
@@ -89,9 +125,8 @@ class RedisStore(CheckedStore):
                 return
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
             if codes is not None and w is not None:
-                kept = [(c, a) for c, a in history if len(c) == 2 * codes.shape[1]]
-                found = detect(stack_history([c for c, _ in kept], codes.shape[1]),
-                               [a for _, a in kept], codes, answers, w, ring, client)
+                found = detect(history.bank, list(history.answers), codes, answers, w, ring,
+                               client)
             repeats, flips, links = state.tally(found, answers)
             step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
                                [a is not None for a in found.answers])
@@ -104,7 +139,8 @@ class RedisStore(CheckedStore):
             pipe.multi()
             pipe.sadd(self._key("clients"), client)
             if expired:  # its cool-down ended: start afresh
-                pipe.delete(queries)
+                pipe.delete(queries, sent_key)
+                self._histories.pop(client, None)
             pipe.set(key, step.record.to_json())
             for other, rec in others.items():
                 pipe.set(self._key("record", other), rec.to_json())
@@ -116,7 +152,10 @@ class RedisStore(CheckedStore):
                                       for c, a in zip(codes, given, strict=True)))
                 pipe.ltrim(queries, 0, w.query_history - 1)
                 pipe.expire(queries, math.ceil(w.query_ttl_s))
+                pipe.incrby(sent_key, len(codes))
+                pipe.expire(sent_key, math.ceil(w.query_ttl_s))
                 n_queries = min(w.query_history, n_queries + len(codes))
+                pushed.append((0 if expired else sent, given))
                 if ring is not None:
                     for c, a in zip(codes, given, strict=True):
                         pipe.xadd(self._key("ring"), {"c": client, "t": repr(now),
@@ -127,7 +166,17 @@ class RedisStore(CheckedStore):
             out.append(Admission(step.answered, status, found.detections, step.denied_now,
                                  found.answers))
 
-        self.redis.transaction(attempt, key, queries)
+        self.redis.transaction(attempt, key, queries, sent_key)
+        if pushed and codes is not None and w is not None:  # committed: the copy takes them in
+            before, given = pushed[-1]
+            cached = self._histories.get(client)
+            if cached is not None and cached[0] == before:
+                cached[1].add(np.arange(before + 1, before + 1 + len(codes)),
+                              np.full(len(codes), now), codes, given)
+                cached[1].keep(np.arange(len(cached[1])) >= len(cached[1]) - w.query_history)
+                self._histories[client] = (before + len(codes), cached[1])
+            else:
+                self._histories.pop(client, None)
         return out[0]
 
     def _read_ring(self, now: float, dims: int) -> Ring | None:
@@ -174,12 +223,13 @@ class RedisStore(CheckedStore):
             pipe.multi()
             if record != state.Record():
                 pipe.set(key, record.afresh().to_json())
-            pipe.delete(self._key("queries", client))
+            pipe.delete(self._key("queries", client), self._key("sent", client))
             if ring:
                 pipe.xdel(self._key("ring"), *ring)
                 pipe.incr(self._key("ring-generation"))
 
         self.redis.transaction(attempt, key)
+        self._histories.pop(client, None)
         return self.get(client)
 
     @reporting
@@ -188,6 +238,22 @@ class RedisStore(CheckedStore):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _same(entry: str | None, h: History) -> bool:
+    """Whether a stored entry is the newest query of ``h`` (its time and answer)."""
+    if entry is None:
+        return False
+    t, _, answer = entry.split(":", 2)
+    return float(t) == float(h.times[-1]) and answer == h.answers[-1]
+
+
+def _rows(entries: Any, last: int) -> list[tuple[int, float, bytes, str]]:
+    """Stored ``time:code:answer`` entries, oldest first, as History rows ``(id, time, code,
+    answer)``: ids count the client's pushes, the newest being ``last``."""
+    parts = [e.split(":", 2) for e in entries]
+    first = last - len(parts) + 1
+    return [(first + i, float(t), base64.b64decode(c), a) for i, (t, c, a) in enumerate(parts)]
 
 
 def _stream_id(number: int) -> str:
