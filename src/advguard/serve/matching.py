@@ -233,38 +233,13 @@ def bank_columns(bank: Bank) -> dict[str, np.ndarray | None]:
             "chunks": bank.chunks}
 
 
-class History:
-    """One client's stored queries as a store's process last read them (id order): ids, times,
-    the codes prepared for comparison and the answers they were given; rows are added and
-    dropped in place (:class:`Rows`)."""
+class Stored:
+    """Stored queries as a store's process holds them (id order): their ids, times, codes
+    prepared for comparison and answers, kept in :class:`Rows`."""
 
     def __init__(self, dims: int) -> None:
         self.rows = Rows()
         self.dims = dims
-
-    @classmethod
-    def of(cls, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> History:
-        h = cls(dims)
-        h.extend(rows, dims)
-        return h
-
-    def extend(self, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> None:
-        """Add stored rows ``(id, time, code bytes, answer)`` (codes of another length, from
-        another encoding, are left out)."""
-        rows = [r for r in rows if len(r[2]) == 2 * dims]
-        if rows:
-            self.add(np.array([r[0] for r in rows], dtype=np.int64),
-                     np.array([r[1] for r in rows], dtype=np.float64),
-                     np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
-                     .reshape(-1, dims), [r[3] for r in rows])
-
-    def add(self, ids: np.ndarray, times: np.ndarray, codes: np.ndarray,
-            answers: Sequence[str]) -> None:
-        self.rows.append(ids=ids, times=times, answers=np.array(answers, dtype=object),
-                         **bank_columns(Bank.of(codes)))
-
-    def keep(self, mask: np.ndarray) -> None:
-        self.rows.keep(mask)
 
     @property
     def ids(self) -> np.ndarray:
@@ -291,7 +266,37 @@ def _column(rows: Rows, name: str, dtype: Any) -> np.ndarray:
     return np.zeros(0, dtype=dtype) if col is None else col
 
 
-class Ring:
+class History(Stored):
+    """One client's stored queries as a store's process last read them (id order): ids, times,
+    the codes prepared for comparison and the answers they were given; rows are added and
+    dropped in place (:class:`Rows`)."""
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> History:
+        h = cls(dims)
+        h.extend(rows, dims)
+        return h
+
+    def extend(self, rows: Sequence[tuple[int, float, bytes, str]], dims: int) -> None:
+        """Add stored rows ``(id, time, code bytes, answer)`` (codes of another length, from
+        another encoding, are left out)."""
+        rows = [r for r in rows if len(r[2]) == 2 * dims]
+        if rows:
+            self.add(np.array([r[0] for r in rows], dtype=np.int64),
+                     np.array([r[1] for r in rows], dtype=np.float64),
+                     np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
+                     .reshape(-1, dims), [r[3] for r in rows])
+
+    def add(self, ids: np.ndarray, times: np.ndarray, codes: np.ndarray,
+            answers: Sequence[str]) -> None:
+        self.rows.append(ids=ids, times=times, answers=np.array(answers, dtype=object),
+                         **bank_columns(Bank.of(codes)))
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.rows.keep(mask)
+
+
+class Ring(Stored):
     """The account-oblivious index: the newest ``size`` queries of every client (Li et al.
     2022, "Blacklight": one store over all accounts, so spreading an attack over many keys does
     not hide it), with the answer each was given, as a store's process holds them. Rows come
@@ -301,30 +306,13 @@ class Ring:
     process that sees it change reads the index whole."""
 
     def __init__(self, size: int) -> None:
+        super().__init__(DIMS)
         self.size = size
-        self.rows = Rows()
-        self.dims = DIMS
         self.generation = ""
-
-    @property
-    def ids(self) -> np.ndarray:
-        return _column(self.rows, "ids", np.int64)
 
     @property
     def clients(self) -> np.ndarray:
         return _column(self.rows, "clients", object)
-
-    @property
-    def times(self) -> np.ndarray:
-        return _column(self.rows, "times", np.float64)
-
-    @property
-    def answers(self) -> np.ndarray:
-        return _column(self.rows, "answers", object)
-
-    @property
-    def bank(self) -> Bank:
-        return bank_of(self.rows, self.dims)
 
     @property
     def last_id(self) -> int:
