@@ -22,6 +22,13 @@ al. 2023) reads the guard's answers as the oracle of its watch: an answer identi
 already had means its query was taken for a near-copy, and it raises its blinding noise
 (×1.5, up to ε on the whole image) after each such answer and lowers it (×0.95) after a fresh
 one.
+Blinding by *moving* the image (``--moves shift-2,crop-2``): every query shifted by up to 2
+pixels, or cropped by up to 2 pixels a side and resized back; such a query leaves the ε-ball,
+so a wrong answer is *cashed in* by sending the unmoved candidate once, and the success is
+judged on that answer. HopSkipJump also runs against ``--outputs label`` (``label-only``).
+``--split train --first N`` attacks validation images (for choosing the watch's settings);
+each row also counts its fooled-and-trusted images among those the model classifies right
+before any attack.
 An image is *fooled* when the service answers a query that lies within ε (L∞) of it with a
 wrong class, and *evaded* when that answer is also trusted (not flagged by the detector): what
 a guarded service's user relies on. The unguarded service never denies (no query watch, no flagged

@@ -15,7 +15,10 @@ For each k, over HTTP against a served copy of the guard with that k:
 The rule, fixed before the runs: the smallest k (a search inside one ball gets k fresh answers
 there) whose distinct validation digits are taken for an earlier one at most 1% of the time
 (QPA's bar for similar-but-benign queries is 0.23%, Blacklight's 31.7%) and which denies no
-honest client the k of record (5) did not.
+honest client the k of record (5) did not. The distinct clients send 10,000 queries of 5,000
+validation digits (each digit twice, by two clients; the second time it is the very same image,
+answered as before and no detection), so the rate is counted per distinct digit: the first
+summary of these runs divided by all 10,000 queries, halving it, and chose 2.
 
     python benchmarks/choose_view_k.py --guard-dir runs/guard-mnist-eps 1 5 2
 """
@@ -66,7 +69,10 @@ def summary(ks: list[int]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for k in ks:
         attacks = json.loads((RESULTS / "view-k" / f"attacks-view{k}.json").read_text())["runs"]
-        honest = json.loads((RESULTS / "view-k" / f"honest-view{k}.json").read_text())["runs"]
+        obj = json.loads((RESULTS / "view-k" / f"honest-view{k}.json").read_text())
+        honest = obj["runs"]
+        first, last = (int(v) for v in obj["images"].split("images ")[1].split(" - "))
+        images = last - first + 1  # the distinct kind's 10,000 queries resend these, wrapping
         rows[str(k)] = {
             "attackers": {name: {"fooled": r["fooled_rate"], "fooled_and_trusted": r["evaded_rate"],
                                  "fresh_answers_per_image": round(
@@ -75,8 +81,13 @@ def summary(ks: list[int]) -> dict[str, Any]:
                           for name, r in attacks.items()},
             "honest": {kind: {"denied": r["denied"],
                               "taken_for_an_earlier_query": r["detections_per_query"]}
-                       for kind, r in honest.items()}}
-    ok = [k for k in ks if rows[str(k)]["honest"]["distinct"]["taken_for_an_earlier_query"]
+                       for kind, r in honest.items()},
+            # a resent image (the same pixels) is answered as it was and is no detection: the
+            # rate that counts is per distinct image, not per query
+            "distinct_images_taken_for_an_earlier_one": round(
+                honest["distinct"]["detections"] / min(images, honest["distinct"]["queries"]),
+                4)}
+    ok = [k for k in ks if rows[str(k)]["distinct_images_taken_for_an_earlier_one"]
           <= LIMIT and all(rows[str(k)]["honest"][h]["denied"]
                            <= rows.get("5", rows[str(k)])["honest"][h]["denied"]
                            for h in rows[str(k)]["honest"])]

@@ -272,7 +272,7 @@ CLI_ROWS = [
      "query_k must be an integer ≥ 1"),
     ("guard-fit-query-k-above-history",
      "guard fit {d}/mlp.safetensors --out {d}/g --query-k 50 --query-history 10",
-     "query_k (50) and query_view_k (2) cannot exceed the history (10)"),
+     "query_k (50) and query_view_k (50) cannot exceed the history (10)"),
     ("guard-fit-query-view-k-0", "guard fit {d}/mlp.safetensors --out {d}/g --query-view-k 0",
      "query_view_k must be an integer ≥ 1"),
     ("guard-fit-query-global-below-k",

@@ -76,7 +76,7 @@ def test_a_probing_attack_is_detected_after_k_queries(digits, watch):
         queries.append(image)
     found = repeats(none(encode(image)), encode(torch.cat(queries)), watch)
     # the pixel view needs query_view_k earlier queries within its threshold
-    assert not found[:watch.query_view_k].any() and found[watch.query_view_k:].all()
+    assert not found[:watch.view_k].any() and found[watch.view_k:].all()
 
 
 def test_an_honest_client_sending_augmented_copies_is_not_an_attack(digits, watch):
@@ -166,8 +166,9 @@ def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
 def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_digit(digits):
     """With ``query_eps`` the pixel view's threshold is the ε-ball's diameter: a probe whose
     every query carries fresh noise of up to ε on half of the image (query blinding) is
-    detected from its 3rd query on (``query_view_k`` = 2 earlier ones in the ball); of 1,000
-    distinct digits, at most 1% are taken for an earlier one."""
+    detected from its 6th query on (5 earlier ones in the ball, the default), from its 3rd with
+    ``query_view_k`` 2; of 1,000 distinct digits none is taken for an earlier one by default,
+    at most 1% with 2."""
     watch = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3))
     assert watch.threshold is None and watch.view_threshold == pytest.approx(0.6, abs=2e-3)
     gen = torch.Generator().manual_seed(2)
@@ -180,11 +181,13 @@ def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_dig
         probe.append(torch.min(torch.max(q + noise, x0 - 0.3), x0 + 0.3).clamp(0, 1))
     codes = encode(torch.cat(probe))
     found = repeats(none(codes), codes, watch)
-    assert watch.query_view_k == 2 and not found[:2].any() and found[2:].all()
+    assert watch.view_k == 5 and not found[:5].any() and found[5:].all()
     other = encode(digits[:1000])
-    assert repeats(none(other), other, watch).mean() <= 0.01
-    five = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3, query_view_k=5))
-    assert not repeats(none(codes), codes, five)[:5].any()  # the earlier default: 5 free
+    assert not repeats(none(other), other, watch).any()
+    two = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3, query_view_k=2))
+    found = repeats(none(codes), codes, two)
+    assert not found[:2].any() and found[2:].all()
+    assert repeats(none(other), other, two).mean() <= 0.01
 
 
 def test_rows_added_and_dropped_in_place_match_a_plain_list():

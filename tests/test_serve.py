@@ -611,7 +611,7 @@ def test_a_probing_client_is_denied_and_its_history_survives_a_restart(guard_dir
     pixel view's query_view_k) and 5 detections; a client sending 100 distinct test digits is
     not; the history is in the SQLite file, so a restart does not give the prober a fresh
     start."""
-    x, k = digits["x"], QueryWatch().query_view_k
+    x, k = digits["x"], QueryWatch().view_k
     probe = probing(x[0], 40)
     state = f"sqlite:///{guard_dir}/watch-restart.db"
     with server(guard_dir, *WATCHED, "--state", state) as url:
@@ -638,7 +638,7 @@ def test_a_camera_is_served_and_a_probe_learns_nothing_from_its_near_copies(guar
     SimBA-like probe sent through another key and one blinded with noise of ±0.3 on half the
     image get, from their (k+1)-th query on, only answers they already had — the very same
     probabilities — so a score-based attack has nothing to climb on."""
-    x, k = digits["x"], QueryWatch().query_view_k
+    x, k = digits["x"], QueryWatch().view_k
     gen = torch.Generator().manual_seed(3)
     camera = (x[5][None] + 0.02 * torch.randn(40, 1, 28, 28, generator=gen)).clamp(0, 1)
     blind = torch.zeros(40, 1, 28, 28)
@@ -661,7 +661,7 @@ def test_a_camera_is_served_and_a_probe_learns_nothing_from_its_near_copies(guar
 
 def test_two_servers_sharing_redis_share_every_clients_query_history(guard_dir, keys, digits,
                                                                        redis_url):
-    probe, k = probing(digits["x"][1], 40, seed=1), QueryWatch().query_view_k
+    probe, k = probing(digits["x"][1], 40, seed=1), QueryWatch().view_k
     with server(guard_dir, *WATCHED, "--state", redis_url) as a, \
             server(guard_dir, *WATCHED, "--state", redis_url) as b:
         assert _answered_until_denied([a, b], keys["client-1"], probe) == k + 4

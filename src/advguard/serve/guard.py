@@ -76,12 +76,7 @@ class GuardConfig:
         earlier encoding of the queries (its threshold would not mean the same)."""
         if self.queries is None or self.queries.get("encoding") != ENCODING:
             return None
-        q = self.queries
-        if "query_view_k" not in q and q.get("query_eps") is None:
-            # fitted before query_view_k: its pixel-view thresholds were calibrated for the
-            # query_k-th nearest (a guard fitted with --query-eps has none calibrated)
-            q = {**q, "query_view_k": q.get("query_k", QueryWatch().query_k)}
-        return QueryWatch(**q)
+        return QueryWatch(**self.queries)
 
 
 @dataclass(frozen=True)

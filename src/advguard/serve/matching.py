@@ -155,7 +155,7 @@ def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Sca
     if not isinstance(history, Bank):
         history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
     return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
-                watch.view_threshold, view_k=watch.query_view_k)
+                watch.view_threshold, view_k=watch.view_k)
 
 
 class Rows:
@@ -382,7 +382,7 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
         return Found(found, out, linked)
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
                  watch.global_view_threshold, within=False, skip=ring.clients == client,
-                 view_k=watch.query_view_k)
+                 view_k=watch.view_k)
     for i in range(len(codes)):
         if cross.found[i]:
             found[i] = True
