@@ -142,7 +142,8 @@ def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
     an earlier encoding's, still in a store — are left out of the history; a guard whose
     watch was calibrated for another encoding runs without it."""
     from advguard.serve.guard import GuardConfig
-    from advguard.serve.queries import ENCODING, stack_history
+    from advguard.serve.matching import History
+    from advguard.serve.queries import ENCODING
 
     side = torch.linspace(0, 1, 224)
     image = (side[None, :] * side[:, None]).expand(1, 3, 224, 224).clone()
@@ -155,7 +156,8 @@ def test_only_the_very_same_image_is_a_resend_and_old_codes_are_left_out(watch):
     assert len({c.tobytes() for c in codes}) == 30  # no two alike
     assert repeats(none(codes), codes, watch)[watch.query_k:].all()
     mixed = [np.zeros(64, np.float16), *codes[:3]]  # one code of the 8×8 encoding
-    assert stack_history(mixed, codes.shape[1]).shape == (3, codes.shape[1])
+    rows = [(i + 1, 0.0, c.tobytes(), "{}") for i, c in enumerate(mixed)]
+    assert History.of(rows, codes.shape[1]).bank.raw.shape == (3, codes.shape[1])
     fields = {f: None for f in GuardConfig.__dataclass_fields__}
     old = GuardConfig(**{**fields, "queries": {**watch.to_json(), "encoding": "pixels8"}})
     assert old.watch() is None

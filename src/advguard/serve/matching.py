@@ -7,6 +7,7 @@ store acts on — detections, the earlier answers near-copies are given, the key
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,6 +261,25 @@ class Stored:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def keep_newest(self, n: int, also: np.ndarray | None = None) -> None:
+        """Keep the newest ``n`` rows (and, with ``also``, only those it marks)."""
+        keep = np.arange(len(self)) >= len(self) - n
+        self.rows.keep(keep if also is None else keep & also)
+
+
+CACHED_CLIENTS = 128  # clients whose query history a store's process keeps read (≤ 2.6 MB each)
+
+
+class Cached(OrderedDict[str, Any]):
+    """A store process's copies of its most recent clients' histories: the newest
+    ``CACHED_CLIENTS`` kept, the least recently used dropped."""
+
+    def put(self, client: str, value: Any) -> None:
+        self[client] = value
+        self.move_to_end(client)
+        if len(self) > CACHED_CLIENTS:
+            self.popitem(last=False)
+
 
 def _column(rows: Rows, name: str, dtype: Any) -> np.ndarray:
     col = rows.get(name)
@@ -337,11 +357,7 @@ class Ring(Stored):
                          **bank_columns(Bank.of(new)))
 
     def trim(self, now: float, ttl_s: float) -> None:
-        keep = np.zeros(len(self.rows), dtype=bool)
-        keep[-self.size:] = True
-        keep &= self.times > now - ttl_s
-        if not keep.all():
-            self.rows.keep(keep)
+        self.keep_newest(self.size, self.times > now - ttl_s)
 
     def reset(self, generation: str, dims: int = DIMS) -> None:
         """Forget every row (the store's index changed otherwise than by the rule)."""
@@ -392,4 +408,5 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
     return Found(found, out, linked)
 
 
-__all__ = ["Bank", "Found", "History", "Ring", "Rows", "Scan", "detect", "own", "repeats", "scan"]
+__all__ = ["CACHED_CLIENTS", "Bank", "Cached", "Found", "History", "Ring", "Rows", "Scan",
+           "Stored", "detect", "own", "repeats", "scan"]

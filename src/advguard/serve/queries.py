@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -188,16 +187,6 @@ def mean_knn(history: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
     return np.partition(d, k - 1, axis=1)[:, :k].mean(1)
 
 
-def stack_history(history: Sequence[bytes | np.ndarray], dims: int) -> np.ndarray:
-    """A client's stored codes (raw float16 bytes, as the stores keep them, or arrays) as one
-    ``(n, dims)`` float16 array, leaving out codes of another length (kept from an earlier
-    encoding until their TTL ends)."""
-    raw = [h if isinstance(h, bytes) else np.asarray(h, dtype=np.float16).tobytes()
-           for h in history]
-    blob = b"".join(r for r in raw if len(r) == 2 * dims)
-    return np.frombuffer(blob, dtype=np.float16).reshape(-1, dims)
-
-
 def calibrate(codes: np.ndarray, watch: QueryWatch, seed: int = 0) -> QueryWatch:
     """``watch`` with the thresholds that flag a share ``query_false_alarm`` of benign queries:
     each of ``codes`` (distinct held-out images) is compared with a history of
@@ -246,4 +235,4 @@ def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
 
 
 __all__ = ["DIMS", "ENCODING", "SIDE", "VIEW", "QueryWatch", "calibrate", "distances", "encode",
-           "mean_knn", "split", "stack_history"]
+           "mean_knn", "split"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -27,11 +26,9 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Found, History, Ring, detect
+from advguard.serve.matching import Cached, Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
 from advguard.serve.queries import DIMS, QueryWatch
-
-CACHED_CLIENTS = 128  # clients whose query history a replica keeps read, as SQLite's workers
 
 
 class RedisStore(CheckedStore):
@@ -53,7 +50,7 @@ class RedisStore(CheckedStore):
                                           socket_connect_timeout=5)
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         # client -> (its sent count when read, its history prepared for comparison)
-        self._histories: OrderedDict[str, tuple[int, History]] = OrderedDict()
+        self._histories = Cached()
         try:
             self.redis.ping()
         except redis.RedisError as exc:
@@ -90,11 +87,8 @@ class RedisStore(CheckedStore):
             h.extend(_rows(reversed(new), sent), dims)
         else:
             h = History.of(_rows(reversed(pipe.lrange(queries, 0, -1)), sent), dims)
-        h.keep((np.arange(len(h)) >= len(h) - length) & (h.times > now - self.watch.query_ttl_s))
-        self._histories[client] = (sent, h)
-        self._histories.move_to_end(client)
-        if len(self._histories) > CACHED_CLIENTS:
-            self._histories.popitem(last=False)
+        h.keep_newest(length, h.times > now - self.watch.query_ttl_s)
+        self._histories.put(client, (sent, h))
         return sent, h
 
     @reporting
@@ -173,7 +167,7 @@ class RedisStore(CheckedStore):
             if cached is not None and cached[0] == before:
                 cached[1].add(np.arange(before + 1, before + 1 + len(codes)),
                               np.full(len(codes), now), codes, given)
-                cached[1].keep(np.arange(len(cached[1])) >= len(cached[1]) - w.query_history)
+                cached[1].keep_newest(w.query_history)
                 self._histories[client] = (before + len(codes), cached[1])
             else:
                 self._histories.pop(client, None)

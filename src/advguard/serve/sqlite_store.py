@@ -12,7 +12,6 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Found, History, Ring, detect
+from advguard.serve.matching import Cached, Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
 from advguard.serve.queries import QueryWatch
 
@@ -45,7 +44,6 @@ _COLUMNS = {"clients": ["client", "record"],
             "meta": ["key", "value"]}
 PRIVATE = 0o600  # the state file and its WAL files: readable by the service's user alone
 
-CACHED_CLIENTS = 128  # clients whose query history a process keeps read (≤ 2.6 MB each)
 
 
 class SQLiteStore(CheckedStore):
@@ -71,7 +69,7 @@ class SQLiteStore(CheckedStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._writer = threading.Lock()  # this process's writers, one at a time
-        self._histories: OrderedDict[str, History] = OrderedDict()  # see _history
+        self._histories = Cached()  # client -> History (see _history)
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, PRIVATE))
@@ -188,11 +186,8 @@ class SQLiteStore(CheckedStore):
         if len(h) > w.query_history:
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
                        (client, int(h.ids[-w.query_history - 1])))
-            h.keep(np.arange(len(h)) >= len(h) - w.query_history)
-        self._histories[client] = h
-        self._histories.move_to_end(client)
-        if len(self._histories) > CACHED_CLIENTS:
-            self._histories.popitem(last=False)
+            h.keep_newest(w.query_history)
+        self._histories.put(client, h)
         if ring is not None:
             rows = [(int(db.execute("INSERT INTO ring (client, t, code, answer) VALUES "
                                     "(?, ?, ?, ?)", (client, now, c.tobytes(), a)).lastrowid
