@@ -92,8 +92,8 @@ def summary(ks: list[int]) -> dict[str, Any]:
                            <= rows.get("5", rows[str(k)])["honest"][h]["denied"]
                            for h in rows[str(k)]["honest"])]
     runs = json.loads((RESULTS / "view-k" / f"attacks-view{ks[0]}.json").read_text())
-    return {"model_sha256": runs["model_sha256"], "rule": __doc__.split("The rule, fixed before the runs: ")[1].split("\n\n")[0]
-            .replace("\n", " "), "validation": "MNIST training images 55,000 on",
+    rule = __doc__.split("The rule, fixed before the runs: ")[1].split("\n\n")[0]
+    return {"model_sha256": runs["model_sha256"], "rule": rule.replace("\n", " "), "validation": "MNIST training images 55,000 on",
             "by_k": rows, "chosen": min(ok) if ok else None}
 
 
