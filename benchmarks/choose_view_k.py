@@ -93,8 +93,9 @@ def summary(ks: list[int]) -> dict[str, Any]:
                            for h in rows[str(k)]["honest"])]
     runs = json.loads((RESULTS / "view-k" / f"attacks-view{ks[0]}.json").read_text())
     rule = __doc__.split("The rule, fixed before the runs: ")[1].split("\n\n")[0]
-    return {"model_sha256": runs["model_sha256"], "rule": rule.replace("\n", " "), "validation": "MNIST training images 55,000 on",
-            "by_k": rows, "chosen": min(ok) if ok else None}
+    return {"model_sha256": runs["model_sha256"], "rule": rule.replace("\n", " "),
+            "validation": "MNIST training images 55,000 on", "by_k": rows,
+            "chosen": min(ok) if ok else None}
 
 
 def main() -> None:
