@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from common import save
 
 from advguard.data import load_dataset, train_val_split
-from advguard.detection import KNNDetector, extract_features
+from advguard.detection import KNNBank, extract_features
 from advguard.evaluation import eer_accuracy
 from advguard.io import load_tensors
 from advguard.models import load_model
@@ -93,7 +93,7 @@ def main() -> None:
     for kind, kw in INDEXES.items():
         before = rss_mb()
         t0 = time.perf_counter()
-        det = KNNDetector(k=K, index=kind, **kw).fit_feature_chunks(iter(chunks))
+        det = KNNBank(k=K, index=kind, **kw).fit_chunks(iter(chunks))
         build_s = time.perf_counter() - t0
         grown = rss_mb() - before
         z = det.preprocessor_.transform(sets["authentic"][0])
@@ -104,7 +104,7 @@ def main() -> None:
             exact_ids = ids
         recall = float(np.mean([len(np.intersect1d(a, b)) / K
                                 for a, b in zip(exact_ids, ids, strict=True)]))
-        s = {name: det.score_features(f, p) for name, (f, p) in sets.items()}
+        s = {name: det.scores(f, p) for name, (f, p) in sets.items()}
         neg = np.concatenate([s["fgsm"], s["lbfgs"]])
         results[kind] = {
             **kw, "vectors": len(det.index_), "build_s": build_s,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from common import save, summarise, time_interleaved
 
-from advguard.detection import KNNDetector, class_scores
+from advguard.detection import KNNBank, class_scores
 
 N, Q, D, K = 60000, 2000, 256, 1000
 
@@ -22,7 +22,7 @@ def main(repeats: int = 3) -> dict:
     queries = rng.standard_normal((Q, D)).astype(np.float32)
     predicted = rng.integers(0, 10, Q)
 
-    det = KNNDetector(k=K, weighting="dwknn", preprocessing="none").fit_features(bank, labels)
+    det = KNNBank(k=K, weighting="dwknn", preprocessing="none").fit(bank, labels)
 
     from sklearn.neighbors import NearestNeighbors
 
@@ -42,9 +42,9 @@ def main(repeats: int = 3) -> dict:
                                     predicted[s:s + 500], "dwknn"))
         return np.concatenate(out)
 
-    a, b, c = det.score_features(queries, predicted), sklearn_scores(), torch_scores()
+    a, b, c = det.scores(queries, predicted), sklearn_scores(), torch_scores()
     agree = {"sklearn": float(np.abs(a - b).max()), "torch": float(np.abs(a - c).max())}
-    times = time_interleaved({"advguard_faiss": lambda: det.score_features(queries, predicted),
+    times = time_interleaved({"advguard_faiss": lambda: det.scores(queries, predicted),
                               "sklearn_brute": sklearn_scores, "torch_cdist_topk": torch_scores},
                              repeats, warmup=1)
     summary = summarise(times, "advguard_faiss")

@@ -54,7 +54,7 @@ def views(guard: Guard) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor
         return a / a.norm(dim=1, keepdim=True)
 
     def deep(a: torch.Tensor) -> torch.Tensor:
-        f, _ = extract_features(guard.model, a, guard.detector.layer_, batch_size=256)
+        f, _ = extract_features(guard.model, a, guard.detector.layers_[0], batch_size=256)
         f = torch.as_tensor(np.asarray(f))
         return f / f.norm(dim=1, keepdim=True)
 

@@ -67,3 +67,31 @@ def test_no_function_is_over_80_lines():
                 if lines > FUNCTION_LINES:
                     long[f"{path.relative_to(PACKAGE)}:{node.name}"] = lines
     assert not long, long
+
+
+def test_a_detector_is_one_file_and_one_registry_line():
+    """Nothing outside a registered detector's own file, the registry and the detection
+    package's exports names its class: commands, the service and the experiments reach every
+    detector through the registry (docs/ARCHITECTURE.md, "Adding a detector")."""
+    import inspect
+
+    from advguard.detection import DETECTORS
+
+    allowed = {PACKAGE / "detection" / "registry.py", PACKAGE / "detection" / "__init__.py"}
+    named = {}
+    for cls in DETECTORS.values():
+        own = Path(inspect.getfile(cls))
+        for path in MODULES:
+            if path == own or path in allowed:
+                continue
+            if path.parent == own.parent and any(  # a subclass registered in its own right
+                    Path(inspect.getfile(c)) == path for c in DETECTORS.values()
+                    if issubclass(c, cls) and c is not cls):
+                continue
+            found = {n.id for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(n, ast.Name)} | {
+                n.attr for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(n, ast.Attribute)}
+            if cls.__name__ in found:
+                named.setdefault(cls.__name__, []).append(str(path.relative_to(PACKAGE)))
+    assert not named, named

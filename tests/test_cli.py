@@ -212,8 +212,8 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
         assert det["adaptive_surrogate"] in {"none", *surrogates}
         assert (det["adaptive_surrogate"] == "none") == (det["adaptive_weight"] == 0)
     details = results["detector_details"]
-    assert "noise" in details["mahalanobis"]["combined_on"]
-    assert "FGSM" in details["mahalanobis-fgsm"]["combined_on"]
+    assert "noise" in details["mahalanobis"]["fitted"]["combined_on"]
+    assert "FGSM" in details["mahalanobis-fgsm"]["fitted"]["combined_on"]
     assert len(details["knn-layers"]["layers"]) == 3 and details["knn"]["layers"] == ["6"]
     assert "## Detectors side by side" in (out / "table.md").read_text()
 

@@ -71,10 +71,12 @@ def test_the_operating_point_is_declared_once():
     and the evaluation helper take it from there (a restated 0.98 would drift)."""
     import inspect
 
-    from advguard.detection import DETECTORS, KNNOptions
+    from advguard.detection import DETECTORS
     from advguard.evaluation.detection import KEEP, operating_point
+    from advguard.reproduce.detect.config import DetectConfig
+    from advguard.serve.guard import GuardFit
 
-    assert KNNOptions.keep == KEEP
+    assert GuardFit.keep == DetectConfig.keep == KEEP
     assert inspect.signature(operating_point).parameters["keep"].default == KEEP
     for name, cls in DETECTORS.items():
         assert inspect.signature(cls.__init__).parameters["keep"].default == KEEP, name

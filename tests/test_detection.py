@@ -7,6 +7,7 @@ import torch
 from advguard.attacks import LBFGS, fgsm
 from advguard.detection import (
     FeatureIndex,
+    KNNBank,
     KNNDetector,
     Preprocessor,
     class_scores,
@@ -15,6 +16,7 @@ from advguard.detection import (
 )
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import auc, eer, eer_accuracy, operating_point, roc, threshold_sweep
+from advguard.io import load_tensors, save_tensors
 from advguard.models import accuracy, build_model
 
 
@@ -43,8 +45,8 @@ def test_scores_equal_brute_force_on_random_features(weighting, k):
     labels = rng.integers(0, 5, 400)
     queries = rng.standard_normal((30, 16)).astype(np.float32)
     predicted = rng.integers(0, 5, 30)
-    det = KNNDetector(k=k, weighting=weighting, preprocessing="none").fit_features(bank, labels)
-    got = det.score_features(queries, predicted)
+    det = KNNBank(k=k, weighting=weighting, preprocessing="none").fit(bank, labels)
+    got = det.scores(queries, predicted)
     want = brute_force_scores(bank, labels, queries, predicted, k, weighting)
     assert np.allclose(got, want, atol=1e-5)
 
@@ -57,8 +59,8 @@ def test_ties_and_zero_distance(weighting):
     labels = np.tile(rng.integers(0, 3, 50), 3)
     queries = np.concatenate([base[:5], rng.standard_normal((5, 8)).astype(np.float32)])
     predicted = np.concatenate([labels[:5], rng.integers(0, 3, 5)])
-    det = KNNDetector(k=9, weighting=weighting, preprocessing="none").fit_features(bank, labels)
-    got = det.score_features(queries, predicted)
+    det = KNNBank(k=9, weighting=weighting, preprocessing="none").fit(bank, labels)
+    got = det.scores(queries, predicted)
     assert np.allclose(got, brute_force_scores(bank, labels, queries, predicted, 9, weighting),
                        atol=1e-5)
     if weighting == "dwknn":  # a query on a bank point: its zero-distance copies alone vote
@@ -119,13 +121,12 @@ def test_ivfpq_compresses_the_bank_and_keeps_most_neighbours(tmp_path):
            for name, idx in (("flat", FeatureIndex.build(bank, labels)), ("ivf", ivf),
                              ("ivfpq", pq))}
     assert own["ivfpq"] < own["flat"] / 3 < own["ivf"]  # 8 + 8 bytes a vector instead of 64
-    det = KNNDetector(k=20, preprocessing="none", index="ivfpq", nlist=64, pq_m=8
-                      ).fit_features(bank, labels)
-    det.save(tmp_path / "pq.safetensors")
-    back = KNNDetector.load(tmp_path / "pq.safetensors")
+    det = KNNBank(k=20, preprocessing="none", index="ivfpq", nlist=64, pq_m=8).fit(bank, labels)
+    save_tensors(tmp_path / "pq.safetensors", det.state(), {})
+    back = KNNBank(k=20, preprocessing="none", index="ivfpq").load_state(
+        load_tensors(tmp_path / "pq.safetensors")[0])
     assert back.index_.kind == "ivfpq" and len(back.index_) == 20000
-    np.testing.assert_array_equal(back.score_features(q, labels[:200]),
-                                  det.score_features(q, labels[:200]))
+    np.testing.assert_array_equal(back.scores(q, labels[:200]), det.scores(q, labels[:200]))
 
 
 @pytest.mark.parametrize("pre", ["none", "l2"])
@@ -134,12 +135,12 @@ def test_a_bank_added_in_chunks_equals_one_added_at_once(pre):
     bank = rng.standard_normal((3000, 12)).astype(np.float32)
     labels = rng.integers(0, 4, 3000)
     q = rng.standard_normal((50, 12)).astype(np.float32)
-    whole = KNNDetector(k=30, preprocessing=pre).fit_features(bank, labels)
+    whole = KNNBank(k=30, preprocessing=pre).fit(bank, labels)
     chunks = ((bank[s:s + 700], labels[s:s + 700]) for s in range(0, 3000, 700))
-    parts = KNNDetector(k=30, preprocessing=pre, fit_sample=1000).fit_feature_chunks(chunks)
+    parts = KNNBank(k=30, preprocessing=pre, fit_sample=1000).fit_chunks(chunks)
     assert len(parts.index_) == 3000
-    np.testing.assert_allclose(parts.score_features(q, labels[:50]),
-                               whole.score_features(q, labels[:50]), atol=1e-9)
+    np.testing.assert_allclose(parts.scores(q, labels[:50]), whole.scores(q, labels[:50]),
+                               atol=1e-9)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_detector_round_trip_and_errors(trained_lenet, mnist_train, mnist_test, 
     with pytest.raises(InputError, match="must lie in"):
         det.score_samples(x * 3)
     with pytest.raises(InputError, match="no layer 'fc9'"):
-        KNNDetector(layer="fc9").fit(trained_lenet, x, mnist_test.y[:40])
+        KNNDetector(layers=("fc9",)).fit(trained_lenet, x, mnist_test.y[:40])
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError):
         KNNDetector.load(tmp_path / "bad.safetensors")
@@ -226,28 +227,32 @@ def test_detector_round_trip_and_errors(trained_lenet, mnist_train, mnist_test, 
 
 def test_inputs_unlike_any_training_image_are_flagged(trained_lenet, mnist_train, mnist_test,
                                                       tmp_path):
-    """The bank distance (normalised features, nearest training image) limit set on held-out
-    digits flags noise and blanks, keeps test digits, and survives save/load."""
-    det = KNNDetector(k=20).fit(trained_lenet, mnist_train.x[:2000], mnist_train.y[:2000],
-                                x_calibration=mnist_train.x[2000:2500],
-                                y_calibration=mnist_train.y[2000:2500])
-    assert det.verdicts(mnist_test.x[:5]).unlike is None  # no limit set: no such verdict
-    held_out = det.bank_distance(extract_features(
-        trained_lenet, mnist_train.x[2000:2500], det.layer_)[0])
-    det.set_distance_limit(held_out, 0.995)
+    """The bank distance (normalised features, nearest training image) limit, fitted on the
+    held-out split at familiar_keep, flags noise and blanks, keeps test digits, and survives
+    save/load."""
+    bank = mnist_train.x[:2000], mnist_train.y[:2000]
+    held = mnist_train.x[2000:2500], mnist_train.y[2000:2500]
+    plain = KNNDetector(k=20).fit(trained_lenet, *bank)
+    plain.set_threshold(*held)
+    assert plain.verdicts(mnist_test.x[:5]).unlike is None  # no held-out fit: no such verdict
+    det = KNNDetector(k=20, familiar_keep=0.99).fit(trained_lenet, *bank, x_calibration=held[0],
+                                                    y_calibration=held[1])
+    held_out = det.bank_distance(det.features(held[0])[0])
+    assert det.distance_limit_ == pytest.approx(np.quantile(held_out, 0.99))
+    assert det.familiar_kept_ == pytest.approx((held_out <= det.distance_limit_).mean())
     gen = torch.Generator().manual_seed(0)
     odd = torch.cat([torch.rand(20, 1, 28, 28, generator=gen), torch.ones(2, 1, 28, 28),
                      torch.zeros(2, 1, 28, 28)])
     loaded = KNNDetector.load(det.save(tmp_path / "d.safetensors"), trained_lenet)
+    assert loaded.distance_limit_ == det.distance_limit_
     for d in (det, loaded):
         v = d.verdicts(odd)
         assert v.unlike is not None and v.unlike.all() and not v.trusted.any()
         clean = d.verdicts(mnist_test.x[:300])
         assert clean.unlike is not None and clean.unlike.mean() < 0.03
         assert (clean.trusted <= (clean.scores >= clean.threshold)).all()
-    assert np.allclose(det.bank_distance(extract_features(trained_lenet, odd, det.layer_)[0]),
-                       loaded.bank_distance(extract_features(trained_lenet, odd,
-                                                             loaded.layer_)[0]))
+    assert np.allclose(det.bank_distance(det.features(odd)[0]),
+                       loaded.bank_distance(loaded.features(odd)[0]))
 
 
 def test_lbfgs_reaches_its_targets_with_small_perturbations(trained_mlp, mnist_test):

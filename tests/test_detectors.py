@@ -14,7 +14,7 @@ from advguard.attacks import FGSM, PGD
 from advguard.detection import (
     DETECTORS,
     DeepKNN,
-    KNNDetector,
+    KNNBank,
     Mahalanobis,
     build_detector,
     load_detector,
@@ -161,9 +161,9 @@ def test_bank_distance_agrees_with_pytorch_ood_knn():
     bank = gen.normal(size=(500, 16)).astype(np.float32)
     labels = gen.integers(0, 5, 500)
     queries = gen.normal(size=(40, 16)).astype(np.float32) * 2
-    det = KNNDetector(k=5, preprocessing="none").fit_features(bank, labels)
+    det = KNNBank(k=5, preprocessing="none", familiar=True).fit(bank, labels)
     theirs = OodKNN(None, k=1).fit_features(torch.from_numpy(bank), torch.from_numpy(labels))
-    assert np.allclose(np.sqrt(det.bank_distance(queries)),
+    assert np.allclose(np.sqrt(det.distance(queries)),
                        theirs.predict_features(torch.from_numpy(queries)).numpy(), atol=1e-4)
 
 
@@ -176,7 +176,8 @@ def test_deep_knn_p_values_equal_brute_force():
     cal_labels = gen.integers(0, classes, 40)
     queries = {"a": gen.normal(size=(25, 5)), "b": gen.normal(size=(25, 8))}
     det = DeepKNN(k=k).fit_features({n: f.astype(np.float32) for n, f in bank.items()}, labels)
-    det.fit_held_out({n: f.astype(np.float32) for n, f in cal.items()}, cal_labels, cal_labels)
+    det.fit_held_out({n: f.astype(np.float32) for n, f in cal.items()},
+                     np.eye(classes)[cal_labels], cal_labels)  # logits of the true classes
 
     def alpha(feats: dict, j: int, i: int) -> int:
         total = 0
@@ -194,7 +195,8 @@ def test_deep_knn_p_values_equal_brute_force():
     assert np.allclose(p, brute)
     predicted = gen.integers(0, classes, 25)
     assert np.allclose(det.score_features({n: f.astype(np.float32) for n, f in queries.items()},
-                                          predicted), brute[np.arange(25), predicted])
+                                          np.eye(classes)[predicted]),
+                       brute[np.arange(25), predicted])
 
 
 def test_unknown_detector_and_unfitted_use_are_refused(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from advguard.data import load_dataset
-from advguard.detection import KNNDetector, Preprocessing, Weighting
+from advguard.detection import KNNBank, Preprocessing, Weighting
 from advguard.errors import CheckpointError, InputError
 from advguard.evaluation import eer_accuracy, keep_threshold
 from advguard.io import read_json, write_json
@@ -179,9 +179,9 @@ def test_one_search_scores_every_weighting_as_separate_detectors_do():
     for pre in Preprocessing:
         assert bank_mb[pre.value] > 0
         for w in Weighting:
-            det = KNNDetector(k=25, weighting=w, preprocessing=pre).fit_features(bank, labels)
+            knn = KNNBank(k=25, weighting=w, preprocessing=pre).fit(bank, labels)
             np.testing.assert_allclose(scores[pre.value][w.value]["q"],
-                                       det.score_features(q.features, q.predicted), atol=1e-6)
+                                       knn.scores(q.features, q.predicted), atol=1e-6)
 
 
 def test_metrics_of_a_table_entry():

@@ -23,7 +23,7 @@ from PIL import Image
 
 from advguard.attacks import FGSM, PGD
 from advguard.data import load_dataset
-from advguard.detection import KNNOptions
+from advguard.detection import DETECTORS, DetectorSettings, KNNOptions
 from advguard.models import build_model, save_model
 from advguard.serve import fit_guard, read_keys
 from advguard.serve.guard import GuardFit
@@ -97,7 +97,7 @@ def guard_dir(tmp_path_factory) -> Path:
     model = build_model("lenet5", "mnist")
     train(model, data, StrengthMix(), None, TrainConfig(epochs=3, batch_size=64), progress=False)
     save_model(d / "lenet.safetensors", model, arch="lenet5", dataset="mnist")
-    fit_guard(d / "lenet.safetensors", d / "guard", knn=KNNOptions(k=100),
+    fit_guard(d / "lenet.safetensors", d / "guard", detector=DetectorSettings(k=100),
               fit=GuardFit(train_limit=8000, val_size=1000))
     return d / "guard"
 
@@ -153,8 +153,10 @@ def test_a_guard_fits_and_loads_with_every_detector(detector, guard_dir, digits,
     from advguard.serve.guard import Guard
 
     out = tmp_path / detector
-    fit_guard(guard_dir.parent / "lenet.safetensors", out, knn=KNNOptions(k=100),
-              fit=GuardFit(train_limit=4000, val_size=800, detector=detector))
+    settings = DetectorSettings(detector=detector,
+                                k=100 if DETECTORS[detector].Options is KNNOptions else None)
+    fit_guard(guard_dir.parent / "lenet.safetensors", out, detector=settings,
+              fit=GuardFit(train_limit=4000, val_size=800))
     g = Guard.load(out)
     assert g.detector.name == detector and g.config.detector == detector
     assert len(g.config.layers) == 3 and 0.97 <= g.config.calibration_kept <= 1.0
@@ -220,7 +222,7 @@ def test_a_valid_image_gets_every_field(guard_dir, keys, digits):
         assert r.json()["status"]["recent_flagged"] == before + int(odd["score"] <
                                                                      odd["threshold"])
         health = httpx.get(f"{url}/v1/health").json()
-        assert health["input_shape"] == [1, 28, 28] and health["k"] == 100
+        assert health["input_shape"] == [1, 28, 28] and health["settings"]["k"] == 100
         schema = httpx.get(f"{url}/openapi.json").json()
         assert "/v1/predict" in schema["paths"] and "/v1/clients/{client_id}/clear" in \
             schema["paths"]

@@ -4,14 +4,14 @@ HTTP service)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from advguard.cli import app, setup_logging
 from advguard.cli.options import Quiet, field_help, with_configs
 from advguard.data import DataOptions
-from advguard.detection import KNNOptions
+from advguard.detection import DetectorSettings
 from advguard.models import ModelOptions
 from advguard.serve.app import Settings
 from advguard.serve.guard import GuardFit
@@ -26,10 +26,10 @@ app.add_typer(guard_app, name="guard")
 
 
 @guard_app.command("fit")
-@with_configs(knn=KNNOptions, fit=GuardFit, watch=QueryWatch, data=DataOptions,
+@with_configs(detector=DetectorSettings, fit=GuardFit, watch=QueryWatch, data=DataOptions,
               model_options=ModelOptions)
 def fit(
-    knn: KNNOptions,
+    detector: Any,
     fit: GuardFit,
     watch: QueryWatch,
     data: DataOptions,
@@ -40,24 +40,22 @@ def fit(
              "out and give --model (with --weights) and --data")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Fit the detector (--detector; the paper's kNN by default) on the model's training-set
-    features (streamed), calibrate its threshold (with the kNN detector, its bank-distance
-    limit) and the query watch on validation images held out of them, and write a
-    self-contained guard folder."""
+    """Fit the detector (--detector; the paper's kNN by default; an option another detector has
+    is refused) on the model's training-set features (streamed), fit what it fits on held-out
+    images (the kNN's bank-distance limit), its threshold and the query watch on validation
+    images held out of them, and write a self-contained guard folder."""
     from advguard.serve.guard import KEYS, fit_guard, read_keys
 
     setup_logging(quiet)
-    g = fit_guard(checkpoint, out, knn=knn, fit=fit, model=model_options, data=data,
+    g = fit_guard(checkpoint, out, detector=detector, fit=fit, model=model_options, data=data,
                   watch=watch, progress=not quiet)
     c = g.config
     q = c.queries or {}
-    reads = (f"{c.preprocessing} + {c.weighting}, k = {c.k}" if c.detector == "knn"
-             else f"layers {', '.join(c.layers or [])}")
-    typer.echo(f"{out}: {c.dataset} {c.detector} guard, {reads}, "
-               f"threshold {c.threshold:.4f} keeps {100 * c.calibration_kept:.1f}% of "
-               f"{c.calibration_images} clean validation images; "
-               + (f"bank-distance limit keeps {100 * c.familiar_keep:.1f}%; "
-                  if c.familiar_keep is not None else "")
+    layers = ", ".join(c.layers or []) or "none (the logits)"
+    typer.echo(f"{out}: {c.dataset} {c.detector} guard, layers {layers} "
+               f"({_pairs(c.settings)}), threshold {c.threshold:.4f} keeps "
+               f"{100 * c.calibration_kept:.1f}% of {c.calibration_images} clean validation "
+               f"images; " + (f"fitted on them: {_pairs(c.fitted)}; " if c.fitted else "")
                + "query watch: k = "
                f"{q.get('query_k')}, thresholds {_num(q.get('threshold'))} (L2) and "
                f"{_num(q.get('view_threshold'))} (L∞)"
@@ -67,6 +65,11 @@ def fit(
                   f", at {100 * q.get('query_false_alarm', 0):g}% false alarms"))
     admins = [key for key, who in read_keys(out / KEYS).items() if who.admin]
     typer.echo(f"API keys: {out / KEYS} (admin key {admins[0]})")
+
+
+def _pairs(values: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in (values or {}).items()) or "no options"
 
 
 def _num(value: float | None) -> str:

@@ -1,10 +1,10 @@
 """An attacker who knows the detector (beyond the paper): a PGD objective, not a loop of its own.
 
 Targeted PGD toward a class t whose loss also moves the input's deep features where the detector
-trusts class t: onto the centroid of class t's bank entries (:class:`FeaturePull`,
-:class:`CentroidPull`: Sitawarin & Wagner 2019's "mean" attack), or into a neighbourhood of
-class-t entries and out of every other class's (:class:`SoftNeighbours`: their soft neighbour
-count, the surrogate they made for attacking Deep kNN)::
+trusts class t: onto the centroid of class t's bank entries (:class:`CentroidPull`: Sitawarin &
+Wagner 2019's "mean" attack), or into a neighbourhood of class-t entries and out of every other
+class's (:class:`SoftNeighbours`: their soft neighbour count, the surrogate they made for
+attacking Deep kNN)::
 
     PGD(loss=detector.adaptive_loss(), targeted=True, random_start=False)(model, x, t, eps)
 """
@@ -18,29 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advguard.detection.features import FeatureCapture, LayersCapture, LayerSpec
+from advguard.detection.features import LayersCapture, LayerSpec
 from advguard.errors import InputError
-
-
-class FeaturePull:
-    """``CE(model(x), t) + weight · ‖φ̃(x) − centroid_t‖² / d`` (batch means), φ̃ the detector's
-    pre-processed features (``transform`` of the ``layer``'s), ``centroids`` its bank's class
-    means in that space; descended by targeted PGD. Implements
-    :class:`~advguard.attacks.Loss`."""
-
-    def __init__(self, layer: str | LayerSpec | None, centroids: np.ndarray,
-                 transform: Callable[[torch.Tensor], torch.Tensor], weight: float = 1.0) -> None:
-        self.layer, self.transform, self.weight = layer, transform, weight
-        self.centroids = torch.from_numpy(centroids)
-
-    def __call__(self, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with FeatureCapture(model, self.layer) as cap:
-            logits = model(x)
-        z = self.transform(cap.features)
-        pull = (z - self.centroids.to(z.device)[y]).pow(2).sum(1).mean() / z.shape[1]
-        return F.cross_entropy(logits, y) + self.weight * pull, logits
-
 
 Transforms = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 

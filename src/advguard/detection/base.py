@@ -1,19 +1,24 @@
-"""The detector interface every detector shares (scikit-learn's outlier-detector contract):
-``fit`` returns ``self`` and sets trailing-underscore attributes; ``score_samples`` (higher = the
-model's prediction is more trustworthy); ``decision_function = score_samples − offset_``;
-``predict`` → +1 trusted / −1 flagged; ``calibrate`` sets ``offset_`` from a keep rate on
-held-out, correctly classified inputs; ``save``/``load`` through safetensors.
+"""The one detector interface (scikit-learn's outlier-detector contract, in the manner of
+pytorch-ood's detectors): ``fit`` returns ``self`` and sets trailing-underscore attributes;
+``score_samples`` (higher = the model's prediction is more trustworthy); ``decision_function =
+score_samples − offset_``; ``predict`` → +1 trusted / −1 flagged; ``calibrate`` sets ``offset_``
+from a keep rate on held-out, correctly classified inputs; ``save``/``load`` through
+safetensors. The paper's kNN detector is one of them.
 
-A subclass reads deep features at one or several named layers (forward hooks,
-:mod:`.features`) and writes four things: :meth:`Detector.fit_feature_chunks` (the bank,
-streamed), :meth:`Detector.score_features`, :meth:`Detector.state` / :meth:`Detector.load_state`
-and :meth:`Detector.adaptive_loss` (the loss of the attack made for it, Tramèr et al. 2020).
-:meth:`Detector.fit_held_out` is where a detector that needs a split held out of the bank
-(conformal calibration, a layer combination) fits it.
+A detector declares its own options as one dataclass (:attr:`Detector.Options`: the registry,
+``guard fit``, the guard folder and ``reproduce detect`` read them from it), reads deep features
+at named layers (forward hooks, :mod:`.features`; none for a detector of the logits alone) and
+writes four things: :meth:`Detector.fit_feature_chunks` (the bank, streamed),
+:meth:`Detector.score_features` (from the features *and* the logits),
+:meth:`Detector.state` / :meth:`Detector.load_state` and :meth:`Detector.adaptive_loss` (the
+loss of the attack made for it, Tramèr et al. 2020). :meth:`Detector.fit_held_out` is where a
+detector that needs a split held out of the bank (conformal calibration, a layer combination, a
+distance limit) fits it; :meth:`Detector.unlike` flags inputs whatever their score.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -44,20 +49,184 @@ Features = dict[str, np.ndarray]  # layer key -> (N, D_layer)
 Chunk = tuple[Features, np.ndarray]  # features and labels of a chunk of the bank
 
 
-class Thresholded:
-    """The scikit-learn outlier-detector decisions every detector shares, from its
-    ``inspect(x) -> (predicted, scores)``, ``keep`` and ``offset_``."""
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a detector that has none of its own."""
 
-    keep: float
-    offset_: float | None
+
+class Detector(ABC):
+    """Every detector: options, layers, streaming, thresholds, decisions, persistence."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions  # a frozen dataclass of the detector's own options
     # the adaptive attack's surrogates for the detector's decision, the default first
     surrogates: ClassVar[tuple[str, ...]] = ("centroid",)
+    # whether :meth:`fit_seen_attack` learns from adversarial images of a validation split
+    learns_attacks: ClassVar[bool] = False
+
+    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
+                 most_layers: int = 4, batch_size: int = 1000, device: str = "cpu",
+                 seed: int = 0, chunk_size: int = 10_000, **settings: Any) -> None:
+        """``settings``: the fields of :attr:`Options` (an option the detector does not have
+        is refused)."""
+        options.check_fraction("keep", keep)
+        options.device(device)
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
+                            ("most_layers", most_layers)):
+            options.check_int(name, value)
+        self.layers = tuple(layers) if layers else None
+        self.keep, self.most_layers = keep, most_layers
+        self.batch_size, self.device, self.seed, self.chunk_size = (batch_size, device, seed,
+                                                                    chunk_size)
+        self.offset_: float | None = None
+        self.options = make_options(self, settings)
+
+    # --- what a detector writes ---------------------------------------------------------
+
+    @abstractmethod
+    def fit_feature_chunks(self, chunks: Iterable[Chunk]) -> Detector:
+        """Fit on the bank: chunks of ``({layer: features}, labels)``, never one array."""
+
+    @abstractmethod
+    def score_features(self, features: Features, logits: np.ndarray) -> np.ndarray:
+        """Trust in the model's classes (``logits.argmax(1)``) from the inputs' features and
+        logits (N, classes)."""
+
+    def fit_held_out(self, features: Features, logits: np.ndarray,  # noqa: B027
+                     labels: np.ndarray, images: Any = None, workers: int | None = None) -> None:
+        """Fit what needs a split held out of the bank (nothing by default), from the split's
+        features, logits and labels; ``images`` (a tensor, or a Dataset / DataLoader) for a
+        detector that needs more than the features, such as altered copies."""
+
+    def fit_seen_attack(self, clean: Features, adversarial: Features, on: str) -> None:
+        """Learn from ``adversarial`` images of a validation split against ``clean`` ones
+        (``on`` says which): only a detector with :attr:`learns_attacks`; never the test
+        attacks."""
+        raise InputError(f"the {self.name} detector learns nothing from attacks")
+
+    def unlike(self, features: Features) -> np.ndarray | None:
+        """Inputs flagged whatever their score (N,) bool, or None: nothing flagged so."""
+        return None
+
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """The fitted state as tensors (safetensors: loading runs no code)."""
+
+    @abstractmethod
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
+        """Targeted PGD's objective for an attacker who knows this detector (one of
+        :attr:`surrogates`, the first by default)."""
+
+    def fitted_meta(self) -> dict[str, Any]:
+        """Fitted facts that are not tensors (saved in the file's metadata)."""
+        return {}
+
+    def load_fitted_meta(self, meta: dict[str, Any]) -> None: ...  # noqa: B027
+
+    def params(self) -> dict[str, Any]:
+        """Everything the constructor took (saved; ``load`` builds the detector from it)."""
+        return {"layers": list(self.layers) if self.layers else None, "keep": self.keep,
+                "most_layers": self.most_layers, "batch_size": self.batch_size,
+                "device": self.device, "seed": self.seed, "chunk_size": self.chunk_size,
+                **options.as_json(self.options)}
+
+    @classmethod
+    def upgrade(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A file written by an earlier version, in today's form (as it is by default)."""
+        return tensors, meta
+
+    # --- features -----------------------------------------------------------------------
+
+    def fit_features(self, features: Features, labels: np.ndarray | torch.Tensor) -> Detector:
+        return self.fit_feature_chunks([(features, np.asarray(labels))])
+
+    @property
+    def layer_keys(self) -> list[str]:
+        return [layer_key(s) for s in self.layers_]
+
+    def features(self, x: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """``({layer: features}, logits)`` of images ``x``."""
+        self._check_fitted(model=True)
+        check_images(x)
+        return extract_layers(self.model_, x, self.layers_, batch_size=self.batch_size,
+                              device=self.device)
+
+    def resolve_layers(self, model: nn.Module) -> list[LayerSpec]:
+        """The layers read from ``model``: those named, or up to ``most_layers`` defaults."""
+        return resolve_layers(model, self.layers, self.most_layers)
+
+    def fit(self, model: nn.Module, x: Any, y: torch.Tensor | None = None, *,
+            x_calibration: torch.Tensor | None = None,
+            y_calibration: torch.Tensor | None = None, progress: bool = False,
+            workers: int | None = None) -> Detector:
+        """Bank = features of ``(x, y)`` (the training set, true labels), or of a Dataset or
+        DataLoader of ``(image, label)`` given as ``x`` alone, streamed chunk by chunk. A
+        calibration split (held out of the bank) fits :meth:`fit_held_out` and ``offset_``."""
+        self.model_ = model
+        self.layers_: list[LayerSpec] = self.resolve_layers(model)
+        chunks: Iterator[Chunk]
+        if y is None:
+            chunks = ((f, labels) for f, labels, _ in self._stream(x, workers, progress))
+        else:
+            check_images(x)
+            check_labels(y, len(x))
+            chunks = ((extract_layers(model, x[sl], self.layers_, batch_size=self.batch_size,
+                                      device=self.device)[0], np.asarray(y[sl]))
+                      for sl in batch_slices(len(x), self.chunk_size, progress=progress,
+                                             desc="bank"))
+        self.fit_feature_chunks(chunks)
+        if x_calibration is not None and y_calibration is not None:
+            features, logits = self.features(x_calibration)
+            self._fit_held_out_split(features, logits.numpy(), np.asarray(y_calibration),
+                                     x_calibration, None)
+        return self
+
+    def fit_held_out_data(self, data: Any, *, workers: int | None = None,
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`fit_held_out` and the threshold from a Dataset or DataLoader of ``(image,
+        label)`` (streamed; the features are held, not the images); returns the split's
+        ``(predicted, scores, labels)`` as :meth:`inspect_dataset` does."""
+        self._check_fitted(model=True)
+        parts = list(self._stream(data, workers, progress))
+        features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        labels = np.concatenate([p[1] for p in parts])
+        logits = np.concatenate([p[2] for p in parts])
+        scores = self._fit_held_out_split(features, logits, labels, data, workers)
+        return logits.argmax(1), scores, labels
+
+    def _fit_held_out_split(self, features: Features, logits: np.ndarray,
+                            labels: np.ndarray, images: Any, workers: int | None) -> np.ndarray:
+        """:meth:`fit_held_out`, then the threshold from the same features (one pass)."""
+        self.fit_held_out(features, logits, labels, images, workers)
+        scores = self.score_features(features, logits)
+        self.calibrate(logits.argmax(1), scores, labels)
+        return scores
+
+    def _stream(self, data: Any, workers: int | None, progress: bool = False
+                ) -> Iterator[tuple[Features, np.ndarray, np.ndarray]]:
+        """``({layer: features}, labels, logits)`` chunks of a Dataset or DataLoader."""
+        return dataset_layers(self.model_, data, self.layers_, chunk_size=self.chunk_size,
+                              batch_size=self.batch_size, device=self.device, workers=workers,
+                              progress=progress)
+
+    # --- scores and decisions -------------------------------------------------------------
 
     def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """``(predicted classes, scores of those classes)`` for images ``x``."""
+        features, logits = self.features(x)
+        return logits.argmax(1).numpy(), self.score_features(features, logits.numpy())
 
-    def _check_fitted(self, model: bool = False) -> None:
-        raise NotImplementedError
+    def inspect_dataset(self, data: Any, *, workers: int | None = None,
+                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed."""
+        self._check_fitted(model=True)
+        out = [(z.argmax(1), self.score_features(f, z), y)
+               for f, y, z in self._stream(data, workers, progress)]
+        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore
 
     def score_samples(self, x: torch.Tensor) -> np.ndarray:
         """Trust score of each image's predicted class; higher = more trustworthy."""
@@ -85,166 +254,23 @@ class Thresholded:
         """+1 where the model's prediction is trusted, −1 where it is flagged."""
         return np.where(self.decision_function(x) >= 0, 1, -1)
 
+    def verdicts(self, x: torch.Tensor) -> Verdicts:
+        """Class, probabilities, score, trusted/flagged of images ``x`` (paper 003 §5.1):
+        trusted where the score reaches ``offset_`` and :meth:`unlike` does not flag."""
+        threshold = self._threshold()
+        features, logits = self.features(x)
+        scores = self.score_features(features, logits.numpy())
+        unlike = self.unlike(features)
+        trusted = scores >= threshold if unlike is None else (scores >= threshold) & ~unlike
+        return Verdicts(logits.argmax(1).numpy(), logits.softmax(1).numpy(), scores, trusted,
+                        threshold, unlike)
+
     def _threshold(self) -> float:
         self._check_fitted(model=True)
         if getattr(self, "offset_", None) is None:
             raise InputError("no threshold yet: fit with a calibration split or call "
                              "set_threshold(x, y)")
         return float(self.offset_)  # type: ignore[arg-type]
-
-
-class Detector(Thresholded, ABC):
-    """Base of every multi-layer detector: layers, streaming, thresholds, persistence."""
-
-    name: ClassVar[str]
-
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
-                 most_layers: int = 4, batch_size: int = 1000, device: str = "cpu",
-                 seed: int = 0, chunk_size: int = 10_000) -> None:
-        options.check_fraction("keep", keep)
-        options.device(device)
-        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
-                            ("most_layers", most_layers)):
-            options.check_int(name, value)
-        self.layers = tuple(layers) if layers else None
-        self.keep, self.most_layers = keep, most_layers
-        self.batch_size, self.device, self.seed, self.chunk_size = (batch_size, device, seed,
-                                                                    chunk_size)
-        self.offset_: float | None = None
-
-    # --- what a detector writes ---------------------------------------------------------
-
-    @abstractmethod
-    def fit_feature_chunks(self, chunks: Iterable[Chunk]) -> Detector:
-        """Fit on the bank: chunks of ``({layer: features}, labels)``, never one array."""
-
-    @abstractmethod
-    def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
-        """Trust in ``predicted`` (the model's classes) from the inputs' features."""
-
-    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
-                     images: Any = None, workers: int | None = None) -> None:
-        """Fit what needs a split held out of the bank (nothing by default), from the split's
-        features, predictions and labels; ``images`` (a tensor, or a Dataset / DataLoader) for
-        a detector that needs more than the features, such as altered copies."""
-
-    @abstractmethod
-    def state(self) -> dict[str, torch.Tensor]:
-        """The fitted state as tensors (safetensors: loading runs no code)."""
-
-    @abstractmethod
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
-
-    @abstractmethod
-    def adaptive_loss(self, weight: float = 1.0, surrogate: str | None = None) -> Loss:
-        """Targeted PGD's objective for an attacker who knows this detector (one of
-        :attr:`surrogates`, the first by default)."""
-
-    def fitted_meta(self) -> dict[str, Any]:
-        """Fitted facts that are not tensors (saved in the file's metadata)."""
-        return {}
-
-    def load_fitted_meta(self, meta: dict[str, Any]) -> None: ...
-
-    def params(self) -> dict[str, Any]:
-        return {"layers": list(self.layers) if self.layers else None, "keep": self.keep,
-                "most_layers": self.most_layers, "batch_size": self.batch_size,
-                "device": self.device, "seed": self.seed, "chunk_size": self.chunk_size}
-
-    # --- features -----------------------------------------------------------------------
-
-    def fit_features(self, features: Features, labels: np.ndarray | torch.Tensor) -> Detector:
-        return self.fit_feature_chunks([(features, np.asarray(labels))])
-
-    @property
-    def layer_keys(self) -> list[str]:
-        return [layer_key(s) for s in self.layers_]
-
-    def features(self, x: torch.Tensor) -> tuple[Features, torch.Tensor]:
-        """``({layer: features}, logits)`` of images ``x``."""
-        self._check_fitted(model=True)
-        check_images(x)
-        return extract_layers(self.model_, x, self.layers_, batch_size=self.batch_size,
-                              device=self.device)
-
-    def fit(self, model: nn.Module, x: Any, y: torch.Tensor | None = None, *,
-            x_calibration: torch.Tensor | None = None,
-            y_calibration: torch.Tensor | None = None, progress: bool = False,
-            workers: int | None = None) -> Detector:
-        """Bank = features of ``(x, y)`` (the training set, true labels), or of a Dataset or
-        DataLoader of ``(image, label)`` given as ``x`` alone, streamed chunk by chunk. A
-        calibration split (held out of the bank) fits :meth:`fit_held_out` and ``offset_``."""
-        self.model_ = model
-        self.layers_: list[LayerSpec] = resolve_layers(model, self.layers, self.most_layers)
-        chunks: Iterator[Chunk]
-        if y is None:
-            chunks = ((f, labels) for f, labels, _ in self._stream(x, workers, progress))
-        else:
-            check_images(x)
-            check_labels(y, len(x))
-            chunks = ((extract_layers(model, x[sl], self.layers_, batch_size=self.batch_size,
-                                      device=self.device)[0], np.asarray(y[sl]))
-                      for sl in batch_slices(len(x), self.chunk_size, progress=progress,
-                                             desc="bank"))
-        self.fit_feature_chunks(chunks)
-        if x_calibration is not None and y_calibration is not None:
-            features, logits = self.features(x_calibration)
-            self._fit_held_out_split(features, logits.argmax(1).numpy(),
-                                     np.asarray(y_calibration), x_calibration, None)
-        return self
-
-    def fit_held_out_data(self, data: Any, *, workers: int | None = None,
-                          progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`fit_held_out` and the threshold from a Dataset or DataLoader of ``(image,
-        label)`` (streamed; the features are held, not the images); returns the split's
-        ``(predicted, scores, labels)`` as :meth:`inspect_dataset` does."""
-        self._check_fitted(model=True)
-        parts = list(self._stream(data, workers, progress))
-        features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-        labels = np.concatenate([p[1] for p in parts])
-        predicted = np.concatenate([p[2] for p in parts])
-        scores = self._fit_held_out_split(features, predicted, labels, data, workers)
-        return predicted, scores, labels
-
-    def _fit_held_out_split(self, features: Features, predicted: np.ndarray,
-                            labels: np.ndarray, images: Any, workers: int | None) -> np.ndarray:
-        """:meth:`fit_held_out`, then the threshold from the same features (one pass)."""
-        self.fit_held_out(features, predicted, labels, images, workers)
-        scores = self.score_features(features, predicted)
-        self.calibrate(predicted, scores, labels)
-        return scores
-
-    def _stream(self, data: Any, workers: int | None, progress: bool = False
-                ) -> Iterator[tuple[Features, np.ndarray, np.ndarray]]:
-        """``({layer: features}, labels, predicted)`` chunks of a Dataset or DataLoader."""
-        return dataset_layers(self.model_, data, self.layers_, chunk_size=self.chunk_size,
-                              batch_size=self.batch_size, device=self.device, workers=workers,
-                              progress=progress)
-
-    # --- scores and decisions -------------------------------------------------------------
-
-    def inspect(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``(predicted classes, scores of those classes)`` for images ``x``."""
-        features, logits = self.features(x)
-        predicted = logits.argmax(1).numpy()
-        return predicted, self.score_features(features, predicted)
-
-    def inspect_dataset(self, data: Any, *, workers: int | None = None,
-                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(predicted classes, scores, labels)`` of a Dataset or DataLoader, streamed."""
-        self._check_fitted(model=True)
-        out = [(p, self.score_features(f, p), y)
-               for f, y, p in self._stream(data, workers, progress)]
-        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))  # type: ignore
-
-    def verdicts(self, x: torch.Tensor) -> Verdicts:
-        """Class, probabilities, score, trusted/flagged of images ``x``."""
-        threshold = self._threshold()
-        features, logits = self.features(x)
-        predicted = logits.argmax(1).numpy()
-        scores = self.score_features(features, predicted)
-        return Verdicts(predicted, logits.softmax(1).numpy(), scores, scores >= threshold,
-                        threshold, None)
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -260,12 +286,12 @@ class Detector(Thresholded, ABC):
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> Detector:
-        tensors, meta = load_tensors(path)
+        tensors, meta = cls.upgrade(*load_tensors(path), str(path))
         if meta.get("detector") != cls.name or not isinstance(meta.get("params"), dict):
             raise CheckpointError(f"{path} is not a {cls.name} detector")
         try:
             det = cls(**meta["params"])
-        except TypeError as exc:
+        except (TypeError, InputError) as exc:
             raise CheckpointError(f"{path}: unreadable detector settings ({exc})") from None
         det.fitted_keys_ = list(meta["layer_keys"])
         det.load_state(tensors)
@@ -295,3 +321,13 @@ class Detector(Thresholded, ABC):
         if model and not hasattr(self, "model_"):
             raise InputError("the detector has no model: fit(model, x, y) or load(path, model)")
 
+
+def make_options(detector: Detector, settings: dict[str, Any]) -> Any:
+    """``detector``'s :attr:`~Detector.Options` from ``settings``; one it does not have is
+    refused, naming those it has."""
+    names = [f.name for f in dataclasses.fields(detector.Options)]
+    extra = sorted(set(settings) - set(names))
+    if extra:
+        raise InputError(f"the {detector.name} detector has no option {', '.join(extra)}; its "
+                         f"options: {', '.join(names) or 'none'}")
+    return detector.Options(**settings)

@@ -13,6 +13,7 @@ model's answer (their credibility when the DkNN's own prediction and the model's
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,15 @@ from advguard.detection.adaptive import CentroidPull, SoftNeighbours, pick_surro
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.index import FeatureIndex
 from advguard.errors import InputError
-from advguard.evaluation.detection import KEEP
+from advguard.options import option
+
+
+@dataclass(frozen=True)
+class DeepKNNOptions:
+    k: int = option(75, "neighbours searched at every layer (the paper's 75)")
+
+    def __post_init__(self) -> None:
+        options.check_int("k", self.k)
 
 
 def unit(f: np.ndarray) -> np.ndarray:
@@ -35,16 +44,13 @@ def unit(f: np.ndarray) -> np.ndarray:
 
 class DeepKNN(Detector):
     name = "dknn"
+    Options = DeepKNNOptions
     surrogates = ("soft", "centroid")
+    options: DeepKNNOptions
 
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
-                 k: int = 75, **kwargs: Any) -> None:
-        super().__init__(layers, keep, **kwargs)
-        options.check_int("k", k)
-        self.k = int(k)  # the paper's k = 75
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "k": self.k}
+    @property
+    def k(self) -> int:
+        return self.options.k
 
     def fit_feature_chunks(self, chunks: Iterable[Chunk]) -> DeepKNN:
         self.indexes_: dict[str, FeatureIndex] = {}
@@ -67,7 +73,7 @@ class DeepKNN(Detector):
             alpha = (self.k - agree) if alpha is None else alpha + (self.k - agree)
         return np.asarray(alpha)
 
-    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
+    def fit_held_out(self, features: Features, logits: np.ndarray, labels: np.ndarray,
                      images: Any = None, workers: int | None = None) -> None:
         """The calibration nonconformities ``A``: the true labels of the held-out split."""
         labels = np.asarray(labels, np.int64)
@@ -86,9 +92,9 @@ class DeepKNN(Detector):
         # |{α' ∈ A : α' ≥ α}| = |A| − (number of α' < α)
         return (len(a) - np.searchsorted(a, alpha, side="left")) / len(a)
 
-    def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
+    def score_features(self, features: Features, logits: np.ndarray) -> np.ndarray:
         p = self.p_values(features)
-        return p[np.arange(len(p)), np.asarray(predicted, np.int64)]
+        return p[np.arange(len(p)), np.asarray(logits).argmax(1)]
 
     def state(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

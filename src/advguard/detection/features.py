@@ -203,7 +203,7 @@ def dataset_layers(model: nn.Module, data: Any, layers: list[LayerSpec], *,
                    progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray,
                                                              np.ndarray]]:
     """:func:`extract_layers` over a Dataset or DataLoader of ``(image, label)``, streamed in
-    chunks of about ``chunk_size`` rows: ``({layer: features}, labels, predicted)``."""
+    chunks of about ``chunk_size`` rows: ``({layer: features}, labels, logits)``."""
     from tqdm.auto import tqdm
 
     dataset, loader_workers = as_dataset(data)
@@ -219,7 +219,7 @@ def dataset_layers(model: nn.Module, data: Any, layers: list[LayerSpec], *,
                         desc="features",
                         disable=not progress, leave=False):
         feats, logits = extract_layers(model, x, layers, batch_size=batch_size, device=device)
-        parts.append((feats, np.asarray(y), logits.argmax(1).numpy()))
+        parts.append((feats, np.asarray(y), logits.numpy()))
         if sum(len(p[1]) for p in parts) >= chunk_size:
             yield chunk()
             parts = []

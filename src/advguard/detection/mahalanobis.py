@@ -18,6 +18,7 @@ adversarial examples crafted on a validation split; it must never see the test a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,27 +34,31 @@ from advguard.detection.adaptive import pick_surrogate
 from advguard.detection.base import Chunk, Detector, Features
 from advguard.detection.features import LayersCapture
 from advguard.errors import InputError
-from advguard.evaluation.detection import KEEP
 from advguard.models import eval_mode
+from advguard.options import option
+
+
+@dataclass(frozen=True)
+class MahalanobisOptions:
+    noise: float = option(0.0, "input pre-processing step against the distance's gradient "
+                               "(the paper's ε; 0: off)")
+    combine_sigma: float = option(0.1, "σ of the Gaussian-noise copies the layer combination "
+                                       "is fitted against")
+    ridge: float = option(1e-6, "added to the tied covariance's diagonal")
+
+    def __post_init__(self) -> None:
+        for what in ("noise", "combine_sigma", "ridge"):
+            value = getattr(self, what)
+            if not 0.0 <= float(value) <= 1.0:
+                raise InputError(f"Mahalanobis {what} must be in [0, 1], got {value!r}")
 
 
 class Mahalanobis(Detector):
     name = "mahalanobis"
+    Options = MahalanobisOptions
     surrogates = ("gaussian",)
-
-    def __init__(self, layers: tuple[str, ...] | None = None, keep: float = KEEP, *,
-                 noise: float = 0.0, combine_sigma: float = 0.1, ridge: float = 1e-6,
-                 **kwargs: Any) -> None:
-        super().__init__(layers, keep, **kwargs)
-        for what, value in (("noise", noise), ("combine_sigma", combine_sigma),
-                            ("ridge", ridge)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise InputError(f"Mahalanobis {what} must be in [0, 1], got {value!r}")
-        self.noise, self.combine_sigma, self.ridge = noise, combine_sigma, ridge
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "noise": self.noise, "combine_sigma": self.combine_sigma,
-                "ridge": self.ridge}
+    learns_attacks = True
+    options: MahalanobisOptions
 
     # --- the Gaussians --------------------------------------------------------------------
 
@@ -82,7 +87,7 @@ class Mahalanobis(Detector):
         for key in self.fitted_keys_:
             mu = sums[key] / counts[:, None]
             cov = (outer[key] - (mu * counts[:, None]).T @ mu) / n  # Σ_c Σ_i (f−μ_c)(f−μ_c)ᵀ / N
-            cov += self.ridge * np.eye(len(cov))
+            cov += self.options.ridge * np.eye(len(cov))
             self.means_[key] = mu.astype(np.float32)
             self.precisions_[key] = np.linalg.pinv(cov, hermitian=True).astype(np.float32)
         self.combination_: tuple[np.ndarray, float] | None = None
@@ -122,7 +127,11 @@ class Mahalanobis(Detector):
         self.combination_ = (w.astype(np.float64), float(lr.intercept_[0] - w @ mean))
         self.combined_on_ = on
 
-    def fit_held_out(self, features: Features, predicted: np.ndarray, labels: np.ndarray,
+    def fit_seen_attack(self, clean: Features, adversarial: Features, on: str) -> None:
+        """The combination fitted on ``clean`` positives and ``adversarial`` negatives."""
+        self.fit_combination(clean, adversarial, on)
+
+    def fit_held_out(self, features: Features, logits: np.ndarray, labels: np.ndarray,
                      images: Any = None, workers: int | None = None) -> None:
         """The combination. Positives: the held-out images the model classifies right;
         negatives: the same images with Gaussian noise of σ = ``combine_sigma`` (no attack
@@ -132,20 +141,20 @@ class Mahalanobis(Detector):
             return
         if isinstance(images, torch.Tensor):
             gen = torch.Generator().manual_seed(self.seed)
-            noisy_images = (images + self.combine_sigma * torch.randn(images.shape,
+            noisy_images = (images + self.options.combine_sigma * torch.randn(images.shape,
                                                                       generator=gen)).clamp(0, 1)
             noisy = self.features(noisy_images)[0]
         else:
-            parts = [f for f, _, _ in self._stream(Noisy(images, self.combine_sigma, self.seed),
-                                                   workers)]
+            noisy_data = Noisy(images, self.options.combine_sigma, self.seed)
+            parts = [f for f, _, _ in self._stream(noisy_data, workers)]
             noisy = {k: np.concatenate([f[k] for f in parts]) for k in features}
-        right = predicted == labels
+        right = np.asarray(logits).argmax(1) == labels
         self.fit_combination({k: v[right] for k, v in features.items()},
                              {k: v[right] for k, v in noisy.items()},
-                             f"clean and Gaussian-noise (σ = {self.combine_sigma:g}) "
+                             f"clean and Gaussian-noise (σ = {self.options.combine_sigma:g}) "
                              "calibration images")
 
-    def score_features(self, features: Features, predicted: np.ndarray) -> np.ndarray:
+    def score_features(self, features: Features, logits: np.ndarray) -> np.ndarray:
         scores = self.layer_scores(features)
         if self.combination_ is None:
             return scores[:, -1]
@@ -156,7 +165,7 @@ class Mahalanobis(Detector):
 
     def features(self, x: torch.Tensor) -> tuple[Features, torch.Tensor]:
         features, logits = super().features(x)
-        if self.noise == 0.0:
+        if self.options.noise == 0.0:
             return features, logits
         return {key: self._preprocessed(x, key) for key in self.fitted_keys_}, logits
 
@@ -172,7 +181,7 @@ class Mahalanobis(Detector):
                     self.model_(xb)
                     (grad,) = torch.autograd.grad(self._score(key, cap.features[key]).sum(), xb)
                 with torch.no_grad():
-                    self.model_((xb + self.noise * grad.sign()).clamp(0, 1))
+                    self.model_((xb + self.options.noise * grad.sign()).clamp(0, 1))
                     out.append(cap.features[key].float().cpu())
         return torch.cat(out).numpy()
 

@@ -1,5 +1,5 @@
-"""The kNN detector's settings a user chooses, each default declared once (here): the detector's
-constructor, ``reproduce detect`` and ``advguard guard fit`` take them from these fields."""
+"""The kNN detectors' options a user chooses, each default declared once (here): the detectors'
+constructors, ``reproduce detect`` and ``advguard guard fit`` take them from these fields."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from advguard.detection.index import INDEX_KINDS
 from advguard.detection.preprocessing import Preprocessing, parse_preprocessing
 from advguard.detection.scores import Weighting, parse_weighting
 from advguard.errors import InputError
-from advguard.evaluation.detection import KEEP
 from advguard.options import option
 
 
@@ -20,13 +19,24 @@ class KNNOptions:
     weighting: Weighting = option(Weighting.DWKNN, "score: knn, wknn or dwknn")
     preprocessing: Preprocessing = option(Preprocessing.PCA_WHITEN,
                                           "features: none, l2 or pca-whiten")
-    keep: float = option(KEEP, "operating point: share of correctly classified validation "
-                               "images kept")
     index: str = option("flat", "FAISS bank: flat (exact), ivf or ivfpq")
+    nlist: int = option(1024, "IVF cells (ivf, ivfpq)")
+    nprobe: int = option(16, "IVF cells searched a query (ivf, ivfpq)")
+    pq_m: int | None = option(None, "bytes a vector (ivfpq; a divisor of the dimension; "
+                                    "default: the largest up to half of it)")
+    fit_sample: int = option(100_000, "bank vectors the pre-processing and IVF cells are "
+                                      "fitted on (the first)")
+    familiar_keep: float = option(0.995, "share of calibration images within the bank-distance "
+                                         "limit: inputs farther from every training image "
+                                         "(noise, blanks, other domains) are flagged")
 
     def __post_init__(self) -> None:
         options.check_int("k", self.k)
-        options.check_fraction("keep", self.keep)
+        for name in ("nlist", "nprobe", "fit_sample"):
+            options.check_int(name, getattr(self, name))
+        if self.pq_m is not None:
+            options.check_int("pq_m", self.pq_m)
+        options.check_fraction("familiar_keep", self.familiar_keep)
         object.__setattr__(self, "weighting", parse_weighting(self.weighting))
         object.__setattr__(self, "preprocessing", parse_preprocessing(self.preprocessing))
         if self.index not in INDEX_KINDS:

@@ -137,8 +137,9 @@ def detectors_table(results: dict[str, Any]) -> list[str]:
                   f"{100 * row[n]['caught_at_keep']:.1f}") if n in row else "—"
                  for n in NEGATIVES]
         lines.append(f"| {name} | {', '.join(info['layers'])} | " + " | ".join(cells) + " |")
-    notes = [f"{n}: combination fitted on {i['combined_on']}"
-             for n, i in results["detector_details"].items() if "combined_on" in i]
+    combined = {n: i.get("combined_on") or (i.get("fitted") or {}).get("combined_on")
+                for n, i in results["detector_details"].items()}  # older files: at the top
+    notes = [f"{n}: combination fitted on {on}" for n, on in combined.items() if on]
     return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 

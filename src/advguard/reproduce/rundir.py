@@ -57,12 +57,15 @@ class RunDir:
     def pin(self, config: Any) -> None:
         """Fix ``config`` (resolved) in ``config.json``; a different stored config is an error
         once any stage has been stored, so a resumed run never mixes two experiments (a run
-        that failed before storing anything is simply replaced)."""
+        that failed before storing anything is simply replaced). Fields the config names in
+        ``report_only`` choose what is reported from the stored stages, not what they hold:
+        they may differ."""
         stored = self.root / "config.json"
         current = as_json(config)
+        free = set(getattr(config, "report_only", ()))
         if stored.exists() and self.has_work():
             old = read_json(stored)
-            diff = sorted(k for k, v in current.items() if old.get(k) != v)
+            diff = sorted(k for k, v in current.items() if old.get(k) != v and k not in free)
             if diff:
                 raise CheckpointError(
                     f"{self.root} holds a run with a different configuration "

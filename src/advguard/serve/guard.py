@@ -4,8 +4,9 @@
   ``model.safetensors``     the classifier (any advguard model or ensemble checkpoint, copied)
   ``detector.safetensors``  the fitted detector (``--detector``: the paper's kNN by default;
                             any registered one), with its threshold
-  ``guard.json``            what was fitted on what: dataset, detector settings, calibration,
-                            the bank-distance limit and the calibrated query watch
+  ``guard.json``            what was fitted on what: dataset, the detector and its options,
+                            calibration, what the detector fitted on held-out images (the kNN's
+                            bank-distance limit) and the calibrated query watch
   ``keys.json``             API keys of the clients and admins (created once, never overwritten)
 """
 
@@ -29,16 +30,15 @@ from torch import nn
 from advguard import __version__, options
 from advguard.data import VAL_SIZE, DataOptions, DatasetInfo, batches, subset, train_val_split
 from advguard.detection import (
-    DETECTORS,
-    AnyDetector,
-    KNNDetector,
-    KNNOptions,
+    DEFAULT_DETECTOR,
+    Detector,
+    DetectorSettings,
     Verdicts,
-    build_detector,
     load_detector,
 )
 from advguard.ensemble import load_any, open_model
 from advguard.errors import CheckpointError, InputError
+from advguard.evaluation.detection import KEEP
 from advguard.io import check_output, read_json, write_json, write_text
 from advguard.models import ModelOptions, model_card, save_model
 from advguard.options import option
@@ -54,9 +54,6 @@ log = logging.getLogger(__name__)
 class GuardConfig:
     dataset: str
     source: str  # the checkpoint or run directory the model came from
-    k: int
-    weighting: str
-    preprocessing: str
     keep: float  # share of correctly classified calibration images kept
     threshold: float
     bank_images: int
@@ -64,12 +61,25 @@ class GuardConfig:
     calibration_kept: float  # measured share kept at the threshold
     fitted_at: str
     advguard: str
-    # added later: guard folders fitted before have neither (their service runs without them)
-    distance_limit: float | None = None  # farther from the bank: unlike any training image
-    familiar_keep: float | None = None  # share of calibration images within distance_limit
-    queries: dict[str, Any] | None = None  # the calibrated QueryWatch
-    detector: str = KNNDetector.name  # the registered detector (folders before it: kNN)
+    detector: str = DEFAULT_DETECTOR  # the registered detector (older folders: the kNN)
+    settings: dict[str, Any] | None = None  # the detector's options (its Options' fields)
+    fitted: dict[str, Any] | None = None  # what it fitted on held-out images (fitted_meta)
+    queries: dict[str, Any] | None = None  # the calibrated QueryWatch (older folders: none)
     layers: list[str] | None = None  # the layers it reads
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> GuardConfig:
+        """``guard.json``; folders fitted before the detectors were one family held the kNN's
+        options and its bank-distance limit as fields of their own."""
+        obj = dict(obj)
+        old = {k: obj.pop(k) for k in ("k", "weighting", "preprocessing") if k in obj}
+        limit = {k: obj.pop(k) for k in ("distance_limit", "familiar_keep") if k in obj}
+        if old and obj.get("settings") is None:
+            obj["settings"] = old
+        if limit and obj.get("fitted") is None:
+            obj["fitted"] = {"distance_limit": limit.get("distance_limit"),
+                             "familiar_kept": limit.get("familiar_keep")}
+        return cls(**obj)
 
     def watch(self) -> QueryWatch | None:
         """The calibrated query watch; None if the folder has none, or one calibrated for an
@@ -88,7 +98,7 @@ class Client:
 class Guard:
     """The model and its detector: ``verdicts(x)`` for a batch of images in [0, 1]."""
 
-    def __init__(self, model: nn.Module, detector: AnyDetector, config: GuardConfig,
+    def __init__(self, model: nn.Module, detector: Detector, config: GuardConfig,
                  info: DatasetInfo) -> None:
         self.model = model.eval()
         self.detector = detector
@@ -106,8 +116,8 @@ class Guard:
                 raise CheckpointError(f"{folder} is not a guard folder (no {name}); make one "
                                       "with advguard guard fit")
         try:
-            config = GuardConfig(**read_json(folder / CONFIG))
-        except TypeError as exc:
+            config = GuardConfig.from_json(read_json(folder / CONFIG))
+        except (TypeError, AttributeError) as exc:
             raise CheckpointError(f"{folder / CONFIG} is not a guard description: {exc}"
                                   ) from None
         model, meta = load_any(folder / MODEL, trust_builder=trust_builder)
@@ -132,41 +142,37 @@ def _model_file(source: Path) -> Path:
 
 @dataclass(frozen=True)
 class GuardFit:
-    """How a guard's detector is fitted, beside its :class:`KNNOptions`."""
+    """How a guard's detector is fitted, beside the detector and its options
+    (:data:`~advguard.detection.DetectorSettings`)."""
 
     val_size: int = option(VAL_SIZE, "calibration images held out of the training split")
     train_limit: int | None = option(None, "first N training images (bank and calibration)")
     seed: int = option(0, "the calibration split's seed")
     device: str = option("cpu", "torch device of the feature extraction")
-    familiar_keep: float = option(0.995, "share of calibration images within the bank-distance "
-                                         "limit: inputs farther from every training image "
-                                         "(noise, blanks, other domains) are flagged")
-    detector: str = option(KNNDetector.name, "the detector: " + ", ".join(DETECTORS)
-                           + " (k, weighting and pre-processing apply to knn and knn-layers)")
+    keep: float = option(KEEP, "operating point: share of correctly classified validation "
+                               "images kept")
 
     def __post_init__(self) -> None:
-        if self.detector not in DETECTORS:
-            raise InputError(f"unknown detector {self.detector!r}; choose one of: "
-                             f"{', '.join(DETECTORS)}")
         options.check_int("val_size", self.val_size)
-        options.check_fraction("familiar_keep", self.familiar_keep)
+        options.check_fraction("keep", self.keep)
         if self.train_limit is not None:
             options.check_int("train_limit", self.train_limit)
         options.device(self.device)
 
 
 def fit_guard(source: str | Path | None, out: str | Path, *,
-              knn: KNNOptions = KNNOptions(), fit: GuardFit = GuardFit(),  # noqa: B008
+              detector: Any = DetectorSettings(), fit: GuardFit = GuardFit(),  # noqa: B008
               model: ModelOptions = ModelOptions(), data: DataOptions = DataOptions(),
               watch: QueryWatch = QueryWatch(), progress: bool = False) -> Guard:  # noqa: B008
     """Fit a guard folder ``out`` for the model at ``source`` (a checkpoint or a ``reproduce
-    detect`` run directory; or ``None`` and a builder with weights in ``model``): the
-    detector's bank is the model's training-set features, streamed batch by batch; its
-    threshold keeps ``knn.keep`` of the correctly classified held-out validation images, its
-    bank-distance limit ``fit.familiar_keep`` of all of them, and the query watch's threshold
-    is calibrated on them to ``watch.query_false_alarm``."""
+    detect`` run directory; or ``None`` and a builder with weights in ``model``) with the
+    ``detector`` (:data:`~advguard.detection.DetectorSettings`): its bank is the model's
+    training-set features, streamed batch by batch; what it fits on held-out images (the kNN's
+    bank-distance limit) and its threshold, which keeps ``fit.keep`` of the correctly
+    classified ones, come from the validation images held out of the bank, and the query
+    watch's threshold is calibrated on them to ``watch.query_false_alarm``."""
     out = check_output(out, directory=True)
-    detector = _detector(knn, fit)  # bad settings: refused now
+    det = detector.build(keep=fit.keep, device=fit.device, seed=fit.seed)  # refused now
     path = None if source is None else _model_file(Path(source))
     net, meta, data = open_model(path, model, data)
     full = data.load("train", limit=fit.train_limit)
@@ -180,18 +186,10 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     # its first vectors, which must not be the first classes of a folder
     tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(fit.seed))]
     bank, val = subset(full, tr), subset(full, va)
-    detector.fit(net, bank, progress=progress, workers=data.workers)
-    limit, familiar = None, None
-    if isinstance(detector, KNNDetector):
-        # one pass over the calibration images: the threshold and its measured keep
-        predicted, scores, labels, distances = detector.inspect_dataset(
-            val, workers=data.workers, distances=True)
-        threshold = detector.calibrate(predicted, scores, labels)
-        limit = detector.set_distance_limit(distances, fit.familiar_keep)
-        familiar = float((distances <= limit).mean())
-    else:  # what the detector fits on held-out images, then the threshold
-        predicted, scores, labels = detector.fit_held_out_data(val, workers=data.workers)
-        threshold = float(detector.offset_)  # type: ignore[arg-type]
+    det.fit(net, bank, progress=progress, workers=data.workers)
+    # one pass over the calibration images: what the detector fits on them, the threshold
+    predicted, scores, labels = det.fit_held_out_data(val, workers=data.workers)
+    threshold = float(det.offset_)
     codes = np.concatenate([encode(x) for x, _, _ in batches(val, batch_size=500,
                                                           workers=data.workers)])
     watch = calibrate(codes, watch, seed=fit.seed)
@@ -199,35 +197,23 @@ def fit_guard(source: str | Path | None, out: str | Path, *,
     card = model_card(meta, path or "the model", trust_builder=True)  # opened above
     config = GuardConfig(
         dataset=str(meta.get("dataset", data.source)), source=str(source or model.model),
-        k=knn.k, weighting=knn.weighting.value,
-        preprocessing=knn.preprocessing.value, keep=knn.keep, threshold=threshold,
+        keep=fit.keep, threshold=threshold,
         bank_images=len(bank), calibration_images=int(right.sum()),
         calibration_kept=float((scores[right] >= threshold).mean()),
         fitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), advguard=__version__,
-        distance_limit=limit, familiar_keep=familiar, queries=watch.to_json(),
-        detector=detector.name, layers=detector.layer_keys)
+        detector=det.name, settings=options.as_json(det.options), fitted=det.fitted_meta(),
+        queries=watch.to_json(), layers=det.layer_keys)
     out.mkdir(parents=True, exist_ok=True)
     if path is not None:
         shutil.copyfile(path, out / MODEL)
     else:  # a builder with a user's weights becomes an advguard checkpoint
         save_model(out / MODEL, net, card=card, dataset=config.dataset, data=data.to_json())
-    detector.save(out / DETECTOR)
+    det.save(out / DETECTOR)
     write_json(out / CONFIG, asdict(config))
     if not (out / KEYS).exists():
         write_keys(out / KEYS, {secrets.token_urlsafe(24): Client("admin", admin=True),
                                 secrets.token_urlsafe(24): Client("client-1")})
-    return Guard(net, detector, config, card.info)
-
-
-def _detector(knn: KNNOptions, fit: GuardFit) -> AnyDetector:
-    """The detector ``fit.detector`` names, with the settings that apply to it."""
-    common: dict[str, Any] = {"keep": knn.keep, "device": fit.device, "seed": fit.seed}
-    if fit.detector == KNNDetector.name:
-        return KNNDetector(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing,
-                           index=knn.index, **common)
-    if fit.detector == "knn-layers":
-        common.update(k=knn.k, weighting=knn.weighting, preprocessing=knn.preprocessing)
-    return build_detector(fit.detector, **common)
+    return Guard(net, det, config, card.info)
 
 
 def write_keys(path: Path, keys: dict[str, Client]) -> Path:

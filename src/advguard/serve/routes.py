@@ -113,7 +113,7 @@ def api_router() -> APIRouter:
         body = Health(status="ok" if st.ok else "degraded", dataset=c.dataset,
                       input_shape=[info.channels, *info.size], classes=info.num_classes,
                       threshold=c.threshold, detector=c.detector, layers=c.layers or [],
-                      k=c.k, weighting=c.weighting, preprocessing=c.preprocessing,
+                      settings=c.settings or {},
                       outputs=svc.settings.reveal.outputs.value,
                       query_watch=svc.store.watch is not None, store=StoreState(**asdict(st)))
         return JSONResponse(body.model_dump(), status_code=200 if st.ok else 503)

@@ -82,11 +82,9 @@ class Health(BaseModel):
     input_shape: list[int]
     classes: int
     threshold: float
-    detector: str = Field(description="the detector: knn, knn-layers, dknn or mahalanobis")
+    detector: str = Field(description="the registered detector (knn, the paper's, by default)")
     layers: list[str] = Field(description="the model's layers it reads")
-    k: int = Field(description="neighbours (knn and knn-layers)")
-    weighting: str
-    preprocessing: str
+    settings: dict[str, Any] = Field(description="the detector's options")
     outputs: str = Field(description="what answers reveal: label, top1 or probabilities")
     query_watch: bool = Field(description="whether query-based attacks are watched for")
     store: StoreState

@@ -4,19 +4,25 @@ form."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from advguard import options as opts
 from advguard.attacks import check_strengths
 from advguard.data import VAL_SIZE, dataset_info
-from advguard.detection import KNNOptions
+from advguard.detection import DETECTORS, KNNOptions
 from advguard.errors import InputError, parse_choice
+from advguard.evaluation.detection import KEEP
 from advguard.models import build_model
 from advguard.options import option, same_as
 from advguard.reproduce import victims
 from advguard.training import Schedule, TrainConfig
 
-# the rows of the side-by-side detector table (reproduce/detect/detectors.py builds each)
-DETECTOR_ROWS = ("knn", "knn-layers", "dknn", "mahalanobis", "mahalanobis-fgsm")
+# the rows of the side-by-side detector table (reproduce/detect/detectors.py builds each):
+# every registered detector, and "NAME-fgsm" for one that learns from an attack (fitted on FGSM
+# images of the calibration split)
+SEEN_ATTACK = "-fgsm"
+DETECTOR_ROWS = (*DETECTORS, *(name + SEEN_ATTACK for name, cls in DETECTORS.items()
+                               if cls.learns_attacks))
 
 
 def detector_rows(text: str) -> tuple[str, ...]:
@@ -52,7 +58,8 @@ class DetectConfig:
                                      "dataset's, 0.2 on MNIST, 8/255 on colour images)",
                                parse=opts.strength)
     pgd_steps: int = option(20, "PGD and adaptive-attack steps")
-    keep: float = same_as(KNNOptions, "keep")
+    keep: float = option(KEEP, "operating point: share of correctly classified calibration "
+                               "images kept")
     adaptive_weight: float = option(1.0, "adaptive attack: weight of the feature-pull term")
     mat: bool = option(True, "also run the detector on a mixed-MAT (white-box) model")
     detectors: tuple[str, ...] = option(
@@ -112,6 +119,10 @@ class ResolvedDetectConfig:
     device: str
     data_dir: str | None
     download: bool
+
+    # the side-by-side rows only read the stored model and attacks: a run resumed with other
+    # --detectors reuses them (a new detector's row without training the model again)
+    report_only: ClassVar[tuple[str, ...]] = ("detectors",)
 
     def train_config(self) -> TrainConfig:
         """The training configuration of every attacked model (clean or mixed MAT)."""

@@ -24,8 +24,9 @@ from torch import nn
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.attacks.base import num_classes
-from advguard.detection import AnyDetector, Mahalanobis, build_detector
+from advguard.detection import DETECTORS, Detector, KNNOptions, build_detector
 from advguard.evaluation import auc, eer_accuracy
+from advguard.reproduce.detect.config import SEEN_ATTACK
 from advguard.reproduce.detect.stages import ATTACK_BATCH, Detect, adversarial
 
 # the adaptive attack's detector-term weights tried (with every surrogate); 0 is targeted PGD
@@ -34,23 +35,19 @@ ADAPTIVE_WEIGHTS = (0.0, 0.001, 0.01, 0.1, 1.0)
 WEIGHT_IMAGES = 300  # validation images the weight is chosen on
 
 
-def detector_settings(d: Detect) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Name in the table -> (registered detector, its settings)."""
-    k, seed, dev = d.cfg.k, d.cfg.seed, d.cfg.device
-    common = {"keep": d.cfg.keep, "seed": seed, "device": dev}
-    return {"knn": ("knn", {"k": k, **common}),
-            "knn-layers": ("knn-layers", {"k": k, **common}),
-            "dknn": ("dknn", {**common}),
-            "mahalanobis": ("mahalanobis", {**common}),
-            "mahalanobis-fgsm": ("mahalanobis", {**common})}
-
-
-def fit_detector(d: Detect, model: nn.Module, name: str) -> AnyDetector:
-    kind, settings = detector_settings(d)[name]
-    det = build_detector(kind, **settings).fit(
+def fit_detector(d: Detect, model: nn.Module, row: str) -> Detector:
+    """The detector of a row of the table: a registered detector with the run's keep, seed and
+    device (and its k, for the paper's kNN options), fitted on the bank and the calibration
+    split; a ``NAME-fgsm`` row's also learns from FGSM images of the calibration split."""
+    seen = row.endswith(SEEN_ATTACK) and row not in DETECTORS
+    name = row[:-len(SEEN_ATTACK)] if seen else row
+    settings: dict[str, Any] = {"keep": d.cfg.keep, "seed": d.cfg.seed, "device": d.cfg.device}
+    if DETECTORS[name].Options is KNNOptions:  # the experiment's k is the paper's kNN's
+        settings["k"] = d.cfg.k
+    det = build_detector(name, **settings).fit(
         model, d.train_set.x, d.train_set.y, x_calibration=d.val.x, y_calibration=d.val.y,
         progress=d.progress)
-    if name == "mahalanobis-fgsm" and isinstance(det, Mahalanobis):
+    if seen:
         x, y = d.val.x, d.val.y
         adv = FGSM().craft_dataset(model, x, y, d.cfg.eps, batch_size=ATTACK_BATCH,
                                    device=d.cfg.device)
@@ -58,14 +55,14 @@ def fit_detector(d: Detect, model: nn.Module, name: str) -> AnyDetector:
         adv_f, adv_logits = det.features(adv)
         right = (logits.argmax(1) == y).numpy()
         fooled = right & (adv_logits.argmax(1) != y).numpy()
-        det.fit_combination({k: v[right] for k, v in clean_f.items()},
+        det.fit_seen_attack({k: v[right] for k, v in clean_f.items()},
                             {k: v[fooled] for k, v in adv_f.items()},
                             f"clean and FGSM (ε = {d.cfg.eps:.4g}) calibration images")
         det.set_threshold(x, y)
     return det
 
 
-def adaptive_images(d: Detect, model: nn.Module, det: AnyDetector, x: torch.Tensor,
+def adaptive_images(d: Detect, model: nn.Module, det: Detector, x: torch.Tensor,
                     y: torch.Tensor, weight: float, surrogate: str | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, target classes)``: targeted PGD with the detector's own loss."""
@@ -78,7 +75,7 @@ def adaptive_images(d: Detect, model: nn.Module, det: AnyDetector, x: torch.Tens
                                 device=d.cfg.device), targets
 
 
-def choose_attack(d: Detect, model: nn.Module, det: AnyDetector
+def choose_attack(d: Detect, model: nn.Module, det: Detector
                   ) -> tuple[str, float, dict[str, dict[str, float]]]:
     """``(surrogate, weight, tried)``: the share of validation images the adaptive attack
     makes fooling and trusted, for each of the detector's surrogates and each weight (weight
@@ -134,7 +131,7 @@ def detector_table(d: Detect, model: nn.Module, model_name: str,
             "adaptive_surrogate": surrogate if weight else "none", "adaptive_weight": weight,
             "adaptive_on_validation": tried,
             "adaptive_fooled": int(len(negatives["adaptive"])),
-            **({"combined_on": det.combined_on_} if isinstance(det, Mahalanobis) else {}),
+            **({"fitted": det.fitted_meta()} if det.fitted_meta() else {}),
             "n": {neg: int(len(v)) for neg, v in negatives.items()}}
     return {"detectors": table, "detector_details": details}
 

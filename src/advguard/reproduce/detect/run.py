@@ -1,7 +1,7 @@
 """The kNN detection experiment end to end (paper 003, SPEC Part B), as a resumable run
 directory: train the attacked model, attack a slice of the test set (FGSM, L-BFGS, PGD), score
 authentic inputs, adversarial inputs that fool the model and authentic errors with every
-pre-processing × weighting through :class:`~advguard.detection.KNNDetector`, and report
+pre-processing × weighting through :class:`~advguard.detection.KNNBank`, and report
 Table 2, ROC, threshold sweep and score densities; beyond the paper, an adaptive attacker that
 knows the detector, and the detector on a MAT model.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advguard.detection import KNNDetector, Preprocessing, Weighting
+from advguard.detection import KNNBank, Preprocessing, Weighting
 from advguard.evaluation import auc, eer_accuracy, keep_threshold, lbfgs_vs_fgsm
 from advguard.io import read_metadata
 from advguard.reports import write_html_report
@@ -47,11 +47,10 @@ def score_sets(d: Detect, bank: torch.Tensor, sets: dict[str, Queries],
     scores: Scores = {}
     bank_mb: dict[str, float] = {}
     for pre in preprocessings:
-        det = KNNDetector(k=d.cfg.k, preprocessing=pre, seed=d.cfg.seed).fit_features(
-            bank, d.train_set.y)
-        bank_mb[pre.value] = det.index_.nbytes / 2 ** 20
+        knn = KNNBank(k=d.cfg.k, preprocessing=pre, seed=d.cfg.seed).fit(bank, d.train_set.y)
+        bank_mb[pre.value] = knn.index_.nbytes / 2 ** 20
         for name, q in sets.items():
-            neighbours = det.kneighbors_features(q.features)
+            neighbours = knn.kneighbors(q.features)
             for w in weightings:
                 scores.setdefault(pre.value, {}).setdefault(w.value, {})[name] = \
                     neighbours.scores(q.predicted, w)

@@ -13,7 +13,13 @@ from torch import nn
 from advguard.attacks import FGSM, LBFGS, PGD, Attack, random_targets
 from advguard.batching import batch_slices
 from advguard.data import ImageSet, load_dataset, train_val_split
-from advguard.detection import KNNDetector, extract_features
+from advguard.detection import (
+    CentroidPull,
+    KNNBank,
+    extract_features,
+    layer_key,
+    resolve_layer,
+)
 from advguard.models import accuracy, build_model
 from advguard.reproduce.detect.config import ResolvedDetectConfig
 from advguard.reproduce.rundir import RunDir
@@ -101,9 +107,11 @@ def adaptive_attack(d: Detect, model: nn.Module, bank: torch.Tensor) -> torch.Te
     """Targeted PGD toward a random class that also pulls the input's PCA-whitened deep features
     onto that class's bank centroid: an attacker who knows the detector."""
     c = d.cfg
-    det = KNNDetector(k=c.k, preprocessing="pca-whiten", seed=c.seed).fit_features(
-        bank, d.train_set.y)
-    pull = det.adaptive_loss(c.adaptive_weight, "centroid")
+    knn = KNNBank(k=c.k, preprocessing="pca-whiten", seed=c.seed).fit(bank, d.train_set.y)
+    spec = resolve_layer(model, None)  # the bank's layer (bank_features)
+    key = layer_key(spec)
+    pull = CentroidPull([spec], {key: knn.class_centroids()},
+                        {key: knn.preprocessor_.transform_tensor}, c.adaptive_weight)
     target = random_targets(d.test.y, int(d.train_set.y.max()) + 1, c.seed)
     attack = PGD(steps=c.pgd_steps, random_start=False, loss=pull, targeted=True)
     return attack.craft_dataset(model, d.test.x, target, c.eps, batch_size=ATTACK_BATCH,
