@@ -27,6 +27,7 @@ SETTINGS = {  # small banks: small k
     "knn-layers": {"k": 50, "preprocessing": "l2"},
     "dknn": {"k": 25},
     "mahalanobis": {},
+    "energy": {},
 }
 
 
@@ -265,3 +266,22 @@ def test_soft_neighbours_counts_what_the_vote_counts():
         assert grad[0] < 0, start  # descending moves x toward the class-1 cluster
     with pytest.raises(InputError, match="surrogate"):
         DeepKNN().adaptive_loss(1.0, "nearest")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 10.0])
+def test_energy_agrees_with_pytorch_ood(temperature, trained_lenet, split):
+    """The energy detector's score is the negation of pytorch-ood's ``EnergyBased`` outlier
+    score on the same logits (at every temperature), through the whole detector."""
+    from pytorch_ood.detector import EnergyBased
+
+    xq = split[2][0][:100]
+    det = build_detector("energy", temperature=temperature).fit(trained_lenet, *split[0])
+    with torch.no_grad():
+        logits = trained_lenet(xq)
+    theirs = EnergyBased(None, t=temperature).predict_logits(logits).numpy()
+    assert np.allclose(det.score_samples(xq), -theirs, rtol=1e-5, atol=1e-5)
+    assert det.layer_keys == [] and det.state() == {}  # no layer, no bank
+    with pytest.raises(InputError, match="temperature must be > 0"):
+        build_detector("energy", temperature=0.0)
+    with pytest.raises(InputError, match="the energy detector has no option k"):
+        build_detector("energy", k=5)

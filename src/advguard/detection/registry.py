@@ -17,6 +17,7 @@ from torch import nn
 from advguard.detection.base import Detector
 from advguard.detection.deep_knn import DeepKNN
 from advguard.detection.detector import KNNDetector
+from advguard.detection.energy import EnergyDetector
 from advguard.detection.layered import LayeredKNN
 from advguard.detection.mahalanobis import Mahalanobis
 from advguard.errors import CheckpointError, InputError, parse_choice
@@ -28,6 +29,7 @@ DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
     LayeredKNN,  # the paper's score at several layers
     DeepKNN,  # Papernot & McDaniel 2018
     Mahalanobis,  # Lee et al. 2018
+    EnergyDetector,  # Liu et al. 2020
 )}
 DEFAULT_DETECTOR = KNNDetector.name  # the paper's
 
