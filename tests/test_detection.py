@@ -269,3 +269,38 @@ def test_lbfgs_reaches_its_targets_with_small_perturbations(trained_mlp, mnist_t
     assert torch.allclose(l2[ok], report.l2[ok], atol=1e-4)
     assert torch.equal(report.x_adv[~ok], x[~ok])
     assert accuracy(trained_mlp, report.x_adv, y) < 0.2
+
+
+def test_files_and_guard_folders_of_the_one_layer_knn_before_the_one_family_still_load(
+        trained_lenet, mnist_train, mnist_test, tmp_path):
+    """A kNN detector file written before every detector was one family (tensors unprefixed,
+    the layer as ``layer``, the bank-distance limit at the top) loads with the same scores and
+    verdicts; so does a guard.json with the kNN's options as fields of their own."""
+    from advguard.serve.guard import GuardConfig
+
+    det = KNNDetector(k=20).fit(trained_lenet, mnist_train.x[:1500], mnist_train.y[:1500],
+                                x_calibration=mnist_train.x[1500:1800],
+                                y_calibration=mnist_train.y[1500:1800])
+    tensors, _ = load_tensors(det.save(tmp_path / "new.safetensors"))
+    key = det.fitted_keys_[0]
+    params = {"k": 20, "weighting": "dwknn", "preprocessing": "pca-whiten", "layer": None,
+              "index": "flat", "keep": det.keep, "batch_size": 1000, "device": "cpu", "seed": 0,
+              "nlist": 1024, "nprobe": 16, "pq_m": None, "chunk_size": 10_000,
+              "fit_sample": 100_000}
+    old = save_tensors(tmp_path / "old.safetensors",
+                       {n[len(key) + 1:]: t for n, t in tensors.items()},
+                       {"detector": "knn", "params": params, "offset": det.offset_,
+                        "distance_limit": det.distance_limit_,
+                        "layer": det.layers_[0].__dict__})
+    back = KNNDetector.load(old, trained_lenet)
+    x = torch.cat([mnist_test.x[:100], torch.rand(5, 1, 28, 28)])
+    a, b = det.verdicts(x), back.verdicts(x)
+    assert np.array_equal(a.scores, b.scores) and np.array_equal(a.trusted, b.trusted)
+    assert b.unlike is not None and np.array_equal(a.unlike, b.unlike) and b.unlike[-5:].all()
+    config = GuardConfig.from_json({
+        "dataset": "mnist", "source": "m", "k": 1000, "weighting": "dwknn",
+        "preprocessing": "pca-whiten", "keep": 0.98, "threshold": 0.5, "bank_images": 1,
+        "calibration_images": 1, "calibration_kept": 0.98, "fitted_at": "t", "advguard": "0.1",
+        "distance_limit": 0.02, "familiar_keep": 0.995, "detector": "knn"})
+    assert config.settings == {"k": 1000, "weighting": "dwknn", "preprocessing": "pca-whiten"}
+    assert config.fitted == {"distance_limit": 0.02, "familiar_kept": 0.995}
