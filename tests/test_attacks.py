@@ -214,3 +214,79 @@ def test_attacks_reject_mismatched_labels(trained_mlp, batch):
     x, y = batch
     with pytest.raises(InputError, match="labels must have shape"):
         fgsm(trained_mlp, x, y[:10], 0.1)
+
+
+# --- the registry: every attack by name, in every norm it has ---------------------------------
+
+def _registered():
+    from advguard.attacks.registry import ATTACKS
+    return [(name, norm) for name, entry in ATTACKS.items() for norm in entry.classes]
+
+
+@pytest.mark.parametrize(("name", "norm"), _registered())
+def test_every_registered_attack_builds_in_its_norms_and_keeps_its_ball(name, norm, trained_mlp,
+                                                                         batch):
+    """Built by name in each norm it has, an evaluation attack's images lie in that norm's
+    ε-ball and [0, 1] and fool the model more often than clean images; a training perturbation
+    or a minimal attack builds and answers the interface."""
+    from advguard.attacks import norm_named
+    from advguard.attacks.registry import ATTACKS, EVALUATION, build_attack
+
+    evaluation = EVALUATION in ATTACKS[name].roles
+    eps = 1.5 if norm == "l2" and evaluation else 0.1
+    attack = build_attack(name, norm, steps=5, step_size=2.5 * eps / 5, seed=0)
+    x, y = batch[0][:16], batch[1][:16]
+    adv = attack(trained_mlp, x, y, eps)
+    assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+    if evaluation:
+        assert getattr(attack, "norm", "linf") == norm
+        assert (norm_named(norm).distance(adv, x) <= eps + 1e-4).all()
+        with torch.no_grad():
+            assert (trained_mlp(adv).argmax(1) != y).sum() > (trained_mlp(x).argmax(1) != y).sum()
+
+
+def test_the_registry_refuses_what_it_does_not_have():
+    from advguard.attacks.registry import build_attack
+
+    with pytest.raises(InputError, match="unknown attack 'cw'"):
+        build_attack("cw")
+    with pytest.raises(InputError, match="rs-fgsm runs in linf only, not l2"):
+        build_attack("rs-fgsm", "l2")
+    with pytest.raises(InputError, match="unknown norm 'l1'"):
+        build_attack("pgd", "l1")
+
+
+def test_evaluate_threats_are_the_registry_s_and_fgsm_is_the_paper_s(trained_mlp, trained_lenet,
+                                                                      batch):
+    """``evaluate --attack`` takes white-box-NAME and transfer-NAME for every registered
+    evaluation attack; the registry's ``fgsm`` curve is the paper's (FGSM directions, one
+    gradient for every strength), white-box and transferred; in L2 it is FGM's."""
+    from advguard.attacks import FGM
+    from advguard.attacks.registry import EVALUATION, attack_names
+    from advguard.evaluation.robustness import (
+        Threat,
+        curve_batch,
+        curve_from_directions,
+        strength_column,
+        threat_names,
+    )
+
+    names = attack_names(EVALUATION)
+    assert {"fgsm", "pgd", "apgd-ce"} <= set(names) and "rs-fgsm" not in names
+    assert threat_names() == [f"white-box-{n}" for n in names] + [f"transfer-{n}" for n in names]
+    assert Threat.parse("transfer-fgsm") == Threat("fgsm", transfer=True)
+    with pytest.raises(InputError, match="unknown attack 'white-box-cw'"):
+        Threat.parse("white-box-cw")
+    x, y = batch
+    grid = [0.0, 0.05, 0.1, 0.2]
+    for crafter, threat in ((None, "white-box-fgsm"), (trained_lenet, "transfer-fgsm")):
+        cols = curve_batch(trained_mlp, grid, threat, crafter=crafter)(x, y)
+        ours = [float(cols[strength_column(e)].float().mean()) for e in grid]
+        d = fgsm_directions(crafter or trained_mlp, x, y)
+        assert ours == pytest.approx(curve_from_directions(trained_mlp, x, y, d, grid))
+    l2 = [0.5, 1.0, 2.0]
+    cols = curve_batch(trained_mlp, l2, "white-box-fgsm", norm="l2")(x, y)
+    advs = FGM().craft_many(trained_mlp, x, y, l2)
+    with torch.no_grad():
+        want = [(trained_mlp(a).argmax(1) == y) for a in advs]
+    assert all(torch.equal(cols[strength_column(e)], w) for e, w in zip(l2, want, strict=True))

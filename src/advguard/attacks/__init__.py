@@ -32,10 +32,12 @@ from advguard.attacks.lbfgs import LBFGS, LBFGSReport
 from advguard.attacks.norms import L2, LINF, NORMS, Norm, norm_named
 from advguard.attacks.pgd import PGD, pgd
 from advguard.attacks.random_start import NoiseFGSM, RandomStartFGSM
+from advguard.attacks.registry import ATTACKS, attack_names, build_attack
 from advguard.attacks.trades import TradesKL, trades_kl
 from advguard.models.inference import eval_mode
 
-__all__ = ["FGM", "FGSM", "L2", "LBFGS", "LINF", "NORMS", "PGD", "Attack", "LBFGSReport", "Loss",
+__all__ = ["ATTACKS", "FGM", "FGSM", "L2", "LBFGS", "LINF", "NORMS", "PGD", "Attack",
+           "LBFGSReport", "Loss", "attack_names", "build_attack",
            "NoiseFGSM", "Norm", "RandomStartFGSM", "Strength", "TorchattacksAPGD",
            "TorchattacksPGD", "TradesKL", "Transferred", "check_attack_inputs",
            "check_strengths", "cross_entropy", "eval_mode", "fgsm", "fgsm_directions",

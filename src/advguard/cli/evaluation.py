@@ -108,7 +108,7 @@ def evaluate(
     from advguard import distributed
     from advguard.data.loading import fitting_batch
     from advguard.ensemble import load_any, open_model
-    from advguard.evaluation import ThreatSetting, grid_mean, run_shards
+    from advguard.evaluation import grid_mean, run_shards
     from advguard.evaluation.robustness import curve_batch, strength_column
     from advguard.io import write_json
 
@@ -129,9 +129,9 @@ def evaluate(
     for eps in strengths:
         norm_named(options.norm).check(eps, data.info().shape)
     crafting = None
-    if threat is ThreatSetting.TRANSFER_FGSM:
+    if threat.transfer:
         if crafter is None:
-            raise InputError("transfer-fgsm needs --crafter CHECKPOINT (the crafting model)")
+            raise InputError(f"{threat.value} needs --crafter CHECKPOINT (the crafting model)")
         crafting = load_any(crafter)[0].to(device)
     model = model.to(device)
     shard = fitting_batch(test, 500)

@@ -39,12 +39,17 @@ from advguard.attacks import (
     LINF,
     PGD,
     Attack,
-    TorchattacksAPGD,
-    TorchattacksPGD,
     Transferred,
     check_attack_inputs,
     input_gradient,
     norm_named,
+)
+from advguard.attacks.registry import (
+    ATTACKS,
+    INDEPENDENT,
+    attack_label,
+    attack_names,
+    build_attack,
 )
 from advguard.batching import batch_slices
 from advguard.errors import InputError
@@ -64,16 +69,17 @@ ZERO, UNBOUNDED = "zero gradient", "unbounded PGD"
 
 
 def independent_attacks(steps: int = 40, step_size: float = 0.01, restarts: int = 5,
-                        apgd_steps: int = 100, seed: int = 0,
-                        norm: str = "linf") -> dict[str, Attack]:
-    """torchattacks' PGD (``restarts`` independent random starts) and APGD-CE / APGD-DLR."""
-    tag = _tag(norm)
-    return {f"torchattacks PGD{tag}-{steps} x{restarts}": TorchattacksPGD(
-                steps, step_size, restarts, seed, norm),
-            f"torchattacks APGD{tag}-CE-{apgd_steps}": TorchattacksAPGD("ce", apgd_steps, seed,
-                                                                        norm),
-            f"torchattacks APGD{tag}-DLR-{apgd_steps}": TorchattacksAPGD("dlr", apgd_steps,
-                                                                         seed, norm)}
+                        seed: int = 0, norm: str = "linf") -> dict[str, Attack]:
+    """Every registered independent attack (another library's code: torchattacks' PGD with
+    ``restarts`` random starts, APGD-CE, APGD-DLR) in ``norm``, by its column name; those
+    configured as the audit's PGD take its ``steps``, ``step_size`` and ``restarts``."""
+    out: dict[str, Attack] = {}
+    for name in attack_names(INDEPENDENT, norm):
+        as_pgd = {"steps": steps, "step_size": step_size, "restarts": restarts} \
+            if ATTACKS[name].as_pgd else {}
+        attack = build_attack(name, norm, seed=seed, **as_pgd)
+        out[attack_label(name, attack, norm)] = attack
+    return out
 
 
 @dataclass

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from advguard import options as opts
 from advguard.attacks import PGD
+from advguard.attacks.registry import EVALUATION, attack_names
 from advguard.evaluation.audit import AUDIT_PGD
 from advguard.evaluation.autoattack import IMPLEMENTATIONS, AutoAttack
-from advguard.evaluation.robustness import ThreatSetting
+from advguard.evaluation.robustness import Threat
 from advguard.options import option
 
 TEST_START_HELP = ("skip the split's first N images: --test-start 2000 --test-limit 1000 "
@@ -18,8 +19,10 @@ TEST_START_HELP = ("skip the split's first N images: --test-start 2000 --test-li
 
 @dataclass(frozen=True)
 class EvaluateOptions:
-    attack: ThreatSetting = option(ThreatSetting.WHITE_BOX_FGSM,
-                                   "white-box-fgsm, white-box-pgd or transfer-fgsm")
+    attack: Threat = option(Threat("fgsm"), "white-box-NAME (crafted on the model) or "
+                            "transfer-NAME (on --crafter) for a registered attack: "
+                            + ", ".join(attack_names(EVALUATION)) + " (the paper's: "
+                            "white-box-fgsm, white-box-pgd, transfer-fgsm)", parse=Threat.parse)
     grid: tuple[float, ...] = option((), "strengths, e.g. 0,0.1,0.3 or 0,8/255 (default: the "
                                          "dataset's L∞ grid; give one for L2)",
                                      parse=opts.radii)

@@ -1,16 +1,19 @@
 """Robustness curves: accuracy under an attack at every strength of a grid (SPEC A6).
 
-Three threat settings, named as reports name them:
+The paper's three threat settings, named as reports name them:
 
 * ``transfer-fgsm`` — FGSM directions crafted on a separate crafting model (the paper's setting);
 * ``white-box-fgsm`` — FGSM on the evaluated model itself (for an ensemble: the whole ensemble);
 * ``white-box-pgd`` — L∞ PGD with random start on the evaluated model itself.
+
+Beyond them, any registered evaluation attack, white-box or transferred (:class:`Threat`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -18,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard.attacks import (
-    FGM,
     LINF,
     PGD,
     Attack,
@@ -27,14 +29,57 @@ from advguard.attacks import (
     norm_named,
     perturb,
 )
+from advguard.attacks.registry import EVALUATION, attack_names, build_attack
 from advguard.batching import batch_slices
+from advguard.errors import InputError
 from advguard.models import eval_mode
 
 
 class ThreatSetting(str, Enum):
+    """The MAT paper's three settings (its curves' names in every result file)."""
+
     TRANSFER_FGSM = "transfer-fgsm"
     WHITE_BOX_FGSM = "white-box-fgsm"
     WHITE_BOX_PGD = "white-box-pgd"
+
+
+WHITE_BOX, TRANSFER = "white-box-", "transfer-"
+
+
+@dataclass(frozen=True)
+class Threat:
+    """A registered evaluation attack (:mod:`advguard.attacks.registry`), white-box (crafted on
+    the model evaluated) or transferred (crafted on another model): ``white-box-pgd``,
+    ``transfer-fgsm``, ``white-box-apgd-ce``, … — the paper's settings among them."""
+
+    attack: str
+    transfer: bool = False
+
+    @property
+    def value(self) -> str:
+        return (TRANSFER if self.transfer else WHITE_BOX) + self.attack
+
+    @classmethod
+    def parse(cls, text: str | ThreatSetting | Threat) -> Threat:
+        if isinstance(text, Threat):
+            return text
+        text = text.value if isinstance(text, ThreatSetting) else str(text)
+        for prefix, transfer in ((WHITE_BOX, False), (TRANSFER, True)):
+            if text.startswith(prefix) and text[len(prefix):] in attack_names(EVALUATION):
+                return cls(text[len(prefix):], transfer)
+        raise InputError(f"unknown attack {text!r}; choose one of: {', '.join(threat_names())}")
+
+    def build(self, norm: str, pgd: PGD) -> Attack:
+        """The attack in ``norm``; a PGD takes ``pgd``'s settings."""
+        return build_attack(self.attack, norm, **{f.name: getattr(pgd, f.name)
+                                                   for f in dataclasses.fields(pgd)
+                                                   if f.name != "norm"})
+
+
+def threat_names() -> list[str]:
+    """Every evaluation attack, white-box and transferred (derived from the registry)."""
+    names = attack_names(EVALUATION)
+    return [WHITE_BOX + n for n in names] + [TRANSFER + n for n in names]
 
 
 def grid_mean(curve: Sequence[float]) -> float:
@@ -93,32 +138,29 @@ def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid: Sequence
                         progress=progress, desc=desc)
 
 
-def curve_batch(model: nn.Module, grid: Sequence[float], threat: ThreatSetting, *,
-                pgd: PGD = PGD(), crafter: nn.Module | None = None,
+def curve_batch(model: nn.Module, grid: Sequence[float], threat: Threat | ThreatSetting | str,
+                *, pgd: PGD = PGD(), crafter: nn.Module | None = None,
                 device: str | torch.device = "cpu", norm: str = "linf"
                 ) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """``fn(x, y)``: per image of one batch, whether ``model`` is still right at each strength
     of ``grid`` under ``threat`` (one column per strength, named :func:`strength_column`) —
-    the curve of a dataset of any size, streamed (:mod:`advguard.evaluation.outcomes`). In
-    ``norm`` ``l2`` the one-gradient attack is FGM and PGD is L2 PGD."""
+    the curve of a dataset of any size, streamed (:mod:`advguard.evaluation.outcomes`). The
+    attack is the registered one in ``norm`` (``fgsm``: FGSM in L∞, FGM in L2, every strength
+    from one gradient; ``pgd``: ``pgd``'s settings in that ball), crafted on ``crafter`` in a
+    transfer setting."""
+    threat = Threat.parse(threat)
     ball = norm_named(norm)
     grid = check_strengths(grid) if ball is LINF else [ball.check(e) for e in grid]
-    pgd = dataclasses.replace(pgd, norm=ball.name)
-    source = crafter if threat is ThreatSetting.TRANSFER_FGSM else model
+    attack = threat.build(ball.name, pgd)
+    source = crafter if threat.transfer else model
     if source is None:
-        raise ValueError("the transfer setting needs a crafting model")
+        raise InputError(f"{threat.value} needs a crafting model")
 
     def fn(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x, y = x.to(device), y.long().to(device)
+        assert source is not None
         with eval_mode(model):
-            if threat is ThreatSetting.WHITE_BOX_PGD:
-                advs = [pgd.craft(model, x, y, eps) for eps in grid]
-            elif ball is not LINF:
-                assert source is not None
-                advs = FGM(norm=ball.name).craft_many(source, x, y, grid)
-            else:
-                d = fgsm_directions(source, x, y, batch_size=len(x), device=device)
-                advs = [perturb(x, d.to(device), eps) for eps in grid]
+            advs = attack.craft_many(source, x, y, grid)
             with torch.no_grad():
                 return {strength_column(eps): (model(adv).argmax(1) == y).cpu()
                         for eps, adv in zip(grid, advs, strict=True)}

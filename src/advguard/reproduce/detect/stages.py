@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advguard.attacks import FGSM, LBFGS, PGD, Attack, random_targets
+from advguard.attacks import LBFGS, PGD, Attack, random_targets
+from advguard.attacks.registry import EVALUATION, attack_names, build_attack
 from advguard.batching import batch_slices
 from advguard.data import ImageSet, load_dataset, train_val_split
 from advguard.detection import (
@@ -77,7 +78,8 @@ def bank_features(d: Detect, model: nn.Module) -> torch.Tensor:
 def adversarial(d: Detect, model: nn.Module, name: str, attack: str,
                 bank: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Adversarial copies of the query images (cached): ``x`` and, for L-BFGS, success and L2.
-    ``adaptive`` needs the ``bank`` features to aim at."""
+    ``attack``: a registered evaluation attack (L∞, ε and steps of the run), ``lbfgs`` (the
+    paper's) or ``adaptive`` (which needs the ``bank`` features to aim at)."""
     c, x, y = d.cfg, d.test.x, d.test.y
 
     def craft(attack_: Attack, targets: torch.Tensor) -> torch.Tensor:
@@ -85,10 +87,8 @@ def adversarial(d: Detect, model: nn.Module, name: str, attack: str,
                                      device=c.device)
 
     def compute() -> dict[str, torch.Tensor]:
-        if attack == "fgsm":
-            return {"x": craft(FGSM(), y)}
-        if attack == "pgd":
-            return {"x": craft(PGD(steps=c.pgd_steps, seed=c.seed), y)}
+        if attack in attack_names(EVALUATION, "linf"):  # fgsm, pgd or any other registered
+            return {"x": craft(build_attack(attack, "linf", steps=c.pgd_steps, seed=c.seed), y)}
         if attack == "lbfgs":
             n = c.lbfgs_queries
             parts = [LBFGS(seed=c.seed + sl.start).run(model, x[:n][sl], y[:n][sl])
