@@ -174,3 +174,47 @@ def test_channels_last_trains_the_same_model_and_returns_it_contiguous(mnist_tra
     assert conv.is_contiguous()
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_l2_recipes_craft_their_copies_in_the_l2_ball(batch, trained_mlp):
+    """``--norm l2``: the fgsm recipe's copies are FGM's (one gradient, unit L2 direction) at
+    each radius, the PGD recipes' stay in the L2 ball; a recipe with no L2 form is refused."""
+    from advguard.attacks import FGM, L2, PGD
+    from advguard.errors import InputError
+    from advguard.training import TrainJob, get_recipe
+
+    x, y, index = batch
+    fgsm_l2 = get_recipe("fgsm").in_norm("l2")
+    assert isinstance(fgsm_l2.attack, FGM) and fgsm_l2.norm == "l2"
+    radii = (1.0, 2.5)  # beyond any L∞ strength: L2 radii
+    xb, _ = fgsm_l2.mix(radii).batch(trained_mlp, x, y, index, WhiteBox(fgsm_l2.attack))
+    for s, eps in enumerate(radii, start=1):
+        copy = xb[s * len(x):(s + 1) * len(x)]
+        assert torch.equal(copy, FGM(norm="l2").craft(trained_mlp, x, y, eps))
+        d = L2.distance(copy, x)
+        assert (d <= eps + 1e-4).all() and d.mean() > 0.8 * eps  # clipping to [0, 1] shortens
+    pgd_l2 = get_recipe("pgd-at").in_norm("l2")
+    assert isinstance(pgd_l2.attack, PGD) and pgd_l2.attack.norm == "l2"
+    xb, _ = pgd_l2.mix((2.0,)).batch(trained_mlp, x, y, index, WhiteBox(pgd_l2.attack))
+    assert (L2.distance(xb, x) <= 2.0 + 1e-4).all()
+    with pytest.raises(InputError, match="fgsm-rs recipe crafts with RandomStartFGSM"):
+        get_recipe("fgsm-rs").in_norm("l2")
+    with pytest.raises(InputError, match="fgsm-rs recipe crafts with RandomStartFGSM"):
+        TrainJob(strengths=(1.0,), norm="l2", recipe="fgsm-rs")
+    with pytest.raises(InputError, match=r"strength eps=2\.0 must be a number in \[0, 1\]"):
+        TrainJob(strengths=(2.0,))  # L∞ strengths stay in [0, 1]
+
+
+def test_train_norm_l2_end_to_end(tmp_path, cli):
+    """``advguard train --norm l2`` trains on FGM copies at L2 radii and says so in the file."""
+    from advguard.io import read_metadata
+
+    out = tmp_path / "l2.safetensors"
+    proc = cli("train", str(out), "--model", "mlp3", "--dataset", "mnist", "--norm", "l2",
+               "--strengths", "1,2", "--epochs", "1", "--train-limit", "600", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    meta = read_metadata(out)
+    assert meta["norm"] == "l2" and meta["strengths"] == [1.0, 2.0]
+    proc = cli("train", str(tmp_path / "x.safetensors"), "--model", "mlp3", "--dataset",
+               "mnist", "--strengths", "2", "--epochs", "1", "--train-limit", "600", "--quiet")
+    assert proc.returncode != 0 and "must be a number in [0, 1]" in proc.stderr

@@ -19,6 +19,7 @@ import torch
 
 from advguard import distributed
 from advguard import options as opts
+from advguard.attacks import LINF, norm_named
 from advguard.data import DataOptions, ImageSet
 from advguard.errors import InputError
 from advguard.io import check_output, hold_lock, load_array
@@ -38,8 +39,10 @@ class TrainJob:
     optimisation."""
 
     strengths: tuple[float, ...] = option(
-        (), "FGSM strengths mixed into each batch, e.g. 0.1,0.2 or 4/255,8/255; left out: clean "
-        "training", parse=opts.strengths)
+        (), "FGSM strengths mixed into each batch, e.g. 0.1,0.2 or 4/255,8/255 (with --norm "
+        "l2: L2 radii, e.g. 1,2); left out: clean training", parse=opts.radii)
+    norm: str = option("linf", "threat model of the white-box copies: linf, or l2 (the "
+                               "recipe's L2 form: FGSM becomes FGM, PGD steps in the L2 ball)")
     reduced: bool = option(False, "mixed MAT, reduced size")
     crafter: str | None = option(None, "crafting model checkpoint for the transfer setting "
                                        "(default: white-box, online)")
@@ -49,6 +52,14 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
+        ball = norm_named(self.norm)
+        if ball is LINF:
+            if self.strengths:
+                opts.check_strengths(list(self.strengths))
+        else:
+            get_recipe(self.recipe).in_norm(ball.name)  # a recipe without an L2 form: refused
+            for eps in self.strengths:
+                ball.check(eps)
         if self.train_limit is not None:
             opts.check_int("train_limit", self.train_limit)
 
@@ -67,12 +78,13 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
     :class:`TrainConfig` fields given (the recipe's for the rest). Resumable: an interrupted
     run continues from ``out``'s ``.state.pt``."""
     out = Path(out)
-    how = get_recipe(job.recipe)
+    how = get_recipe(job.recipe).in_norm(job.norm)
     config = how.config(**(overrides or {}))
     check_output(out)
     state = check_output(out.with_suffix(".state.pt"))
-    if job.crafter is not None and how.name is not RecipeName.FGSM:
-        raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only")
+    if job.crafter is not None and (how.name is not RecipeName.FGSM or how.norm != "linf"):
+        raise InputError("a crafting model (transfer setting) trains with --recipe fgsm only, "
+                         "in L∞ (its FGSM directions)")
     crafting_model = None if job.crafter is None else load_model(
         job.crafter, trust_builder=model.trust_builder)[0]
     if config.optimizer is Optimizer.SGD and "lr" not in (overrides or {}):
@@ -93,7 +105,7 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
                                                    resuming=state.exists(), config=config,
                                                    workers=data.workers, progress=progress))
         pin = {"arch": card.builder, "dataset": info.name, "train_images": len(train_set),
-               "recipe": how.name,
+               "recipe": how.name, **({} if how.norm == "linf" else {"norm": how.norm}),
                "crafter": None if job.crafter is None else str(Path(job.crafter)),
                **({} if model.weights is None else {"weights": str(model.weights)})}
         result = train(net, train_set, how.mix(job.strengths, reduced=job.reduced), source,
@@ -107,7 +119,7 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
         save_model(out, net, card=card, dataset=info.name, data=data.to_json(),
                    train_config=opts.as_json(config), strengths=list(job.strengths),
                    train_seconds=result.seconds, history=result.history, test_accuracy=acc,
-                   recipe=how.name.value, processes=distributed.world_size(),
+                   recipe=how.name.value, norm=how.norm, processes=distributed.world_size(),
                    # the float sums' order, hence the weights, depend on these two
                    threads=torch.get_num_threads(), torch=torch.__version__)
         state.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advguard.attacks import check_strengths
+from advguard.attacks import LINF, check_strengths, norm_named
 from advguard.data import FlipCrop
 from advguard.training.sources import AdversarialSource
 
@@ -46,11 +46,17 @@ class StrengthMix:
     reduced: bool = False
     sample: bool = False
     clean: bool = True
+    norm: str = "linf"  # the strengths' norm: L∞ strengths in [0, 1], L2 radii ≥ 0
     _levels: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.strengths:
-            check_strengths(self.strengths)
+            ball = norm_named(self.norm)
+            if ball is LINF:
+                check_strengths(self.strengths)
+            else:
+                for eps in self.strengths:
+                    ball.check(eps)
         if self.reduced and self.sample:
             raise ValueError("a StrengthMix is reduced or sampled, not both")
         if not self.clean and (self.reduced or not self.strengths):

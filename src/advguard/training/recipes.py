@@ -26,17 +26,23 @@ ones so the two are compared side by side.
 
 In the transfer setting the copies are the crafting model's FGSM directions whatever the recipe
 says, so only ``fgsm`` applies there.
+
+:meth:`Recipe.in_norm` gives a recipe's L2 version (strengths are then L2 radii): FGSM becomes
+FGM (one gradient, normalised to unit L2 length, every strength from it), PGD steps along the
+normalised gradient in the L2 ball; the recipes whose attack has no L2 form (``fgsm-rs``,
+``n-fgsm``, ``trades``) are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM, TradesKL
-from advguard.errors import parse_choice
+from advguard.attacks import FGM, FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM, TradesKL
+from advguard.errors import InputError, parse_choice
 from advguard.training.config import Schedule, TrainConfig
 from advguard.training.mixing import StrengthMix
 
@@ -102,15 +108,35 @@ class Recipe:
         crafted = 1 if mix.reduced or mix.sample else len(mix.strengths)
         return epochs * self.attack.checks * (1 if self.attack.shares_gradient else crafted)
 
+    @property
+    def norm(self) -> str:
+        """The threat model of its copies (``linf`` or ``l2``)."""
+        return self.attack.threat.name
+
+    def in_norm(self, norm: str) -> Recipe:
+        """This recipe with its copies crafted in ``norm`` (the attack's L2 form)."""
+        if norm == self.norm:
+            return self
+        names = {f.name for f in dataclasses.fields(self.attack)}  # type: ignore[arg-type]
+        if isinstance(self.attack, FGSM):  # FGSM's L2 form: the fast gradient method
+            attack: Attack = FGM(norm=norm)
+        elif "norm" in names:
+            attack = dataclasses.replace(self.attack, norm=norm)  # type: ignore[type-var]
+        else:
+            raise InputError(f"the {self.name.value} recipe crafts with "
+                             f"{type(self.attack).__name__}, which has no {norm} form; "
+                             "recipes in L2: fgsm, pgd-3, pgd-at, mart")
+        return dataclasses.replace(self, attack=attack)
+
     def mix(self, strengths: Sequence[float], *, reduced: bool = False) -> StrengthMix:
         """The batch mixing of a method trained at ``strengths`` (empty: clean training)."""
         strengths = tuple(float(e) for e in strengths)
         if not strengths:
-            return StrengthMix()
+            return StrengthMix(norm=self.norm)
         if reduced:  # the paper's reduced-size mixed MAT keeps its fixed groups
-            return StrengthMix(strengths, reduced=True)
+            return StrengthMix(strengths, reduced=True, norm=self.norm)
         return StrengthMix(strengths, sample=self.sample and len(strengths) > 1,
-                           clean=self.clean)
+                           clean=self.clean, norm=self.norm)
 
 
 RECIPES: dict[RecipeName, Recipe] = {
