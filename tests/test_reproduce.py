@@ -210,3 +210,47 @@ def test_detection_models_train_with_the_victim_options():
                           channels_last=True).resolve().train_config()
     assert strong.schedule is Schedule.ONE_CYCLE
     assert (strong.augment, strong.label_smoothing, strong.channels_last) == (True, 0.1, True)
+
+
+def test_a_matrix_row_is_its_model_s_validation_accuracy_at_every_candidate(tmp_path, tiny_data,
+                                                                           monkeypatch,
+                                                                           trained_mlp):
+    """A[i][j] is what SPEC A5 says: the accuracy of row i's model on the validation images
+    under the run's attack at candidate j. Training made a no-op, every row's model is the
+    seeded untrained victim, so each row must equal that model's curve computed here through
+    the public API — on the validation split (not the test images), at the candidates, in the
+    run's setting (white-box FGSM here). "Training" copies a trained MLP into the victim,
+    so that the validation and test curves differ."""
+    from types import SimpleNamespace
+
+    from advguard.attacks import fgsm_directions
+    from advguard.evaluation import curve_from_directions
+    from advguard.models import build_model
+
+    def same(model):
+        a, b = model.state_dict(), trained_mlp.state_dict()
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+    def trained(model, *args, **kwargs):
+        if same(model):  # the victim (not the crafting model)
+            model.load_state_dict(trained_mlp.state_dict())
+        return SimpleNamespace(seconds=0.0, history=[])
+
+    monkeypatch.setattr(mat_stages, "train", trained)
+    m = _mat(tmp_path, tiny_data, tau=0.0, setting="white-box", matrix_attack="fgsm")
+    cands = candidates(m)
+    victim = build_model(m.cfg.victim, m.cfg.dataset)
+    assert same(victim)
+    victim.load_state_dict(trained_mlp.state_dict())
+    val = tiny_data.val
+    want = curve_from_directions(victim, val.x, val.y, fgsm_directions(victim, val.x, val.y),
+                                 cands)
+    A = matrix(m)
+    assert len(A) == len(cands) >= 2
+    for row in A:
+        assert row == pytest.approx(want, abs=1e-9)
+    test = tiny_data.test
+    on_test = curve_from_directions(victim, test.x, test.y,
+                                    fgsm_directions(victim, test.x, test.y), cands)
+    assert on_test != pytest.approx(want, abs=1e-9)  # the check can tell the two splits apart
+
