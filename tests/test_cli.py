@@ -221,9 +221,10 @@ def test_reproduce_detect_end_to_end(tmp_path, cli):
     from advguard.data import load_dataset, train_val_split
     from advguard.detection import KNNDetector
     from advguard.evaluation import auc, eer_accuracy
-    from advguard.io import load_tensors
+    from advguard.io import file_sha256, load_tensors
     from advguard.models import load_model
 
+    assert results["model_sha256"] == file_sha256(out / "checkpoints" / "model.safetensors")
     model, _ = load_model(out / "checkpoints" / "model.safetensors")
     full = load_dataset("mnist", "train", limit=1500)
     tr, _ = train_val_split(1500, 300, 0)

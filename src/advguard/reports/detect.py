@@ -44,6 +44,7 @@ class DetectResults:
     # every detector side by side: name -> negative -> eer_accuracy, auroc, caught_at_keep
     detectors: dict[str, dict[str, dict[str, float]]] | None = None
     detector_details: dict[str, Any] | None = None  # layers, threshold, adaptive weight, ...
+    model_sha256: str | None = None  # of the attacked model's file (the run's checkpoints/)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -71,7 +72,9 @@ def detect_table(result: DetectResults) -> str:
     c = results["counts"]
     lines = [f"# {results['dataset']}: kNN detection, EER accuracy (%)", "",
              f"Attacked model: {results['model']} ({100 * results['test_accuracy']:.2f}% clean "
-             f"test accuracy); k = {results['k']}; FGSM/PGD ε = {results['eps']:.4g}. "
+             "test accuracy" + (f"; sha256 {results['model_sha256'][:12]}…"
+                                if results.get("model_sha256") else "")
+             + f"); k = {results['k']}; FGSM/PGD ε = {results['eps']:.4g}. "
              "Positives: correctly classified test images; negatives: adversarial images that "
              "fool the model, or the model's errors. Ours / paper (OverFeat, ImageNet).", "",
              "| processing | score | " + " | ".join(LABELS[k] for k in COLUMNS)

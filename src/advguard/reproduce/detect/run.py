@@ -17,7 +17,7 @@ from torch import nn
 
 from advguard.detection import KNNBank, Preprocessing, Weighting
 from advguard.evaluation import auc, eer_accuracy, keep_threshold, lbfgs_vs_fgsm
-from advguard.io import read_metadata
+from advguard.io import file_sha256, read_metadata
 from advguard.reports import write_html_report
 from advguard.reports.detect import DetectResults, write_detect_report
 from advguard.reproduce.detect.config import DetectConfig
@@ -112,6 +112,7 @@ def _run(d: Detect, out: str | Path) -> DetectResults:
         threat="white-box attacks on the classifier; the detector is unknown to the attacker "
                "except for 'adaptive'",
         test_accuracy=read_metadata(run.path("model.safetensors"))["test_accuracy"],
+        model_sha256=file_sha256(run.path("model.safetensors")),
         counts=counts, bank_mb=bank_mb, table=table,
         lbfgs_vs_fgsm={"lbfgs_success_rate": lb["fooled"] / max(lb["attacked"], 1),
                        "lbfgs_mean_l2": lb.get("mean_l2"),
