@@ -286,6 +286,15 @@ CLI_ROWS = [
      "query_false_alarm must be a number in (0, 1]"),
     ("guard-fit-familiar-keep-0", "guard fit {d}/mlp.safetensors --out {d}/g --familiar-keep 0",
      "familiar_keep must be a number in (0, 1]"),
+    ("guard-fit-option-of-another-detector",  # refused, not ignored
+     "guard fit {d}/mlp.safetensors --out {d}/g --detector mahalanobis --k 5",
+     "the mahalanobis detector has no option k; its options: noise, combine_sigma, ridge"),
+    ("guard-fit-unknown-detector", "guard fit {d}/mlp.safetensors --out {d}/g --detector lid",
+     "unknown detector 'lid'"),
+    ("train-l2-recipe-without-l2", "train {d}/o.safetensors --data mnist --model mlp3 --norm l2 "
+     "--strengths 1 --recipe fgsm-rs", "fgsm-rs recipe crafts with RandomStartFGSM"),
+    ("evaluate-unknown-attack", "evaluate {d}/mlp.safetensors --attack white-box-cw",
+     "unknown attack 'white-box-cw'"),
     ("serve-window-0", "serve {d}/a-directory --window 0", "window must be an integer ≥ 1"),
     ("serve-cooldown-negative", "serve {d}/a-directory --cooldown -1", "cooldown_s must be"),
     ("serve-rate-0", "serve {d}/a-directory --rate 0", "rate must be a positive finite"),
