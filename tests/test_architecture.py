@@ -95,3 +95,51 @@ def test_a_detector_is_one_file_and_one_registry_line():
             if cls.__name__ in found:
                 named.setdefault(cls.__name__, []).append(str(path.relative_to(PACKAGE)))
     assert not named, named
+
+
+def test_a_model_source_is_one_file_and_one_import_line():
+    """Each registered model source lives in its own module, which registers itself and which
+    only ``models/__init__.py`` imports (docs/ARCHITECTURE.md, "Adding a model source")."""
+    import inspect
+
+    from advguard.models.builders import SOURCES
+
+    assert {"torchvision", "timm", "hf"} <= set(SOURCES)
+    for prefix, source in SOURCES.items():
+        own = Path(inspect.getfile(source.build))
+        module = "advguard." + ".".join(own.relative_to(PACKAGE).with_suffix("").parts)
+        name = module.rsplit(".", 1)[1]
+        importers = {p.relative_to(PACKAGE).as_posix() for p in MODULES if p != own and (
+            module in _modules_imported(p) or
+            ("advguard.models" in _modules_imported(p) and name in _names_imported(p)))}
+        assert importers == {"models/__init__.py"}, (prefix, importers)
+
+
+def test_an_attack_is_its_file_and_one_registry_entry():
+    """A registered attack reaches every consumer from its entry alone: evaluate's choices
+    (white-box and transferred), the audit's independent attacks (docs/ARCHITECTURE.md,
+    "Adding an attack")."""
+    from advguard.attacks import ATTACKS
+    from advguard.attacks.registry import EVALUATION, INDEPENDENT, attack_label, build_attack
+    from advguard.evaluation.audit import independent_attacks
+    from advguard.evaluation.robustness import threat_names
+
+    for name, entry in ATTACKS.items():
+        for norm in entry.classes:
+            attack = build_attack(name, norm)
+            assert type(attack) in entry.classes.values()
+            if EVALUATION in entry.roles:
+                assert {f"white-box-{name}", f"transfer-{name}"} <= set(threat_names())
+            if INDEPENDENT in entry.roles:
+                assert attack_label(name, attack, norm) in independent_attacks(norm=norm)
+
+
+def _modules_imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+def _names_imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
