@@ -10,7 +10,6 @@ from advguard.attacks.base import (
     Loss,
     Strength,
     check_attack_inputs,
-    check_strengths,
     cross_entropy,
     input_gradient,
     loss_gradient,
@@ -35,6 +34,7 @@ from advguard.attacks.random_start import NoiseFGSM, RandomStartFGSM
 from advguard.attacks.registry import ATTACKS, attack_names, build_attack
 from advguard.attacks.trades import TradesKL, trades_kl
 from advguard.models.inference import eval_mode
+from advguard.options import check_strengths
 
 __all__ = ["ATTACKS", "FGM", "FGSM", "L2", "LBFGS", "LINF", "NORMS", "PGD", "Attack",
            "LBFGSReport", "Loss", "attack_names", "build_attack",

@@ -31,7 +31,7 @@ from advguard.batching import map_batches
 from advguard.data.checks import check_images, check_labels
 from advguard.errors import InputError
 from advguard.models.inference import eval_mode
-from advguard.options import check_strengths, is_number
+from advguard.options import is_number
 
 Strength = float | torch.Tensor  # one strength, or one per example (N,)
 
@@ -140,12 +140,7 @@ class Attack(ABC):
 
     def strengths(self, eps: float | Sequence[float], x: torch.Tensor) -> list[float]:
         """``eps`` as a list of strengths of this attack's norm (one clear error if not)."""
-        if self.threat is LINF:
-            return check_strengths(eps)
-        values = [eps] if is_number(eps) else list(eps)  # type: ignore[arg-type]
-        if not values:
-            raise InputError("no strength given: eps must be a float or a non-empty list")
-        return [self.threat.check(e, tuple(x.shape[1:])) for e in values]
+        return self.threat.check_all(eps, tuple(x.shape[1:]))
 
     @property
     def passes(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from advguard.errors import InputError
+from advguard.options import check_strengths, is_number
 
 Radius = float | torch.Tensor  # one radius, or one per example shaped (N, 1, 1, 1)
 
@@ -58,6 +59,17 @@ class Norm:
             raise InputError(f"an {self.name} strength must be a number in [0, {top:g}] (pixel "
                              f"units of images in [0, 1]), got {eps!r}")
         return float(eps)
+
+    def check_all(self, eps: object, shape: tuple[int, ...] | None = None) -> list[float]:
+        """``eps`` (one strength or several) as a list of strengths of this norm: L∞ through
+        :func:`~advguard.options.check_strengths` (its messages), another norm one
+        :meth:`check` each; nothing given is one clear error."""
+        if self.name == "linf":
+            return check_strengths(eps)  # type: ignore[arg-type]
+        values = [eps] if is_number(eps) else list(eps)  # type: ignore[call-overload]
+        if not values:
+            raise InputError("no strength given: eps must be a float or a non-empty list")
+        return [self.check(e, shape) for e in values]
 
     def torchattacks(self) -> str:
         """How torchattacks and the authors' AutoAttack name this norm."""

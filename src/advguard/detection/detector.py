@@ -10,6 +10,7 @@ domain) is flagged whatever its neighbours say (:meth:`KNNDetector.unlike`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,7 +51,7 @@ class KNNDetector(Detector):
         if len(self.fitted_keys_) == 1:  # streamed: one bank, never held
             key = self.fitted_keys_[0]
             self.banks_ = {key: self._bank(True).fit_chunks(
-                (f[key], y) for f, y in _chain(first, chunks))}
+                (f[key], y) for f, y in itertools.chain([first], chunks))}
         else:  # one pass over the data for every layer
             held = [first, *chunks]
             last = self.fitted_keys_[-1]
@@ -152,7 +153,3 @@ class KNNDetector(Detector):
         return CentroidPull(self.layers_, self.class_centroids(), transforms, weight,
                             per_dim=True)
 
-
-def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
-    yield first
-    yield from rest

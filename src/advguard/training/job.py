@@ -19,7 +19,7 @@ import torch
 
 from advguard import distributed
 from advguard import options as opts
-from advguard.attacks import LINF, norm_named
+from advguard.attacks import norm_named
 from advguard.data import DataOptions, ImageSet
 from advguard.errors import InputError
 from advguard.io import check_output, hold_lock, load_array
@@ -53,13 +53,9 @@ class TrainJob:
     def __post_init__(self) -> None:
         object.__setattr__(self, "recipe", get_recipe(self.recipe).name)
         ball = norm_named(self.norm)
-        if ball is LINF:
-            if self.strengths:
-                opts.check_strengths(list(self.strengths))
-        else:
-            get_recipe(self.recipe).in_norm(ball.name)  # a recipe without an L2 form: refused
-            for eps in self.strengths:
-                ball.check(eps)
+        get_recipe(self.recipe).in_norm(ball.name)  # a recipe without an L2 form: refused
+        if self.strengths:
+            ball.check_all(list(self.strengths))
         if self.train_limit is not None:
             opts.check_int("train_limit", self.train_limit)
 

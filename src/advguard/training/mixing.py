@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advguard.attacks import LINF, check_strengths, norm_named
+from advguard.attacks import norm_named
 from advguard.data import FlipCrop
 from advguard.training.sources import AdversarialSource
 
@@ -51,12 +51,7 @@ class StrengthMix:
 
     def __post_init__(self) -> None:
         if self.strengths:
-            ball = norm_named(self.norm)
-            if ball is LINF:
-                check_strengths(self.strengths)
-            else:
-                for eps in self.strengths:
-                    ball.check(eps)
+            norm_named(self.norm).check_all(self.strengths)
         if self.reduced and self.sample:
             raise ValueError("a StrengthMix is reduced or sampled, not both")
         if not self.clean and (self.reduced or not self.strengths):
