@@ -220,7 +220,7 @@ def test_rows_added_and_dropped_in_place_match_a_plain_list():
 
 
 def test_the_cheap_l_inf_bound_never_rules_out_a_row_within_the_threshold(digits):
-    """Bank.linf rules rows out by a bound (chunk means) before the exact distance: every row
+    """Bank.linf rules rows out by a bound (chunk maxima) before the exact distance: every row
     it leaves at inf is truly farther than the threshold, every other distance is exact —
     on digits and on copies of one digit with noise inside the ball, over rows that skip
     some of the bank (another client's queries)."""

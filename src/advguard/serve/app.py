@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,9 +29,10 @@ from advguard.serve.inputs import first_error, json_limit
 from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy
+from advguard.serve.queries import encode
 from advguard.serve.reveal import Reveal
 from advguard.serve.routes import Service, api_router, site_router
-from advguard.serve.runtime import Batcher, RateLimiter
+from advguard.serve.runtime import Batcher, Judged, RateLimiter
 from advguard.serve.stores import open_store
 
 log = logging.getLogger("advguard.serve")
@@ -79,11 +81,15 @@ def create_app(settings: Settings) -> FastAPI:
             "earlier encoding of the queries: query-based attacks are not detected; fit the "
             "guard again to calibrate one")}))
     lim = settings.limits
+
+    def judge(x: torch.Tensor) -> Judged:  # one batch on the inference thread
+        return Judged(guard.verdicts(x), None if watch is None else encode(x))
+
     service = Service(
         settings=settings, guard=guard, info=guard.info,
         store=open_store(settings.state, Path(settings.guard_dir) / "clients.db",
                          settings.policy, watch),
-        metrics=Metrics(), batcher=Batcher(guard.verdicts, max_images=max(256, lim.max_batch)),
+        metrics=Metrics(), batcher=Batcher(judge, max_images=max(256, lim.max_batch)),
         heavy=ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-decode"),
         admitting=ThreadPoolExecutor(max_workers=1, thread_name_prefix="advguard-admission"),
         images_allowed=RateLimiter(lim.image_rate, lim.image_burst))

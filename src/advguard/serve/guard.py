@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -239,23 +238,19 @@ def read_keys(path: str | Path) -> dict[str, Client]:
 
 
 class KeyRing:
-    """The API keys of a service, looked up in constant time: only SHA-256 digests are kept,
-    and a presented key's digest is compared with every one (``hmac.compare_digest``, no early
-    exit), so the time an answer takes says nothing about how much of a key was right."""
+    """The API keys of a service, looked up by their SHA-256 digest: only digests are kept and
+    a presented key's digest is found in a dict, one step for any number of keys. The time an
+    answer takes can depend on how much of a stored *digest* the presented one matched, which
+    says nothing about the key itself: steering a digest's first bytes is a preimage search."""
 
     def __init__(self, keys: dict[str, Client]) -> None:
-        self._entries = [(_digest(key), client) for key, client in keys.items()]
+        self._clients = {_digest(key): client for key, client in keys.items()}
 
     def lookup(self, key: str) -> Client | None:
-        presented = _digest(key)
-        found = None
-        for digest, client in self._entries:
-            if hmac.compare_digest(digest, presented):
-                found = client
-        return found
+        return self._clients.get(_digest(key))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._clients)
 
 
 def _digest(key: str) -> bytes:

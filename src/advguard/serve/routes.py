@@ -24,7 +24,6 @@ from advguard.serve.http import CLIENT
 from advguard.serve.inputs import read_images
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Admission, Store
-from advguard.serve.queries import encode
 from advguard.serve.reveal import public_status, summary
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
@@ -57,7 +56,9 @@ class Service:
     denied: set[str] = field(default_factory=set)
 
 
-def service(request: Request) -> Service:
+# dependencies are coroutines: FastAPI runs a plain function in a worker thread, a thread
+# hand-off (and a contended interpreter lock) per request for a dict lookup
+async def service(request: Request) -> Service:
     svc: Service = request.app.state.service
     return svc
 
@@ -66,14 +67,14 @@ HEADER = APIKeyHeader(name="X-API-Key", auto_error=False,
                       description="the client's API key (keys.json)")
 
 
-def client(request: Request, _key: Annotated[str | None, Depends(HEADER)]) -> Client:
+async def client(request: Request, _key: Annotated[str | None, Depends(HEADER)]) -> Client:
     who: Client | None = request.scope.get(CLIENT)  # looked up once, by RateLimit
     if who is None:
         raise HTTPException(401, "a valid API key is needed in the X-API-Key header")
     return who
 
 
-def admin(who: Annotated[Client, Depends(client)]) -> Client:
+async def admin(who: Annotated[Client, Depends(client)]) -> Client:
     if not who.admin:
         raise HTTPException(403, f"client {who.id!r} is not an admin")
     return who
@@ -158,7 +159,8 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
     if not svc.images_allowed.allow(who.id, time.monotonic(), cost=len(x)):
         raise HTTPException(429, f"client {who.id!r} sends more than "
                                  f"{lim.image_rate:g} images per second")
-    v = await svc.batcher.submit(x)
+    judged = await svc.batcher.submit(x)
+    v, codes = judged.verdicts, judged.codes
     # counted and decided in one atomic step: parallel requests cannot outrun a denial.
     # Evidence is what the kNN score flags; an input only unlike the training images is
     # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
@@ -166,8 +168,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
     fresh = [summary(v, i, info.num_classes, reveal, tuple(info.classes))
              for i in range(len(x))]
 
-    def admit() -> Admission:  # off the event loop, the query encoding included
-        codes = encode(x) if svc.store.watch is not None else None
+    def admit() -> Admission:  # off the event loop
         answers = [state.kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
         return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
                                answers)

@@ -1,26 +1,42 @@
 """What keeps the service responsive under load: one inference thread fed by a queue that
-batches whatever waits, and a token bucket per client (spent by :mod:`advguard.serve.http`)."""
+batches whatever waits (the model, the detector and the query codes of the watch, each once
+per batch), and a token bucket per client (spent by :mod:`advguard.serve.http`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from advguard.detection import Verdicts
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What the inference thread returns for a batch: the verdicts and, where the query watch
+    is on, the queries' codes (:func:`advguard.serve.queries.encode`)."""
+
+    verdicts: Verdicts
+    codes: np.ndarray | None = None
+
+    def rows(self, start: int, end: int) -> Judged:
+        return Judged(self.verdicts.rows(start, end),
+                      None if self.codes is None else self.codes[start:end])
 
 
 class Batcher:
     """One worker thread runs ``fn`` on batches; whatever requests wait when it is free are
     concatenated into its next batch (up to ``max_images``)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], Verdicts], max_images: int = 256) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], Judged], max_images: int = 256) -> None:
         self.fn = fn
         self.max_images = max_images
         self.pool: ThreadPoolExecutor | None = None
-        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future[Verdicts]]] = (
+        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future[Judged]]] = (
             asyncio.Queue())
         self.task: asyncio.Task[None] | None = None
 
@@ -39,8 +55,8 @@ class Batcher:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, x: torch.Tensor) -> Verdicts:
-        future: asyncio.Future[Verdicts] = asyncio.get_running_loop().create_future()
+    async def submit(self, x: torch.Tensor) -> Judged:
+        future: asyncio.Future[Judged] = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
 
