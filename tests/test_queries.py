@@ -237,3 +237,45 @@ def test_the_cheap_l_inf_bound_never_rules_out_a_row_within_the_threshold(digits
         assert (exact[np.isinf(got)] > below).all()
         if below > 0.6:  # the noisy copies of the query (bank rows 199 on) are all found
             assert np.isfinite(got[rows >= 199]).all() and (rows >= 199).sum() > 50
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_a_view_only_scan_matches_its_definition(digits, within):
+    """With no projection threshold (a watch calibrated for an ε ball) the scan reads the
+    index by the pixel view alone; its findings must be the definition's, computed here by
+    brute force: the very same image again is answered as its last copy; else a detection
+    when the k-th nearest in L∞ (among the rows compared, less those skipped) is within the
+    threshold, answered as the nearest."""
+    from advguard.serve.matching import scan
+
+    gen = torch.Generator().manual_seed(3)
+    x = digits[:120].clone()
+    x[60:90] = (x[0] + torch.empty(30, *x.shape[1:]).uniform_(-0.3, 0.3, generator=gen)
+                ).clamp(0, 1)  # an attack's queries around digit 0
+    x[90:100] = x[10:20]  # resends
+    bank_codes, codes = encode(x[:100]), encode(torch.cat([x[60:62], x[12:13], x[1:2],
+                                                           x[0:1] + 0.0]))
+    codes[3] = bank_codes[1]  # the very same image
+    skip = np.zeros(100, dtype=bool)  # another client's rows: most of the attack, a resend
+    skip[60:85] = skip[92] = True
+    k, window, t = 5, 99, 0.61
+    got = scan(Bank.of(bank_codes), codes, k, window, None, t, within=within, skip=skip,
+               view_k=k)
+    seen = np.concatenate([bank_codes, codes]) if within else bank_codes
+    view = split(seen)[1]
+    qview = split(codes)[1]
+    allowed = np.concatenate([~skip, np.ones(len(codes), dtype=bool)])
+    for i in range(len(codes)):
+        hi = 100 + i if within else 100
+        rows = np.array([r for r in range(max(0, hi - window), hi) if allowed[r]])
+        same = [r for r in rows if np.array_equal(seen[r].view(np.uint16),
+                                                  codes[i].view(np.uint16))]
+        dv = np.abs(view[rows] - qview[i]).max(1)
+        if same:
+            want = (False, same[-1])
+        elif len(rows) >= k and np.sort(dv)[k - 1] < t:
+            want = (True, rows[int(np.argmin(dv))])
+        else:
+            want = (False, -1)
+        assert (bool(got.found[i]), int(got.match[i])) == want, i
+    assert got.found.any() and (got.match >= 0).sum() > got.found.sum()  # both kinds occur
