@@ -218,3 +218,43 @@ def test_train_norm_l2_end_to_end(tmp_path, cli):
     proc = cli("train", str(tmp_path / "x.safetensors"), "--model", "mlp3", "--dataset",
                "mnist", "--strengths", "2", "--epochs", "1", "--train-limit", "600", "--quiet")
     assert proc.returncode != 0 and "must be a number in [0, 1]" in proc.stderr
+
+
+def test_stale_batchnorm_averages_are_re_estimated_over_the_training_images(mnist_train):
+    """A BatchNorm layer with momentum 0.01 after 4 updates still holds 96% of its starting
+    averages (mean 0, variance 1): at the end of training they are re-estimated over the
+    training images, so its running mean is the mean of its inputs over those images."""
+    from torch import nn
+
+    from advguard.training import TrainConfig, train
+
+    data = mnist_train.subset(slice(0, 256))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, momentum=0.01), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    result = train(net, data, config=TrainConfig(epochs=1, batch_size=64), progress=False)
+    assert result.refreshed_batchnorm == ["1"]
+    with torch.no_grad():
+        inputs = net[0](data.x)  # what the layer normalises, with the trained weights
+    want = inputs.mean(dim=(0, 2, 3))
+    assert torch.allclose(net[1].running_mean, want, atol=1e-5)
+    assert not torch.allclose(net[1].running_mean, 0.96 * torch.zeros(8) + 0.04 * want,
+                              atol=1e-3)  # not the moving average training left
+
+
+def test_only_averages_that_still_hold_their_start_are_stale():
+    from torch import nn
+
+    from advguard.training.batchnorm import stale_batchnorm
+
+    def layer(momentum: float | None, updates: int) -> nn.Module:
+        bn = nn.BatchNorm1d(4, momentum=momentum)
+        bn.num_batches_tracked.fill_(updates)
+        return nn.Sequential(bn)
+
+    assert stale_batchnorm(layer(0.1, 40)) == ["0"]  # 0.9^40 = 1.5% of the start left
+    assert stale_batchnorm(layer(0.1, 50)) == []  # 0.5%
+    assert stale_batchnorm(layer(0.01, 362)) == ["0"]  # MobileNetV3's, 360 steps: 2.6%
+    assert stale_batchnorm(layer(0.01, 500)) == []
+    assert stale_batchnorm(layer(None, 1)) == []  # an equal average of every batch seen
+    assert stale_batchnorm(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False))) == []

@@ -115,6 +115,7 @@ def train_job(out: str | Path, job: TrainJob, model: ModelOptions, data: DataOpt
         save_model(out, net, card=card, dataset=info.name, data=data.to_json(),
                    train_config=opts.as_json(config), strengths=list(job.strengths),
                    train_seconds=result.seconds, history=result.history, test_accuracy=acc,
+                   refreshed_batchnorm=result.refreshed_batchnorm or None,
                    recipe=how.name.value, norm=how.norm, processes=distributed.world_size(),
                    # the float sums' order, hence the weights, depend on these two
                    threads=torch.get_num_threads(), torch=torch.__version__)

@@ -28,6 +28,7 @@ from advguard.io import load_state, save_state
 from advguard.models import accuracy
 from advguard.models.inference import check_takes
 from advguard.options import plain
+from advguard.training.batchnorm import refresh_batchnorm
 from advguard.training.config import (
     OPTIONAL,
     TrainConfig,
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     seconds: float = 0.0  # wall time spent training, summed over resumed sessions
+    # BatchNorm layers whose stale running averages were re-estimated at the end (.batchnorm)
+    refreshed_batchnorm: list[str] = field(default_factory=list)
 
 
 def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
@@ -102,6 +105,9 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
             torch.distributed.barrier()  # the state is written before any rank goes on
     if run.averaged is not None:
         model.load_state_dict(run.averaged.module.state_dict())
+    result.refreshed_batchnorm = refresh_batchnorm(
+        model, run.dataset, batch_size=run.config.batch_size, workers=run.workers,
+        device=run.device)
     if run.config.channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

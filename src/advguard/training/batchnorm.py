@@ -1,0 +1,64 @@
+"""BatchNorm running averages that training has not made usable, re-estimated at its end.
+
+A BatchNorm layer normalises a training batch by the batch's own statistics and an input at
+test time by running averages kept during training: ``(1 − momentum)`` of the old value plus
+``momentum`` of the batch's, starting from mean 0 and variance 1. With a small momentum and few
+updates the averages still hold much of those starting values and lag far behind the weights:
+torchvision's MobileNetV3 (momentum 0.01) trained for 360 steps on 3,000 224×224 images
+answered one class for every test image in eval mode (10.0%) while the same weights with batch
+statistics answered 7 of 10 right; one pass over the training images without gradients
+(torch's :func:`~torch.optim.swa_utils.update_bn`, which averages every batch equally) gave
+46.8% on 1,000 test images. Layers whose averages have forgotten their start (a model trained
+for long enough, or with momentum 0.1) are left as trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from advguard.data import batches
+
+# a layer's running averages are stale while their starting values still weigh more than this
+# share: (1 − momentum) ** updates (momentum 0.1: 44 updates; 0.01: 459)
+STALE_WEIGHT = 0.01
+
+log = logging.getLogger(__name__)
+
+
+def stale_batchnorm(model: nn.Module) -> list[str]:
+    """The BatchNorm layers of ``model`` whose running averages still hold more than
+    ``STALE_WEIGHT`` of their starting values (layers averaging every batch equally, with
+    ``momentum=None``, are never stale once they have seen one)."""
+    out = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                and m.num_batches_tracked is not None):
+            continue
+        updates = int(m.num_batches_tracked)
+        momentum = m.momentum if m.momentum is not None else 1.0 / max(updates, 1)
+        if (1.0 - momentum) ** updates > STALE_WEIGHT:
+            out.append(name)
+    return out
+
+
+def refresh_batchnorm(model: nn.Module, dataset: Any, *, batch_size: int, workers: int,
+                      device: torch.device) -> list[str]:
+    """Re-estimate the running averages of every BatchNorm layer of ``model`` over ``dataset``
+    (one pass in train mode without gradients; the weights do not change) if any is stale;
+    returns the stale layers' names (empty: nothing was done)."""
+    stale = stale_batchnorm(model)
+    if not stale:
+        return stale
+    first = dict(model.named_modules())[stale[0]]
+    log.info("BatchNorm: %d layer(s) still hold more than %g of their starting averages "
+             "after %d updates (momentum %s): re-estimating them over the %d training images",
+             len(stale), STALE_WEIGHT, int(first.num_batches_tracked), first.momentum,
+             len(dataset))
+    images = (x.to(device) for x, _, _ in batches(dataset, batch_size=batch_size,
+                                                  workers=workers))
+    torch.optim.swa_utils.update_bn(images, model, device)
+    return stale
