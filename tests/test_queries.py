@@ -279,3 +279,17 @@ def test_a_view_only_scan_matches_its_definition(digits, within):
             want = (False, -1)
         assert (bool(got.found[i]), int(got.match[i])) == want, i
     assert got.found.any() and (got.match >= 0).sum() > got.found.sum()  # both kinds occur
+
+
+def test_a_code_does_not_depend_on_the_rest_of_its_batch(digits):
+    """The service encodes a whole inference batch at once, and a resend is told by its code
+    being bit for bit the same: each image's code must equal its code encoded alone (BLAS
+    rounded a batch's projection differently for about half of the images)."""
+    x = torch.cat([digits[:40], torch.rand(24, 1, 28, 28, generator=torch.Generator()
+                                           .manual_seed(0))])
+    together = encode(x)
+    alone = np.concatenate([encode(x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(together.view(np.uint16), alone.view(np.uint16))
+    colour = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(encode(colour)[2:3].view(np.uint16),
+                          encode(colour[2:3]).view(np.uint16))

@@ -40,10 +40,6 @@ def test_pgd_takes_one_strength_per_example(trained_mlp, batch):
     # each example reaches the edge of its own ball (signed steps of 2.5ε/5 saturate it), so a
     # strength taken for the batch (the first, the largest) would show here
     assert torch.allclose(linf(adv, x), eps.flatten(), atol=2e-3)
-    with torch.no_grad():  # and a larger ball fools more of these 16 images each
-        fooled = (trained_mlp(adv).argmax(1) != y).view(16, 4).sum(0)
-        wrong = (trained_mlp(x).argmax(1) != y).view(16, 4).sum(0)
-    assert torch.equal(fooled[0], wrong[0]) and fooled[1] < fooled[3] <= fooled[2], fooled
 
 
 def test_pgd_restarts_never_lose_an_example_already_fooled(trained_mlp, batch):

@@ -232,7 +232,8 @@ def test_stale_batchnorm_averages_are_re_estimated_over_the_training_images(mnis
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, momentum=0.01), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    result = train(net, data, config=TrainConfig(epochs=1, batch_size=64), progress=False)
+    result = train(net, data, config=TrainConfig(epochs=1, batch_size=64, device="cpu"),
+                   progress=False)
     assert result.refreshed_batchnorm == ["1"]
     with torch.no_grad():
         inputs = net[0](data.x)  # what the layer normalises, with the trained weights
@@ -257,4 +258,24 @@ def test_only_averages_that_still_hold_their_start_are_stale():
     assert stale_batchnorm(layer(0.01, 362)) == ["0"]  # MobileNetV3's, 360 steps: 2.6%
     assert stale_batchnorm(layer(0.01, 500)) == []
     assert stale_batchnorm(layer(None, 1)) == []  # an equal average of every batch seen
+    assert stale_batchnorm(layer(None, 300)) == []
+    assert stale_batchnorm(layer(None, 0)) == ["0"]
     assert stale_batchnorm(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False))) == []
+
+
+def test_a_weight_average_does_not_make_fresh_batchnorm_look_stale(mnist_train):
+    """With a weight average the saved model's update counts are averaged (and truncated):
+    staleness is judged on the trained model's own, 64 updates at momentum 0.1 (0.1% of the
+    start left), so nothing is re-estimated."""
+    from torch import nn
+
+    from advguard.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    result = train(net, mnist_train.subset(slice(0, 256)),
+                   config=TrainConfig(epochs=1, batch_size=4, average=0.999, device="cpu"),
+                   progress=False)
+    assert int(net[1].num_batches_tracked) < 64  # the average's count, as saved
+    assert result.refreshed_batchnorm == []

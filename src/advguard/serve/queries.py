@@ -149,8 +149,11 @@ def encode(x: torch.Tensor) -> np.ndarray:
     a = a - a.mean(1, keepdims=True)
     norm = np.linalg.norm(a, axis=1, keepdims=True)
     a = np.where(norm > 1e-6, a / np.maximum(norm, 1e-6), 0).astype(np.float32)
-    return np.concatenate([a @ _projection(a.shape[1]), view.flatten(1).numpy()],
-                          axis=1).astype(np.float16)
+    # one image at a time: BLAS rounds a batch's product differently from one row's, and a
+    # code must not depend on what else its batch held (the very same image is told by it)
+    projection = _projection(a.shape[1])
+    proj = np.stack([row @ projection for row in a]) if len(a) else a[:, :0] @ projection[:0]
+    return np.concatenate([proj, view.flatten(1).numpy()], axis=1).astype(np.float16)
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,8 +8,11 @@ torchvision's MobileNetV3 (momentum 0.01) trained for 360 steps on 3,000 224×22
 answered one class for every test image in eval mode (10.0%) while the same weights with batch
 statistics answered 7 of 10 right; one pass over the training images without gradients
 (torch's :func:`~torch.optim.swa_utils.update_bn`, which averages every batch equally) gave
-46.8% on 1,000 test images. Layers whose averages have forgotten their start (a model trained
-for long enough, or with momentum 0.1) are left as trained.
+46.8% on 1,000 test images. A model none of whose layers is stale (trained long enough for
+its momentum: 0.1 forgets its start in 44 updates) is left as trained; once one layer is
+stale, every BatchNorm layer is re-estimated (one pass serves them all). The pass reads the
+clean training images: a model trained on adversarial copies too had its averages taken over
+the mix, which a stale average never reflected either.
 """
 
 from __future__ import annotations
@@ -34,31 +37,31 @@ def stale_batchnorm(model: nn.Module) -> list[str]:
     ``STALE_WEIGHT`` of their starting values (layers averaging every batch equally, with
     ``momentum=None``, are never stale once they have seen one)."""
     out = []
-    for name, m in model.named_modules():
-        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                and m.num_batches_tracked is not None):
-            continue
-        updates = int(m.num_batches_tracked)
-        momentum = m.momentum if m.momentum is not None else 1.0 / max(updates, 1)
-        if (1.0 - momentum) ** updates > STALE_WEIGHT:
+    for name, m in _batchnorm(model):
+        updates = int(m.num_batches_tracked)  # type: ignore[arg-type]
+        if (updates == 0 if m.momentum is None  # a cumulative average: its start weighs 0
+                else (1.0 - m.momentum) ** updates > STALE_WEIGHT):
             out.append(name)
     return out
 
 
-def refresh_batchnorm(model: nn.Module, dataset: Any, *, batch_size: int, workers: int,
-                      device: torch.device) -> list[str]:
+def _batchnorm(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.num_batches_tracked is not None]
+
+
+def refresh_batchnorm(model: nn.Module, dataset: Any, stale: list[str], *, batch_size: int,
+                      workers: int, device: torch.device) -> list[str]:
     """Re-estimate the running averages of every BatchNorm layer of ``model`` over ``dataset``
-    (one pass in train mode without gradients; the weights do not change) if any is stale;
-    returns the stale layers' names (empty: nothing was done)."""
-    stale = stale_batchnorm(model)
-    if not stale:
-        return stale
+    (one pass in train mode without gradients; the weights do not change), the ``stale``
+    layers (:func:`stale_batchnorm`) named in the log; returns the layers re-estimated."""
     first = dict(model.named_modules())[stale[0]]
-    log.info("BatchNorm: %d layer(s) still hold more than %g of their starting averages "
-             "after %d updates (momentum %s): re-estimating them over the %d training images",
-             len(stale), STALE_WEIGHT, int(first.num_batches_tracked), first.momentum,
-             len(dataset))
+    log.info("BatchNorm: %d layer(s) still held more than %g of their starting averages "
+             "after %d updates (momentum %s): re-estimating every BatchNorm layer over the %d "
+             "training images", len(stale), STALE_WEIGHT, int(first.num_batches_tracked),
+             first.momentum, len(dataset))
     images = (x.to(device) for x, _, _ in batches(dataset, batch_size=batch_size,
                                                   workers=workers))
     torch.optim.swa_utils.update_bn(images, model, device)
-    return stale
+    return [name for name, _ in _batchnorm(model)]

@@ -28,7 +28,7 @@ from advguard.io import load_state, save_state
 from advguard.models import accuracy
 from advguard.models.inference import check_takes
 from advguard.options import plain
-from advguard.training.batchnorm import refresh_batchnorm
+from advguard.training.batchnorm import refresh_batchnorm, stale_batchnorm
 from advguard.training.config import (
     OPTIONAL,
     TrainConfig,
@@ -103,11 +103,14 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
             _save(run, state_path, epoch + 1, result)
         if run.world > 1:
             torch.distributed.barrier()  # the state is written before any rank goes on
+    # judged on the trained model's own update counts (a weight average's are averaged too)
+    stale = stale_batchnorm(model)
     if run.averaged is not None:
         model.load_state_dict(run.averaged.module.state_dict())
-    result.refreshed_batchnorm = refresh_batchnorm(
-        model, run.dataset, batch_size=run.config.batch_size, workers=run.workers,
-        device=run.device)
+    if stale:
+        result.refreshed_batchnorm = refresh_batchnorm(
+            model, run.dataset, stale, batch_size=run.config.batch_size, workers=run.workers,
+            device=run.device)
     if run.config.channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
