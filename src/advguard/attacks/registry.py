@@ -103,6 +103,23 @@ def build_attack(name: str, norm: str = "linf", **settings: Any) -> Attack:
         raise InputError(f"attack {name!r}: {exc}") from None
 
 
+def in_norm(attack: Attack, norm: str) -> Attack | None:
+    """``attack``, of a registered class, with its settings in another ``norm``: the class the
+    registry names for that norm (FGSM → FGM; the same class with its ``norm`` changed, as
+    PGD); None where no registered attack has both forms."""
+    here = attack.threat.name
+    for entry in ATTACKS.values():
+        if entry.classes.get(here) is not type(attack) or norm not in entry.classes:
+            continue
+        cls = entry.classes[norm]
+        if cls is type(attack):
+            return dataclasses.replace(attack, norm=norm)  # type: ignore[type-var]
+        names = {f.name for f in dataclasses.fields(cls)} - {"norm"}  # type: ignore[arg-type]
+        return cls(norm=norm, **{f.name: getattr(attack, f.name)  # type: ignore[call-arg]
+                                 for f in dataclasses.fields(attack) if f.name in names})  # type: ignore[arg-type]
+    return None
+
+
 def attack_label(name: str, attack: Attack, norm: str) -> str:
     """A registered attack's column name in results (its ``label``, or its name)."""
     entry = ATTACKS[name]

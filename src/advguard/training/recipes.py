@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from advguard.attacks import FGM, FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM, TradesKL
+from advguard.attacks import FGSM, PGD, Attack, NoiseFGSM, RandomStartFGSM, TradesKL
+from advguard.attacks.registry import in_norm
 from advguard.errors import InputError, parse_choice
 from advguard.training.config import Schedule, TrainConfig
 from advguard.training.mixing import StrengthMix
@@ -114,18 +115,16 @@ class Recipe:
         return self.attack.threat.name
 
     def in_norm(self, norm: str) -> Recipe:
-        """This recipe with its copies crafted in ``norm`` (the attack's L2 form)."""
+        """This recipe with its copies crafted in ``norm`` (its attack's registered form there:
+        FGSM becomes FGM, PGD steps in the L2 ball)."""
         if norm == self.norm:
             return self
-        names = {f.name for f in dataclasses.fields(self.attack)}  # type: ignore[arg-type]
-        if isinstance(self.attack, FGSM):  # FGSM's L2 form: the fast gradient method
-            attack: Attack = FGM(norm=norm)
-        elif "norm" in names:
-            attack = dataclasses.replace(self.attack, norm=norm)  # type: ignore[type-var]
-        else:
+        attack = in_norm(self.attack, norm)
+        if attack is None:
+            able = [n.value for n, r in RECIPES.items() if in_norm(r.attack, norm) is not None]
             raise InputError(f"the {self.name.value} recipe crafts with "
                              f"{type(self.attack).__name__}, which has no {norm} form; "
-                             "recipes in L2: fgsm, pgd-3, pgd-at, mart")
+                             f"recipes in {norm.upper()}: {', '.join(able)}")
         return dataclasses.replace(self, attack=attack)
 
     def mix(self, strengths: Sequence[float], *, reduced: bool = False) -> StrengthMix:
