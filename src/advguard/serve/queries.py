@@ -152,7 +152,8 @@ def encode(x: torch.Tensor) -> np.ndarray:
     # one image at a time: BLAS rounds a batch's product differently from one row's, and a
     # code must not depend on what else its batch held (the very same image is told by it)
     projection = _projection(a.shape[1])
-    proj = np.stack([row @ projection for row in a]) if len(a) else a[:, :0] @ projection[:0]
+    proj = (np.stack([row @ projection for row in a]) if len(a)
+            else np.zeros((0, projection.shape[1]), dtype=np.float32))
     return np.concatenate([proj, view.flatten(1).numpy()], axis=1).astype(np.float16)
 
 

@@ -61,7 +61,6 @@ def refresh_batchnorm(model: nn.Module, dataset: Any, stale: list[str], *, batch
              "after %d updates (momentum %s): re-estimating every BatchNorm layer over the %d "
              "training images", len(stale), STALE_WEIGHT, int(first.num_batches_tracked),
              first.momentum, len(dataset))
-    images = (x.to(device) for x, _, _ in batches(dataset, batch_size=batch_size,
-                                                  workers=workers))
-    torch.optim.swa_utils.update_bn(images, model, device)
+    images = (x for x, _, _ in batches(dataset, batch_size=batch_size, workers=workers))
+    torch.optim.swa_utils.update_bn(images, model, device)  # it moves each batch to device
     return [name for name, _ in _batchnorm(model)]

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     seconds: float = 0.0  # wall time spent training, summed over resumed sessions
-    # BatchNorm layers whose stale running averages were re-estimated at the end (.batchnorm)
+    # BatchNorm layers re-estimated at the end, because one was stale (.batchnorm)
     refreshed_batchnorm: list[str] = field(default_factory=list)
 
 
