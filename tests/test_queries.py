@@ -290,6 +290,10 @@ def test_a_code_does_not_depend_on_the_rest_of_its_batch(digits):
     together = encode(x)
     alone = np.concatenate([encode(x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(together.view(np.uint16), alone.view(np.uint16))
+    # the scan tells the very same image by its projection's norm, to the bit
+    assert np.array_equal(Bank.of(together).norms,
+                          np.concatenate([Bank.of(together[i:i + 1]).norms
+                                          for i in range(len(x))]))
     colour = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     assert np.array_equal(encode(colour)[2:3].view(np.uint16),
                           encode(colour[2:3]).view(np.uint16))

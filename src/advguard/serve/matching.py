@@ -120,9 +120,9 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     # a lone query is compared with the bank alone (nothing earlier in its request): no copy
     seen = bank + q if within and len(q) > 1 else bank
     use_view = view_threshold is not None and seen.view is not None and q.view is not None
-    # the projection's distances, unless only the view decides (a watch calibrated for an ε
-    # ball): then the very same image is found by the view, and the index is read once
-    d = seen.l2(q) if threshold is not None or not use_view else None
+    # the projection's distances only where its threshold decides (a watch calibrated for an
+    # ε ball has none: the view decides, and the index is read once per query)
+    d = seen.l2(q) if threshold is not None else None
     allowed = np.ones(len(seen), dtype=bool)
     if skip is not None:
         allowed[:n][skip] = False
@@ -134,27 +134,21 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
         hi = n + i if within else n
         lo = max(0, hi - window)  # what code i is compared with
         rows = lo + np.flatnonzero(allowed[lo:hi])
-        dv = None
-        if use_view and (d is None or len(rows) >= kv):
-            assert view_threshold is not None
-            dv = seen.linf(q, i, rows, view_threshold)
-        if d is not None:  # candidates for the very same image again
-            close = rows[d[i, rows] < 0.01]
-        else:
-            assert dv is not None
-            close = rows[dv == 0]
+        # the very same image again: its projection's norm is the same to the bit
+        close = rows[seen.norms[rows] == q.norms[i]]
         same = close[(seen.raw[close].view(np.uint16) == q.raw[i].view(np.uint16)).all(1)]
         if len(same):  # sent before: answered as it was, and tells nothing new
             match[i] = same[-1]
             continue
-        if dv is not None and len(rows) >= kv:
+        if use_view and len(rows) >= kv:
             assert view_threshold is not None
+            dv = seen.linf(q, i, rows, view_threshold)
             inside = np.argpartition(dv, kv - 1)[:kv]
             if dv[inside].max() < view_threshold:
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
                 continue
         if d is None or len(rows) < k:
-            continue  # nothing more to compare, or too few to compare with
+            continue  # no projection threshold, or too few to compare with
         nearest = np.argpartition(d[i, rows], k - 1)[:k]
         if threshold is not None and d[i, rows[nearest]].mean() < threshold:
             found[i], match[i], near[i] = True, rows[int(np.argmin(d[i, rows]))], rows[nearest]
