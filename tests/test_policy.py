@@ -472,3 +472,39 @@ def test_a_camera_resending_one_flagged_scene_is_one_flagged_image(watched):
     distinct = [s.admit("odd", [True], [0.0], c[None], now=i, answers=[_answer(2)])
                 for i, c in enumerate(far[:6])]
     assert all(a.answered for a in distinct[:4]) and not distinct[4].answered
+
+
+def test_a_jittering_camera_whose_scene_is_flagged_is_not_denied(watched):
+    """A camera that moves by up to 2 pixels between frames sends distinct images to an
+    unaligned watch: when the detector flags its scene, every frame is new flagged evidence
+    and the budget denies it. Aligned by up to 2 cells (``query_shift``, the default with
+    ``query_eps``), its frames are answered as an earlier frame and add no verdict, and it is
+    served to the end; a client sending as many distinct flagged digits is still denied."""
+    import torch
+
+    from advguard.data import load_dataset
+    from advguard.serve.queries import QueryWatch, calibrate, encode
+
+    x = load_dataset("mnist", "test", limit=60).x
+    gen = torch.Generator().manual_seed(6)
+    frames = []
+    for _ in range(60):
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+        moved = torch.roll(x[9:10], (dy, dx), dims=(2, 3))  # MNIST's border is blank
+        frames.append((moved + 0.02 * torch.randn(moved.shape, generator=gen)).clamp(0, 1))
+    camera, distinct = encode(torch.cat(frames)), encode(x)
+    policy = Policy(window=50, min_requests=20, flagged_limit=0.6, max_flagged=20,
+                    max_repeats=0, window_s=1000, cooldown_s=0)
+    served = {}
+    for shift in (0, 2):
+        w = calibrate(camera[:10], QueryWatch(query_eps=0.3, query_shift=shift,
+                                              query_history=100, query_global=0))
+        s = watched(policy, w)
+        served[shift] = sum(s.admit(f"camera-{shift}", [True], [0.0], c[None], now=i,
+                                    answers=[_answer(4)]).answered
+                            for i, c in enumerate(camera))
+        odd = [s.admit(f"odd-{shift}", [True], [0.0], c[None], now=i, answers=[_answer(4)])
+               for i, c in enumerate(distinct)]
+        assert sum(a.answered for a in odd) < 25
+        s.close()
+    assert served[2] == 60 and served[0] < 30

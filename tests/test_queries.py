@@ -4,6 +4,8 @@ client's distinct or augmented images)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -169,8 +171,8 @@ def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_dig
     """With ``query_eps`` the pixel view's threshold is the ε-ball's diameter: a probe whose
     every query carries fresh noise of up to ε on half of the image (query blinding) is
     detected from its 6th query on (5 earlier ones in the ball, the default), from its 3rd with
-    ``query_view_k`` 2; of 1,000 distinct digits none is taken for an earlier one by default,
-    at most 1% with 2."""
+    ``query_view_k`` 2; of 1,000 distinct digits none is taken for an earlier one unaligned,
+    2 once aligned by up to 2 cells (the default), at most 1% with ``query_view_k`` 2."""
     watch = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3))
     assert watch.threshold is None and watch.view_threshold == pytest.approx(0.6, abs=2e-3)
     gen = torch.Generator().manual_seed(2)
@@ -185,7 +187,8 @@ def test_the_ball_of_the_threat_model_catches_blinded_probes_and_no_distinct_dig
     found = repeats(none(codes), codes, watch)
     assert watch.view_k == 5 and not found[:5].any() and found[5:].all()
     other = encode(digits[:1000])
-    assert not repeats(none(other), other, watch).any()
+    assert repeats(none(other), other, watch).mean() <= 0.005  # 2 of 1,000 (moved "1"s)
+    assert not repeats(none(other), other, replace(watch, query_shift=0)).any()
     two = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3, query_view_k=2))
     found = repeats(none(codes), codes, two)
     assert not found[:2].any() and found[2:].all()
@@ -297,3 +300,71 @@ def test_a_code_does_not_depend_on_the_rest_of_its_batch(digits):
     colour = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     assert np.array_equal(encode(colour)[2:3].view(np.uint16),
                           encode(colour[2:3]).view(np.uint16))
+
+
+def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` moved by ``(dy, dx)`` pixels, its edges repeated (an attacker's shift blinding)."""
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    return padded[..., 2 - dy:2 - dy + h, 2 - dx:2 - dx + w]
+
+
+def test_an_aligned_distance_is_the_nearest_shift_of_the_interior(digits):
+    """Bank.aligned against its definition computed by brute force: the least, over shifts of
+    up to ``most`` cells, of the L∞ distance between a row's interior (2 cells in from every
+    side) and the query's window at that shift — exact where it can be below the threshold,
+    inf only where it is truly farther; never farther than the unshifted distance."""
+    from advguard.serve.queries import view_grid
+
+    assert view_grid(784) == (1, 28, 28) and view_grid(972) == (3, 18, 18)
+    assert view_grid(896) is None  # 28 × 32: not aligned
+    gen = torch.Generator().manual_seed(4)
+    x = digits[:200].clone()
+    x[150:] = torch.cat([_shifted(x[0:1], int(a), int(b)) for a, b in
+                         torch.randint(-2, 3, (50, 2), generator=gen)])
+    x[150:] = (x[150:] + torch.empty_like(x[150:]).uniform_(-0.3, 0.3, generator=gen)).clamp(0, 1)
+    bank, q = Bank.of(encode(x[1:])), Bank.of(encode(x[:1]))
+    rows = np.arange(len(bank))
+    v = bank.view.reshape(-1, 28, 28)[:, 2:26, 2:26].reshape(len(bank), -1)
+    qv = q.view[0].reshape(28, 28)
+    for most in (1, 2):
+        want = np.min([np.abs(v - qv[2 + dy:26 + dy, 2 + dx:26 + dx].reshape(-1)).max(1)
+                       for dy in range(-most, most + 1) for dx in range(-most, most + 1)], 0)
+        for below in (0.4, 0.61):
+            got = bank.aligned(q, 0, rows, below, most)
+            inside = want <= below
+            assert np.allclose(got[inside], want[inside])
+            assert (want[np.isinf(got)] > below).all()
+            assert (got[np.isfinite(got)] <= bank.linf(q, 0, rows, 9.0)[np.isfinite(got)]
+                    + 1e-6).all()
+    # the moved, noisy copies of the query are all within the ball once aligned by 2 cells
+    # (many of them are not unaligned)
+    assert np.isfinite(bank.aligned(q, 0, rows[149:], 0.61, 2)).all()
+    assert np.isinf(bank.linf(q, 0, rows[149:], 0.61)).sum() > 10
+
+
+def test_moved_queries_of_one_attack_are_found_and_distinct_digits_are_not(digits):
+    """With ``query_eps`` the watch aligns a query by up to ``query_shift`` cells before the
+    ball test: an attacker that moves every blinded query by up to 2 pixels is found from
+    about its 6th query on (5 earlier ones in the ball after alignment), as a jittering camera
+    is, while unaligned (``query_shift`` 0) most of its queries are fresh; no distinct digit of
+    1,000 is taken for an earlier one more than 0.5% of the time."""
+    gen = torch.Generator().manual_seed(5)
+    x0, probe = digits[7:8], []
+    for _ in range(40):
+        noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * 0.3 * (
+            torch.rand(x0.shape, generator=gen) < 0.5)
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+        probe.append(_shifted((x0 + noise).clamp(0, 1), dy, dx))
+    codes = encode(torch.cat(probe))
+    moved = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3))
+    still = calibrate(encode(digits[:20]), QueryWatch(query_eps=0.3, query_shift=0))
+    assert moved.shift == 2 and still.shift == 0
+    assert QueryWatch(query_shift=2).shift == 0  # a calibrated threshold is measured unmoved
+    found = repeats(none(codes), codes, moved)
+    assert not found[:5].any() and found[10:].mean() >= 0.9
+    assert repeats(none(codes), codes, still)[10:].mean() <= 0.5
+    other = encode(digits[:1000])
+    assert repeats(none(other), other, moved).mean() <= 0.005
+    with pytest.raises(InputError, match="query_shift"):
+        QueryWatch(query_shift=3)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from advguard.errors import InputError
-from advguard.serve.queries import DIMS, QueryWatch, split
+from advguard.serve.queries import DIMS, SHIFT, QueryWatch, split, view_grid
 
 # pixel-view values whose maximum is one number of the cheap L∞ bound (a chunk's maximum moves
 # by at most the L∞ distance, as its mean does). On 200 × 2,800 validation digits (MNIST
@@ -38,16 +38,20 @@ class Bank:
     norms: np.ndarray  # (n,) float32
     view: np.ndarray | None  # (n, V) float32
     chunks: np.ndarray | None  # (n, V // CHUNK) float32: maxima
+    # (n, I // CHUNK) float32: the chunk maxima of each view's interior (SHIFT cells in from
+    # every side), the same bound for queries aligned by shifts (None: a view not a square)
+    inner: np.ndarray | None = None
 
     @classmethod
     def of(cls, codes: np.ndarray) -> Bank:
         raw = np.asarray(codes, dtype=np.float16)
         proj, view = split(raw)
-        chunks = None
+        chunks = inner = None
         if view is not None and view.shape[1] >= 4 * CHUNK:
-            g = view.shape[1] // CHUNK * CHUNK
-            chunks = view[:, :g].reshape(len(view), g // CHUNK, CHUNK).max(2)
-        return cls(raw, proj, (proj * proj).sum(1), view, chunks)
+            chunks = _maxima(view)
+            interior = _interior(view)
+            inner = None if interior is None else _maxima(interior)
+        return cls(raw, proj, (proj * proj).sum(1), view, chunks, inner)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -58,12 +62,14 @@ class Bank:
 
         return Bank(np.concatenate([self.raw, other.raw]), np.concatenate([self.proj, other.proj]),
                     np.concatenate([self.norms, other.norms]), cat(self.view, other.view),
-                    cat(self.chunks, other.chunks))
+                    cat(self.chunks, other.chunks), cat(self.inner, other.inner))
 
     def __getitem__(self, keep: slice | np.ndarray) -> Bank:
-        return Bank(self.raw[keep], self.proj[keep], self.norms[keep],
-                    None if self.view is None else self.view[keep],
-                    None if self.chunks is None else self.chunks[keep])
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return Bank(self.raw[keep], self.proj[keep], self.norms[keep], pick(self.view),
+                    pick(self.chunks), pick(self.inner))
 
     def l2(self, q: Bank) -> np.ndarray:
         """L2 distances ``(len(q), len(self))`` between projections."""
@@ -83,6 +89,62 @@ class Bank:
         if len(near):
             out[near] = _largest(self.view[rows[near]] - q.view[i])
         return out
+
+
+    def aligned(self, q: Bank, i: int, rows: np.ndarray, below: float, most: int) -> np.ndarray:
+        """The L∞ distances in the pixel view from query ``i`` of ``q``, aligned by the shift
+        of up to ``most`` cells (each axis, either way) that brings it nearest, to ``rows`` of
+        this bank: over each row's interior (``SHIFT`` cells in from every side, which every
+        such shift keeps inside the query), exact where they can be below ``below`` (the rest
+        ``inf``). A query an attacker moved by up to ``most`` cells, or a jittering camera's
+        frame, is as near its earlier ones as unmoved; the unshifted interior is one of the
+        shifts, so no row is farther than :meth:`linf` says."""
+        assert self.view is not None and self.inner is not None and q.view is not None
+        out = np.full(len(rows), np.inf, dtype=np.float32)
+        if not len(rows):
+            return out
+        windows = _windows(q.view[i], most)  # (shifts, I): the query's interior, shifted
+        maxima = _maxima(windows)
+        lo = int(rows.min())
+        span = self.inner[lo:int(rows.max()) + 1]
+        gap = np.empty_like(span)  # one shift at a time: a buffer that stays in cache
+        for s in range(len(windows)):
+            np.subtract(span, maxima[s], out=gap)
+            near = np.flatnonzero(_largest(gap)[rows - lo] <= below)
+            if len(near):
+                interior = _interior(self.view[rows[near]])
+                assert interior is not None
+                out[near] = np.minimum(out[near], _largest(interior - windows[s]))
+        return out
+
+
+def _maxima(view: np.ndarray) -> np.ndarray:
+    """The maxima of each row's consecutive ``CHUNK`` values (a trailing part left out)."""
+    g = view.shape[1] // CHUNK * CHUNK
+    return view[:, :g].reshape(len(view), g // CHUNK, CHUNK).max(2)
+
+
+def _interior(view: np.ndarray) -> np.ndarray | None:
+    """Pixel views' interiors, ``SHIFT`` cells in from every side, flattened (None for views
+    that are not a square grid, or too small to have one)."""
+    grid = view_grid(view.shape[1])
+    if grid is None or grid[1] <= 2 * SHIFT + 2:
+        return None
+    c, h, w = grid
+    return view.reshape(len(view), c, h, w)[:, :, SHIFT:h - SHIFT, SHIFT:w - SHIFT].reshape(
+        len(view), c * (h - 2 * SHIFT) * (w - 2 * SHIFT))
+
+
+def _windows(view: np.ndarray, most: int) -> np.ndarray:
+    """One pixel view's interior-sized windows shifted by up to ``most`` cells each way on
+    each axis, flattened: ``((2 most + 1)², I)``, the unshifted first."""
+    grid = view_grid(len(view))
+    assert grid is not None
+    c, h, w = grid
+    v = view.reshape(c, h, w)
+    steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
+    return np.stack([v[:, SHIFT + dy:h - SHIFT + dy, SHIFT + dx:w - SHIFT + dx].reshape(-1)
+                     for dy in steps for dx in steps])
 
 
 def _largest(diff: np.ndarray) -> np.ndarray:
@@ -106,14 +168,15 @@ class Scan:
 
 def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
          view_threshold: float | None, *, within: bool = True,
-         skip: np.ndarray | None = None, view_k: int | None = None) -> Scan:
+         skip: np.ndarray | None = None, view_k: int | None = None, shift: int = 0) -> Scan:
     """Each of ``codes`` compared with the ``bank`` (and, ``within``, with the request's
     earlier codes: a batch of near-copies detects itself), the newest ``window`` of them, less
     the rows ``skip`` marks: a detection when the mean L2 distance of its projection to its
     ``k`` nearest is below ``threshold`` or when ``view_k`` (default ``k``) of them lie within
     ``view_threshold`` of
     it in L∞ in the pixel view (the ε-ball every query of one attack stays in, blinding noise
-    included). A detection is answered as its nearest (in the view that detected it); the very
+    included; with ``shift``, after aligning it by up to that many cells: :meth:`Bank.aligned`).
+    A detection is answered as its nearest (in the view that detected it); the very
     same image sent again is answered as it was and is no detection (it tells nothing new)."""
     q = Bank.of(codes)
     n = len(bank)
@@ -144,6 +207,9 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
             assert view_threshold is not None
             dv = seen.linf(q, i, rows, view_threshold)
             inside = np.argpartition(dv, kv - 1)[:kv]
+            if dv[inside].max() >= view_threshold and shift and seen.inner is not None:
+                dv = seen.aligned(q, i, rows, view_threshold, shift)  # moved: aligned first
+                inside = np.argpartition(dv, kv - 1)[:kv]
             if dv[inside].max() < view_threshold:
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
                 continue
@@ -169,7 +235,7 @@ def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Sca
     if not isinstance(history, Bank):
         history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
     return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
-                watch.view_threshold, view_k=watch.view_k)
+                watch.view_threshold, view_k=watch.view_k, shift=watch.shift)
 
 
 class Rows:
@@ -239,12 +305,12 @@ def bank_of(rows: Rows, dims: int) -> Bank:
     raw, proj, norms = rows.get("raw"), rows.get("proj"), rows.get("norms")
     if raw is None or proj is None or norms is None or not len(rows):
         return Bank.of(np.zeros((0, dims)))
-    return Bank(raw, proj, norms, rows.get("view"), rows.get("chunks"))
+    return Bank(raw, proj, norms, rows.get("view"), rows.get("chunks"), rows.get("inner"))
 
 
 def bank_columns(bank: Bank) -> dict[str, np.ndarray | None]:
     return {"raw": bank.raw, "proj": bank.proj, "norms": bank.norms, "view": bank.view,
-            "chunks": bank.chunks}
+            "chunks": bank.chunks, "inner": bank.inner}
 
 
 class Stored:
@@ -367,7 +433,9 @@ class Ring(Stored):
                          clients=np.array([r[1] for r in rows], dtype=object),
                          times=np.array([r[2] for r in rows], dtype=np.float64),
                          answers=np.array([r[4] for r in rows], dtype=object),
-                         **bank_columns(Bank.of(new)))
+                         # no interior maxima: the index is compared unmoved (aligning a
+                         # query with every key's queries would cost the shifts over again)
+                         **{**bank_columns(Bank.of(new)), "inner": None})
 
     def trim(self, now: float, ttl_s: float) -> None:
         self.keep_newest(self.size, self.times > now - ttl_s)

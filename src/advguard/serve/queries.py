@@ -48,6 +48,7 @@ from advguard.options import check_at_least, check_fraction, option
 SIDE = 32  # images larger than SIDE × SIDE are average-pooled to it before encoding
 DIMS = 256  # the random projection's size: a code's first DIMS float16 numbers
 VIEW = 1024  # the pixel view's most values (32×32 grey; colour is pooled to 18×18×3)
+SHIFT = 2  # the most pixel-view cells a query is aligned by (QueryWatch.query_shift)
 # the encoding's name, with a fingerprint of the projection's random stream (a numpy whose
 # generator drew other numbers would encode otherwise): a watch calibrated for another
 # encoding is not used
@@ -77,6 +78,14 @@ class QueryWatch:
               "(default: query_k): a search inside one ε-ball gets this many fresh answers "
               "there; fewer take more distinct images for earlier ones (on validation MNIST "
               "digits, per distinct image: 1: 4%, 2: 1.3%, 5: 0.04%)")
+    # moves a query is aligned by before it is compared with its client's history (in pixel-view
+    # cells, both axes): a query shifted by up to this many cells is as near its earlier ones
+    # as unshifted, so moving every query (random shifts, a jittering camera) leaves the ball
+    # no more; with query_eps only (a calibrated threshold was measured unmoved)
+    query_shift: int = option(
+        2, "cells of the pixel view a query is shifted by, both ways on both axes, to align it "
+           "with its client's earlier queries before the ε-ball test (with query_eps; at most "
+           "2; 0: off)")
     query_global: int = option(5000, "newest queries of every client kept in the account-"
                                      "oblivious index (a query near-copying another key's "
                                      "links the keys); 0: off")
@@ -99,7 +108,10 @@ class QueryWatch:
         if max(self.query_k, self.view_k) > self.query_history:
             raise InputError(f"query_k ({self.query_k}) and query_view_k ({self.view_k}) "
                              f"cannot exceed the history ({self.query_history})")
-        check_at_least(self, 0, "query_global")
+        check_at_least(self, 0, "query_global", "query_shift")
+        if self.query_shift > SHIFT:
+            raise InputError(f"query_shift can be at most {SHIFT} (cells of the pixel view), got "
+                             f"{self.query_shift}")
         if 0 < self.query_global < self.query_k:
             raise InputError(f"query_global ({self.query_global}) must be 0 (off) or at least "
                              f"query_k ({self.query_k})")
@@ -126,8 +138,27 @@ class QueryWatch:
         return self.query_global > 0 and (self.global_threshold is not None
                                           or self.global_view_threshold is not None)
 
+    @property
+    def shift(self) -> int:
+        """Cells a query is aligned by against its client's history (0 without query_eps)."""
+        return self.query_shift if self.query_eps is not None else 0
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def view_grid(values: int) -> tuple[int, int, int] | None:
+    """The ``(channels, height, width)`` of a pixel view of ``values`` numbers: a grey square
+    (``values`` a square) or a colour one (three squares); None for any other (a non-square
+    image, whose view is not aligned by shifts). The two cannot be confused: 3·a² is never a
+    square."""
+    side = math.isqrt(values)
+    if side * side == values:
+        return 1, side, side
+    side = math.isqrt(values // 3)
+    if values % 3 == 0 and side * side == values // 3:
+        return 3, side, side
+    return None
 
 
 def encode(x: torch.Tensor) -> np.ndarray:
@@ -238,5 +269,5 @@ def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
             None if view is None else float(np.nanquantile(vstats, q)))
 
 
-__all__ = ["DIMS", "ENCODING", "SIDE", "VIEW", "QueryWatch", "calibrate", "distances", "encode",
-           "mean_knn", "split"]
+__all__ = ["DIMS", "ENCODING", "SHIFT", "SIDE", "VIEW", "QueryWatch", "calibrate", "distances",
+           "encode", "mean_knn", "split", "view_grid"]

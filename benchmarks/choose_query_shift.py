@@ -1,0 +1,126 @@
+"""How far the query watch aligns a query with its client's history (``--query-shift``), chosen
+on validation traffic: MNIST training images 55,000 on (held out of the guard's bank), never
+the test images the guard benchmarks report.
+
+For each shift (0, 1, 2 cells of the pixel view) and a watch at the ε-ball (``--query-eps``):
+* **distinct digits taken for an earlier one**: each of 1,000 validation digits scanned against
+  a history of 1,000 others drawn at random (as ``calibrate`` draws them), a detection when
+  ``view_k`` of them lie within the ball — the false-positive rate per distinct image;
+* **a jittering camera's frames answered as an earlier frame**: 50 validation scenes, 100
+  frames each, every frame shifted by up to 2 pixels (zeros in) with sensor noise σ 0.02, as
+  ``bench_honest.py``'s camera;
+* **moved queries of one attack found**: 50 validation digits, 100 queries each inside the
+  ε-ball (uniform noise of ±ε on a random half, as the blinded attacker sends) and then moved
+  by up to 2 pixels (edges repeated, as ``bench_blackbox.py``'s shift blinding), scanned against
+  the earlier ones;
+and the time one scan against a history of 1,000 takes. The rule, fixed before the run: the
+largest shift whose distinct digits are taken for an earlier one at most 1% of the time.
+
+    python benchmarks/choose_query_shift.py --guard-dir runs/guard-mnist-eps
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import save
+
+from advguard.data import load_data
+from advguard.serve import Guard
+from advguard.serve.matching import Bank, scan
+from advguard.serve.queries import SHIFT, QueryWatch, encode
+
+FIRST = 55_000  # MNIST training images from here on are held out of the guard's bank
+SIGMA = 0.02
+
+
+def moved(x: torch.Tensor, gen: torch.Generator, zeros: bool) -> torch.Tensor:
+    """``x`` (1, C, H, W) shifted by up to 2 pixels each way: zeros in (a camera) or edges
+    repeated (the blinded attacker)."""
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=gen))
+    padded = F.pad(x, (2, 2, 2, 2), mode="constant" if zeros else "replicate")
+    h, w = x.shape[-2:]
+    return padded[..., dy:dy + h, dx:dx + w]
+
+
+def stream_rate(codes: np.ndarray, watch: QueryWatch, shift: int) -> tuple[float, float]:
+    """Share of a stream's queries (after its first ``view_k``) found against the earlier ones,
+    and the seconds a scan took on average."""
+    found, spent = 0, 0.0
+    for i in range(watch.view_k, len(codes)):
+        t = time.perf_counter()
+        s = scan(Bank.of(codes[:i]), codes[i:i + 1], watch.query_k, watch.query_history,
+                 None, watch.view_threshold, view_k=watch.view_k, shift=shift)
+        spent += time.perf_counter() - t
+        found += int(s.match[0] >= 0)
+    n = len(codes) - watch.view_k
+    return found / n, spent / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guard-dir", type=Path, required=True)
+    ap.add_argument("--out", default="query-shift-choice")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    guard = Guard.load(args.guard_dir)
+    watch = guard.config.watch()
+    assert watch is not None and watch.query_eps is not None, "a guard fitted with --query-eps"
+    eps = watch.query_eps
+    data = load_data(guard.config.dataset, "train")
+    x = torch.stack([data[FIRST + i][0] for i in range(3000)])
+    codes = encode(x)
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    cams = [encode(torch.cat([(moved(x[1000 + s:1001 + s], gen, True)
+                                + SIGMA * torch.randn((1, *x.shape[1:]), generator=gen))
+                               .clamp(0, 1) for _ in range(100)])) for s in range(50)]
+    attacks = []
+    for s in range(50):
+        img = x[2000 + s:2001 + s]
+        qs = []
+        for _ in range(100):
+            half = torch.rand(img.shape, generator=gen) < 0.5
+            noise = (torch.rand(img.shape, generator=gen) * 2 - 1) * eps * half
+            qs.append(moved((img + noise).clamp(0, 1), gen, False))
+        attacks.append(encode(torch.cat(qs)))
+    rows: dict[str, Any] = {}
+    for shift in range(SHIFT + 1):
+        w = replace(watch, query_shift=shift)
+        hits, spent = 0, 0.0
+        for r in range(1000):
+            others = rng.choice(len(codes) - 1, size=1000, replace=False)
+            bank = Bank.of(codes[others + (others >= r)])  # any digit but r itself
+            t = time.perf_counter()
+            s = scan(bank, codes[r:r + 1], w.query_k, w.query_history, None, w.view_threshold,
+                     view_k=w.view_k, shift=shift)
+            spent += time.perf_counter() - t
+            hits += int(s.found[0])
+        cam = [stream_rate(c, w, shift) for c in cams]
+        att = [stream_rate(c, w, shift) for c in attacks]
+        rows[str(shift)] = {
+            "distinct_taken_for_earlier": hits / 1000,
+            "ms_per_scan_of_1000": 1e3 * spent / 1000,
+            "camera_frames_answered_as_earlier": float(np.mean([c[0] for c in cam])),
+            "cameras_with_under_half_answered": int(sum(c[0] < 0.5 for c in cam)),
+            "moved_attack_queries_found": float(np.mean([a[0] for a in att])),
+            "ms_per_stream_scan": 1e3 * float(np.mean([c[1] for c in cam + att]))}
+        print(shift, rows[str(shift)], flush=True)
+    ok = [s for s, r in rows.items() if r["distinct_taken_for_earlier"] <= 0.01]
+    save(args.out, {"guard": str(args.guard_dir),
+                    "images": "MNIST training images 55,000–57,999 (held out of the bank)",
+                    "rule": "the largest shift whose distinct digits are taken for an earlier "
+                            "one at most 1% of the time",
+                    "eps": eps, "view_k": watch.view_k, "shifts": rows,
+                    "chosen": max(ok, key=int) if ok else None})
+
+
+if __name__ == "__main__":
+    main()
