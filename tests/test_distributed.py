@@ -185,3 +185,53 @@ def test_an_audit_under_torchrun_is_the_audit_of_one_process(tmp_path, trained_m
     r2, r1 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert r2["autoattack"] == r1["autoattack"] and r2["images"] == 40
     assert two.stdout.count("worst case over all attacks") == 1
+
+
+BATCHNORM_WORKER = """
+import sys, torch
+from torch import nn
+from advguard import distributed
+from advguard.data import load_dataset
+from advguard.training import TrainConfig, train
+
+distributed.setup("cpu")
+rank = torch.distributed.get_rank()
+data = load_dataset("mnist", limit=256)
+
+class Drifting(torch.utils.data.Dataset):  # reads differ by rank, as unsynchronised crops do
+    def __len__(self):
+        return len(data)
+
+    def __getitem__(self, i):
+        x, y = data[i]
+        return x + 0.05 * (2 * rank - 1), y
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, momentum=0.01), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+result = train(net, Drifting(), config=TrainConfig(epochs=1, batch_size=64, device="cpu"),
+               progress=False)
+with torch.no_grad():
+    want = net[0](data.x).mean(dim=(0, 2, 3))  # the layer's inputs over every image
+torch.save({"refreshed": result.refreshed_batchnorm, "mean": net[1].running_mean,
+            "var": net[1].running_var, "batches": int(net[1].num_batches_tracked),
+            "want": want, "weight": net[0].weight.detach()}, f"rank{rank}.pt")
+"""
+
+
+def test_stale_batchnorm_is_re_estimated_once_over_the_ranks_and_alike_on_each(tmp_path):
+    """Under torchrun the BatchNorm pass at the end of training is split over the ranks (each
+    its half of the 256 images, two batches of 64) and combined: both ranks hold the same
+    averages, though each rank reads its images otherwise (shifted by ∓0.05, as ranks drawing
+    their own random crops do), whose mean is the layer inputs' mean over all 256 images
+    (the shifts cancel: every batch weighs alike, as in one process's pass) and counts the
+    four batches. Before, each rank passed over every image and kept its own averages."""
+    (tmp_path / "worker.py").write_text(BATCHNORM_WORKER)
+    run = torchrun("worker.py", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["refreshed"] == r1["refreshed"] == ["1"]
+    assert torch.equal(r0["weight"], r1["weight"])  # DDP kept the weights alike
+    assert torch.equal(r0["mean"], r1["mean"]) and torch.equal(r0["var"], r1["var"])
+    assert torch.allclose(r0["mean"], r0["want"], atol=1e-5)
+    assert r0["batches"] == 4

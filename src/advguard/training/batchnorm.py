@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advguard.data import batches
+from advguard.data import batches, fitting_batch
 
 # a layer's running averages are stale while their starting values still weigh more than this
 # share: (1 − momentum) ** updates (momentum 0.1: 44 updates; 0.01: 459)
@@ -52,15 +52,46 @@ def _batchnorm(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchN
 
 
 def refresh_batchnorm(model: nn.Module, dataset: Any, stale: list[str], *, batch_size: int,
-                      workers: int, device: torch.device) -> list[str]:
+                      workers: int, device: torch.device, rank: int = 0,
+                      world: int = 1) -> list[str]:
     """Re-estimate the running averages of every BatchNorm layer of ``model`` over ``dataset``
     (one pass in train mode without gradients; the weights do not change), the ``stale``
-    layers (:func:`stale_batchnorm`) named in the log; returns the layers re-estimated."""
+    layers (:func:`stale_batchnorm`) named in the log; returns the layers re-estimated.
+
+    Under torchrun (``world`` > 1, every rank calling) each rank passes over its share of the
+    images (every ``world``-th from ``rank``) and the ranks' averages are combined, weighted by
+    their batches: every batch of every rank weighs alike, as in one process's pass, and every
+    rank ends with the same averages (before, each passed over every image and, with a
+    self-augmenting dataset, each kept averages of its own crops)."""
     first = dict(model.named_modules())[stale[0]]
     log.info("BatchNorm: %d layer(s) still held more than %g of their starting averages "
              "after %d updates (momentum %s): re-estimating every BatchNorm layer over the %d "
              "training images", len(stale), STALE_WEIGHT, int(first.num_batches_tracked),
              first.momentum, len(dataset))
-    images = (x for x, _, _ in batches(dataset, batch_size=batch_size, workers=workers))
+    size = fitting_batch(dataset, batch_size)
+    mine = torch.arange(rank, len(dataset), world)
+    rows = [mine[s:s + size] for s in range(0, len(mine), size)]
+    images = (x for x, _, _ in batches(dataset, rows, batch_size=size, workers=workers))
     torch.optim.swa_utils.update_bn(images, model, device)  # it moves each batch to device
+    if world > 1:
+        _combine(model, len(rows))
     return [name for name, _ in _batchnorm(model)]
+
+
+def _combine(model: nn.Module, passed: int) -> None:
+    """Every rank's running averages replaced by the average over all ranks' batches (each
+    rank's average weighted by the ``passed`` batches it took)."""
+    import torch.distributed as dist
+
+    for _, m in _batchnorm(model):
+        assert m.num_batches_tracked is not None  # _batchnorm keeps only such layers
+        for buf in (m.running_mean, m.running_var):
+            if buf is not None:
+                buf.mul_(passed)
+                dist.all_reduce(buf)
+        total = torch.tensor([passed], dtype=torch.float64, device=m.num_batches_tracked.device)
+        dist.all_reduce(total)
+        for buf in (m.running_mean, m.running_var):
+            if buf is not None:
+                buf.div_(float(total))
+        m.num_batches_tracked.fill_(int(total))

@@ -110,7 +110,7 @@ def train(model: nn.Module, data: Any, mix: StrengthMix = StrengthMix(),
     if stale:
         result.refreshed_batchnorm = refresh_batchnorm(
             model, run.dataset, stale, batch_size=run.config.batch_size, workers=run.workers,
-            device=run.device)
+            device=run.device, rank=run.rank, world=run.world)
     if run.config.channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
