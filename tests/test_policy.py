@@ -508,3 +508,33 @@ def test_a_jittering_camera_whose_scene_is_flagged_is_not_denied(watched):
         assert sum(a.answered for a in odd) < 25
         s.close()
     assert served[2] == 60 and served[0] < 30
+
+
+def test_a_near_copy_is_never_vouched_for_beyond_its_own_verdict():
+    """A near-copy is told its earlier query's answer (the class and probabilities it already
+    had) but trusted only where the query itself would be: the model gives it the same class
+    and the detector trusts it. Else — the model now answers another class (a boundary
+    search's query told the trusted wrong class of an earlier query beside the ball), or the
+    detector flags it — the earlier answer is told flagged, and failing closed, its class is
+    withheld; an earlier answer already flagged stays as it was."""
+    from advguard.serve.state import kept, settled, shown
+
+    def answer(cls: int, verdict: str, closed: bool = False) -> str:
+        return kept({"class": cls, "verdict": verdict, "probabilities": [cls / 10],
+                     "unlike_training": False}, cls, closed=closed)
+
+    earlier = answer(7, "trusted")
+    told = {(cls, verdict): shown(settled(earlier, answer(cls, verdict)))
+            for cls, verdict in [(3, "trusted"), (7, "flagged"), (7, "trusted"), (3, "flagged")]}
+    as_it_was = {"class": 7, "verdict": "trusted", "probabilities": [0.7],
+                 "unlike_training": False}
+    assert told[(7, "trusted")] == as_it_was
+    for case in [(3, "trusted"), (7, "flagged"), (3, "flagged")]:
+        assert told[case] == {**as_it_was, "verdict": "flagged"}, case
+    closed = answer(7, "trusted", closed=True)
+    assert shown(settled(closed, answer(3, "trusted", closed=True))) == {
+        "class": None, "verdict": "flagged", "unlike_training": False}
+    assert shown(settled(closed, answer(7, "trusted", closed=True))) == shown(closed) == {
+        **as_it_was}
+    flagged = answer(2, "flagged")
+    assert settled(flagged, answer(7, "trusted")) == flagged

@@ -168,8 +168,10 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
     fresh = [summary(v, i, info.num_classes, reveal, tuple(info.classes))
              for i in range(len(x))]
 
+    answers = [state.kept(r, c, closed=not reveal.flagged_class)
+               for r, c in zip(fresh, v.predicted, strict=True)]
+
     def admit() -> Admission:  # off the event loop
-        answers = [state.kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
         return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
                                answers)
 
@@ -193,8 +195,9 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
         if admission.denied_now:
             svc.metrics.denials.inc()
         raise HTTPException(403, denial(who, status))
-    # a near-copy (or a resend) is answered as its earlier query was: nothing new
-    given = [fresh[i] if a is None else state.shown(a)
+    # a near-copy (or a resend) is answered as its earlier query was: nothing new, and
+    # vouched for no more than its own answer would be
+    given = [fresh[i] if a is None else state.shown(state.settled(a, answers[i]))
              for i, a in enumerate(admission.answers or [None] * len(x))]
     results = [{**g, "name": names[i], "converted": notes[i]} for i, g in enumerate(given)]
     return {"client": who.id, "results": results, "status": public_status(status, reveal)}
