@@ -5,6 +5,7 @@ client's distinct or augmented images)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,3 +369,39 @@ def test_moved_queries_of_one_attack_are_found_and_distinct_digits_are_not(digit
     assert repeats(none(other), other, moved).mean() <= 0.005
     with pytest.raises(InputError, match="query_shift"):
         QueryWatch(query_shift=3)
+
+
+def test_pooled_colour_views_are_aligned_by_moving_the_image_before_pooling():
+    """A colour view is pooled (32 → 18 cells), so a move of one pixel is a fraction of a
+    cell and no shift of the view undoes it: the scan takes the query's view moved before
+    pooling (``moves``). A CIFAR-10 image moved by up to 2 pixels with sensor noise is then
+    within the 8/255 ball of the unmoved one (it is not, unaligned or aligned by view cells);
+    the unmoved window is the code's own interior; grey views are their pixels (no moves)."""
+    from advguard.serve.matching import scan
+    from advguard.serve.queries import moves
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
+    x = load_dataset("cifar10", "test", limit=40, data_dir=shared).x
+    gen = torch.Generator().manual_seed(7)
+    frames = []
+    for _ in range(12):
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+        frames.append((torch.roll(x[3:4], (dy, dx), dims=(2, 3))
+                       + 0.01 * torch.randn(1, 3, 32, 32, generator=gen)).clamp(0, 1))
+    frames = torch.cat(frames)
+    codes, moved = encode(frames), moves(frames)
+    assert moved is not None and moved.shape == (12, 25, 3 * 14 * 14)
+    inner = split(codes)[1].reshape(12, 3, 18, 18)[:, :, 2:16, 2:16].reshape(12, -1)
+    assert np.array_equal(moved[:, 0], inner)  # unmoved first: the code's own interior
+    assert moves(torch.rand(2, 1, 28, 28)) is None and moves(torch.rand(2, 1, 32, 32)) is None
+    ball = 2 * 8 / 255 + 2 ** -10
+    bank = Bank.of(codes[:-1])
+    rows = np.arange(len(bank))
+    near_moved = bank.aligned(Bank.of(codes[-1:]), 0, rows, ball, 2, moved[-1])
+    near_cells = bank.aligned(Bank.of(codes[-1:]), 0, rows, ball, 2)
+    assert (near_moved < ball).sum() >= 5 > (near_cells < ball).sum()
+    found = scan(bank, codes[-1:], 5, 1000, None, ball, shift=2, moved=moved[-1:])
+    assert found.found[0]
+    others = encode(x)
+    assert not scan(Bank.of(others[:-1]), others[-1:], 5, 1000, None, ball, shift=2,
+                    moved=moves(x[-1:])).found[0]

@@ -29,7 +29,7 @@ from advguard.serve.inputs import first_error, json_limit
 from advguard.serve.limits import Limits
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy
-from advguard.serve.queries import encode
+from advguard.serve.queries import encode, moves
 from advguard.serve.reveal import Reveal
 from advguard.serve.routes import Service, api_router, site_router
 from advguard.serve.runtime import Batcher, Judged, RateLimiter
@@ -83,7 +83,10 @@ def create_app(settings: Settings) -> FastAPI:
     lim = settings.limits
 
     def judge(x: torch.Tensor) -> Judged:  # one batch on the inference thread
-        return Judged(guard.verdicts(x), None if watch is None else encode(x))
+        if watch is None:
+            return Judged(guard.verdicts(x))
+        return Judged(guard.verdicts(x), encode(x),
+                      moves(x, watch.shift) if watch.shift else None)
 
     service = Service(
         settings=settings, guard=guard, info=guard.info,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from advguard.errors import InputError
-from advguard.serve.queries import DIMS, SHIFT, QueryWatch, split, view_grid
+from advguard.serve.queries import DIMS, SHIFT, QueryWatch, shifts, split, view_grid
 
 # pixel-view values whose maximum is one number of the cheap L∞ bound (a chunk's maximum moves
 # by at most the L∞ distance, as its mean does). On 200 × 2,800 validation digits (MNIST
@@ -91,19 +91,23 @@ class Bank:
         return out
 
 
-    def aligned(self, q: Bank, i: int, rows: np.ndarray, below: float, most: int) -> np.ndarray:
-        """The L∞ distances in the pixel view from query ``i`` of ``q``, aligned by the shift
-        of up to ``most`` cells (each axis, either way) that brings it nearest, to ``rows`` of
-        this bank: over each row's interior (``SHIFT`` cells in from every side, which every
-        such shift keeps inside the query), exact where they can be below ``below`` (the rest
-        ``inf``). A query an attacker moved by up to ``most`` cells, or a jittering camera's
-        frame, is as near its earlier ones as unmoved; the unshifted interior is one of the
-        shifts, so no row is farther than :meth:`linf` says."""
+    def aligned(self, q: Bank, i: int, rows: np.ndarray, below: float, most: int,
+                windows: np.ndarray | None = None) -> np.ndarray:
+        """The L∞ distances in the pixel view from query ``i`` of ``q``, aligned by the move
+        of up to ``most`` pixels (each axis, either way) that brings it nearest, to ``rows``
+        of this bank: over each row's interior (``SHIFT`` cells in from every side, which every
+        such move keeps inside the query), exact where they can be below ``below`` (the rest
+        ``inf``). ``windows``: the query's interior moved each way (``queries.moves``, for a
+        pooled view, whose cells are more than a pixel); by default taken from its view, whose
+        cells are its pixels. A query an attacker moved by up to ``most`` pixels, or a
+        jittering camera's frame, is as near its earlier ones as unmoved; the unmoved interior
+        is one of the moves, so no row is farther than :meth:`linf` says."""
         assert self.view is not None and self.inner is not None and q.view is not None
         out = np.full(len(rows), np.inf, dtype=np.float32)
         if not len(rows):
             return out
-        windows = _windows(q.view[i], most)  # (shifts, I): the query's interior, shifted
+        if windows is None:  # (moves, I): the query's interior, moved
+            windows = _windows(q.view[i], most)
         maxima = _maxima(windows)
         lo = int(rows.min())
         span = self.inner[lo:int(rows.max()) + 1]
@@ -137,14 +141,13 @@ def _interior(view: np.ndarray) -> np.ndarray | None:
 
 def _windows(view: np.ndarray, most: int) -> np.ndarray:
     """One pixel view's interior-sized windows shifted by up to ``most`` cells each way on
-    each axis, flattened: ``((2 most + 1)², I)``, the unshifted first."""
+    each axis, flattened: ``((2 most + 1)², I)``, in the order of ``queries.shifts``."""
     grid = view_grid(len(view))
     assert grid is not None
     c, h, w = grid
     v = view.reshape(c, h, w)
-    steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
     return np.stack([v[:, SHIFT + dy:h - SHIFT + dy, SHIFT + dx:w - SHIFT + dx].reshape(-1)
-                     for dy in steps for dx in steps])
+                     for dy, dx in shifts(most)])
 
 
 def _largest(diff: np.ndarray) -> np.ndarray:
@@ -168,14 +171,16 @@ class Scan:
 
 def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
          view_threshold: float | None, *, within: bool = True,
-         skip: np.ndarray | None = None, view_k: int | None = None, shift: int = 0) -> Scan:
+         skip: np.ndarray | None = None, view_k: int | None = None, shift: int = 0,
+         moved: np.ndarray | None = None) -> Scan:
     """Each of ``codes`` compared with the ``bank`` (and, ``within``, with the request's
     earlier codes: a batch of near-copies detects itself), the newest ``window`` of them, less
     the rows ``skip`` marks: a detection when the mean L2 distance of its projection to its
     ``k`` nearest is below ``threshold`` or when ``view_k`` (default ``k``) of them lie within
     ``view_threshold`` of
     it in L∞ in the pixel view (the ε-ball every query of one attack stays in, blinding noise
-    included; with ``shift``, after aligning it by up to that many cells: :meth:`Bank.aligned`).
+    included; with ``shift``, after aligning it by up to that many pixels: :meth:`Bank.aligned`,
+    with ``moved`` the codes' moved windows where their views are pooled).
     A detection is answered as its nearest (in the view that detected it); the very
     same image sent again is answered as it was and is no detection (it tells nothing new)."""
     q = Bank.of(codes)
@@ -208,7 +213,8 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
             dv = seen.linf(q, i, rows, view_threshold)
             inside = np.argpartition(dv, kv - 1)[:kv]
             if dv[inside].max() >= view_threshold and shift and seen.inner is not None:
-                dv = seen.aligned(q, i, rows, view_threshold, shift)  # moved: aligned first
+                dv = seen.aligned(q, i, rows, view_threshold, shift,
+                                  None if moved is None else moved[i])
                 inside = np.argpartition(dv, kv - 1)[:kv]
             if dv[inside].max() < view_threshold:
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
@@ -227,15 +233,16 @@ def repeats(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) ->
     return own(history, codes, watch).found
 
 
-def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> Scan:
+def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch,
+        moved: np.ndarray | None = None) -> Scan:
     """:func:`scan` of a request's ``codes`` against its client's history (codes, or a bank
-    prepared from them)."""
+    prepared from them); ``moved``: the codes' moved windows (``queries.moves``)."""
     if watch.threshold is None and watch.view_threshold is None:
         raise InputError("the query watch has no threshold: calibrate it first")
     if not isinstance(history, Bank):
         history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
     return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
-                watch.view_threshold, view_k=watch.view_k, shift=watch.shift)
+                watch.view_threshold, view_k=watch.view_k, shift=watch.shift, moved=moved)
 
 
 class Rows:
@@ -459,14 +466,14 @@ class Found:
 
 def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np.ndarray,
            answers: Sequence[str], watch: QueryWatch, ring: Ring | None = None,
-           client: str = "") -> Found:
+           client: str = "", moved: np.ndarray | None = None) -> Found:
     """The watch on a request's ``codes`` (with the ``answers`` fresh from the model): each is
     compared with the client's history (:func:`own`) and, with ``ring``, with the other
     clients' recent queries (the global index, its own thresholds; a detection there names
     the clients of the queries that detected it). A query the watch matches is answered as
     the query it matched was — the client's own first, else another client's — so a
     near-copy tells an attacker nothing the earlier answer did not."""
-    mine = own(history, codes, watch)
+    mine = own(history, codes, watch, moved)
     given: list[str] = list(history_answers)
     out: list[str | None] = []
     for i in range(len(codes)):  # in order: a request's near-copies answer as its earlier ones

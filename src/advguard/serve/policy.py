@@ -183,7 +183,8 @@ class Store(Protocol):
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
               codes: np.ndarray | None = None, now: float | None = None,
-              answers: Sequence[str] | None = None) -> Admission: ...
+              answers: Sequence[str] | None = None,
+              moved: np.ndarray | None = None) -> Admission: ...
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
                now: float | None = None) -> ClientStatus: ...
     def get(self, client: str, now: float | None = None) -> ClientStatus: ...
@@ -227,16 +228,21 @@ class CheckedStore:
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
               codes: np.ndarray | None = None, now: float | None = None,
-              answers: Sequence[str] | None = None) -> Admission:
+              answers: Sequence[str] | None = None,
+              moved: np.ndarray | None = None) -> Admission:
         """Count a request's verdicts (and, when queries are watched, its query codes, with the
-        ``answers`` the model gives them, as JSON: see :mod:`advguard.serve.state`) and
-        decide in one atomic step whether it is answered, and which answers are replaced."""
-        return self._admit(client, flagged, scores, self.watching(codes, len(flagged)),
+        ``answers`` the model gives them, as JSON: see :mod:`advguard.serve.state`, and for
+        pooled views their moved windows, :func:`advguard.serve.queries.moves`) and decide in
+        one atomic step whether it is answered, and which answers are replaced."""
+        codes = self.watching(codes, len(flagged))
+        return self._admit(client, flagged, scores, codes,
                            time.time() if now is None else now,
-                           list(answers) if answers is not None else ["{}"] * len(flagged))
+                           list(answers) if answers is not None else ["{}"] * len(flagged),
+                           None if codes is None else moved)
 
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str],
+               moved: np.ndarray | None) -> Admission:
         raise NotImplementedError
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],

@@ -48,7 +48,7 @@ from advguard.options import check_at_least, check_fraction, option
 SIDE = 32  # images larger than SIDE × SIDE are average-pooled to it before encoding
 DIMS = 256  # the random projection's size: a code's first DIMS float16 numbers
 VIEW = 1024  # the pixel view's most values (32×32 grey; colour is pooled to 18×18×3)
-SHIFT = 2  # the most pixel-view cells a query is aligned by (QueryWatch.query_shift)
+SHIFT = 2  # the most pixels a query is aligned by (QueryWatch.query_shift)
 # the encoding's name, with a fingerprint of the projection's random stream (a numpy whose
 # generator drew other numbers would encode otherwise): a watch calibrated for another
 # encoding is not used
@@ -78,14 +78,15 @@ class QueryWatch:
               "(default: query_k): a search inside one ε-ball gets this many fresh answers "
               "there; fewer take more distinct images for earlier ones (on validation MNIST "
               "digits, per distinct image: 1: 4%, 2: 1.3%, 5: 0.04%)")
-    # moves a query is aligned by before it is compared with its client's history (in pixel-view
-    # cells, both axes): a query shifted by up to this many cells is as near its earlier ones
-    # as unshifted, so moving every query (random shifts, a jittering camera) leaves the ball
-    # no more; with query_eps only (a calibrated threshold was measured unmoved)
+    # moves a query is aligned by before it is compared with its client's history (pixels, both
+    # axes): a query moved by up to this many is as near its earlier ones as unmoved, so moving
+    # every query (random shifts, a jittering camera) leaves the ball no more; with query_eps
+    # only (a calibrated threshold was measured unmoved); chosen on validation traffic
+    # (benchmarks/choose_query_shift.py)
     query_shift: int = option(
-        2, "cells of the pixel view a query is shifted by, both ways on both axes, to align it "
-           "with its client's earlier queries before the ε-ball test (with query_eps; at most "
-           "2; 0: off)")
+        2, "pixels a query is moved by, both ways on both axes, to align it with its client's "
+           "earlier queries before the ε-ball test (of the image pooled to at most 32×32; "
+           "with query_eps; at most 2; 0: off)")
     query_global: int = option(5000, "newest queries of every client kept in the account-"
                                      "oblivious index (a query near-copying another key's "
                                      "links the keys); 0: off")
@@ -110,7 +111,7 @@ class QueryWatch:
                              f"cannot exceed the history ({self.query_history})")
         check_at_least(self, 0, "query_global", "query_shift")
         if self.query_shift > SHIFT:
-            raise InputError(f"query_shift can be at most {SHIFT} (cells of the pixel view), got "
+            raise InputError(f"query_shift can be at most {SHIFT} (pixels), got "
                              f"{self.query_shift}")
         if 0 < self.query_global < self.query_k:
             raise InputError(f"query_global ({self.query_global}) must be 0 (off) or at least "
@@ -168,14 +169,7 @@ def encode(x: torch.Tensor) -> np.ndarray:
     distances are kept and brightness and contrast cancel (a blank image projects to zeros);
     then its pixels, average-pooled to at most ``VIEW`` values (the *pixel view*: any
     perturbation within ε in L∞ stays within ε there, averaging cannot enlarge it)."""
-    if x.dim() != 4:
-        raise InputError(f"encode takes a batch (N, C, H, W), got shape {tuple(x.shape)}")
-    z = x.detach().float().cpu()
-    if z.shape[-2] > SIDE or z.shape[-1] > SIDE:
-        z = F.adaptive_avg_pool2d(z, (min(SIDE, z.shape[-2]), min(SIDE, z.shape[-1])))
-    side = max(1, math.isqrt(VIEW // z.shape[1]))
-    view = z if z.shape[1] * z.shape[2] * z.shape[3] <= VIEW else F.adaptive_avg_pool2d(
-        z, (min(side, z.shape[-2]), min(side, z.shape[-1])))
+    z = _pooled(x)
     a = z.flatten(1).numpy()  # NumPy from here: cheaper than torch on one small image
     a = a - a.mean(1, keepdims=True)
     norm = np.linalg.norm(a, axis=1, keepdims=True)
@@ -185,7 +179,54 @@ def encode(x: torch.Tensor) -> np.ndarray:
     projection = _projection(a.shape[1])
     proj = (np.stack([row @ projection for row in a]) if len(a)
             else np.zeros((0, projection.shape[1]), dtype=np.float32))
-    return np.concatenate([proj, view.flatten(1).numpy()], axis=1).astype(np.float16)
+    return np.concatenate([proj, _view(z).flatten(1).numpy()], axis=1).astype(np.float16)
+
+
+def moves(x: torch.Tensor, most: int = SHIFT) -> np.ndarray | None:
+    """For images whose pixel view is pooled (colour, or larger than 32×32 grey): the interior
+    of the pixel view (``SHIFT`` cells in from every side) of each image moved by each shift of
+    up to ``most`` pixels — of the image pooled to at most ``SIDE`` × ``SIDE`` — both ways on
+    both axes, as float16 numbers in float32: ``(N, (2 most + 1)², I)``, in the order of
+    :func:`shifts`. A move of a pixel is a fraction of a pooled view's cell, so the query is
+    moved before it is pooled; None where the view is its pixels (its cells are the pixels:
+    the scan moves the view itself, the same numbers) or not a square grid."""
+    z = _pooled(x)
+    view = _view(z)
+    c, h, w = view.shape[1:]
+    if view.shape[-2:] == z.shape[-2:] or view_grid(c * h * w) is None:
+        return None
+    padded = F.pad(z, (most,) * 4, mode="replicate")
+    rows, cols = z.shape[-2:]
+    out = [_view(padded[..., most + dy:most + dy + rows, most + dx:most + dx + cols])
+           [:, :, SHIFT:h - SHIFT, SHIFT:w - SHIFT].flatten(1)
+           for dy, dx in shifts(most)]
+    return torch.stack(out, 1).numpy().astype(np.float16).astype(np.float32)
+
+
+def shifts(most: int) -> list[tuple[int, int]]:
+    """The moves of up to ``most`` cells (or pixels) each way on each axis, unmoved first."""
+    steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
+    return [(dy, dx) for dy in steps for dx in steps]
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """Images as the encoding reads them: float on the CPU, average-pooled to at most
+    ``SIDE`` × ``SIDE``."""
+    if x.dim() != 4:
+        raise InputError(f"encode takes a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    z = x.detach().float().cpu()
+    if z.shape[-2] > SIDE or z.shape[-1] > SIDE:
+        z = F.adaptive_avg_pool2d(z, (min(SIDE, z.shape[-2]), min(SIDE, z.shape[-1])))
+    return z
+
+
+def _view(z: torch.Tensor) -> torch.Tensor:
+    """The pixel view of pooled images: their pixels, average-pooled to at most ``VIEW``
+    values."""
+    if z.shape[1] * z.shape[2] * z.shape[3] <= VIEW:
+        return z
+    side = max(1, math.isqrt(VIEW // z.shape[1]))
+    return F.adaptive_avg_pool2d(z, (min(side, z.shape[-2]), min(side, z.shape[-1])))
 
 
 @functools.lru_cache(maxsize=8)
@@ -270,4 +311,4 @@ def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
 
 
 __all__ = ["DIMS", "ENCODING", "SHIFT", "SIDE", "VIEW", "QueryWatch", "calibrate", "distances",
-           "encode", "mean_knn", "split", "view_grid"]
+           "encode", "mean_knn", "moves", "shifts", "split", "view_grid"]

@@ -93,10 +93,10 @@ class RedisStore(CheckedStore):
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str],
+               moved: np.ndarray | None) -> Admission:
         p, w = self.policy, self.watch
-        key, queries = self._key("record", client), self._key("queries", client)
-        sent_key = self._key("sent", client)
+        key, queries, sent_key = (self._key(k, client) for k in ("record", "queries", "sent"))
         # the global index is read before the transaction: a query is compared with the other
         # keys' queries as they stood a moment before (not watched: every admission would
         # conflict with every other)
@@ -120,7 +120,7 @@ class RedisStore(CheckedStore):
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
             if codes is not None and w is not None:
                 found = detect(history.bank, list(history.answers), codes, answers, w, ring,
-                               client)
+                               client, moved)
             repeats, flips, links = state.tally(found, answers)
             step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
                                [a is not None for a in found.answers])

@@ -173,7 +173,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
 
     def admit() -> Admission:  # off the event loop
         return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
-                               answers)
+                               answers, judged.moved)
 
     admission = await asyncio.get_running_loop().run_in_executor(svc.admitting, admit)
     status = admission.status

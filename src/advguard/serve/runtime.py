@@ -18,14 +18,17 @@ from advguard.detection import Verdicts
 @dataclass(frozen=True)
 class Judged:
     """What the inference thread returns for a batch: the verdicts and, where the query watch
-    is on, the queries' codes (:func:`advguard.serve.queries.encode`)."""
+    is on, the queries' codes (:func:`advguard.serve.queries.encode`) and, where it aligns
+    pooled views, their moved windows (:func:`advguard.serve.queries.moves`)."""
 
     verdicts: Verdicts
     codes: np.ndarray | None = None
+    moved: np.ndarray | None = None  # pooled views moved each way (queries.moves)
 
     def rows(self, start: int, end: int) -> Judged:
         return Judged(self.verdicts.rows(start, end),
-                      None if self.codes is None else self.codes[start:end])
+                      None if self.codes is None else self.codes[start:end],
+                      None if self.moved is None else self.moved[start:end])
 
 
 class Batcher:

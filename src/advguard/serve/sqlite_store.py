@@ -142,7 +142,8 @@ class SQLiteStore(CheckedStore):
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str]) -> Admission:
+               codes: np.ndarray | None, now: float, answers: list[str],
+               moved: np.ndarray | None) -> Admission:
         p, w = self.policy, self.watch
         none = np.zeros(len(flagged), dtype=bool)
         with self._transaction() as db:
@@ -153,7 +154,7 @@ class SQLiteStore(CheckedStore):
                 return Admission(False, self._status(db, client, record, now), none)
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
             if codes is not None and w is not None:
-                found = self._watch(db, client, codes, answers, w, now)
+                found = self._watch(db, client, codes, answers, w, now, moved)
             repeats, flips, links = state.tally(found, answers)
             step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
                                [a is not None for a in found.answers])
@@ -166,7 +167,8 @@ class SQLiteStore(CheckedStore):
                          found.answers)
 
     def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray,
-               answers: list[str], w: QueryWatch, now: float) -> Found:
+               answers: list[str], w: QueryWatch, now: float,
+               moved: np.ndarray | None) -> Found:
         """The watch's findings on ``codes``, which join the client's history and the global
         index with the answers they are given (expired queries and those past their size
         leave them)."""
@@ -176,7 +178,7 @@ class SQLiteStore(CheckedStore):
             db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
             h.keep(~old)
         ring = self._read_ring(db, now, w, codes.shape[1])
-        found = detect(h.bank, list(h.answers), codes, answers, w, ring, client)
+        found = detect(h.bank, list(h.answers), codes, answers, w, ring, client, moved)
         given = [a if a is not None else fresh for a, fresh in zip(found.answers, answers,
                                                                     strict=True)]
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
