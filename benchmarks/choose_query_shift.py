@@ -1,6 +1,6 @@
 """How far the query watch aligns a query with its client's history (``--query-shift``), chosen
-on validation traffic: MNIST training images 55,000 on (held out of the guard's bank), never
-the test images the guard benchmarks report.
+on validation traffic: the training images the guard held out of its bank (MNIST 55,000 on;
+CIFAR-10 45,000 on), never the test images the guard benchmarks report.
 
 For each shift (0, 1, 2 cells of the pixel view) and a watch at the ε-ball (``--query-eps``):
 * **distinct digits taken for an earlier one**: each of 1,000 validation digits scanned against
@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from common import save
 
-from advguard.data import load_data
+from advguard.data import VAL_SIZE, load_data, train_val_split
 from advguard.serve import Guard
 from advguard.serve.matching import Bank, scan
-from advguard.serve.queries import SHIFT, QueryWatch, encode
+from advguard.serve.queries import SHIFT, QueryWatch, encode, moves
 
-FIRST = 55_000  # MNIST training images from here on are held out of the guard's bank
 SIGMA = 0.02
 
 
@@ -50,14 +49,16 @@ def moved(x: torch.Tensor, gen: torch.Generator, zeros: bool) -> torch.Tensor:
     return padded[..., dy:dy + h, dx:dx + w]
 
 
-def stream_rate(codes: np.ndarray, watch: QueryWatch, shift: int) -> tuple[float, float]:
+def stream_rate(images: torch.Tensor, watch: QueryWatch, shift: int) -> tuple[float, float]:
     """Share of a stream's queries (after its first ``view_k``) found against the earlier ones,
     and the seconds a scan took on average."""
+    codes, moved = encode(images), moves(images, shift) if shift else None
     found, spent = 0, 0.0
     for i in range(watch.view_k, len(codes)):
         t = time.perf_counter()
         s = scan(Bank.of(codes[:i]), codes[i:i + 1], watch.query_k, watch.query_history,
-                 None, watch.view_threshold, view_k=watch.view_k, shift=shift)
+                 None, watch.view_threshold, view_k=watch.view_k, shift=shift,
+                 moved=None if moved is None else moved[i:i + 1])
         spent += time.perf_counter() - t
         found += int(s.match[0] >= 0)
     n = len(codes) - watch.view_k
@@ -67,6 +68,7 @@ def stream_rate(codes: np.ndarray, watch: QueryWatch, shift: int) -> tuple[float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--guard-dir", type=Path, required=True)
+    ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="query-shift-choice")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -74,14 +76,18 @@ def main() -> None:
     watch = guard.config.watch()
     assert watch is not None and watch.query_eps is not None, "a guard fitted with --query-eps"
     eps = watch.query_eps
-    data = load_data(guard.config.dataset, "train")
-    x = torch.stack([data[FIRST + i][0] for i in range(3000)])
+    data = load_data(guard.config.dataset, "train", data_dir=args.data_dir)
+    _, held_out = train_val_split(len(data), min(VAL_SIZE, len(data) // 5), 0)
+    x = torch.stack([data[int(i)][0] for i in held_out[:3000]])
     codes = encode(x)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
-    cams = [encode(torch.cat([(moved(x[1000 + s:1001 + s], gen, True)
-                                + SIGMA * torch.randn((1, *x.shape[1:]), generator=gen))
-                               .clamp(0, 1) for _ in range(100)])) for s in range(50)]
+    cams = []
+    for s in range(50):
+        frames = torch.cat([(moved(x[1000 + s:1001 + s], gen, True)
+                             + SIGMA * torch.randn((1, *x.shape[1:]), generator=gen))
+                            .clamp(0, 1) for _ in range(100)])
+        cams.append(frames)
     attacks = []
     for s in range(50):
         img = x[2000 + s:2001 + s]
@@ -90,17 +96,19 @@ def main() -> None:
             half = torch.rand(img.shape, generator=gen) < 0.5
             noise = (torch.rand(img.shape, generator=gen) * 2 - 1) * eps * half
             qs.append(moved((img + noise).clamp(0, 1), gen, False))
-        attacks.append(encode(torch.cat(qs)))
+        attacks.append(torch.cat(qs))
     rows: dict[str, Any] = {}
     for shift in range(SHIFT + 1):
         w = replace(watch, query_shift=shift)
         hits, spent = 0, 0.0
+        moved_x = moves(x[:1000], shift) if shift else None
         for r in range(1000):
             others = rng.choice(len(codes) - 1, size=1000, replace=False)
             bank = Bank.of(codes[others + (others >= r)])  # any digit but r itself
             t = time.perf_counter()
             s = scan(bank, codes[r:r + 1], w.query_k, w.query_history, None, w.view_threshold,
-                     view_k=w.view_k, shift=shift)
+                     view_k=w.view_k, shift=shift,
+                     moved=None if moved_x is None else moved_x[r:r + 1])
             spent += time.perf_counter() - t
             hits += int(s.found[0])
         cam = [stream_rate(c, w, shift) for c in cams]
@@ -115,7 +123,8 @@ def main() -> None:
         print(shift, rows[str(shift)], flush=True)
     ok = [s for s, r in rows.items() if r["distinct_taken_for_earlier"] <= 0.01]
     save(args.out, {"guard": str(args.guard_dir),
-                    "images": "MNIST training images 55,000–57,999 (held out of the bank)",
+                    "images": f"{guard.config.dataset} training images held out of the bank: "
+                              f"the first 3,000 of the validation split",
                     "rule": "the largest shift whose distinct digits are taken for an earlier "
                             "one at most 1% of the time",
                     "eps": eps, "view_k": watch.view_k, "shifts": rows,
