@@ -378,9 +378,13 @@ def main() -> None:
                              {"blind": args.eps, "blind_part": 0.5}))
         for move in args.moves.split(",") if args.moves else ():  # shifts and crops
             kind, size = move.split("-")
+            done_as = {"shift": "shifted", "crop": "cropped"}[kind]
             for where in ("unguarded", "guarded"):
-                done_as = {"shift": "shifted", "crop": "cropped"}[kind]
                 settings.append((f"{name}/{where}/{done_as}-{size}", name, {kind: int(size)}))
+            # moved over 10 keys: each key's history holds a tenth of the moved queries, and
+            # the global index compares them unmoved
+            settings.append((f"{name}/guarded/keys-10/{done_as}-{size}", name,
+                             {kind: int(size), "spread": 10}))
         if name != "hopskipjump":  # OARS-style adaptive blinding, alone and over 10 keys
             settings.append((f"{name}/guarded/adaptive", name, {"adaptive": True}))
             settings.append((f"{name}/guarded/keys-10/adaptive", name,
