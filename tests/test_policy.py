@@ -538,3 +538,37 @@ def test_a_near_copy_is_never_vouched_for_beyond_its_own_verdict():
         **as_it_was}
     flagged = answer(2, "flagged")
     assert settled(flagged, answer(7, "trusted")) == flagged
+
+
+def test_a_jittering_colour_camera_is_aligned_through_the_store(watched):
+    """The same for a colour camera, whose pooled view is aligned by the moved windows the
+    inference thread computes (``moves``), passed through the store's admission: its frames
+    are answered as an earlier frame and it is served to the end; without the windows (cells
+    of the pooled view moved instead) the flagged budget denies it."""
+    from pathlib import Path
+
+    import torch
+
+    from advguard.data import load_dataset
+    from advguard.serve.queries import QueryWatch, calibrate, encode, moves
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
+    scene = load_dataset("cifar10", "test", limit=5, data_dir=shared).x[4:5]
+    gen = torch.Generator().manual_seed(8)
+    frames = []
+    for _ in range(40):
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+        frames.append((torch.roll(scene, (dy, dx), dims=(2, 3))
+                       + 0.02 * torch.randn(scene.shape, generator=gen)).clamp(0, 1))
+    x = torch.cat(frames)
+    codes, moved = encode(x), moves(x)
+    policy = Policy(window=50, min_requests=20, flagged_limit=0.6, max_flagged=15,
+                    max_repeats=0, window_s=1000, cooldown_s=0)
+    w = calibrate(codes[:10], QueryWatch(query_eps=8 / 255, query_history=100, query_global=0))
+    s = watched(policy, w)
+    served = {name: sum(s.admit(name, [True], [0.0], codes[i:i + 1], now=i,
+                                answers=[_answer(4)],
+                                moved=None if m is None else m[i:i + 1]).answered
+                        for i in range(len(codes)))
+              for name, m in (("aligned", moved), ("cells", None))}
+    assert served == {"aligned": 40, "cells": 14}
