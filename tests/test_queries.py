@@ -405,3 +405,20 @@ def test_pooled_colour_views_are_aligned_by_moving_the_image_before_pooling():
     others = encode(x)
     assert not scan(Bank.of(others[:-1]), others[-1:], 5, 1000, None, ball, shift=2,
                     moved=moves(x[-1:])).found[0]
+
+
+def test_moved_queries_are_aligned_with_the_newest_of_the_history_only(digits):
+    """Alignment by moves is taken against the newest ``ALIGN_ROWS`` rows (older ones are
+    compared unmoved): 6 moved copies of a digit are found behind 100 other digits, not
+    behind 200."""
+    from advguard.serve.matching import ALIGN_ROWS, scan
+
+    gen = torch.Generator().manual_seed(9)
+    copies = torch.cat([_shifted(digits[0:1], int(a), int(b))
+                        for a, b in torch.randint(-2, 3, (7, 2), generator=gen)])
+    moved_copies, query = encode(copies[:6]), encode(copies[6:])
+    for between, found in ((100, True), (200, False)):
+        assert (between < ALIGN_ROWS) == found
+        bank = Bank.of(np.concatenate([moved_copies, encode(digits[1:1 + between])]))
+        got = scan(bank, query, 5, 1000, None, 0.601, shift=2)
+        assert bool(got.found[0]) == found
