@@ -367,7 +367,9 @@ def main() -> None:
     # whatever the watch does; the rows say how many of theirs were among the right ones
     right = torch.from_numpy(guard.verdicts(x).predicted) == y
     path = RESULTS / f"{args.out}.json"
-    done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
+    before: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    done: dict[str, Any] = before.get("runs", {})
+    kept = {k: before[k] for k in ("model_file", "note") if k in before}  # written by hand
     settings: list[tuple[str, str, dict[str, Any]]] = []
     for name in args.attacks.split(","):
         settings += [(f"{name}/unguarded", name, {}), (f"{name}/guarded", name, {})]
@@ -427,7 +429,7 @@ def main() -> None:
                         "policy": Policy().to_json(), "unguarded": " ".join(UNGUARDED),
                         "images": (f"{guard.config.dataset} {args.split} images "
                                    f"{args.first}–{args.first + args.images - 1}"),
-                        "runs": done}, args.guard_dir)
+                        "runs": done, **kept}, args.guard_dir)
 
 
 if __name__ == "__main__":
