@@ -96,7 +96,6 @@ class Bank:
             out[near] = _largest(self.view[rows[near]] - q.view[i])
         return out
 
-
     def aligned(self, q: Bank, i: int, rows: np.ndarray, below: float, most: int,
                 windows: np.ndarray | None = None) -> np.ndarray:
         """The L∞ distances in the pixel view from query ``i`` of ``q``, aligned by the move
