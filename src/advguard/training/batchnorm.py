@@ -83,15 +83,16 @@ def _combine(model: nn.Module, passed: int) -> None:
     rank's average weighted by the ``passed`` batches it took)."""
     import torch.distributed as dist
 
-    for _, m in _batchnorm(model):
-        assert m.num_batches_tracked is not None  # _batchnorm keeps only such layers
+    layers = [m for _, m in _batchnorm(model)]
+    assert layers[0].num_batches_tracked is not None  # _batchnorm keeps only such layers
+    total = torch.tensor([passed], dtype=torch.float64,
+                         device=layers[0].num_batches_tracked.device)
+    dist.all_reduce(total)  # the batches of every rank, the same for every layer
+    for m in layers:
+        assert m.num_batches_tracked is not None
         for buf in (m.running_mean, m.running_var):
             if buf is not None:
                 buf.mul_(passed)
                 dist.all_reduce(buf)
-        total = torch.tensor([passed], dtype=torch.float64, device=m.num_batches_tracked.device)
-        dist.all_reduce(total)
-        for buf in (m.running_mean, m.running_var):
-            if buf is not None:
                 buf.div_(float(total))
         m.num_batches_tracked.fill_(int(total))
