@@ -517,11 +517,12 @@ def test_a_near_copy_is_never_vouched_for_beyond_its_own_verdict():
     search's query told the trusted wrong class of an earlier query beside the ball), or the
     detector flags it — the earlier answer is told flagged, and failing closed, its class is
     withheld; an earlier answer already flagged stays as it was."""
+    from advguard.serve.reveal import Reveal, withheld
     from advguard.serve.state import kept, settled, shown
 
-    def answer(cls: int, verdict: str, closed: bool = False) -> str:
+    def answer(cls: int, verdict: str) -> str:
         return kept({"class": cls, "verdict": verdict, "probabilities": [cls / 10],
-                     "unlike_training": False}, cls, closed=closed)
+                     "unlike_training": False}, cls)
 
     earlier = answer(7, "trusted")
     told = {(cls, verdict): shown(settled(earlier, answer(cls, verdict)))
@@ -531,10 +532,10 @@ def test_a_near_copy_is_never_vouched_for_beyond_its_own_verdict():
     assert told[(7, "trusted")] == as_it_was
     for case in [(3, "trusted"), (7, "flagged"), (3, "flagged")]:
         assert told[case] == {**as_it_was, "verdict": "flagged"}, case
-    closed = answer(7, "trusted", closed=True)
-    assert shown(settled(closed, answer(3, "trusted", closed=True))) == {
+    closed = Reveal(flagged_class=False)  # failing closed, as the service tells it
+    assert withheld(shown(settled(earlier, answer(3, "trusted"))), closed) == {
         "class": None, "verdict": "flagged", "unlike_training": False}
-    assert shown(settled(closed, answer(7, "trusted", closed=True))) == shown(closed) == {
+    assert withheld(shown(settled(earlier, answer(7, "trusted"))), closed) == shown(earlier) == {
         **as_it_was}
     flagged = answer(2, "flagged")
     assert settled(flagged, answer(7, "trusted")) == flagged

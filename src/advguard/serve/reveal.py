@@ -63,7 +63,7 @@ def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal(),  # noq
         "verdict": "trusted" if trusted else "flagged",
         "unlike_training": None if v.unlike is None else bool(v.unlike[i])}
     if not trusted and not reveal.flagged_class:
-        return {"class": None, "verdict": "flagged", "unlike_training": out["unlike_training"]}
+        return withheld(out, reveal)
     d = reveal.decimals
     if reveal.outputs is Outputs.TOP1:
         out["confidence"] = round(float(v.probabilities[i][int(v.predicted[i])]), d)
@@ -71,6 +71,14 @@ def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal(),  # noq
         out.update(probabilities=[round(float(p), d) for p in v.probabilities[i][:classes]],
                    score=round(float(v.scores[i]), d), threshold=round(float(v.threshold), d))
     return out
+
+
+def withheld(result: dict[str, Any], reveal: Reveal) -> dict[str, Any]:
+    """``result`` as ``reveal`` lets it be told: failing closed (``--no-flagged-class``), a
+    flagged answer carries its verdict only."""
+    if result.get("verdict") != "flagged" or reveal.flagged_class:
+        return result
+    return {"class": None, "verdict": "flagged", "unlike_training": result.get("unlike_training")}
 
 
 def public_status(status: ClientStatus, reveal: Reveal = Reveal()  # noqa: B008

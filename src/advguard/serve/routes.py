@@ -24,7 +24,7 @@ from advguard.serve.http import CLIENT
 from advguard.serve.inputs import read_images
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Admission, Store
-from advguard.serve.reveal import public_status, summary
+from advguard.serve.reveal import public_status, summary, withheld
 from advguard.serve.runtime import Batcher, RateLimiter
 from advguard.serve.schemas import ClientState, Health, PixelsRequest, PredictResponse, StoreState
 
@@ -168,8 +168,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
     fresh = [summary(v, i, info.num_classes, reveal, tuple(info.classes))
              for i in range(len(x))]
 
-    answers = [state.kept(r, c, closed=not reveal.flagged_class)
-               for r, c in zip(fresh, v.predicted, strict=True)]
+    answers = [state.kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
 
     def admit() -> Admission:  # off the event loop
         return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
@@ -197,7 +196,8 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
         raise HTTPException(403, denial(who, status))
     # a near-copy (or a resend) is answered as its earlier query was: nothing new, and
     # vouched for no more than its own answer would be
-    given = [fresh[i] if a is None else state.shown(state.settled(a, answers[i]))
+    given = [fresh[i] if a is None else withheld(state.shown(state.settled(a, answers[i])),
+                                                 reveal)
              for i, a in enumerate(admission.answers or [None] * len(x))]
     results = [{**g, "name": names[i], "converted": notes[i]} for i, g in enumerate(given)]
     return {"client": who.id, "results": results, "status": public_status(status, reveal)}

@@ -174,40 +174,34 @@ def attribute(record: Record, by: str, repeats: int, now: float, policy: Policy,
 
 
 MODEL_CLASS = "_c"  # an answer's private field: the class the model gave the query
-CLOSED = "_closed"  # another: the service fails closed (a flagged answer carries no class)
 
 
-def kept(result: dict[str, Any], model_class: int, closed: bool = False) -> str:
+def kept(result: dict[str, Any], model_class: int) -> str:
     """An answer as the watch keeps it with its query: the result the client is told, and the
-    class the model gave (which a fail-closed answer does not tell); ``closed``: the service
-    answers flagged inputs with their verdict only."""
-    return json.dumps({**result, MODEL_CLASS: int(model_class), **({CLOSED: True} if closed
-                                                                   else {})})
+    class the model gave (which a fail-closed answer does not tell)."""
+    return json.dumps({**result, MODEL_CLASS: int(model_class)})
 
 
 def shown(answer: str) -> dict[str, Any]:
     """A kept answer as the client is told it again."""
-    return {k: v for k, v in json.loads(answer).items() if k not in (MODEL_CLASS, CLOSED)}
+    return {k: v for k, v in json.loads(answer).items() if k != MODEL_CLASS}
 
 
 def settled(given: str, fresh: str) -> str:
     """The earlier answer ``given`` to a near-copy (kept as it was), as the near-copy is told
     it: vouched for no more than the query itself would be (``fresh``, the model's own answer
     to it) — where the model gives the query another class than the earlier answer names (a
-    flip), or the detector flags the query, the earlier answer is told flagged (failing closed:
-    its verdict only). Reusing an answer tells an attacker nothing new about the class; it
-    must not vouch for a class the model does not give the image sent (a boundary search's
-    query inside the ball answered trusted with the wrong class of an earlier query beside
-    it). The history keeps the earlier answer itself, so a camera's later frames are judged
-    against their scene's answer, not against a noisy frame's."""
+    flip), or the detector flags the query, the earlier answer is told flagged (failing
+    closed, :func:`advguard.serve.reveal.withheld` leaves its verdict only). Reusing an
+    answer tells an attacker nothing new about the class; it must not vouch for a class the
+    model does not give the image sent (a boundary search's query inside the ball answered
+    trusted with the wrong class of an earlier query beside it). The history keeps the
+    earlier answer itself, so a camera's later frames are judged against their scene's
+    answer, not against a noisy frame's."""
     g, f = json.loads(given), json.loads(fresh)
     if g.get("verdict") != "trusted" or (f.get("verdict") == "trusted"
                                          and f.get(MODEL_CLASS) == g.get(MODEL_CLASS)):
         return given
-    if g.get(CLOSED):
-        return json.dumps({"class": None, "verdict": "flagged",
-                           "unlike_training": g.get("unlike_training"),
-                           MODEL_CLASS: g.get(MODEL_CLASS), CLOSED: True})
     return json.dumps({**g, "verdict": "flagged"})
 
 
@@ -235,5 +229,5 @@ def tally(found: Found, answers: Sequence[str]
             {c: (n, flips_of[c]) for c, n in links.items()})
 
 
-__all__ = ["CLOSED", "MODEL_CLASS", "Record", "Step", "admit", "answer_class", "attribute",
+__all__ = ["MODEL_CLASS", "Record", "Step", "admit", "answer_class", "attribute",
            "evidence", "kept", "settled", "shown", "status", "tally"]
