@@ -141,7 +141,7 @@ class QueryWatch:
 
     @property
     def shift(self) -> int:
-        """Cells a query is aligned by against its client's history (0 without query_eps)."""
+        """Pixels a query is aligned by against its client's history (0 without query_eps)."""
         return self.query_shift if self.query_eps is not None else 0
 
     def to_json(self) -> dict[str, Any]:
