@@ -366,8 +366,7 @@ class Stored:
 
 # clients whose query history a store's process keeps read: a full history of 1,000 MNIST
 # queries takes 8.7 MB prepared for comparison (room for a quarter more rows included; 0.36 MB
-# of it the interior
-# maxima the alignment reads), so at most about 1.1 GB for 128
+# of it the interior maxima the alignment reads), so at most about 1.1 GB for 128
 CACHED_CLIENTS = 128
 
 
