@@ -1,6 +1,7 @@
 """How far the query watch aligns a query with its client's history (``--query-shift``), chosen
-on validation traffic: the training images the guard held out of its bank (MNIST 55,000 on;
-CIFAR-10 45,000 on), never the test images the guard benchmarks report.
+on validation traffic: the training images the guard held out of its bank (its seeded
+validation split, as ``choose_policy.py`` reads it), never the test images the guard
+benchmarks report.
 
 For each shift (0, 1, 2 cells of the pixel view) and a watch at the ε-ball (``--query-eps``):
 * **distinct digits taken for an earlier one**: each of 1,000 validation digits scanned against
@@ -128,7 +129,7 @@ def main() -> None:
                     "rule": "the largest shift whose distinct digits are taken for an earlier "
                             "one at most 1% of the time",
                     "eps": eps, "view_k": watch.view_k, "shifts": rows,
-                    "chosen": max(ok, key=int) if ok else None})
+                    "chosen": max(ok, key=int) if ok else None}, args.guard_dir)
 
 
 if __name__ == "__main__":
