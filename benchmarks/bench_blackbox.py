@@ -8,10 +8,12 @@ weights, only an API key and the answers.
 * **HopSkipJump** (decision-based; ART's implementation, L∞, driven through an ART
   ``BlackBoxClassifier`` whose predictions are the service's labels, 64 queries a request);
 
-and their adaptive variants on the guarded service: **query blinding** (uniform noise of
-``--blind`` added to every query inside the ε-ball, as Chen et al. propose against their own
-defence) and **dilution** (k clean test images sent by the same key after every attack query,
-k = 1, 5, 10).
+and their adaptive variants on the guarded service (each also with its start unseen: the
+image itself, an attack's first query, never sent — the attacker who knows that the watch
+flags a query given another class than an earlier one beside it): **query blinding**
+(uniform noise of ``--blind`` added to every query inside the ε-ball, as Chen et al. propose
+against their own defence) and **dilution** (k clean test images sent by the same key after
+every attack query, k = 1, 5, 10).
 
 Each attacked test image has its own API key (so a denial ends the attack on that image only),
 or — spread over keys (``--spread 3,10``) — its own 3 or 10 keys, taking turns one request each;
@@ -76,7 +78,7 @@ class Target:
                  eps: float, budget: int, classes: int, per_request: int = 1,
                  blind: float = 0.0, dilution: int = 0, clean: torch.Tensor | None = None,
                  seed: int = 0, blind_part: float = 1.0, adaptive: bool = False,
-                 shift: int = 0, crop: int = 0) -> None:
+                 shift: int = 0, crop: int = 0, unseen_start: bool = False) -> None:
         self.http, self.keys, self.x0, self.y, self.eps = http, list(keys), x0, y, eps
         self.budget, self.classes, self.per_request = budget, classes, per_request
         self.blind, self.dilution, self.clean = blind, dilution, clean
@@ -92,6 +94,10 @@ class Target:
         # answer identical to one already had means the query was taken for a near-copy — and
         # the blinding noise raised after each such answer (up to ε), lowered after a fresh one
         self.adaptive = adaptive
+        # the attacker who knows the watch flags a query that the model gives another class
+        # than an earlier one inside its ball: it never sends the image itself (an attack's
+        # first query), answering that query on its own with the class it knows
+        self.unseen_start = unseen_start
         self.seen: set[tuple[float, ...]] = set()
         self.as_before = 0  # answers identical to an earlier one
         self.detected_at: int | None = None  # the first query the service counted as a repeat
@@ -179,7 +185,18 @@ class Target:
             self.evaded_at = self.queries
 
     def ask(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classes and probabilities the service answers for ``batch``."""
+        """Classes and probabilities the service answers for ``batch`` (the image itself
+        answered unsent, as its own class, where the start is kept unseen)."""
+        if not self.unseen_start:
+            return self._ask(batch)
+        known = (batch == self.x0).flatten(1).all(1)
+        classes = torch.full((len(batch),), self.y)
+        probs = torch.nn.functional.one_hot(classes, self.classes).float()
+        if (~known).any():
+            classes[~known], probs[~known] = self._ask(batch[~known])
+        return classes, probs
+
+    def _ask(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.denied_at is not None:
             raise Denied
         if self.queries + len(batch) > self.budget:
@@ -275,14 +292,15 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
         eps: float, budget: int, classes: int, clean: torch.Tensor, *, blind: float = 0.0,
         blind_part: float = 1.0, dilution: int = 0, simba_step: float = 0.2,
         threads: int = 12, adaptive: bool = False, shift: int = 0,
-        crop: int = 0, right: torch.Tensor | None = None) -> dict[str, Any]:
+        crop: int = 0, right: torch.Tensor | None = None,
+        unseen_start: bool = False) -> dict[str, Any]:
     fn, per_request = ATTACKS[name]
     http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
 
     def one(i: int) -> Target:
         t = Target(http, keys[i], x[i], int(y[i]), eps, budget, classes, per_request,
                    blind=blind, dilution=dilution, clean=clean, seed=i, blind_part=blind_part,
-                   adaptive=adaptive, shift=shift, crop=crop)
+                   adaptive=adaptive, shift=shift, crop=crop, unseen_start=unseen_start)
         try:
             if name == "simba":
                 simba(t, simba_step)
@@ -302,7 +320,7 @@ def run(name: str, url: str, keys: list[list[str]], x: torch.Tensor, y: torch.Te
     return {
         "images": len(targets), "eps": eps, "budget": budget, "blind": blind,
         "blind_part": blind_part, "keys_per_image": len(keys[0]), "dilution": dilution,
-        "shift": shift, "crop": crop,
+        "shift": shift, "crop": crop, "unseen_start": unseen_start,
         "seconds": round(time.perf_counter() - t0, 1),
         "fooled_rate": len(wins) / len(targets),
         "median_queries_to_fool": statistics.median(wins) if wins else None,
@@ -398,6 +416,14 @@ def main() -> None:
             if name != "hopskipjump":
                 settings.append((f"{name}/guarded/keys-{n}/blinded-half-eps", name,
                                  {"spread": n, "blind": args.eps, "blind_part": 0.5}))
+        # the attacker who knows the flip rule keeps its start unseen: alone, and with the
+        # blinding that fooled the watch most (a crop; shifts over 10 keys)
+        settings.append((f"{name}/guarded/unseen-start", name, {"unseen_start": True}))
+        if name == "square":
+            settings += [(f"{name}/guarded/cropped-2/unseen-start", name,
+                          {"crop": 2, "unseen_start": True}),
+                         (f"{name}/guarded/keys-10/shifted-2/unseen-start", name,
+                          {"shift": 2, "spread": 10, "unseen_start": True})]
     settings += [(f"square/guarded/dilution-{k}", "square", {"dilution": k})
                  for k in map(int, args.dilution.split(","))]
     only = None if args.only is None else set(args.only.split(","))

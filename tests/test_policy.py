@@ -573,3 +573,43 @@ def test_a_jittering_colour_camera_is_aligned_through_the_store(watched):
                         for i in range(len(codes)))
               for name, m in (("aligned", moved), ("cells", None))}
     assert served == {"aligned": 40, "cells": 14}
+
+
+def test_a_query_that_flips_a_neighbour_inside_its_ball_is_told_flagged(watched):
+    """Square's first stripes or a boundary search's crossing: a query inside the ε-ball of an
+    earlier one (fewer than view_k: no detection yet) that the model gives another class is
+    answered flagged — its own answer, kept so — and counted as a flip; so are the attack's
+    later queries beside it, whichever key sends them, while a query beside earlier ones of
+    its own class, and a distinct image, are answered fresh."""
+    import torch
+
+    from advguard.data import load_dataset
+    from advguard.serve.queries import QueryWatch, calibrate, encode
+
+    x = load_dataset("mnist", "test", limit=40).x
+    gen = torch.Generator().manual_seed(21)
+    stripes = 0.3 * torch.sign(torch.randn((1, 1, 1, 28), generator=gen))
+    probe = torch.cat([x[:1], (x[:1] + stripes).clamp(0, 1), (x[:1] + 0.9 * stripes).clamp(0, 1),
+                       (x[:1] + 0.8 * stripes).clamp(0, 1)])
+    w = calibrate(encode(x[10:40]), QueryWatch(query_eps=0.3, query_history=100,
+                                               query_global=100))
+    s = watched(Policy(max_repeats=0, max_flagged=0, flagged_limit=0, max_flips=0), w)
+    qs = encode(probe)
+    first = s.admit("attacker", [False], [0.9], qs[:1], now=0, answers=[_answer(7)])
+    crossing = s.admit("attacker", [False], [0.9], qs[1:2], now=1, answers=[_answer(3, "x")])
+    assert first.answers[0] is None and not crossing.repeats[0]
+    told = crossing.answers[0]
+    assert told is not None and json.loads(told)["verdict"] == "flagged"
+    assert json_note(told) == "x" and crossing.status.recent_flips == 1  # its own answer
+    # beside the flagged success, of its class, from another key: flagged too
+    again = s.admit("accomplice", [False], [0.9], qs[2:3], now=2, answers=[_answer(3, "y")])
+    assert again.answers[0] is not None and json.loads(again.answers[0])["verdict"] == "flagged"
+    assert again.status.linked == [] and again.status.recent_flips == 1
+    # an honest client: beside earlier queries of its own class, and distinct images
+    camera = s.admit("camera", [False], [0.9], encode(x[2:3]), now=3, answers=[_answer(1)])
+    frame = s.admit("camera", [False], [0.9],
+                    encode((x[2:3] + 0.02 * torch.randn((1, 1, 28, 28), generator=gen))
+                           .clamp(0, 1)), now=4, answers=[_answer(1)])
+    other = s.admit("camera", [False], [0.9], encode(x[3:4]), now=5, answers=[_answer(0)])
+    assert [a.answers[0] for a in (camera, frame, other)] == [None, None, None]
+    assert other.status.recent_flips == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -176,6 +176,9 @@ class Scan:
     # fresh answer
     match: np.ndarray
     near: list[np.ndarray]  # per query, the rows of its nearest (those that detected it)
+    # per query not detected, the rows inside its pixel view's ball (fewer than view_k): the
+    # earlier queries it lies beside, whose classes say whether it flipped one
+    ball: list[np.ndarray]
 
 
 def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
@@ -192,7 +195,9 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     ``ALIGN_ROWS`` of them: :meth:`Bank.aligned`, with ``moved`` the codes' moved windows where
     their views are pooled).
     A detection is answered as its nearest (in the view that detected it); the very
-    same image sent again is answered as it was and is no detection (it tells nothing new)."""
+    same image sent again is answered as it was and is no detection (it tells nothing new).
+    A query that is neither keeps the rows inside its ball (``Scan.ball``, fewer than
+    ``view_k``, aligned as for a detection)."""
     q = Bank.of(codes)
     n = len(bank)
     # a lone query is compared with the bank alone (nothing earlier in its request): no copy
@@ -207,6 +212,7 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     found = np.zeros(len(codes), dtype=bool)
     match = np.full(len(codes), -1)
     near: list[np.ndarray] = [np.zeros(0, dtype=int) for _ in range(len(codes))]
+    ball = list(near)
     kv = k if view_k is None else view_k
     for i in range(len(codes)):
         hi = n + i if within else n
@@ -218,24 +224,30 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
         if len(same):  # sent before: answered as it was, and tells nothing new
             match[i] = same[-1]
             continue
-        if use_view and len(rows) >= kv:
+        if use_view and len(rows):
             assert view_threshold is not None
             dv = seen.linf(q, i, rows, view_threshold)
-            inside = np.argpartition(dv, kv - 1)[:kv]
-            if dv[inside].max() >= view_threshold and shift and seen.inner is not None:
+            if _kth(dv, kv) >= view_threshold and shift and seen.inner is not None:
                 recent = rows[-ALIGN_ROWS:]  # moved: aligned with the newest, first
                 dv[-len(recent):] = np.minimum(dv[-len(recent):], seen.aligned(
                     q, i, recent, view_threshold, shift, None if moved is None else moved[i]))
+            if _kth(dv, kv) < view_threshold:
                 inside = np.argpartition(dv, kv - 1)[:kv]
-            if dv[inside].max() < view_threshold:
                 found[i], match[i], near[i] = True, rows[int(np.argmin(dv))], rows[inside]
                 continue
+            ball[i] = rows[dv < view_threshold]
         if d is None or len(rows) < k:
             continue  # no projection threshold, or too few to compare with
         nearest = np.argpartition(d[i, rows], k - 1)[:k]
         if threshold is not None and d[i, rows[nearest]].mean() < threshold:
             found[i], match[i], near[i] = True, rows[int(np.argmin(d[i, rows]))], rows[nearest]
-    return Scan(found, match, near)
+            ball[i] = near[i][:0]
+    return Scan(found, match, near, ball)
+
+
+def _kth(d: np.ndarray, k: int) -> float:
+    """The ``k``-th smallest of ``d`` (inf where it holds fewer)."""
+    return float(np.partition(d, k - 1)[k - 1]) if len(d) >= k else np.inf
 
 
 def repeats(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
@@ -471,11 +483,13 @@ class Found:
     """The watch's findings on one request: which queries are attack-process detections, the
     answer each query is to be given instead of a fresh one (a near-copy or a resend is
     answered as its nearest earlier query was; None: answered fresh), and the other clients
-    each detection linked it to."""
+    each detection linked it to; for a query answered fresh, the answers of the earlier
+    queries inside its ball (too few for a detection: the queries it lies beside)."""
 
     detections: np.ndarray  # (n,) bool
     answers: list[str | None]
     linked: list[tuple[str, ...]]
+    beside: list[tuple[str, ...]] = field(default_factory=list)  # empty: none beside any
 
 
 def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np.ndarray,
@@ -486,18 +500,22 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
     clients' recent queries (the global index, its own thresholds; a detection there names
     the clients of the queries that detected it). A query the watch matches is answered as
     the query it matched was — the client's own first, else another client's — so a
-    near-copy tells an attacker nothing the earlier answer did not."""
+    near-copy tells an attacker nothing the earlier answer did not. A query answered fresh
+    keeps the answers of the earlier queries inside its ball, its client's and the index's
+    (``Found.beside``)."""
     mine = own(history, codes, watch, moved)
     given: list[str] = list(history_answers)
     out: list[str | None] = []
+    beside: list[tuple[str, ...]] = []
     for i in range(len(codes)):  # in order: a request's near-copies answer as its earlier ones
         m = int(mine.match[i])
         out.append(None if m < 0 else given[m])
+        beside.append(tuple(given[r] for r in mine.ball[i]))
         given.append(out[-1] if out[-1] is not None else answers[i])
     found = mine.found.copy()
     linked: list[tuple[str, ...]] = [() for _ in codes]
     if ring is None or not watch.linking or not len(ring.ids):
-        return Found(found, out, linked)
+        return Found(found, out, linked, beside)
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
                  watch.global_view_threshold, within=False, skip=ring.clients == client,
                  view_k=watch.view_k)
@@ -507,7 +525,8 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
             linked[i] = tuple(sorted(set(ring.clients[cross.near[i]].tolist())))
         if out[i] is None and cross.match[i] >= 0:
             out[i] = ring.answers[cross.match[i]]
-    return Found(found, out, linked)
+        beside[i] = () if out[i] is not None else beside[i] + tuple(ring.answers[cross.ball[i]])
+    return Found(found, out, linked, beside)
 
 
 __all__ = ["CACHED_CLIENTS", "Bank", "Cached", "Found", "History", "Ring", "Rows", "Scan",

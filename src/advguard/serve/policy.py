@@ -161,7 +161,8 @@ def judge(e: Evidence, policy: Policy) -> str | None:
 class Admission:
     """A store's decision on one request: whether it is answered, the client's status after
     it, which of its queries were attack-process detections, and the answer each query is to
-    be given instead of its fresh one (the earlier answer of a near-copy; None: fresh)."""
+    be given instead of its fresh one (the earlier answer of a near-copy, or a flip's own told
+    flagged: :func:`advguard.serve.state.watched`; None: fresh)."""
 
     answered: bool
     status: ClientStatus

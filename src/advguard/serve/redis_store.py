@@ -121,11 +121,11 @@ class RedisStore(CheckedStore):
             if codes is not None and w is not None:
                 found = detect(history.bank, list(history.answers), codes, answers, w, ring,
                                client, moved)
-            repeats, flips, links = state.tally(found, answers)
-            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
-                               [a is not None for a in found.answers])
+            seen = state.watched(found, answers)
+            step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
+                               seen.flips, seen.as_before)
             others = {}
-            for other, (n, f) in links.items():  # they count on the linked keys too
+            for other, (n, f) in seen.links.items():  # they count on the linked keys too
                 pipe.watch(self._key("record", other))
                 others[other] = state.attribute(
                     state.Record.from_json(pipe.get(self._key("record", other))), client, n,
@@ -140,8 +140,7 @@ class RedisStore(CheckedStore):
                 pipe.set(self._key("record", other), rec.to_json())
             n_queries = len(history)
             if codes is not None and w is not None:
-                given = [a if a is not None else fresh
-                         for a, fresh in zip(found.answers, answers, strict=True)]
+                given = seen.kept
                 pipe.lpush(queries, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}:{a}"
                                       for c, a in zip(codes, given, strict=True)))
                 pipe.ltrim(queries, 0, w.query_history - 1)
@@ -158,7 +157,7 @@ class RedisStore(CheckedStore):
                                   maxlen=w.query_global, approximate=False)
             status = state.status(client, step.record, n_queries, now, p)
             out.append(Admission(step.answered, status, found.detections, step.denied_now,
-                                 found.answers))
+                                 seen.told))
 
         self.redis.transaction(attempt, key, queries, sent_key)
         if pushed and codes is not None and w is not None:  # committed: the copy takes them in

@@ -186,7 +186,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
                          "classes": v.predicted.tolist(),
                          "scores": [round(float(s), 4) for s in v.scores],
                          "verdicts": verdicts, "repeats": int(admission.repeats.sum()),
-                         "answered_as_before": sum(a is not None for a in admission.answers),
+                         "answered_not_fresh": sum(a is not None for a in admission.answers),
                          "answered": admission.answered, "denied": status.denied(now),
                          "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}))
     if not admission.answered:  # denied by this request, or by a parallel one

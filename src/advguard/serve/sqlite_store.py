@@ -153,25 +153,24 @@ class SQLiteStore(CheckedStore):
             if record.denied(now):  # refused, and nothing it sent is counted
                 return Admission(False, self._status(db, client, record, now), none)
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
+            seen = state.watched(found, answers)
             if codes is not None and w is not None:
-                found = self._watch(db, client, codes, answers, w, now, moved)
-            repeats, flips, links = state.tally(found, answers)
-            step = state.admit(record, flagged, scores, repeats, list(links), now, p, flips,
-                               [a is not None for a in found.answers])
+                found, seen = self._watch(db, client, codes, answers, w, now, moved)
+            step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
+                               seen.flips, seen.as_before)
             self._save(db, client, step.record)
-            for other, (n, f) in links.items():  # they count on the linked keys too
+            for other, (n, f) in seen.links.items():  # they count on the linked keys too
                 self._save(db, other, state.attribute(self._load(db, other), client, n, now, p,
                                                       f))
             status = self._status(db, client, step.record, now)
-        return Admission(step.answered, status, found.detections, step.denied_now,
-                         found.answers)
+        return Admission(step.answered, status, found.detections, step.denied_now, seen.told)
 
     def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray,
                answers: list[str], w: QueryWatch, now: float,
-               moved: np.ndarray | None) -> Found:
-        """The watch's findings on ``codes``, which join the client's history and the global
-        index with the answers they are given (expired queries and those past their size
-        leave them)."""
+               moved: np.ndarray | None) -> tuple[Found, state.Watched]:
+        """The watch's findings on ``codes`` and what they come to; the codes join the
+        client's history and the global index with the answers they are given (expired
+        queries and those past their size leave them)."""
         h = self._history(db, client, codes.shape[1])
         old = h.times <= now - w.query_ttl_s
         if old.any():
@@ -179,8 +178,8 @@ class SQLiteStore(CheckedStore):
             h.keep(~old)
         ring = self._read_ring(db, now, w, codes.shape[1])
         found = detect(h.bank, list(h.answers), codes, answers, w, ring, client, moved)
-        given = [a if a is not None else fresh for a, fresh in zip(found.answers, answers,
-                                                                    strict=True)]
+        seen = state.watched(found, answers)
+        given = seen.kept
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
                           (client, now, c.tobytes(), a)).lastrowid
                for c, a in zip(codes, given, strict=True)]
@@ -199,7 +198,7 @@ class SQLiteStore(CheckedStore):
             ring.trim(now, w.query_ttl_s)
             db.execute("DELETE FROM ring WHERE id <= ? OR t <= ?",
                        (rows[-1][0] - w.query_global, now - w.query_ttl_s))
-        return found
+        return found, seen
 
     def _read_ring(self, db: sqlite3.Connection, now: float, w: QueryWatch,
                    dims: int) -> Ring | None:

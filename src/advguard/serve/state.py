@@ -202,7 +202,7 @@ def settled(given: str, fresh: str) -> str:
     if g.get("verdict") != "trusted" or (f.get("verdict") == "trusted"
                                          and f.get(MODEL_CLASS) == g.get(MODEL_CLASS)):
         return given
-    return json.dumps({**g, "verdict": "flagged"})
+    return flagged(given)
 
 
 def answer_class(answer: str | None) -> int | None:
@@ -214,20 +214,55 @@ def answer_class(answer: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def tally(found: Found, answers: Sequence[str]
-          ) -> tuple[int, int, dict[str, tuple[int, int]]]:
-    """What the watch's findings on a request count: its detections, its flips (queries given
-    an earlier answer whose class is not the one the model gives them now) and, per linked
+def flagged(answer: str) -> str:
+    """A kept answer told flagged (its class and numbers as they were; failing closed,
+    :func:`advguard.serve.reveal.withheld` leaves its verdict only)."""
+    return json.dumps({**json.loads(answer), "verdict": "flagged"})
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the watch's findings on a request come to: the kept answer each query is told
+    instead of its fresh one (None: fresh), what its history keeps, which were answered as
+    before (they add no verdict), and what is counted — detections, flips and, per linked
     client, the detections and flips of the queries that linked it."""
-    flipped = [given is not None and answer_class(given) is not None
-               and answer_class(given) != answer_class(fresh)
-               for given, fresh in zip(found.answers, answers, strict=True)]
+
+    told: list[str | None]
+    kept: list[str]
+    as_before: list[bool]
+    repeats: int
+    flips: int
+    links: dict[str, tuple[int, int]]
+
+
+def watched(found: Found, answers: Sequence[str]) -> Watched:
+    """The findings ``found`` on a request whose fresh answers are ``answers``. A *flip* is a
+    query the model gives another class than an earlier query it is taken for (a near-copy
+    answered as before) or lies beside (inside its ball, too few for a detection): an image
+    within an attack's ball answered with another class than its neighbour is what an
+    attack's success looks like, and an honest client's distinct images are almost never
+    that close (on validation images, none of 1,000 MNIST or CIFAR-10 images had another
+    class's image within the ball among 5,000 others). A flip answered fresh is told flagged
+    and kept so: an attack's first in-ball success is not vouched for, nor its near-copies
+    after it, whichever key sends them."""
+    beside = found.beside or [()] * len(answers)
+    told: list[str | None] = []
+    flips: list[bool] = []
+    for given, near, fresh in zip(found.answers, beside, answers, strict=True):
+        c = answer_class(fresh)
+        if given is not None:
+            flips.append(answer_class(given) not in (None, c))
+            told.append(given)
+            continue
+        flips.append(any(answer_class(a) not in (None, c) for a in near))
+        told.append(flagged(fresh) if flips[-1] else None)
     links: Counter[str] = Counter(c for names in found.linked for c in names)
-    flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flipped, strict=True)
+    flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flips, strict=True)
                                      if f for c in names)
-    return (int(found.detections.sum()), sum(flipped),
-            {c: (n, flips_of[c]) for c, n in links.items()})
+    return Watched(told, [t if t is not None else a for t, a in zip(told, answers, strict=True)],
+                   [a is not None for a in found.answers], int(found.detections.sum()),
+                   sum(flips), {c: (n, flips_of[c]) for c, n in links.items()})
 
 
-__all__ = ["MODEL_CLASS", "Record", "Step", "admit", "answer_class", "attribute",
-           "evidence", "kept", "settled", "shown", "status", "tally"]
+__all__ = ["MODEL_CLASS", "Record", "Step", "Watched", "admit", "answer_class",
+           "attribute", "evidence", "flagged", "kept", "settled", "shown", "status", "watched"]
