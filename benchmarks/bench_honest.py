@@ -12,10 +12,12 @@ global index sees every client's queries:
 * **burst**: 100 different digits in two 50-image requests.
 
 Reported per kind: clients denied (the goal is 0 of 100), the attack-process detections per
-query (the false-positive rate per similar-but-benign query; goal ≤ 1%), and detections per
-client. The digits are test images 100 – 9,999 (the attack benchmarks use the first 100):
-client i sends the 100 digits from the 100i-th on (wrapping), so on MNIST client 99 resends
-99 of the digits clients 0 and 1 sent (users sending the same picture).
+query (the false-positive rate per similar-but-benign query; goal ≤ 1%), detections per
+client, and the answers told flagged and the flips among them (a query the model gives another
+class than an earlier one it is taken for or lies beside). The digits are test images
+100 – 9,999 (the attack benchmarks use the first 100): client i sends the 100 digits from the
+100i-th on (wrapping), so on MNIST client 99 resends 99 of the digits clients 0 and 1 sent
+(users sending the same picture).
 
     python benchmarks/bench_honest.py --guard-dir runs/guard-mnist
 """
@@ -88,16 +90,17 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
         ids: list[str]) -> dict[str, Any]:
     http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32))
 
-    def one(i: int) -> tuple[int, int | None]:
-        sent = 0
+    def one(i: int) -> tuple[int, int | None, int]:
+        sent = flagged = 0
         for batch in make(i):
             r = http.post("/v1/predict", json={"images": batch.tolist()},
                           headers={"X-API-Key": keys[i]})
             if r.status_code == 403:
-                return sent, sent
+                return sent, sent, flagged
             r.raise_for_status()
             sent += len(batch)
-        return sent, None
+            flagged += sum(a["verdict"] == "flagged" for a in r.json()["results"])
+        return sent, None, flagged
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
@@ -106,14 +109,20 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
                                              headers={"X-API-Key": admin}).json()}
     http.close()
     detections = [int(seen[c]["recent_repeats"]) for c in ids]
-    queries = sum(n for n, _ in outcomes)
-    denied = [d for _, d in outcomes if d is not None]
+    flips = [int(seen[c]["recent_flips"]) for c in ids]
+    queries = sum(n for n, _, _ in outcomes)
+    denied = [d for _, d, _ in outcomes if d is not None]
     return {"clients": len(keys), "queries": queries, "denied": len(denied),
             "denied_after_queries": sorted(denied),
             "detections": sum(detections),
             "detections_per_query": sum(detections) / max(1, queries),
             "clients_with_a_detection": sum(d > 0 for d in detections),
             "linked_clients": sum(bool(seen[c]["linked"]) for c in ids),
+            # answers told flagged (the detector's, and the watch's: a flip), and the flips:
+            # queries given another class than an earlier one they were taken for or lay beside
+            "flagged_answers_per_query": sum(f for _, _, f in outcomes) / max(1, queries),
+            "flips": sum(flips), "flips_per_query": sum(flips) / max(1, queries),
+            "clients_with_a_flip": sum(f > 0 for f in flips),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
