@@ -672,6 +672,7 @@ def test_two_servers_sharing_redis_share_every_clients_query_history(guard_dir, 
         seen = {c["client"]: c for c in httpx.get(
             f"{a}/v1/clients", headers={"X-API-Key": keys["admin"]}).json()}
         assert seen["client-1"]["queries"] == k + 5 and seen["client-1"]["recent_repeats"] == 5
+        assert seen["client-1"]["recent_flips"] == 0  # the admin sees the flips counted too
 
 
 def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guard_dir, keys,
@@ -701,7 +702,7 @@ def test_label_outputs_reveal_no_probabilities_and_noise_is_unlike_training(guar
         for i in range(10):
             r = post(url, keys["attacker"], json={"images": x[10 + i].tolist()})
             assert set(_fractional(r.json())) <= {"status.last_seen"}, r.text
-            assert not {"window_mean_score", "recent_repeats", "queries"} & set(
+            assert not {"window_mean_score", "recent_repeats", "queries", "recent_flips"} & set(
                 r.json()["status"])
     with server(guard_dir, "--outputs", "top1", "--decimals", "2", "--count-unlike",
                 "--no-flagged-class", "--state", f"sqlite:///{guard_dir}/top1.db") as url:

@@ -49,7 +49,7 @@ class Reveal:
 # second comes back), and the watch's counts say which queries it detected (the oracle an
 # adaptive attacker tunes its steps on, as OARS does); answered with --outputs probabilities
 # only
-SCORED_STATUS = ("window_mean_score", "recent_repeats", "queries", "linked")
+SCORED_STATUS = ("window_mean_score", "recent_repeats", "queries", "linked", "recent_flips")
 
 
 def summary(v: Verdicts, i: int, classes: int, reveal: Reveal = Reveal(),  # noqa: B008

@@ -62,6 +62,10 @@ class ClientState(BaseModel):
     linked: list[str] | None = Field(None, description="other keys its detections linked it "
                                                        "to, within window_s (admins, and "
                                                        "--outputs probabilities)")
+    recent_flips: int | None = Field(
+        None, description="queries within window_s the model gave another class than an "
+                          "earlier query they were taken for or lay beside (admins, and "
+                          "--outputs probabilities)")
 
 
 class PredictResponse(BaseModel):
