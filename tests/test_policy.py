@@ -613,3 +613,24 @@ def test_a_query_that_flips_a_neighbour_inside_its_ball_is_told_flagged(watched)
     other = s.admit("camera", [False], [0.9], encode(x[3:4]), now=5, answers=[_answer(0)])
     assert [a.answers[0] for a in (camera, frame, other)] == [None, None, None]
     assert other.status.recent_flips == 0
+
+
+def test_an_operator_can_have_flips_beside_counted_but_not_flagged(watched):
+    """``--no-flag-beside``: the crossing is answered as the model answers it, and still
+    counted as a flip (``--max-flips`` can deny on it)."""
+    import torch
+
+    from advguard.data import load_dataset
+    from advguard.serve.queries import QueryWatch, calibrate, encode
+
+    x = load_dataset("mnist", "test", limit=40).x
+    stripes = 0.3 * torch.sign(torch.randn((1, 1, 1, 28), generator=torch.Generator()
+                                           .manual_seed(21)))
+    w = calibrate(encode(x[10:40]), QueryWatch(query_eps=0.3, query_history=100,
+                                               query_global=100))
+    s = watched(Policy(max_repeats=0, max_flagged=0, flagged_limit=0, max_flips=0,
+                       flag_beside=False), w)
+    s.admit("attacker", [False], [0.9], encode(x[:1]), now=0, answers=[_answer(7)])
+    crossing = s.admit("attacker", [False], [0.9], encode((x[:1] + stripes).clamp(0, 1)),
+                       now=1, answers=[_answer(3)])
+    assert crossing.answers[0] is None and crossing.status.recent_flips == 1

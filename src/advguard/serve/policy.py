@@ -62,6 +62,12 @@ class Policy:
     max_flips: int = option(0, "near-copies within window_s that the model would have "
                                "answered with another class than they were (their earlier "
                                "answer) that deny a client; 0: off")
+    # an attack's success inside the ball lies beside a query the model classified otherwise;
+    # so does a copy of an honest image whose class the model does not hold (augmented copies,
+    # a jittering camera's frames: SERVING.md says how often)
+    flag_beside: bool = option(True, "answer flagged a query the model gives another class "
+                                     "than an earlier query inside its ball, before the watch "
+                                     "has query_k to detect it (counted as a flip either way)")
     window_s: float = option(3600.0, "seconds over which flagged images and attack-process "
                                      "detections are counted")
     cooldown_s: float = option(3600.0, "seconds a denial lasts; 0: until an admin clears it",

@@ -121,7 +121,7 @@ class RedisStore(CheckedStore):
             if codes is not None and w is not None:
                 found = detect(history.bank, list(history.answers), codes, answers, w, ring,
                                client, moved)
-            seen = state.watched(found, answers)
+            seen = state.watched(found, answers, p.flag_beside)
             step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
                                seen.flips, seen.as_before)
             others = {}

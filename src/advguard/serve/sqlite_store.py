@@ -153,7 +153,7 @@ class SQLiteStore(CheckedStore):
             if record.denied(now):  # refused, and nothing it sent is counted
                 return Admission(False, self._status(db, client, record, now), none)
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
-            seen = state.watched(found, answers)
+            seen = state.watched(found, answers, p.flag_beside)
             if codes is not None and w is not None:
                 found, seen = self._watch(db, client, codes, answers, w, now, moved)
             step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
@@ -178,7 +178,7 @@ class SQLiteStore(CheckedStore):
             h.keep(~old)
         ring = self._read_ring(db, now, w, codes.shape[1])
         found = detect(h.bank, list(h.answers), codes, answers, w, ring, client, moved)
-        seen = state.watched(found, answers)
+        seen = state.watched(found, answers, self.policy.flag_beside)
         given = seen.kept
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
                           (client, now, c.tobytes(), a)).lastrowid

@@ -235,7 +235,7 @@ class Watched:
     links: dict[str, tuple[int, int]]
 
 
-def watched(found: Found, answers: Sequence[str]) -> Watched:
+def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> Watched:
     """The findings ``found`` on a request whose fresh answers are ``answers``. A *flip* is a
     query the model gives another class than an earlier query it is taken for (a near-copy
     answered as before) or lies beside (inside its ball, too few for a detection): an image
@@ -243,8 +243,8 @@ def watched(found: Found, answers: Sequence[str]) -> Watched:
     attack's success looks like, and an honest client's distinct images are almost never
     that close (on validation images, none of 1,000 MNIST or CIFAR-10 images had another
     class's image within the ball among 5,000 others). A flip answered fresh is told flagged
-    and kept so: an attack's first in-ball success is not vouched for, nor its near-copies
-    after it, whichever key sends them."""
+    and kept so (with ``flag_beside``, the policy's): an attack's first in-ball success is not
+    vouched for, nor its near-copies after it, whichever key sends them."""
     beside = found.beside or [()] * len(answers)
     told: list[str | None] = []
     flips: list[bool] = []
@@ -255,7 +255,7 @@ def watched(found: Found, answers: Sequence[str]) -> Watched:
             told.append(given)
             continue
         flips.append(any(answer_class(a) not in (None, c) for a in near))
-        told.append(flagged(fresh) if flips[-1] else None)
+        told.append(flagged(fresh) if flips[-1] and flag_beside else None)
     links: Counter[str] = Counter(c for names in found.linked for c in names)
     flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flips, strict=True)
                                      if f for c in names)
