@@ -22,18 +22,15 @@ largest shift whose distinct digits are taken for an earlier one at most 1% of t
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import save
+from common import guard_parser, save, validation_images
 
-from advguard.data import VAL_SIZE, load_data, train_val_split
 from advguard.serve import Guard
 from advguard.serve.matching import Bank, scan
 from advguard.serve.queries import SHIFT, QueryWatch, encode, moves
@@ -67,19 +64,14 @@ def stream_rate(images: torch.Tensor, watch: QueryWatch, shift: int) -> tuple[fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--guard-dir", type=Path, required=True)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="query-shift-choice")
+    ap = guard_parser("query-shift-choice")
     args = ap.parse_args()
     torch.set_num_threads(1)
     guard = Guard.load(args.guard_dir)
     watch = guard.config.watch()
     assert watch is not None and watch.query_eps is not None, "a guard fitted with --query-eps"
     eps = watch.query_eps
-    data = load_data(guard.config.dataset, "train", data_dir=args.data_dir)
-    _, held_out = train_val_split(len(data), min(VAL_SIZE, len(data) // 5), 0)
-    x = torch.stack([data[int(i)][0] for i in held_out[:3000]])
+    x, _ = validation_images(guard.config.dataset, 3000, args.data_dir)
     codes = encode(x)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -99,3 +100,27 @@ def redis_server(port: int) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def validation_images(dataset: str, count: int, data_dir: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images (and labels) of a dataset's seeded validation split: the
+    training images a guard holds out of its bank (as ``guard fit`` and ``choose_policy.py``
+    split them), where the guard's settings are chosen and checked — never test images."""
+    from advguard.data import VAL_SIZE, load_data, train_val_split
+
+    data = load_data(dataset, "train", data_dir=data_dir)
+    _, held_out = train_val_split(len(data), min(VAL_SIZE, len(data) // 5), 0)
+    picked = [data[int(i)] for i in held_out[:count]]
+    return torch.stack([x for x, _ in picked]), torch.tensor([int(y) for _, y in picked])
+
+
+def guard_parser(out: str) -> argparse.ArgumentParser:
+    """The arguments every guard validation script takes: the guard folder, where its named
+    dataset lies, and the result file's name."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guard-dir", type=Path, required=True)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=out)
+    return ap
+

@@ -21,16 +21,13 @@ own; this measures what it costs:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from choose_query_shift import SIGMA, moved
-from common import save
+from common import guard_parser, save, validation_images
 
-from advguard.data import VAL_SIZE, load_data, train_val_split
 from advguard.serve import Guard
 from advguard.serve.matching import Bank
 from advguard.serve.queries import QueryWatch, encode, moves
@@ -95,18 +92,13 @@ def cameras(guard: Guard, x: torch.Tensor, watch: QueryWatch) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--guard-dir", type=Path, required=True)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="flip-beside-validation")
+    ap = guard_parser("flip-beside-validation")
     args = ap.parse_args()
     torch.set_num_threads(2)
     guard = Guard.load(args.guard_dir)
     watch = guard.config.watch()
     assert watch is not None and watch.view_threshold is not None, "a watch with a pixel view"
-    data = load_data(guard.config.dataset, "train", data_dir=args.data_dir)
-    _, held_out = train_val_split(len(data), min(VAL_SIZE, len(data) // 5), 0)
-    x = torch.stack([data[int(i)][0] for i in held_out[:5001]])
+    x, _ = validation_images(guard.config.dataset, 5001, args.data_dir)
     with torch.no_grad():
         result = {"distinct": distinct(guard, x, watch), "cameras": cameras(guard, x, watch)}
     save(args.out, {"guard": str(args.guard_dir),

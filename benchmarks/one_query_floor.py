@@ -17,14 +17,10 @@ could add, at the share of honest right images each flags:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from common import save
+from common import guard_parser, save, validation_images
 
-from advguard.data import VAL_SIZE, load_data, train_val_split
 from advguard.serve import Guard
 
 IMAGES = 2000
@@ -42,21 +38,15 @@ def classes(guard: Guard, x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--guard-dir", type=Path, required=True)
-    ap.add_argument("--data-dir", default=None)
+    ap = guard_parser("one-query-floor")
     ap.add_argument("--eps", type=float, default=None, help="default: the watch's query_eps")
-    ap.add_argument("--out", default="one-query-floor")
     args = ap.parse_args()
     torch.set_num_threads(2)
     guard = Guard.load(args.guard_dir)
     watch = guard.config.watch()
     eps = args.eps if args.eps is not None else (watch.query_eps if watch else None)
     assert eps is not None, "give --eps (the guard's watch has no query_eps)"
-    data = load_data(guard.config.dataset, "train", data_dir=args.data_dir)
-    _, held_out = train_val_split(len(data), min(VAL_SIZE, len(data) // 5), 0)
-    x = torch.stack([data[int(i)][0] for i in held_out[:IMAGES]])
-    y = torch.tensor([int(data[int(i)][1]) for i in held_out[:IMAGES]])
+    x, y = validation_images(guard.config.dataset, IMAGES, args.data_dir)
     gen = torch.Generator().manual_seed(0)
     stripes = eps * torch.sign(torch.randn((len(x), x.shape[1], 1, x.shape[3]), generator=gen))
     adv = (x + stripes).clamp(0, 1)
