@@ -152,10 +152,11 @@ class SQLiteStore(CheckedStore):
                 self._forget(db, client)
             if record.denied(now):  # refused, and nothing it sent is counted
                 return Admission(False, self._status(db, client, record, now), none)
-            found = Found(none, [None] * len(flagged), [() for _ in flagged])
-            seen = state.watched(found, answers, p.flag_beside)
             if codes is not None and w is not None:
                 found, seen = self._watch(db, client, codes, answers, w, now, moved)
+            else:  # no watch: every query answered fresh, nothing counted
+                found = Found(none, [None] * len(flagged), [() for _ in flagged])
+                seen = state.watched(found, answers, p.flag_beside)
             step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
                                seen.flips, seen.as_before)
             self._save(db, client, step.record)

@@ -249,6 +249,10 @@ def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> W
     told: list[str | None] = []
     flips: list[bool] = []
     for given, near, fresh in zip(found.answers, beside, answers, strict=True):
+        if given is None and not near:  # answered fresh, nothing beside: no class to compare
+            flips.append(False)
+            told.append(None)
+            continue
         c = answer_class(fresh)
         if given is not None:
             flips.append(answer_class(given) not in (None, c))
