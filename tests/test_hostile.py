@@ -260,6 +260,8 @@ CLI_ROWS = [
      "max_flips must be an integer ≥ 0"),
     ("serve-flagged-class-value", "serve {d}/a-directory --no-flagged-class yes",
      "Got unexpected extra argument"),
+    ("serve-flag-beside-value", "serve {d}/a-directory --flag-beside=maybe",
+     "Option '--flag-beside' does not take a value"),
     ("serve-outputs-bogus", "serve {d}/a-directory --outputs logits",
      "unknown outputs 'logits'; choose one of: label, top1, probabilities"),
     ("serve-decimals-negative", "serve {d}/a-directory --decimals -1",
