@@ -114,14 +114,23 @@ class Bank:
         if windows is None:  # (moves, I): the query's interior, moved
             windows = _windows(q.view[i], most)
         maxima = _maxima(windows)
-        shift, near = [], []  # the (move, row) pairs the bound lets through
-        for start in range(0, len(rows), ALIGN_BLOCK):  # every move at once, a block of rows
-            block = rows[start:start + ALIGN_BLOCK]
-            gap = self.inner[block][None] - maxima[:, None]  # (moves, rows, chunks)
+        # first one bound for every move at once: a row whose chunk maximum lies above the
+        # largest of the moves' (or below the smallest) by more than ``below`` is that far
+        # from every move (each move's bound is at least this one); most rows end here, at
+        # a 25th of the work of bounding each move
+        inner = self.inner[rows]
+        envelope = np.maximum(inner - maxima.max(0), maxima.min(0) - inner).max(1)
+        left = np.flatnonzero(envelope <= below)  # positions in ``rows`` still in question
+        shift, near = [], []  # the (move, row) pairs the bounds let through
+        for start in range(0, len(left), ALIGN_BLOCK):  # every move at once, a block of rows
+            block = left[start:start + ALIGN_BLOCK]
+            gap = inner[block][None] - maxima[:, None]  # (moves, rows, chunks)
             s, r = np.nonzero(_largest(gap.reshape(-1, gap.shape[-1])).reshape(gap.shape[:2])
                               <= below)
             shift.append(s)
-            near.append(start + r)
+            near.append(block[r])
+        if not shift:
+            return out
         s, r = np.concatenate(shift), np.concatenate(near)
         if len(r):
             interior = _interior(self.view[rows[r]])
