@@ -30,6 +30,12 @@ from advguard.serve.queries import encode
 from advguard.serve.state import kept
 
 RING_ROWS = 20_000  # rows written to measure the index's memory per query
+# the services measured: name -> arguments of `advguard serve`. Two workers: two processes
+# sharing the SQLite state (each its own copies of the histories and the index), the GIL no
+# longer one for the whole service
+SETTINGS = {"everything-on": (), "everything-on-2-workers": ("--workers", "2"),
+            "everything-on-2-workers-2-threads": ("--workers", "2", "--threads", "2"),
+            "watch-off": ("--no-query-watch",)}
 
 
 def ring_memory(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
@@ -89,12 +95,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="guard-load")
     parser.add_argument("--port", type=int, default=8733)
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated services to measure, of {', '.join(SETTINGS)}")
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])
     result: dict[str, Any] = {}
-    for name, extra in (("everything-on", ()), ("watch-off", ("--no-query-watch",))):
+    for name in args.settings.split(","):
+        extra = SETTINGS[name]
         ids = [f"load-{name}-{k}" for k in range(LOAD_CLIENTS)]
         keys = read_keys(args.guard_dir / KEYS)
         keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})

@@ -249,6 +249,7 @@ CLI_ROWS = [
     ("serve-not-a-guard", "serve {d}/a-directory", "is not a guard folder"),
     ("serve-port-0", "serve {d}/a-directory --port 0", "port must be in 1..65535"),
     ("serve-workers-0", "serve {d}/a-directory --workers 0", "workers must be ≥ 1"),
+    ("serve-threads-0", "serve {d}/a-directory --threads 0", "threads must be ≥ 1"),
     ("serve-flagged-limit-2", "serve {d}/a-directory --flagged-limit 2",
      "flagged_limit must be in [0, 1]"),
     ("serve-max-flagged-negative", "serve {d}/a-directory --max-flagged -1",

@@ -91,6 +91,9 @@ def serve(
         help="client state: sqlite:///FILE (default: GUARD_DIR/clients.db) or "
              "redis://HOST:PORT/DB")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="torch threads in each worker (default: the CPU cores this process may use, "
+             "shared among the workers)")] = None,
     query_watch: Annotated[bool, typer.Option(
         help="deny clients whose queries are near-copies of their recent ones (query-based "
              "black-box attacks; calibrated by guard fit)")] = Settings.query_watch,
@@ -118,10 +121,16 @@ def serve(
         raise InputError(f"port must be in 1..65535, got {port}")
     if workers < 1:
         raise InputError(f"workers must be ≥ 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be ≥ 1, got {threads}")
+    if threads is None and workers > 1:  # one worker keeps torch's own default
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        threads = max(1, cores // workers)
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
                         policy=policy, reveal=reveal, query_watch=query_watch, limits=limits,
-                        trust_builder=trust_builder)
+                        trust_builder=trust_builder, threads=threads)
     Guard.load(guard_dir, trust_builder=trust_builder)  # every file checked before a worker
     read_keys(keys or guard_dir / "keys.json")
     if reset_state:

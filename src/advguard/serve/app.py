@@ -49,6 +49,7 @@ class Settings:
     query_watch: bool = True  # stateful detection of query-based attacks (if calibrated)
     limits: Limits = Limits()
     trust_builder: bool = False  # load a model built by a package.module:factory
+    threads: int | None = None  # torch threads in each worker (None: torch's own default)
 
     def to_env(self) -> str:
         return json.dumps({**asdict(self), "reveal": self.reveal.to_json()})
@@ -72,6 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     guard = Guard.load(settings.guard_dir, trust_builder=settings.trust_builder)
     keys = KeyRing(read_keys(settings.keys or Path(settings.guard_dir) / KEYS))
     watch = guard.config.watch() if settings.query_watch else None
