@@ -20,6 +20,9 @@ class than an earlier one it is taken for or lies beside). The digits are test i
 (users sending the same picture).
 
     python benchmarks/bench_honest.py --guard-dir runs/guard-mnist
+
+``--fill reflect`` moves images with their edge mirrored instead of black (a photo's scene goes
+on past its frame; a CIFAR-10 model trained on reflected crops has never seen black bars).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 import httpx
 import torch
+import torch.nn.functional as F
 from common import save, start_server
 
 from advguard.data import load_data
@@ -44,9 +48,17 @@ CLIENTS = 100
 SIGMA = 0.02  # sensor noise
 
 
-def shift(x: torch.Tensor, gen: torch.Generator, most: int = 2) -> torch.Tensor:
-    """``x`` moved by up to ``most`` pixels in each direction, the edge filled with zeros."""
+def shift(x: torch.Tensor, gen: torch.Generator, most: int = 2,
+          fill: str = "zeros") -> torch.Tensor:
+    """``x`` moved by up to ``most`` pixels in each direction, the edge filled with zeros (a
+    digit on its black ground) or, ``fill="reflect"``, with the image mirrored at its edge (a
+    scene that goes on past the frame, as a photo's does: black bars are nothing a camera
+    sends, and a model trained on reflected crops has never seen them)."""
     dy, dx = (int(v) for v in torch.randint(-most, most + 1, (2,), generator=gen))
+    if fill == "reflect":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (most, most, most, most), mode="reflect")
+        return padded[..., most - dy:most - dy + h, most - dx:most - dx + w]
     out = torch.zeros_like(x)
     h, w = x.shape[-2:]
     out[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
@@ -58,8 +70,10 @@ def noisy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + SIGMA * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
 
-def streams(x: torch.Tensor, kind: str, client: int) -> list[torch.Tensor]:
-    """The requests (batches) one honest client of ``kind`` sends."""
+def streams(x: torch.Tensor, kind: str, client: int,
+            fill: str = "zeros") -> list[torch.Tensor]:
+    """The requests (batches) one honest client of ``kind`` sends (``fill``: how a moved
+    image's edge is filled, :func:`shift`)."""
     gen = torch.Generator().manual_seed(client)
     start = (100 * client) % (len(x) - 99)
     own = x[start:start + 100]
@@ -70,12 +84,12 @@ def streams(x: torch.Tensor, kind: str, client: int) -> list[torch.Tensor]:
         for i in range(20):
             for _ in range(5):
                 b = float(torch.empty(1).uniform_(-0.1, 0.1, generator=gen))
-                out.append(noisy(shift(own[i:i + 1], gen) + b, gen))
+                out.append(noisy(shift(own[i:i + 1], gen, fill=fill) + b, gen))
         return out
     if kind == "fixed-camera":
         return [noisy(own[:1], gen) for _ in range(100)]
     if kind == "jittering-camera":
-        return [noisy(shift(own[:1], gen), gen) for _ in range(100)]
+        return [noisy(shift(own[:1], gen, fill=fill), gen) for _ in range(100)]
     if kind == "retrying-app":
         return [own[i // 2:i // 2 + 1] for i in range(100)]
     if kind == "burst":
@@ -134,6 +148,9 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("test", "train"),
                         help="train: validation traffic, for choosing the watch's settings")
     parser.add_argument("--first", type=int, default=100, help="the first image sent")
+    parser.add_argument("--fill", default="zeros", choices=("zeros", "reflect"),
+                        help="how a moved image's edge is filled (reflect: a scene that goes "
+                             "on past the frame)")
     parser.add_argument("--out", default="honest")
     parser.add_argument("--port", type=int, default=8732)
     args = parser.parse_args()
@@ -151,13 +168,13 @@ def main() -> None:
         proc = start_server(args.guard_dir, args.port, args.guard_dir / "honest-clients.db")
         try:
             results[kind] = run(f"http://127.0.0.1:{args.port}", [key_of[c] for c in ids],
-                                lambda i, kind=kind: streams(x, kind, i), admin, ids)
+                                lambda i, kind=kind: streams(x, kind, i, args.fill), admin, ids)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
         print(kind, json.dumps(results[kind]), flush=True)
         save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
-                        "policy": Policy().to_json(),
+                        "policy": Policy().to_json(), "fill": args.fill,
                         "images": (f"{guard.config.dataset} {args.split} images {args.first}"
                                    f" - {args.first + len(x) - 1}"),
                         "runs": results}, args.guard_dir)
