@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -929,3 +930,18 @@ def test_answers_name_the_class_where_the_model_knows_its_names():
     assert "label" not in summary(v, 0, 2, Reveal())  # MNIST's classes have no names
     hidden = summary(v, 1, 2, Reveal(flagged_class=False), ("cat", "dog"))
     assert hidden["class"] is None and "label" not in hidden  # fail closed hides the name too
+
+
+def test_workers_share_the_cores_and_carry_their_threads(monkeypatch):
+    """``serve --workers N`` gives each worker the cores shared among them (N workers each
+    taking every core oversubscribe them), one worker keeps torch's default, ``--threads``
+    wins; the setting reaches the workers through the environment."""
+    from advguard.serve.app import ENV, Settings, worker_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads(1) is None
+    assert worker_threads(2) == max(1, cores // 2)
+    assert worker_threads(cores * 4) == 1
+    assert worker_threads(2, 3) == 3 and worker_threads(1, 2) == 2
+    monkeypatch.setenv(ENV, Settings(guard_dir="g", threads=1).to_env())
+    assert Settings.from_env().threads == 1

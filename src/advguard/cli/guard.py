@@ -112,7 +112,7 @@ def serve(
     import uvicorn
 
     from advguard.errors import InputError
-    from advguard.serve.app import ENV
+    from advguard.serve.app import ENV, worker_threads
     from advguard.serve.guard import Guard, read_keys
     from advguard.serve.http import TimedH11Protocol
     from advguard.serve.stores import open_store, reset_sqlite, sqlite_path
@@ -123,10 +123,7 @@ def serve(
         raise InputError(f"workers must be ≥ 1, got {workers}")
     if threads is not None and threads < 1:
         raise InputError(f"threads must be ≥ 1, got {threads}")
-    if threads is None and workers > 1:  # one worker keeps torch's own default
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
-        threads = max(1, cores // workers)
+    threads = worker_threads(workers, threads)
     settings = Settings(guard_dir=str(guard_dir.resolve()),
                         keys=None if keys is None else str(keys.resolve()), state=state,
                         policy=policy, reveal=reveal, query_watch=query_watch, limits=limits,

@@ -61,6 +61,17 @@ class Settings:
                       "reveal": Reveal(**obj["reveal"]), "limits": Limits(**obj["limits"])})
 
 
+def worker_threads(workers: int, threads: int | None = None) -> int | None:
+    """Torch threads for each of ``workers`` processes: ``threads`` where given; else, for
+    several workers, the CPU cores this process may use shared among them (each worker would
+    otherwise take every core), and for one, None (torch's own default)."""
+    if threads is not None or workers <= 1:
+        return threads
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
 # --- the application ------------------------------------------------------------------------
 
 def create_app(settings: Settings) -> FastAPI:
@@ -143,4 +154,4 @@ def app_from_env() -> FastAPI:
     return create_app(Settings.from_env())
 
 
-__all__ = ["Settings", "app_from_env", "create_app"]
+__all__ = ["Settings", "app_from_env", "create_app", "worker_threads"]
