@@ -33,7 +33,7 @@ from advguard.data import load_dataset
 from advguard.serve import Guard, Policy, SQLiteStore
 from advguard.serve.queries import encode
 from advguard.serve.reveal import summary
-from advguard.serve.state import answer_class, kept, shown
+from advguard.serve.state import answer_class, kept, settled, shown
 
 STREAMS = 10  # per attack and per honest kind
 QUERIES = 100
@@ -58,15 +58,18 @@ class Service(nn.Module):
         self.now += 1.0
         a = self.store.admit(self.client, (v.scores < v.threshold).tolist(), v.scores.tolist(),
                              encode(x), self.now, answers)
-        given = [shown(g if g is not None else k) for g, k in zip(a.answers, answers,
-                                                                  strict=True)]
+        before = list(a.as_before) or [False] * len(x)
+        # as the service tells them: a near-copy's earlier answer vouched for no more than its
+        # own (settled); a fresh flip's own answer told flagged; else the fresh answer
+        given = [shown(k if g is None else settled(g, k) if b else g)
+                 for g, k, b in zip(a.answers, answers, before, strict=True)]
         for i, g in enumerate(given):
             inside = self.x0 is not None and float((x[i] - self.x0).abs().max()) <= EPS + 1e-5
-            self.rows.append({"detected": bool(a.repeats[i]),
-                              "as_before": a.answers[i] is not None,
+            earlier = a.answers[i]
+            self.rows.append({"detected": bool(a.repeats[i]), "as_before": before[i],
                               "model_class": int(v.predicted[i]), "answered": g["class"],
-                              "flip": a.answers[i] is not None
-                              and answer_class(a.answers[i]) != int(v.predicted[i]),
+                              "flip": earlier is not None and (
+                                  not before[i] or answer_class(earlier) != int(v.predicted[i])),
                               "trusted": g["verdict"] == "trusted", "inside": inside})
         return given
 

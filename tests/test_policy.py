@@ -397,6 +397,7 @@ def test_a_near_copy_is_answered_as_its_earlier_query_and_a_resend_as_itself(wat
                      answers=[_answer(4, f"frame {i}")]) for i, c in enumerate(near)]
     assert all(a.answered for a in given) and all(a.answers[0] is None for a in given[:3])
     assert all(a.repeats[0] and a.answers[0] is not None for a in given[3:])
+    assert all(list(a.as_before) == [True] for a in given[3:])  # answered as an earlier one
     notes = {json_note(a.answers[0]) for a in given[3:]}
     assert notes <= {f"frame {i}" for i in range(3)}  # an earlier frame's answer, never its own
     again = s.admit("camera", [False], [0.9], near[-1][None], now=40,
@@ -601,6 +602,7 @@ def test_a_query_that_flips_a_neighbour_inside_its_ball_is_told_flagged(watched)
     told = crossing.answers[0]
     assert told is not None and json.loads(told)["verdict"] == "flagged"
     assert json_note(told) == "x" and crossing.status.recent_flips == 1  # its own answer
+    assert list(crossing.as_before) == [False]  # told flagged, not answered as an earlier one
     # beside the flagged success, of its class, from another key: flagged too
     again = s.admit("accomplice", [False], [0.9], qs[2:3], now=2, answers=[_answer(3, "y")])
     assert again.answers[0] is not None and json.loads(again.answers[0])["verdict"] == "flagged"

@@ -175,6 +175,9 @@ class Admission:
     repeats: np.ndarray  # (N,) bool
     denied_now: bool = False  # this request brought the denial
     answers: Sequence[str | None] = ()
+    # which queries were answered as an earlier one (a near-copy or a resend; empty: none) —
+    # the rest of ``answers`` that are not None are flips told flagged
+    as_before: Sequence[bool] = ()
 
 
 @dataclass(frozen=True)

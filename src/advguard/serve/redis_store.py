@@ -157,7 +157,7 @@ class RedisStore(CheckedStore):
                                   maxlen=w.query_global, approximate=False)
             status = state.status(client, step.record, n_queries, now, p)
             out.append(Admission(step.answered, status, found.detections, step.denied_now,
-                                 seen.told))
+                                 seen.told, seen.as_before))
 
         self.redis.transaction(attempt, key, queries, sent_key)
         if pushed and codes is not None and w is not None:  # committed: the copy takes them in

@@ -164,7 +164,8 @@ class SQLiteStore(CheckedStore):
                 self._save(db, other, state.attribute(self._load(db, other), client, n, now, p,
                                                       f))
             status = self._status(db, client, step.record, now)
-        return Admission(step.answered, status, found.detections, step.denied_now, seen.told)
+        return Admission(step.answered, status, found.detections, step.denied_now, seen.told,
+                         seen.as_before)
 
     def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray,
                answers: list[str], w: QueryWatch, now: float,
