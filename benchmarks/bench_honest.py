@@ -55,12 +55,11 @@ def shift(x: torch.Tensor, gen: torch.Generator, most: int = 2,
     scene that goes on past the frame, as a photo's does: black bars are nothing a camera
     sends, and a model trained on reflected crops has never seen them)."""
     dy, dx = (int(v) for v in torch.randint(-most, most + 1, (2,), generator=gen))
+    h, w = x.shape[-2:]
     if fill == "reflect":
-        h, w = x.shape[-2:]
         padded = F.pad(x, (most, most, most, most), mode="reflect")
         return padded[..., most - dy:most - dy + h, most - dx:most - dx + w]
     out = torch.zeros_like(x)
-    h, w = x.shape[-2:]
     out[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
         x[..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
     return out

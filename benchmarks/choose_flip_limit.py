@@ -59,10 +59,10 @@ class Service(nn.Module):
         a = self.store.admit(self.client, (v.scores < v.threshold).tolist(), v.scores.tolist(),
                              encode(x), self.now, answers)
         before = list(a.as_before) or [False] * len(x)
-        # as the service tells them: a near-copy's earlier answer vouched for no more than its
-        # own (settled); a fresh flip's own answer told flagged; else the fresh answer
-        given = [shown(k if g is None else settled(g, k) if b else g)
-                 for g, k, b in zip(a.answers, answers, before, strict=True)]
+        # as the service tells them (routes._predict): a replaced answer vouched for no more
+        # than the query's own (a fresh flip's is told flagged already)
+        given = [shown(k if g is None else settled(g, k))
+                 for g, k in zip(a.answers, answers, strict=True)]
         for i, g in enumerate(given):
             inside = self.x0 is not None and float((x[i] - self.x0).abs().max()) <= EPS + 1e-5
             earlier = a.answers[i]
