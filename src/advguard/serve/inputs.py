@@ -9,7 +9,11 @@ Two kinds of body:
 * ``application/json`` ``{"images": [...]}`` of pixels in [0, 1]. Integers of any length,
   strings, booleans and nulls are refused with 422 (Python's ``json`` would raise on 4,300
   digits, NumPy would overflow on 20, or read ``"0.5"`` and ``true`` as numbers), and a body
-  with more numbers than the largest batch can hold is refused before it is parsed.
+  with more numbers than the largest batch can hold is refused before it is parsed The body is
+  read by orjson (a sixth of the time of Python's ``json``, whose float parsing was most of a
+  request's time on the event loop); what orjson refuses — malformed JSON, ``NaN``, integers
+  past 64 bits, nesting past 1,024 — is read again by Python's ``json``, whose errors and
+  checks say what is wrong.
 
 Small work (one digit) is done at once on the event loop; large work (a body over
 ``LIGHT_BYTES``, uploads of over ``LIGHT_PIXELS``) goes to one thread of its own, so big
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from fastapi import HTTPException, Request
 from pydantic import ValidationError
@@ -156,7 +161,12 @@ def parse_pixels(raw: bytes, info: DatasetInfo, max_batch: int) -> torch.Tensor:
         raise TooLargeError(f"the JSON body holds more numbers than {max_batch} images of "
                             f"{c}x{h}x{w} pixels")
     try:
-        body = json.loads(raw, parse_int=_integer)
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # read again, to say what is wrong as below
+        body = None
+    try:
+        if body is None:
+            body = json.loads(raw, parse_int=_integer)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
