@@ -636,3 +636,19 @@ def test_an_operator_can_have_flips_beside_counted_but_not_flagged(watched):
     crossing = s.admit("attacker", [False], [0.9], encode((x[:1] + stripes).clamp(0, 1)),
                        now=1, answers=[_answer(3)])
     assert crossing.answers[0] is None and crossing.status.recent_flips == 1
+
+
+def test_a_sqlite_store_reads_again_what_another_connection_changed_between_admissions(
+        tmp_path):
+    """Between two of a store's own transactions nothing is read to check its copies, unless
+    SQLite's data_version says another connection committed: rows deleted by hand are seen."""
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "v.db", Policy(max_repeats=0, max_flagged=0, flagged_limit=0),
+                    watch(history=8))
+    near = codes(6, seed=16, spread=0.01)
+    assert [bool(s.admit("q", [False], [0.9], near[i][None], now=i).repeats[0])
+            for i in range(4)] == [False] * 3 + [True]
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        db.execute("DELETE FROM queries WHERE client = 'q'")
+    assert not s.admit("q", [False], [0.9], near[4][None], now=5).repeats[0]

@@ -422,3 +422,34 @@ def test_moved_queries_are_aligned_with_the_newest_of_the_history_only(digits):
         bank = Bank.of(np.concatenate([moved_copies, encode(digits[1:1 + between])]))
         got = scan(bank, query, 5, 1000, None, 0.601, shift=2)
         assert bool(got.found[0]) == found
+
+
+def test_queries_prepared_before_the_admission_scan_as_their_codes_do(digits):
+    """The service prepares a batch's codes on the inference thread (``prepare``: the bank,
+    each query's moved windows and their chunk maxima); a scan of the prepared queries finds,
+    matches and keeps in its ball the very same rows as a scan of the codes — a grey view
+    moved by its own cells, a pooled colour view by the image's moves."""
+    from advguard.serve.matching import prepare, scan
+    from advguard.serve.queries import moves
+
+    gen = torch.Generator().manual_seed(11)
+    frames = torch.cat([_shifted(digits[3:4], int(a), int(b)) for a, b in
+                        torch.randint(-2, 3, (12, 2), generator=gen)])
+    frames = (frames + 0.05 * torch.randn(frames.shape, generator=gen)).clamp(0, 1)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
+    colour = load_dataset("cifar10", "test", limit=8, data_dir=shared).x
+    colour = torch.cat([colour, torch.roll(colour[:4], (1, -2), dims=(2, 3))])
+    for x, ball in ((torch.cat([digits[20:40], frames]), 0.601), (colour, 2 * 8 / 255)):
+        codes, moved = encode(x), moves(x)
+        bank, queries = Bank.of(codes[:-8]), codes[-8:]
+        ready = prepare(queries, 2, None if moved is None else moved[-8:])
+        assert ready.moved is not None and ready.moved_maxima is not None
+        plain = scan(bank, queries, 3, 1000, None, ball, shift=2,
+                     moved=None if moved is None else moved[-8:])
+        got = scan(bank, ready, 3, 1000, None, ball, shift=2)
+        assert np.array_equal(plain.found, got.found) and np.array_equal(plain.match, got.match)
+        assert all(np.array_equal(a, b) for a, b in zip(plain.near, got.near, strict=True))
+        assert all(np.array_equal(a, b) for a, b in zip(plain.ball, got.ball, strict=True))
+        assert plain.found.any() or any(len(b) for b in plain.ball)  # something to compare
+        one = ready[2:3]  # a request's rows of a batch keep their windows
+        assert one.moved is not None and np.array_equal(one.moved[0], ready.moved[2])

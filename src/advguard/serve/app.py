@@ -27,6 +27,7 @@ from advguard.serve.guard import KEYS, Guard, KeyRing, read_keys
 from advguard.serve.http import BodyLimit, Observe, RateLimit
 from advguard.serve.inputs import first_error, json_limit
 from advguard.serve.limits import Limits
+from advguard.serve.matching import prepare
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy
 from advguard.serve.queries import encode, moves
@@ -99,8 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
     def judge(x: torch.Tensor) -> Judged:  # one batch on the inference thread
         if watch is None:
             return Judged(guard.verdicts(x))
-        return Judged(guard.verdicts(x), encode(x),
-                      moves(x, watch.shift) if watch.shift else None)
+        return Judged(guard.verdicts(x), prepare(encode(x), watch.shift,
+                                                 moves(x, watch.shift) if watch.shift else None))
 
     service = Service(
         settings=settings, guard=guard, info=guard.info,

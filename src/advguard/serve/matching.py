@@ -7,6 +7,7 @@ store acts on — detections, the earlier answers near-copies are given, the key
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,9 +48,16 @@ class Bank:
     # (n, I // CHUNK) float32: the chunk maxima of each view's interior (SHIFT cells in from
     # every side), the same bound for queries aligned by shifts (None: a view not a square)
     inner: np.ndarray | None = None
+    # a request's queries only (:func:`prepare`): each one's interior moved each way, (n,
+    # moves, I), in the order of ``queries.shifts``, and those windows' chunk maxima
+    moved: np.ndarray | None = None
+    moved_maxima: np.ndarray | None = None
 
     @classmethod
-    def of(cls, codes: np.ndarray) -> Bank:
+    def of(cls, codes: np.ndarray | Bank) -> Bank:
+        """Codes prepared for comparison (a bank is its own)."""
+        if isinstance(codes, Bank):
+            return codes
         raw = np.asarray(codes, dtype=np.float16)
         proj, view = split(raw)
         chunks = inner = None
@@ -75,7 +83,8 @@ class Bank:
             return None if a is None else a[keep]
 
         return Bank(self.raw[keep], self.proj[keep], self.norms[keep], pick(self.view),
-                    pick(self.chunks), pick(self.inner))
+                    pick(self.chunks), pick(self.inner), pick(self.moved),
+                    pick(self.moved_maxima))
 
     def l2(self, q: Bank) -> np.ndarray:
         """L2 distances ``(len(q), len(self))`` between projections."""
@@ -104,16 +113,20 @@ class Bank:
         such move keeps inside the query), exact where they can be below ``below`` (the rest
         ``inf``). ``windows``: the query's interior moved each way (``queries.moves``, for a
         pooled view, whose cells are more than a pixel); by default taken from its view, whose
-        cells are its pixels. A query an attacker moved by up to ``most`` pixels, or a
+        cells are its pixels, or prepared with the query (:func:`prepare`). A query an
+        attacker moved by up to ``most`` pixels, or a
         jittering camera's frame, is as near its earlier ones as unmoved; the unmoved interior
         is one of the moves, so no row is farther than :meth:`linf` says."""
         assert self.view is not None and self.inner is not None and q.view is not None
         out = np.full(len(rows), np.inf, dtype=np.float32)
         if not len(rows):
             return out
-        if windows is None:  # (moves, I): the query's interior, moved
-            windows = _windows(q.view[i], most)
-        maxima = _maxima(windows)
+        if windows is None and q.moved is not None and q.moved_maxima is not None:
+            windows, maxima = q.moved[i], q.moved_maxima[i]
+        else:
+            if windows is None:  # (moves, I): the query's interior, moved
+                windows = _windows(q.view[i][None], most)[0]
+            maxima = _maxima(windows)
         # first one bound for every move at once: a row whose chunk maximum lies above the
         # largest of the moves' (or below the smallest) by more than ``below`` is that far
         # from every move (each move's bound is at least this one); most rows end here, at
@@ -156,16 +169,32 @@ def _interior(view: np.ndarray) -> np.ndarray | None:
         len(view), c * (h - 2 * SHIFT) * (w - 2 * SHIFT))
 
 
-def _windows(view: np.ndarray, most: int) -> np.ndarray:
-    """One pixel view's interior-sized windows shifted by up to ``most`` cells each way on
-    each axis, flattened: ``((2 most + 1)², I)``, in the order of ``queries.shifts``."""
-    grid = view_grid(len(view))
+def _windows(views: np.ndarray, most: int) -> np.ndarray:
+    """Pixel views' interior-sized windows shifted by up to ``most`` cells each way on each
+    axis, flattened: ``(n, (2 most + 1)², I)``, in the order of ``queries.shifts``."""
+    grid = view_grid(views.shape[1])
     assert grid is not None
     c, h, w = grid
-    every = np.lib.stride_tricks.sliding_window_view(view.reshape(c, h, w),
-                                                     (h - 2 * SHIFT, w - 2 * SHIFT), axis=(1, 2))
-    dy, dx = np.array(shifts(most)).T + SHIFT  # (c, moves, h', w') in one gather
-    return every[:, dy, dx].transpose(1, 0, 2, 3).reshape(len(dy), -1)
+    every = np.lib.stride_tricks.sliding_window_view(views.reshape(len(views), c, h, w),
+                                                     (h - 2 * SHIFT, w - 2 * SHIFT), axis=(2, 3))
+    dy, dx = np.array(shifts(most)).T + SHIFT  # (n, c, moves, h', w') in one gather
+    return every[:, :, dy, dx].transpose(0, 2, 1, 3, 4).reshape(len(views), len(dy), -1)
+
+
+def prepare(codes: np.ndarray | Bank, shift: int = 0,
+            moved: np.ndarray | None = None) -> Bank:
+    """A request's ``codes`` prepared for the scan before its admission (the service does it
+    on the inference thread, a batch at a time, so the admissions — one at a time, under the
+    store's lock — do not): a :class:`Bank` and, where queries are aligned by moves of up to
+    ``shift`` pixels, each query's moved windows (``moved``, from ``queries.moves`` for pooled
+    views; else taken from the view) and their chunk maxima."""
+    bank = Bank.of(codes)
+    if not shift or bank.inner is None or bank.view is None or bank.moved is not None:
+        return bank
+    windows = _windows(bank.view, shift) if moved is None else np.asarray(moved, np.float32)
+    n, m, size = windows.shape
+    maxima = _maxima(windows.reshape(n * m, size)).reshape(n, m, -1)
+    return dataclasses.replace(bank, moved=windows, moved_maxima=maxima)
 
 
 def _largest(diff: np.ndarray) -> np.ndarray:
@@ -190,7 +219,7 @@ class Scan:
     ball: list[np.ndarray]
 
 
-def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | None,
+def scan(bank: Bank, codes: np.ndarray | Bank, k: int, window: int, threshold: float | None,
          view_threshold: float | None, *, within: bool = True,
          skip: np.ndarray | None = None, view_k: int | None = None, shift: int = 0,
          moved: np.ndarray | None = None) -> Scan:
@@ -207,7 +236,7 @@ def scan(bank: Bank, codes: np.ndarray, k: int, window: int, threshold: float | 
     same image sent again is answered as it was and is no detection (it tells nothing new).
     A query that is neither keeps the rows inside its ball (``Scan.ball``, fewer than
     ``view_k``, aligned as for a detection)."""
-    q = Bank.of(codes)
+    q = Bank.of(codes)  # prepared already where the service admits a request
     n = len(bank)
     # a lone query is compared with the bank alone (nothing earlier in its request): no copy
     seen = bank + q if within and len(q) > 1 else bank
@@ -259,20 +288,22 @@ def _kth(d: np.ndarray, k: int) -> float:
     return float(np.partition(d, k - 1)[k - 1]) if len(d) >= k else np.inf
 
 
-def repeats(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch) -> np.ndarray:
+def repeats(history: np.ndarray | Bank, codes: np.ndarray | Bank, watch: QueryWatch) -> np.ndarray:
     """Which of a request's ``codes`` are attack-process detections against the client's
     history and the request's earlier codes (:func:`scan` with the per-client thresholds)."""
     return own(history, codes, watch).found
 
 
-def own(history: np.ndarray | Bank, codes: np.ndarray, watch: QueryWatch,
+def own(history: np.ndarray | Bank, codes: np.ndarray | Bank, watch: QueryWatch,
         moved: np.ndarray | None = None) -> Scan:
     """:func:`scan` of a request's ``codes`` against its client's history (codes, or a bank
     prepared from them); ``moved``: the codes' moved windows (``queries.moves``)."""
     if watch.threshold is None and watch.view_threshold is None:
         raise InputError("the query watch has no threshold: calibrate it first")
+    codes = Bank.of(codes)
     if not isinstance(history, Bank):
-        history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1, codes.shape[1]))
+        history = Bank.of(np.asarray(history, dtype=np.float16).reshape(-1,
+                                                                        codes.raw.shape[1]))
     return scan(history, codes, watch.query_k, watch.query_history, watch.threshold,
                 watch.view_threshold, view_k=watch.view_k, shift=watch.shift, moved=moved)
 
@@ -428,7 +459,7 @@ class History(Stored):
                      np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16)
                      .reshape(-1, dims), [r[3] for r in rows])
 
-    def add(self, ids: np.ndarray, times: np.ndarray, codes: np.ndarray,
+    def add(self, ids: np.ndarray, times: np.ndarray, codes: np.ndarray | Bank,
             answers: Sequence[str]) -> None:
         self.rows.append(ids=ids, times=times, answers=np.array(answers, dtype=object),
                          **bank_columns(Bank.of(codes)))
@@ -460,24 +491,27 @@ class Ring(Stored):
         ids = self.ids
         return int(ids[-1]) if len(ids) else 0
 
-    def extend(self, rows: Sequence[tuple[int, str, float, bytes, str]], dims: int) -> None:
+    def extend(self, rows: Sequence[tuple[int, str, float, bytes, str]], dims: int,
+               bank: Bank | None = None) -> None:
         """Add rows ``(id, client, time, code bytes, answer)`` newer than the last one held, of
         codes of ``dims`` numbers (codes of another length, from another encoding, are left
-        out)."""
+        out); ``bank``: the rows' codes prepared already (a request's own, all new)."""
         if self.dims != dims:
             self.reset(self.generation, dims)
         last = self.last_id
         rows = [r for r in rows if len(r[3]) == 2 * dims and r[0] > last]
         if not rows:
             return
-        new = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float16).reshape(-1, dims)
+        if bank is None or len(bank) != len(rows):
+            bank = Bank.of(np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float16)
+                           .reshape(-1, dims))
         self.rows.append(ids=np.array([r[0] for r in rows], dtype=np.int64),
                          clients=np.array([r[1] for r in rows], dtype=object),
                          times=np.array([r[2] for r in rows], dtype=np.float64),
                          answers=np.array([r[4] for r in rows], dtype=object),
                          # no interior maxima: the index is compared unmoved (aligning a
                          # query with every key's queries would cost the shifts over again)
-                         **{**bank_columns(Bank.of(new)), "inner": None})
+                         **{**bank_columns(bank), "inner": None})
 
     def trim(self, now: float, ttl_s: float) -> None:
         self.keep_newest(self.size, self.times > now - ttl_s)
@@ -501,7 +535,8 @@ class Found:
     beside: list[tuple[str, ...]] = field(default_factory=list)  # empty: none beside any
 
 
-def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np.ndarray,
+def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
+           codes: np.ndarray | Bank,
            answers: Sequence[str], watch: QueryWatch, ring: Ring | None = None,
            client: str = "", moved: np.ndarray | None = None) -> Found:
     """The watch on a request's ``codes`` (with the ``answers`` fresh from the model): each is
@@ -512,7 +547,8 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
     near-copy tells an attacker nothing the earlier answer did not. A query answered fresh
     keeps the answers of the earlier queries inside its ball, its client's and the index's
     (``Found.beside``)."""
-    mine = own(history, codes, watch, moved)
+    codes = prepare(codes, watch.shift, moved)  # once, for both scans
+    mine = own(history, codes, watch)
     given: list[str] = list(history_answers)
     out: list[str | None] = []
     beside: list[tuple[str, ...]] = []
@@ -522,7 +558,7 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
         beside.append(tuple(given[r] for r in mine.ball[i]))
         given.append(out[-1] if out[-1] is not None else answers[i])
     found = mine.found.copy()
-    linked: list[tuple[str, ...]] = [() for _ in codes]
+    linked: list[tuple[str, ...]] = [() for _ in range(len(codes))]
     if ring is None or not watch.linking or not len(ring.ids):
         return Found(found, out, linked, beside)
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
@@ -539,4 +575,4 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str], codes: np
 
 
 __all__ = ["CACHED_CLIENTS", "Bank", "Cached", "Found", "History", "Ring", "Rows", "Scan",
-           "Stored", "detect", "own", "repeats", "scan"]
+           "Stored", "detect", "own", "prepare", "repeats", "scan"]

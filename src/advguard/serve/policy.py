@@ -35,6 +35,7 @@ import numpy as np
 
 from advguard.errors import InputError, StateError
 from advguard.options import check_at_least, option
+from advguard.serve.matching import Bank, prepare
 from advguard.serve.queries import QueryWatch
 
 
@@ -192,7 +193,7 @@ class Store(Protocol):
     watch: QueryWatch | None  # None: no stateful detection
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None,
+              codes: np.ndarray | Bank | None = None, now: float | None = None,
               answers: Sequence[str] | None = None,
               moved: np.ndarray | None = None) -> Admission: ...
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
@@ -237,22 +238,20 @@ class CheckedStore:
     watch: QueryWatch | None = None
 
     def admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-              codes: np.ndarray | None = None, now: float | None = None,
+              codes: np.ndarray | Bank | None = None, now: float | None = None,
               answers: Sequence[str] | None = None,
               moved: np.ndarray | None = None) -> Admission:
-        """Count a request's verdicts (and, when queries are watched, its query codes, with the
+        """Count a request's verdicts (and, when queries are watched, its query codes, or the
+        codes prepared already by :func:`~advguard.serve.matching.prepare`, with the
         ``answers`` the model gives them, as JSON: see :mod:`advguard.serve.state`, and for
         pooled views their moved windows, :func:`advguard.serve.queries.moves`) and decide in
         one atomic step whether it is answered, and which answers are replaced."""
-        codes = self.watching(codes, len(flagged))
-        return self._admit(client, flagged, scores, codes,
+        return self._admit(client, flagged, scores, self.watching(codes, len(flagged), moved),
                            time.time() if now is None else now,
-                           list(answers) if answers is not None else ["{}"] * len(flagged),
-                           None if codes is None else moved)
+                           list(answers) if answers is not None else ["{}"] * len(flagged))
 
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str],
-               moved: np.ndarray | None) -> Admission:
+               queries: Bank | None, now: float, answers: list[str]) -> Admission:
         raise NotImplementedError
 
     def record(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
@@ -260,13 +259,16 @@ class CheckedStore:
         """Count a request's verdicts (and deny the client if they bring it to a denial)."""
         return self.admit(client, flagged, scores, None, now).status
 
-    def watching(self, codes: np.ndarray | None, n: int) -> np.ndarray | None:
-        """``codes`` when this store watches queries (checked against the request's size)."""
+    def watching(self, codes: np.ndarray | Bank | None, n: int,
+                 moved: np.ndarray | None = None) -> Bank | None:
+        """``codes`` prepared for the scan, when this store watches queries (checked against
+        the request's size)."""
         if codes is None or self.watch is None:
             return None
         if len(codes) != n:
             raise InputError(f"{len(codes)} query codes for {n} verdicts")
-        return np.asarray(codes, dtype=np.float16)
+        return prepare(codes if isinstance(codes, Bank) else np.asarray(codes, np.float16),
+                       self.watch.shift, moved)
 
     def probe(self) -> None:
         """A cheap read that fails while the store is unusable (decorated with

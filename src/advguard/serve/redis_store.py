@@ -26,7 +26,7 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Cached, Found, History, Ring, detect
+from advguard.serve.matching import Bank, Cached, Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
 from advguard.serve.queries import DIMS, QueryWatch
 
@@ -93,10 +93,10 @@ class RedisStore(CheckedStore):
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str],
-               moved: np.ndarray | None) -> Admission:
+               queries: Bank | None, now: float, answers: list[str]) -> Admission:
         p, w = self.policy, self.watch
-        key, queries, sent_key = (self._key(k, client) for k in ("record", "queries", "sent"))
+        codes = None if queries is None else queries.raw
+        key, stored, sent_key = (self._key(k, client) for k in ("record", "queries", "sent"))
         # the global index is read before the transaction: a query is compared with the other
         # keys' queries as they stood a moment before (not watched: every admission would
         # conflict with every other)
@@ -118,9 +118,9 @@ class RedisStore(CheckedStore):
                 out.append(Admission(False, status, none))
                 return
             found = Found(none, [None] * len(flagged), [() for _ in flagged])
-            if codes is not None and w is not None:
-                found = detect(history.bank, list(history.answers), codes, answers, w, ring,
-                               client, moved)
+            if queries is not None and w is not None:
+                found = detect(history.bank, list(history.answers), queries, answers, w, ring,
+                               client)
             seen = state.watched(found, answers, p.flag_beside)
             step = state.admit(record, flagged, scores, seen.repeats, list(seen.links), now, p,
                                seen.flips, seen.as_before)
@@ -133,7 +133,7 @@ class RedisStore(CheckedStore):
             pipe.multi()
             pipe.sadd(self._key("clients"), client)
             if expired:  # its cool-down ended: start afresh
-                pipe.delete(queries, sent_key)
+                pipe.delete(stored, sent_key)
                 self._histories.pop(client, None)
             pipe.set(key, step.record.to_json())
             for other, rec in others.items():
@@ -141,10 +141,10 @@ class RedisStore(CheckedStore):
             n_queries = len(history)
             if codes is not None and w is not None:
                 given = seen.kept
-                pipe.lpush(queries, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}:{a}"
+                pipe.lpush(stored, *(f"{now!r}:{base64.b64encode(c.tobytes()).decode()}:{a}"
                                       for c, a in zip(codes, given, strict=True)))
-                pipe.ltrim(queries, 0, w.query_history - 1)
-                pipe.expire(queries, math.ceil(w.query_ttl_s))
+                pipe.ltrim(stored, 0, w.query_history - 1)
+                pipe.expire(stored, math.ceil(w.query_ttl_s))
                 pipe.incrby(sent_key, len(codes))
                 pipe.expire(sent_key, math.ceil(w.query_ttl_s))
                 n_queries = min(w.query_history, n_queries + len(codes))
@@ -159,15 +159,15 @@ class RedisStore(CheckedStore):
             out.append(Admission(step.answered, status, found.detections, step.denied_now,
                                  seen.told, seen.as_before))
 
-        self.redis.transaction(attempt, key, queries, sent_key)
-        if pushed and codes is not None and w is not None:  # committed: the copy takes them in
+        self.redis.transaction(attempt, key, stored, sent_key)
+        if pushed and queries is not None and w is not None:  # committed: the copy takes them in
             before, given = pushed[-1]
             cached = self._histories.get(client)
             if cached is not None and cached[0] == before:
-                cached[1].add(np.arange(before + 1, before + 1 + len(codes)),
-                              np.full(len(codes), now), codes, given)
+                cached[1].add(np.arange(before + 1, before + 1 + len(queries)),
+                              np.full(len(queries), now), queries, given)
                 cached[1].keep_newest(w.query_history)
-                self._histories[client] = (before + len(codes), cached[1])
+                self._histories[client] = (before + len(queries), cached[1])
             else:
                 self._histories.pop(client, None)
         return out[0]

@@ -160,7 +160,7 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
         raise HTTPException(429, f"client {who.id!r} sends more than "
                                  f"{lim.image_rate:g} images per second")
     judged = await svc.batcher.submit(x)
-    v, codes = judged.verdicts, judged.codes
+    v = judged.verdicts
     # counted and decided in one atomic step: parallel requests cannot outrun a denial.
     # Evidence is what the kNN score flags; an input only unlike the training images is
     # answered flagged, and counted only with --count-unlike (honest cameras send odd images)
@@ -171,8 +171,8 @@ async def _predict(request: Request, who: Client, svc: Svc) -> Any:
     answers = [state.kept(r, c) for r, c in zip(fresh, v.predicted, strict=True)]
 
     def admit() -> Admission:  # off the event loop
-        return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), codes, now,
-                               answers, judged.moved)
+        return svc.store.admit(who.id, evidence.tolist(), v.scores.tolist(), judged.queries,
+                               now, answers)
 
     admission = await asyncio.get_running_loop().run_in_executor(svc.admitting, admit)
     status = admission.status

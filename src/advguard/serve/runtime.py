@@ -9,26 +9,25 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from advguard.detection import Verdicts
+from advguard.serve.matching import Bank
 
 
 @dataclass(frozen=True)
 class Judged:
     """What the inference thread returns for a batch: the verdicts and, where the query watch
-    is on, the queries' codes (:func:`advguard.serve.queries.encode`) and, where it aligns
-    pooled views, their moved windows (:func:`advguard.serve.queries.moves`)."""
+    is on, the queries' codes (:func:`advguard.serve.queries.encode`) prepared for the scan
+    (:func:`advguard.serve.matching.prepare`: what an admission would otherwise do under the
+    store's lock, one request at a time)."""
 
     verdicts: Verdicts
-    codes: np.ndarray | None = None
-    moved: np.ndarray | None = None  # pooled views moved each way (queries.moves)
+    queries: Bank | None = None
 
     def rows(self, start: int, end: int) -> Judged:
         return Judged(self.verdicts.rows(start, end),
-                      None if self.codes is None else self.codes[start:end],
-                      None if self.moved is None else self.moved[start:end])
+                      None if self.queries is None else self.queries[start:end])
 
 
 class Batcher:

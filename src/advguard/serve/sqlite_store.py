@@ -20,7 +20,7 @@ import numpy as np
 
 from advguard.errors import StateError
 from advguard.serve import state
-from advguard.serve.matching import Cached, Found, History, Ring, detect
+from advguard.serve.matching import Bank, Cached, Found, History, Ring, detect
 from advguard.serve.policy import Admission, CheckedStore, ClientStatus, Policy, reporting
 from advguard.serve.queries import QueryWatch
 
@@ -70,6 +70,12 @@ class SQLiteStore(CheckedStore):
         self._local = threading.local()
         self._writer = threading.Lock()  # this process's writers, one at a time
         self._histories = Cached()  # client -> History (see _history)
+        # (connection, its data_version) after this process's last commit: while a
+        # transaction finds them unchanged, no other connection has written since, and the
+        # copies (histories, index) hold what the database holds (_fresh: no read to check);
+        # a client forgotten (_forgot) leaves the index's copy behind until it is read again
+        self._synced: tuple[sqlite3.Connection, int] | None = None
+        self._fresh = self._forgot = False
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, PRIVATE))
@@ -116,14 +122,23 @@ class SQLiteStore(CheckedStore):
         threads of one process queue on a lock first: left to SQLite's busy handler, a waiting
         thread sleeps in growing steps and a burst of admissions waits hundreds of ms. A
         transaction rolled back drops this process's copies of the histories and the index
-        (they are changed in place as the transaction goes)."""
+        (they are changed in place as the transaction goes). SQLite's ``data_version`` tells
+        whether any other connection (another thread's, another worker's) committed since
+        this process's last transaction: if none did, the copies are used unchecked."""
         db = self._connect()
         with self._writer:
             db.execute("BEGIN IMMEDIATE")
             try:
+                (version,) = db.execute("PRAGMA data_version").fetchone()
+                self._fresh = (self._synced is not None and self._synced[0] is db
+                               and self._synced[1] == version)
+                self._forgot = False
                 yield db
                 db.execute("COMMIT")
+                # a connection's own commits leave its data_version as it is
+                self._synced = None if self._forgot else (db, version)
             except BaseException:
+                self._synced, self._fresh = None, False
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 # the copies read in the transaction were changed in place: read afresh
@@ -142,8 +157,7 @@ class SQLiteStore(CheckedStore):
 
     @reporting
     def _admit(self, client: str, flagged: Sequence[bool], scores: Sequence[float],
-               codes: np.ndarray | None, now: float, answers: list[str],
-               moved: np.ndarray | None) -> Admission:
+               queries: Bank | None, now: float, answers: list[str]) -> Admission:
         p, w = self.policy, self.watch
         none = np.zeros(len(flagged), dtype=bool)
         with self._transaction() as db:
@@ -152,8 +166,8 @@ class SQLiteStore(CheckedStore):
                 self._forget(db, client)
             if record.denied(now):  # refused, and nothing it sent is counted
                 return Admission(False, self._status(db, client, record, now), none)
-            if codes is not None and w is not None:
-                found, seen = self._watch(db, client, codes, answers, w, now, moved)
+            if queries is not None and w is not None:
+                found, seen = self._watch(db, client, queries, answers, w, now)
             else:  # no watch: every query answered fresh, nothing counted
                 found = Found(none, [None] * len(flagged), [() for _ in flagged])
                 seen = state.watched(found, answers, p.flag_beside)
@@ -167,25 +181,25 @@ class SQLiteStore(CheckedStore):
         return Admission(step.answered, status, found.detections, step.denied_now, seen.told,
                          seen.as_before)
 
-    def _watch(self, db: sqlite3.Connection, client: str, codes: np.ndarray,
-               answers: list[str], w: QueryWatch, now: float,
-               moved: np.ndarray | None) -> tuple[Found, state.Watched]:
-        """The watch's findings on ``codes`` and what they come to; the codes join the
+    def _watch(self, db: sqlite3.Connection, client: str, queries: Bank,
+               answers: list[str], w: QueryWatch, now: float) -> tuple[Found, state.Watched]:
+        """The watch's findings on the ``queries`` and what they come to; they join the
         client's history and the global index with the answers they are given (expired
         queries and those past their size leave them)."""
+        codes = queries.raw
         h = self._history(db, client, codes.shape[1])
         old = h.times <= now - w.query_ttl_s
         if old.any():
             db.executemany("DELETE FROM queries WHERE id = ?", [(int(i),) for i in h.ids[old]])
             h.keep(~old)
         ring = self._read_ring(db, now, w, codes.shape[1])
-        found = detect(h.bank, list(h.answers), codes, answers, w, ring, client, moved)
+        found = detect(h.bank, list(h.answers), queries, answers, w, ring, client)
         seen = state.watched(found, answers, self.policy.flag_beside)
         given = seen.kept
         ids = [db.execute("INSERT INTO queries (client, t, code, answer) VALUES (?, ?, ?, ?)",
                           (client, now, c.tobytes(), a)).lastrowid
                for c, a in zip(codes, given, strict=True)]
-        h.add(np.array(ids, dtype=np.int64), np.full(len(ids), now), codes, given)
+        h.add(np.array(ids, dtype=np.int64), np.full(len(ids), now), queries, given)
         if len(h) > w.query_history:
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
                        (client, int(h.ids[-w.query_history - 1])))
@@ -196,7 +210,7 @@ class SQLiteStore(CheckedStore):
                                     "(?, ?, ?, ?)", (client, now, c.tobytes(), a)).lastrowid
                          or 0), client, now, c.tobytes(), a)
                     for c, a in zip(codes, given, strict=True)]
-            ring.extend(rows, codes.shape[1])
+            ring.extend(rows, codes.shape[1], queries)
             ring.trim(now, w.query_ttl_s)
             db.execute("DELETE FROM ring WHERE id <= ? OR t <= ?",
                        (rows[-1][0] - w.query_global, now - w.query_ttl_s))
@@ -210,6 +224,9 @@ class SQLiteStore(CheckedStore):
         ring = self._ring
         if ring is None:
             return None
+        if self._fresh and ring.dims == dims:
+            ring.trim(now, w.query_ttl_s)
+            return ring
         row = db.execute("SELECT value FROM meta WHERE key = 'ring'").fetchone()
         generation = "" if row is None else row[0]
         (top,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM ring").fetchone()
@@ -223,10 +240,13 @@ class SQLiteStore(CheckedStore):
     def _history(self, db: sqlite3.Connection, client: str, dims: int) -> History:
         """The client's stored queries (every process's), inside the admission's transaction:
         only rows newer than this process's copy are read, once the copy is checked (its last
-        row unchanged; row count and first id agreeing); else the history is read whole."""
+        row unchanged; row count and first id agreeing), or taken as it is where no other
+        connection wrote since this process's last transaction; else it is read whole."""
+        h = self._histories.get(client)
+        if self._fresh and h is not None:
+            return h
         count, first = db.execute("SELECT COUNT(*), MIN(id) FROM queries WHERE client = ?",
                                   (client,)).fetchone()
-        h = self._histories.get(client)
         if count and h is not None and len(h):
             row = db.execute("SELECT t FROM queries WHERE id = ? AND client = ?",
                              (int(h.ids[-1]), client)).fetchone()
@@ -248,6 +268,7 @@ class SQLiteStore(CheckedStore):
         """Start the client afresh: its denial lifted, window, evidence and query history
         emptied (its totals stay), and its queries taken out of the global index."""
         self._histories.pop(client, None)
+        self._fresh, self._forgot = False, True  # the index is read again (a new generation)
         record = self._load(db, client)
         if record != state.Record():
             self._save(db, client, record.afresh())
