@@ -114,7 +114,7 @@ def serve(
     from advguard.errors import InputError
     from advguard.serve.app import ENV, worker_threads
     from advguard.serve.guard import Guard, read_keys
-    from advguard.serve.http import TimedH11Protocol
+    from advguard.serve.http import TimedHTTPProtocol
     from advguard.serve.stores import open_store, reset_sqlite, sqlite_path
 
     if not 0 < port < 65536:
@@ -142,7 +142,7 @@ def serve(
     os.environ[ENV] = settings.to_env()
     uvicorn.run("advguard.serve.app:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level="info", access_log=False,
-                http=functools.partial(TimedH11Protocol,  # type: ignore[arg-type]
+                http=functools.partial(TimedHTTPProtocol,  # type: ignore[arg-type]
                                        header_timeout=settings.limits.header_timeout_s),
                 timeout_keep_alive=math.ceil(settings.limits.keep_alive_s),
                 limit_concurrency=settings.limits.max_connections)
