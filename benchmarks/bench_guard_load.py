@@ -33,7 +33,8 @@ RING_ROWS = 20_000  # rows written to measure the index's memory per query
 # the services measured: name -> arguments of `advguard serve`. Two workers: two processes
 # sharing the SQLite state (each its own copies of the histories and the index), the GIL no
 # longer one for the whole service
-SETTINGS = {"everything-on": (), "everything-on-2-workers": ("--workers", "2"),
+SETTINGS = {"everything-on": (), "everything-on-1-thread": ("--threads", "1"),
+            "everything-on-2-workers": ("--workers", "2"),
             "everything-on-2-workers-2-threads": ("--workers", "2", "--threads", "2"),
             "watch-off": ("--no-query-watch",)}
 

@@ -22,26 +22,33 @@ def check_images(x: torch.Tensor, *, channels: int | None = None,
     if x.dtype != torch.float32:
         raise InputError(f"{name} must be float32 like the models' weights, got {x.dtype} "
                          "(convert with x.float())")
-    if x.ndim != 4:
-        raise InputError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
-    if channels is not None and x.shape[1] != channels:
-        raise InputError(f"{name} have {x.shape[1]} channels, the model expects {channels} "
-                         f"(shape {tuple(x.shape)})")
-    if size is not None and tuple(x.shape[2:]) != tuple(size):
-        raise InputError(f"{name} are {x.shape[2]}x{x.shape[3]}, the model expects "
-                         f"{size[0]}x{size[1]} (shape {tuple(x.shape)})")
-    if x.numel() == 0:
-        raise InputError(f"{name} are empty (shape {tuple(x.shape)})")
-    # on the CPU the values are read through NumPy: each torch call hands the interpreter
-    # lock back and waits for it again, and the service's event loop checks every request
-    # while its inference and admission threads hold that lock (a third of the time of
-    # NumPy's three calls under load)
-    values: torch.Tensor | np.ndarray = x
-    if x.device.type == "cpu":
-        values = x.detach().numpy()
+    check_pixels(x.detach().numpy() if x.device.type == "cpu" else x, channels=channels,
+                 size=size, name=name)
+
+
+def check_pixels(values: torch.Tensor | np.ndarray, *, channels: int | None = None,
+                 size: tuple[int, int] | None = None, name: str = "images") -> None:
+    """The checks of :func:`check_images` past the type: shape ``(N, C, H, W)`` (of
+    ``channels`` and ``size`` where given), not empty, finite, in [0, 1] — of a tensor's
+    values, or of a float NumPy array's before it becomes one. On the CPU they are read through
+    NumPy: each torch call hands the interpreter lock back and waits for it again, and the
+    service's event loop checks every request while its inference and admission threads hold
+    that lock (a third of the time of NumPy's three calls under load)."""
+    shape = tuple(values.shape)
+    if len(shape) != 4:
+        raise InputError(f"{name} must have shape (N, C, H, W), got {shape}")
+    if channels is not None and shape[1] != channels:
+        raise InputError(f"{name} have {shape[1]} channels, the model expects {channels} "
+                         f"(shape {shape})")
+    if size is not None and shape[2:] != tuple(size):
+        raise InputError(f"{name} are {shape[2]}x{shape[3]}, the model expects "
+                         f"{size[0]}x{size[1]} (shape {shape})")
+    if 0 in shape:
+        raise InputError(f"{name} are empty (shape {shape})")
+    if isinstance(values, np.ndarray):
         finite = bool(np.isfinite(values).all())
     else:
-        finite = bool(torch.isfinite(x).all())
+        finite = bool(torch.isfinite(values).all())
     if not finite:
         raise InputError(f"{name} contain NaN or infinite values")
     lo, hi = float(values.min()), float(values.max())

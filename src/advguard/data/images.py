@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advguard.data.checks import check_images
+from advguard.data.checks import check_pixels
 from advguard.errors import InputError, TooLargeError, UnsupportedFormatError
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -67,9 +67,9 @@ def images_from_array(array: np.ndarray, *, channels: int | None = None,
         raise InputError(f"images must be floating point in [0, 1], got dtype {array.dtype}"
                          f"{hint}")
     with np.errstate(over="ignore", invalid="ignore"):  # out of float32's range: inf, refused
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    check_images(x, channels=channels, size=size)
-    return x
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    check_pixels(array, channels=channels, size=size)  # before the tensor: no torch call
+    return torch.from_numpy(array)
 
 
 IMAGE_FORMATS = ("PNG", "JPEG")
