@@ -54,9 +54,11 @@ class Policy:
     # stops it. Detections deny no one by default (honest cameras send near-copies all day),
     # and neither do flips — a near-copy the model would have answered with another class, as
     # a query attack sends when it crosses the boundary: on validation traffic no flip limit
-    # changed how many attack streams were fooled and trusted (none at any limit), while a
-    # limit of 1 denied 3 of 10 jittering cameras (benchmarks/choose_flip_limit.py); an
-    # operator whose clients never resend one scene can deny on them (--max-flips 2)
+    # changed how many attack streams were fooled and trusted (none at any limit), while
+    # behind the plain LeNet-5 a limit of 2 denied 3 of 10 jittering cameras and 9 of 10
+    # clients sending augmented copies (benchmarks/choose_flip_limit.py; behind the mixed-MAT
+    # one no honest stream flipped): only a model that holds its class over its clients'
+    # copies can afford to deny on them (--max-flips N)
     max_repeats: int = option(0, "attack-process detections (queries too close to the "
                                  "client's recent ones or to other keys') within window_s "
                                  "that deny a client; 0: off")
