@@ -652,3 +652,24 @@ def test_a_sqlite_store_reads_again_what_another_connection_changed_between_admi
     with sqlite3.connect(tmp_path / "v.db") as db:
         db.execute("DELETE FROM queries WHERE client = 'q'")
     assert not s.admit("q", [False], [0.9], near[4][None], now=5).repeats[0]
+
+
+def test_a_sqlite_worker_checks_every_copy_after_another_wrote_not_only_those_it_reads(
+        tmp_path):
+    """After another worker wrote, a transaction checks only the copies it reads; the others
+    are checked when next used: a history cleared by worker b while worker a admitted other
+    clients, and index rows b added while a ran a transaction that read no index."""
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0)
+    a, b = (SQLiteStore(tmp_path / "e.db", quiet, linking()) for _ in range(2))
+    near, far = codes(8, seed=17, spread=0.01), codes(8, seed=18, spread=10.0)
+    for i in range(3):
+        a.admit("q", [False], [0.9], near[i][None], now=i)  # a's copy of q: 3 near-copies
+    b.clear("q")
+    a.admit("p", [False], [0.9], far[0][None], now=4)  # checks p's history, not q's
+    assert not a.admit("q", [False], [0.9], near[3][None], now=5).repeats[0]
+    other = codes(8, seed=19, spread=0.01)
+    for i in range(3):
+        b.admit(f"x{i}", [False], [0.9], other[i][None], now=6 + i)  # index rows via b
+    a.record("r", [False], [0.9], now=9)  # a transaction that reads no index
+    found = a.admit("y", [False], [0.9], other[3][None], now=10)
+    assert found.repeats[0] and found.status.linked == ["x0", "x1", "x2"]

@@ -69,13 +69,13 @@ class SQLiteStore(CheckedStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._writer = threading.Lock()  # this process's writers, one at a time
-        self._histories = Cached()  # client -> History (see _history)
-        # (connection, its data_version) after this process's last commit: while a
-        # transaction finds them unchanged, no other connection has written since, and the
-        # copies (histories, index) hold what the database holds (_fresh: no read to check);
-        # a client forgotten (_forgot) leaves the index's copy behind until it is read again
+        self._histories = Cached()  # client -> (epoch it was checked in, History)
+        # (connection, its data_version) after this process's last commit. A transaction that
+        # finds them changed (another connection wrote) starts a new epoch; a copy checked
+        # against the table in the current epoch (a history, the index: _ring_epoch) holds
+        # what the database holds and is used without reads, any other is checked first
         self._synced: tuple[sqlite3.Connection, int] | None = None
-        self._fresh = self._forgot = False
+        self._epoch = self._ring_epoch = 0
         self._ring = Ring(watch.query_global) if watch is not None and watch.linking else None
         try:
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, PRIVATE))
@@ -124,21 +124,22 @@ class SQLiteStore(CheckedStore):
         transaction rolled back drops this process's copies of the histories and the index
         (they are changed in place as the transaction goes). SQLite's ``data_version`` tells
         whether any other connection (another thread's, another worker's) committed since
-        this process's last transaction: if none did, the copies are used unchecked."""
+        this process's last transaction: if none did, the copies checked since are used
+        unchecked (see ``_epoch``)."""
         db = self._connect()
         with self._writer:
             db.execute("BEGIN IMMEDIATE")
             try:
                 (version,) = db.execute("PRAGMA data_version").fetchone()
-                self._fresh = (self._synced is not None and self._synced[0] is db
-                               and self._synced[1] == version)
-                self._forgot = False
+                if self._synced is None or self._synced[0] is not db or (
+                        self._synced[1] != version):
+                    self._epoch += 1  # every copy is checked before it is used again
                 yield db
                 db.execute("COMMIT")
                 # a connection's own commits leave its data_version as it is
-                self._synced = None if self._forgot else (db, version)
+                self._synced = (db, version)
             except BaseException:
-                self._synced, self._fresh = None, False
+                self._synced = None
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 # the copies read in the transaction were changed in place: read afresh
@@ -204,7 +205,7 @@ class SQLiteStore(CheckedStore):
             db.execute("DELETE FROM queries WHERE client = ? AND id <= ?",
                        (client, int(h.ids[-w.query_history - 1])))
             h.keep_newest(w.query_history)
-        self._histories.put(client, h)
+        self._histories.put(client, (self._epoch, h))
         if ring is not None:
             rows = [(int(db.execute("INSERT INTO ring (client, t, code, answer) VALUES "
                                     "(?, ?, ?, ?)", (client, now, c.tobytes(), a)).lastrowid
@@ -224,9 +225,10 @@ class SQLiteStore(CheckedStore):
         ring = self._ring
         if ring is None:
             return None
-        if self._fresh and ring.dims == dims:
+        if self._ring_epoch == self._epoch and ring.dims == dims:
             ring.trim(now, w.query_ttl_s)
             return ring
+        self._ring_epoch = self._epoch
         row = db.execute("SELECT value FROM meta WHERE key = 'ring'").fetchone()
         generation = "" if row is None else row[0]
         (top,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM ring").fetchone()
@@ -242,8 +244,8 @@ class SQLiteStore(CheckedStore):
         only rows newer than this process's copy are read, once the copy is checked (its last
         row unchanged; row count and first id agreeing), or taken as it is where no other
         connection wrote since this process's last transaction; else it is read whole."""
-        h = self._histories.get(client)
-        if self._fresh and h is not None:
+        epoch, h = self._histories.get(client, (None, None))
+        if epoch == self._epoch and h is not None:
             return h
         count, first = db.execute("SELECT COUNT(*), MIN(id) FROM queries WHERE client = ?",
                                   (client,)).fetchone()
@@ -268,7 +270,7 @@ class SQLiteStore(CheckedStore):
         """Start the client afresh: its denial lifted, window, evidence and query history
         emptied (its totals stay), and its queries taken out of the global index."""
         self._histories.pop(client, None)
-        self._fresh, self._forgot = False, True  # the index is read again (a new generation)
+        self._ring_epoch = -1  # the index's copy is read again (a new generation)
         record = self._load(db, client)
         if record != state.Record():
             self._save(db, client, record.afresh())
