@@ -413,6 +413,10 @@ def test_slow_and_idle_connections_are_closed(bad_server, keys):
     # slow headers: one byte every 0.5 s
     answer, took = raw_exchange(url, [bytes([b]) for b in head], pause=0.5)
     assert answer == b"" and 1.5 < took < 6
+    # headers that go on past 16 KiB unfinished (httptools would hold them all): 431, closed
+    answer, took = raw_exchange(url, [head] + [b"X-Pad: " + b"a" * 4000 + b"\r\n"] * 8,
+                                pause=0.05)
+    assert answer.startswith(b"HTTP/1.1 431") and took < 3
     # a Content-Length larger than the body: 408 after the body timeout (2 s), not a hang
     before = counted(url, 408)
     answer, took = raw_exchange(url, [head + b"Content-Length: 1000\r\n\r\n" + b'{"images"'])
