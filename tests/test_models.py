@@ -77,3 +77,21 @@ def test_truncated_and_mismatched_checkpoints(tmp_path):
     save_model(tmp_path / "wrong.safetensors", model, arch="lenet5", dataset="mnist")
     with pytest.raises(CheckpointError, match="does not match its model 'lenet5'"):
         load_model(tmp_path / "wrong.safetensors")
+
+
+def test_eval_mode_puts_back_what_it_found_also_when_the_model_was_in_eval_mode():
+    """A model wholly in eval mode is left alone (no walk over its modules), but one switched
+    to training inside the block is put back in eval mode, as one found training is put back
+    in training mode."""
+    from torch import nn
+
+    from advguard.models.inference import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).eval()
+    with eval_mode(model):
+        model.train()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())

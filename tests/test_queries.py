@@ -451,5 +451,8 @@ def test_queries_prepared_before_the_admission_scan_as_their_codes_do(digits):
         assert all(np.array_equal(a, b) for a, b in zip(plain.near, got.near, strict=True))
         assert all(np.array_equal(a, b) for a, b in zip(plain.ball, got.ball, strict=True))
         assert plain.found.any() or any(len(b) for b in plain.ball)  # something to compare
+        unmoved = scan(bank, queries, 3, 1000, None, ball)  # the alignment decided some rows
+        assert not np.array_equal(unmoved.found, plain.found) or any(
+            len(a) != len(b) for a, b in zip(unmoved.ball, plain.ball, strict=True))
         one = ready[2:3]  # a request's rows of a batch keep their windows
         assert one.moved is not None and np.array_equal(one.moved[0], ready.moved[2])

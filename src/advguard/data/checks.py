@@ -22,8 +22,13 @@ def check_images(x: torch.Tensor, *, channels: int | None = None,
     if x.dtype != torch.float32:
         raise InputError(f"{name} must be float32 like the models' weights, got {x.dtype} "
                          "(convert with x.float())")
-    check_pixels(x.detach().numpy() if x.device.type == "cpu" else x, channels=channels,
-                 size=size, name=name)
+    values: torch.Tensor | np.ndarray = x
+    if x.device.type == "cpu":
+        try:
+            values = x.detach().numpy()
+        except (RuntimeError, TypeError):  # views NumPy cannot hold (sparse, transformed)
+            values = x
+    check_pixels(values, channels=channels, size=size, name=name)
 
 
 def check_pixels(values: torch.Tensor | np.ndarray, *, channels: int | None = None,

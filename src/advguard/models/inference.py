@@ -20,7 +20,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     wholly in eval mode already is left alone: switching walks every module twice, a fifth of
     a LeNet-5's forward pass at batch 1, and the service's model is always in eval mode)."""
     if not any(m.training for m in model.modules()):
-        yield model
+        try:
+            yield model
+        finally:
+            if any(m.training for m in model.modules()):  # switched inside: back to eval
+                model.eval()
         return
     was_training = model.training
     model.eval()

@@ -248,8 +248,9 @@ class CheckedStore:
         """Count a request's verdicts (and, when queries are watched, its query codes, or the
         codes prepared already by :func:`~advguard.serve.matching.prepare`, with the
         ``answers`` the model gives them, as JSON: see :mod:`advguard.serve.state`, and for
-        pooled views their moved windows, :func:`advguard.serve.queries.moves`) and decide in
-        one atomic step whether it is answered, and which answers are replaced."""
+        pooled views their moved windows, :func:`advguard.serve.queries.moves`, which prepared
+        codes carry already) and decide in one atomic step whether it is answered, and which
+        answers are replaced."""
         return self._admit(client, flagged, scores, self.watching(codes, len(flagged), moved),
                            time.time() if now is None else now,
                            list(answers) if answers is not None else ["{}"] * len(flagged))
