@@ -66,10 +66,15 @@ class TimedHTTPProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm()
 
+    @property
+    def _awaiting_headers(self) -> bool:
+        """No request under way: what arrives is a request's line and headers."""
+        return self.cycle is None or self.cycle.response_complete
+
     def data_received(self, data: bytes) -> None:
-        waiting = self.cycle is None or self.cycle.response_complete  # for a request's headers
+        waiting = self._awaiting_headers
         super().data_received(data)
-        if self.cycle is not None and not self.cycle.response_complete:
+        if not self._awaiting_headers:
             self._disarm()  # the headers are in; the body has its own deadline (BodyLimit)
             self._header_bytes = 0
             return
@@ -105,7 +110,7 @@ class TimedHTTPProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._header_timer = None
-        if self.cycle is None or self.cycle.response_complete:
+        if self._awaiting_headers:
             log.info(json.dumps({"event": "timeout", "client": _peer(self.client),
                                  "detail": f"no complete request headers within "
                                            f"{self.header_timeout:g} s"}))

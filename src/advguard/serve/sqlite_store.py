@@ -242,8 +242,9 @@ class SQLiteStore(CheckedStore):
     def _history(self, db: sqlite3.Connection, client: str, dims: int) -> History:
         """The client's stored queries (every process's), inside the admission's transaction:
         only rows newer than this process's copy are read, once the copy is checked (its last
-        row unchanged; row count and first id agreeing), or taken as it is where no other
-        connection wrote since this process's last transaction; else it is read whole."""
+        row unchanged; row count and first id agreeing), or taken as it is when it was checked
+        in the current epoch (no other connection wrote since: see ``_transaction``); else it
+        is read whole."""
         epoch, h = self._histories.get(client, (None, None))
         if epoch == self._epoch and h is not None:
             return h
