@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import time
@@ -182,28 +183,119 @@ async def clients(url: str, keys: list[str], streams: list[torch.Tensor]) -> dic
             "false_alarms_per_query": sum(r for _, _, r in results) / images}
 
 
-async def load(url: str, keys: list[str], x: torch.Tensor) -> dict[str, Any]:
+async def _raw_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: bytes) -> int:
+    """Send one pre-encoded HTTP/1.1 request on a kept-alive connection; the answer's status
+    (its body read by its Content-Length and dropped)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
+    await reader.readexactly(length)
+    return status
+
+
+def predict_requests(host: str, keys: list[str], images: torch.Tensor,
+                     clients: int) -> list[list[bytes]]:
+    """Each load client's requests, encoded before the clock starts: client k sends images
+    k, k + clients, … (one image a request, JSON as `send` posts it)."""
+    out: list[list[bytes]] = [[] for _ in range(clients)]
+    for i, image in enumerate(images):
+        k = i % clients
+        body = json.dumps({"images": image[None].tolist()}, separators=(",", ":")).encode()
+        out[k].append(b"POST /v1/predict HTTP/1.1\r\nHost: " + host.encode()
+                      + b"\r\nX-API-Key: " + keys[k].encode()
+                      + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and every live descendant (a service's
+    workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        grew = False
+        for p, (parent, _) in stats.items():
+            if parent in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
+async def load(url: str, keys: list[str], x: torch.Tensor, *, generator: str = "raw",
+               clients: int = LOAD_CLIENTS, server_pid: int | None = None) -> dict[str, Any]:
+    """``LOAD_REQUESTS`` one-image requests from ``clients`` concurrent clients, each on one
+    kept-alive connection. ``generator="raw"`` sends requests encoded before the clock starts
+    over asyncio streams (the load generator shares the machine's cores with the service, and
+    its own CPU time a request is measured and reported); ``"httpx"`` encodes each request
+    and posts it with httpx, as the benchmark did first."""
     latencies: list[float] = []
     errors = 0
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    requests = predict_requests(host, keys, x[torch.arange(LOAD_REQUESTS) % len(x)], clients)
 
-    async def worker(k: int, c: httpx.AsyncClient) -> None:
+    async def raw(k: int) -> None:
         nonlocal errors
-        for i in range(k, LOAD_REQUESTS, LOAD_CLIENTS):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for request in requests[k]:
+                t0 = time.perf_counter()
+                status = await _raw_post(reader, writer, request)
+                latencies.append(time.perf_counter() - t0)
+                errors += status != 200
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def with_httpx(k: int, c: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in range(k, LOAD_REQUESTS, clients):
             t0 = time.perf_counter()
             r = await send(c, keys[k], x[i % len(x)])
             latencies.append(time.perf_counter() - t0)
             errors += r.status_code != 200
 
     async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 limits=httpx.Limits(max_connections=LOAD_CLIENTS)) as c:
+                                 limits=httpx.Limits(max_connections=clients)) as c:
         await send(c, keys[0], x[0])  # warm-up
+        cpu0, server0 = time.process_time(), cpu_seconds(server_pid) if server_pid else 0.0
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(k, c) for k in range(LOAD_CLIENTS)))
+        if generator == "raw":
+            await asyncio.gather(*(raw(k) for k in range(clients)))
+        elif generator == "httpx":
+            await asyncio.gather(*(with_httpx(k, c) for k in range(clients)))
+        else:
+            raise ValueError(f"unknown load generator {generator!r}: raw or httpx")
         wall = time.perf_counter() - t0
+        generator_cpu = time.process_time() - cpu0
+        server_cpu = cpu_seconds(server_pid) - server0 if server_pid else None
     lat = sorted(latencies)
-    return {"requests": LOAD_REQUESTS, "concurrent_clients": LOAD_CLIENTS, "errors": errors,
-            "requests_per_s": LOAD_REQUESTS / wall, "p50_ms": 1000 * statistics.median(lat),
-            "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))]}
+    out = {"requests": LOAD_REQUESTS, "concurrent_clients": clients, "generator": generator,
+           "errors": errors, "requests_per_s": LOAD_REQUESTS / wall,
+           "p50_ms": 1000 * statistics.median(lat),
+           "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+           "generator_cpu_ms_per_request": 1000 * generator_cpu / LOAD_REQUESTS}
+    if server_cpu is not None:
+        out["server_cpu_ms_per_request"] = 1000 * server_cpu / LOAD_REQUESTS
+    return out
 
 
 def in_process(guard: Guard, x: torch.Tensor) -> float:

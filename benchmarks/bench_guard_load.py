@@ -98,30 +98,41 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8733)
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated services to measure, of {', '.join(SETTINGS)}")
+    parser.add_argument("--generators", default="raw",
+                        help="comma-separated load generators, each against a fresh service: "
+                             "raw (requests encoded before the clock, asyncio streams) or "
+                             "httpx (each request encoded and posted by httpx)")
+    parser.add_argument("--clients", type=int, default=LOAD_CLIENTS,
+                        help="concurrent one-image clients")
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])
     result: dict[str, Any] = {}
+    generators = args.generators.split(",")
     for name in args.settings.split(","):
         extra = SETTINGS[name]
-        ids = [f"load-{name}-{k}" for k in range(LOAD_CLIENTS)]
-        keys = read_keys(args.guard_dir / KEYS)
-        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
-        write_keys(args.guard_dir / KEYS, keys)
-        key_of = {c.id: k for k, c in keys.items()}
-        proc = start_server(args.guard_dir, args.port, args.guard_dir / "load-clients.db",
-                            *extra)
-        try:
-            result[name] = asyncio.run(load(f"http://127.0.0.1:{args.port}",
-                                            [key_of[c] for c in ids], x))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        local = in_process(guard, x)  # right after, on the same machine state
-        result[name]["in_process_images_per_s"] = local
-        result[name]["service_over_in_process"] = result[name]["requests_per_s"] / local
-        print(name, json.dumps(result[name]), flush=True)
+        for generator in generators:
+            ids = [f"load-{name}-{k}" for k in range(args.clients)]
+            keys = read_keys(args.guard_dir / KEYS)
+            keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+            write_keys(args.guard_dir / KEYS, keys)
+            key_of = {c.id: k for k, c in keys.items()}
+            proc = start_server(args.guard_dir, args.port, args.guard_dir / "load-clients.db",
+                                *extra)
+            try:
+                run = asyncio.run(load(f"http://127.0.0.1:{args.port}",
+                                       [key_of[c] for c in ids], x, generator=generator,
+                                       clients=args.clients, server_pid=proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            local = in_process(guard, x)  # right after, on the same machine state
+            run["in_process_images_per_s"] = local
+            run["service_over_in_process"] = run["requests_per_s"] / local
+            label = name if len(generators) == 1 else f"{name}-{generator}"
+            result[label] = run
+            print(label, json.dumps(run), flush=True)
     result["global_index"] = ring_memory(guard, x, args.guard_dir)
     print(json.dumps(result["global_index"]), flush=True)
     save(args.out, {"guard": json.loads((args.guard_dir / "guard.json").read_text()),
