@@ -4,7 +4,16 @@ measured side by side in one run; and what the global index costs: its memory pe
 queries (SQLite file growth and Redis ``MEMORY USAGE`` of the stream, per query) and the time
 one admission spends comparing with it.
 
+The load generator shares the machine's cores with the service: by default (``--generators
+raw``) it encodes every request before the clock starts and sends them over kept-alive asyncio
+streams; ``httpx`` posts each request through httpx, encoding it in the timed loop (the
+benchmark's first generator, 1.5 ms of CPU a request on the 2-core machine against 0.1 ms).
+Each run reports the service's CPU time a request (its process and workers, from /proc) and
+the generator's.
+
     python benchmarks/bench_guard_load.py --guard-dir runs/guard-mnist
+    python benchmarks/bench_guard_load.py --guard-dir runs/guard-mnist-mat \
+        --settings everything-on,watch-off --generators raw,httpx
 """
 
 from __future__ import annotations
