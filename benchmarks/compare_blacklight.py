@@ -1,12 +1,22 @@
-"""Blacklight (Li et al., USENIX Security 2022) beside advguard's query watch, offline, on the
-very same query streams: which attacks each detects, how soon, and how many honest queries it
-takes for an attack's.
+"""Blacklight (Li et al., USENIX Security 2022) and PIHA (Choi et al., Computers & Security
+2023) beside advguard's query watch, offline, on the very same query streams: which attacks
+each detects, how soon, and how many honest queries it takes for an attack's.
 
 **Blacklight** as its paper and the OARS authors' configuration define it (no setting chosen
 here): every pixel quantised to multiples of 50 (of 255), the flattened image cut into every
 window of 20 consecutive values (step 1), each window hashed (SHA-256, with a salt), the 50
 largest distinct hashes kept; a query is *detected* when it shares at least 25 of its 50
 hashes with one query already stored — one store over every account.
+
+**PIHA** as the OARS authors' code configures it for CIFAR-10 (no setting chosen here): the
+image blurred (3 × 3 Gaussian, σ 1, edges reflected), its hue (HSV, degrees) cut into blocks
+of 7 × 7 (the image padded with zeros on the right and bottom by 7 − side mod 7), each block
+summed, and the local binary pattern (8 neighbours at radius 1, interpolated, zero outside)
+of that block-sum matrix is the hash; a query is *detected* when its nearest stored hash
+differs in at most 5% of its entries. A grey image has no hue (every hash alike): on MNIST
+the grey value takes the hue's place, the one change made. Computed with OpenCV and
+scikit-image (``cv2.GaussianBlur``, ``cv2.cvtColor``, ``skimage.feature.local_binary_pattern``:
+``pip install -e ".[bench]"``), as the OARS code computes it.
 
 **The query watch**: the guard folder's calibrated watch run as the service runs it (a SQLite
 store, the per-key history and the global index), under a policy that denies nobody, so every
@@ -30,6 +40,7 @@ import hashlib
 import statistics
 import tempfile
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +53,7 @@ from common import save
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy
-from advguard.serve.queries import encode
+from advguard.serve.queries import encode, moves
 from advguard.serve.state import kept
 from advguard.serve.stores import SQLiteStore
 
@@ -76,6 +87,51 @@ class Blacklight:
         return hit
 
 
+PIHA_BLOCK, PIHA_THRESHOLD = 7, 0.05  # OARS's configs for PIHA on CIFAR-10
+
+
+def piha_hash(x: torch.Tensor) -> np.ndarray:
+    """PIHA's hash of one image (C, H, W) in [0, 1]: the local binary pattern of the block
+    sums of its blurred hue (a grey image: of its grey value), computed by OpenCV and
+    scikit-image as the OARS authors compute it."""
+    import cv2
+    from skimage.feature import local_binary_pattern
+
+    a = cv2.GaussianBlur(x.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32),
+                         (3, 3), 1)
+    plane = cv2.cvtColor(a, cv2.COLOR_RGB2HSV)[:, :, 0] if a.ndim == 3 else a
+    pad = PIHA_BLOCK - plane.shape[0] % PIHA_BLOCK
+    plane = np.pad(plane, ((0, pad), (0, pad)))
+    steps = range(0, plane.shape[0], PIHA_BLOCK)
+    sums = np.array([[plane[i:i + PIHA_BLOCK, j:j + PIHA_BLOCK].sum() for j in steps]
+                     for i in steps])
+    with warnings.catch_warnings():  # it warns that float ties are fragile; PIHA's own way
+        warnings.simplefilter("ignore", UserWarning)
+        return local_binary_pattern(sums, 8, 1).ravel()
+
+
+class PIHA:
+    """One store of hashes over every account; a query is detected when its nearest stored
+    hash differs in at most ``PIHA_THRESHOLD`` of its entries."""
+
+    def __init__(self) -> None:
+        self.hashes: list[np.ndarray] = []
+        self.stored: np.ndarray | None = None
+
+    def query(self, x: torch.Tensor) -> bool:
+        h = piha_hash(x)
+        hit = False
+        if self.hashes:
+            if self.stored is None or len(self.stored) < len(self.hashes):
+                self.stored = np.stack(self.hashes)
+            hit = bool((self.stored != h).mean(1).min() <= PIHA_THRESHOLD)
+        self.hashes.append(h)
+        return hit
+
+
+BASELINES: dict[str, type[Blacklight] | type[PIHA]] = {"blacklight": Blacklight, "piha": PIHA}
+
+
 class Watch:
     """The guard's query watch in a SQLite store of its own, denying nobody."""
 
@@ -83,12 +139,15 @@ class Watch:
         watch = guard.config.watch()
         assert watch is not None, "the guard folder has no calibrated query watch"
         self.store = SQLiteStore(folder / "compare.db", QUIET, watch)
-        self.now = 0.0
+        self.now, self.shift = 0.0, watch.shift
 
     def query(self, client: str, x: torch.Tensor) -> bool:
         self.now += 0.001
+        # as the service prepares a query: a pooled (colour) view's moved windows are the
+        # image's own, moved before it is pooled
+        moved = moves(x[None], self.shift) if self.shift else None
         a = self.store.admit(client, [False], [1.0], encode(x[None]), self.now,
-                             [kept({"class": 0}, 0)])
+                             [kept({"class": 0}, 0)], moved)
         return bool(a.repeats[0])
 
 
@@ -142,38 +201,43 @@ def first_hits(hits: list[list[bool]]) -> dict[str, Any]:
 
 
 def compare_attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, eps: float,
-                    folder: Path) -> dict[str, Any]:
+                    folder: Path, names: list[str]) -> dict[str, Any]:
     rows = {}
-    for name in ATTACKS:
+    for name in names:
         t0 = time.perf_counter()
         sent = attack_streams(guard, x, y, eps, name)
         watch = Watch(guard, folder / name.replace("/", "-"))
         ours = [[watch.query(f"{name}-{i}", q) for q in s] for i, s in enumerate(sent)]
-        theirs = []
-        for s in sent:  # each attack alone on the service, as the paper measures
-            store = Blacklight()
-            theirs.append([store.query(q) for q in s])
-        rows[name] = {"blacklight": first_hits(theirs), "watch": first_hits(ours),
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        rows[name] = {"watch": first_hits(ours)}
+        for side, store_kind in BASELINES.items():  # each attack alone, as the papers measure
+            hits = []
+            for s in sent:
+                store = store_kind()
+                hits.append([store.query(q) for q in s])
+            rows[name][side] = first_hits(hits)
+        rows[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(name, rows[name], flush=True)
     return rows
 
 
-def compare_honest(guard: Guard, x: torch.Tensor, folder: Path) -> dict[str, Any]:
+def compare_honest(guard: Guard, x: torch.Tensor, folder: Path,
+                   kinds: list[str]) -> dict[str, Any]:
     rows = {}
-    for kind in KINDS:
-        watch, store = Watch(guard, folder / kind), Blacklight()
-        ours, theirs = [0] * CLIENTS, [0] * CLIENTS
+    for kind in kinds:
+        watch = Watch(guard, folder / kind)
+        stores = {side: store_kind() for side, store_kind in BASELINES.items()}
+        counts: dict[str, list[int]] = {side: [0] * CLIENTS for side in ("watch", *stores)}
         sent = [[im for batch in streams(x, kind, c) for im in batch] for c in range(CLIENTS)]
         for step in range(max(len(s) for s in sent)):  # the clients take turns
             for c in range(CLIENTS):
                 if step < len(sent[c]):
-                    ours[c] += watch.query(f"{kind}-{c}", sent[c][step])
-                    theirs[c] += store.query(sent[c][step])
+                    counts["watch"][c] += watch.query(f"{kind}-{c}", sent[c][step])
+                    for side, store in stores.items():
+                        counts[side][c] += store.query(sent[c][step])
         n = sum(len(s) for s in sent)
         rows[kind] = {side: {"queries": n, "detections": sum(d),
                              "per_query": sum(d) / n, "clients_with_one": sum(v > 0 for v in d)}
-                      for side, d in (("blacklight", theirs), ("watch", ours))}
+                      for side, d in counts.items()}
         print(kind, rows[kind], flush=True)
     return rows
 
@@ -185,20 +249,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--out", default="blacklight-comparison")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated attack rows and honest kinds to run (all if unset)")
     args = parser.parse_args()
     guard = Guard.load(args.guard_dir)
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.tensor([int(test[i][1]) for i in range(args.images)])
+    only = None if args.only is None else set(args.only.split(","))
+    if only is not None and only - {*ATTACKS, *KINDS}:
+        parser.error(f"--only: unknown {sorted(only - {*ATTACKS, *KINDS})}; "
+                     f"of {', '.join([*ATTACKS, *KINDS])}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for sub in [*ATTACKS, *KINDS]:
             (folder / sub.replace("/", "-")).mkdir()
-        attacks = compare_attacks(guard, x[:args.images], y, args.eps, folder)
-        honest = compare_honest(guard, x[100:], folder)
+        attacks = compare_attacks(guard, x[:args.images], y, args.eps, folder,
+                                  [n for n in ATTACKS if only is None or n in only])
+        honest = compare_honest(guard, x[100:], folder,
+                                [k for k in KINDS if only is None or k in only])
     save(args.out, {"guard": guard.config.queries, "eps": args.eps, "images": args.images,
                     "blacklight": {"round": ROUND, "window": WINDOW, "keep": KEEP,
                                    "match": MATCH},
+                    "piha": {"block": PIHA_BLOCK, "threshold": PIHA_THRESHOLD},
                     "attacks": attacks, "honest": honest}, args.guard_dir)
 
 
