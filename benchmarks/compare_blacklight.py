@@ -141,13 +141,23 @@ class Watch:
         self.store = SQLiteStore(folder / "compare.db", QUIET, watch)
         self.now, self.shift = 0.0, watch.shift
 
-    def query(self, client: str, x: torch.Tensor) -> bool:
+    def codes(self, images: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Each image's query code and, for a pooled (colour) view, its moved windows (the
+        image's own, moved before it is pooled), as the service's inference thread computes
+        them; in batches (each image's numbers are its own, whatever its batch)."""
+        out: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for i in range(0, len(images), 256):
+            batch = torch.stack(images[i:i + 256])
+            codes = encode(batch)
+            moved = moves(batch, self.shift) if self.shift else None
+            out += [(codes[j:j + 1], None if moved is None else moved[j:j + 1])
+                    for j in range(len(batch))]
+        return out
+
+    def query(self, client: str, code: tuple[np.ndarray, np.ndarray | None]) -> bool:
         self.now += 0.001
-        # as the service prepares a query: a pooled (colour) view's moved windows are the
-        # image's own, moved before it is pooled
-        moved = moves(x[None], self.shift) if self.shift else None
-        a = self.store.admit(client, [False], [1.0], encode(x[None]), self.now,
-                             [kept({"class": 0}, 0)], moved)
+        a = self.store.admit(client, [False], [1.0], code[0], self.now,
+                             [kept({"class": 0}, 0)], code[1])
         return bool(a.repeats[0])
 
 
@@ -207,7 +217,8 @@ def compare_attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, eps: float,
         t0 = time.perf_counter()
         sent = attack_streams(guard, x, y, eps, name)
         watch = Watch(guard, folder / name.replace("/", "-"))
-        ours = [[watch.query(f"{name}-{i}", q) for q in s] for i, s in enumerate(sent)]
+        ours = [[watch.query(f"{name}-{i}", q) for q in watch.codes(s)]
+                for i, s in enumerate(sent)]
         rows[name] = {"watch": first_hits(ours)}
         for side, store_kind in BASELINES.items():  # each attack alone, as the papers measure
             hits = []
@@ -228,10 +239,11 @@ def compare_honest(guard: Guard, x: torch.Tensor, folder: Path,
         stores = {side: store_kind() for side, store_kind in BASELINES.items()}
         counts: dict[str, list[int]] = {side: [0] * CLIENTS for side in ("watch", *stores)}
         sent = [[im for batch in streams(x, kind, c) for im in batch] for c in range(CLIENTS)]
+        codes = [watch.codes(s) for s in sent]
         for step in range(max(len(s) for s in sent)):  # the clients take turns
             for c in range(CLIENTS):
                 if step < len(sent[c]):
-                    counts["watch"][c] += watch.query(f"{kind}-{c}", sent[c][step])
+                    counts["watch"][c] += watch.query(f"{kind}-{c}", codes[c][step])
                     for side, store in stores.items():
                         counts[side][c] += store.query(sent[c][step])
         n = sum(len(s) for s in sent)
