@@ -184,21 +184,25 @@ async def clients(url: str, keys: list[str], streams: list[torch.Tensor]) -> dic
 
 
 async def _raw_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    request: bytes) -> int:
+                    request: bytes) -> tuple[int, bool]:
     """Send one pre-encoded HTTP/1.1 request on a kept-alive connection; the answer's status
-    (its body read by its Content-Length and dropped)."""
+    (its body read by its Content-Length and dropped) and whether the server closes the
+    connection after it (``Connection: close``: 408, 413, 429, 431 do)."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length = None
+    length, close = None, False
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"connection":
+            close = value.strip().lower() == b"close"
     if length is None:
         raise RuntimeError(f"answer without Content-Length: {head[:200]!r}")
     await reader.readexactly(length)
-    return status
+    return status, close
 
 
 def predict_requests(host: str, keys: list[str], images: torch.Tensor,
@@ -258,12 +262,14 @@ async def load(url: str, keys: list[str], x: torch.Tensor, *, generator: str = "
         try:
             for request in requests[k]:
                 t0 = time.perf_counter()
-                status = await _raw_post(reader, writer, request)
+                status, close = await asyncio.wait_for(_raw_post(reader, writer, request), 60)
                 latencies.append(time.perf_counter() - t0)
                 errors += status != 200
+                if close:  # the server ends the connection after this answer: a new one
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
         finally:
             writer.close()
-            await writer.wait_closed()
 
     async def with_httpx(k: int, c: httpx.AsyncClient) -> None:
         nonlocal errors

@@ -9,12 +9,13 @@ largest distinct hashes kept; a query is *detected* when it shares at least 25 o
 hashes with one query already stored — one store over every account.
 
 **PIHA** as the OARS authors' code configures it for CIFAR-10 (no setting chosen here): the
-image blurred (3 × 3 Gaussian, σ 1, edges reflected), its hue (HSV, degrees) cut into blocks
+image blurred (3 × 3 Gaussian, σ 1, OpenCV's default border), its hue (HSV, degrees) cut into blocks
 of 7 × 7 (the image padded with zeros on the right and bottom by 7 − side mod 7), each block
 summed, and the local binary pattern (8 neighbours at radius 1, interpolated, zero outside)
 of that block-sum matrix is the hash; a query is *detected* when its nearest stored hash
-differs in at most 5% of its entries. A grey image has no hue (every hash alike): on MNIST
-the grey value takes the hue's place, the one change made. Computed with OpenCV and
+differs in at most 5% of its entries and is not the black image's hash OARS begins its store
+with. A grey image has no hue (every hash alike): on MNIST the grey value takes the hue's
+place, the one change made. Computed with OpenCV and
 scikit-image (``cv2.GaussianBlur``, ``cv2.cvtColor``, ``skimage.feature.local_binary_pattern``:
 ``pip install -e ".[bench]"``), as the OARS code computes it.
 
@@ -42,6 +43,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,25 +113,32 @@ def piha_hash(x: torch.Tensor) -> np.ndarray:
 
 
 class PIHA:
-    """One store of hashes over every account; a query is detected when its nearest stored
-    hash differs in at most ``PIHA_THRESHOLD`` of its entries."""
+    """One store of hashes over every account, begun as OARS begins it with the hash of a
+    black image: a query is detected when its nearest hash differs in at most
+    ``PIHA_THRESHOLD`` of its entries and is not that first one (OARS drops it from the
+    nearest; a tie goes to it, the first row)."""
 
-    def __init__(self) -> None:
-        self.hashes: list[np.ndarray] = []
-        self.stored: np.ndarray | None = None
+    def __init__(self, black: np.ndarray) -> None:
+        self.stored = np.empty((1024, len(black)))
+        self.stored[0] = black
+        self.count = 1
 
     def query(self, x: torch.Tensor) -> bool:
         h = piha_hash(x)
-        hit = False
-        if self.hashes:
-            if self.stored is None or len(self.stored) < len(self.hashes):
-                self.stored = np.stack(self.hashes)
-            hit = bool((self.stored != h).mean(1).min() <= PIHA_THRESHOLD)
-        self.hashes.append(h)
+        distance = (self.stored[:self.count] != h).mean(1)
+        nearest = int(distance.argmin())
+        hit = nearest != 0 and bool(distance[nearest] <= PIHA_THRESHOLD)
+        if self.count == len(self.stored):
+            self.stored = np.concatenate([self.stored, np.empty_like(self.stored)])
+        self.stored[self.count] = h
+        self.count += 1
         return hit
 
 
-BASELINES: dict[str, type[Blacklight] | type[PIHA]] = {"blacklight": Blacklight, "piha": PIHA}
+def baselines(shape: tuple[int, ...]) -> dict[str, Callable[[], Blacklight | PIHA]]:
+    """A fresh store of each baseline, for images of ``shape``."""
+    black = piha_hash(torch.zeros(shape))
+    return {"blacklight": Blacklight, "piha": lambda: PIHA(black)}
 
 
 class Watch:
@@ -220,7 +229,8 @@ def compare_attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, eps: float,
         ours = [[watch.query(f"{name}-{i}", q) for q in watch.codes(s)]
                 for i, s in enumerate(sent)]
         rows[name] = {"watch": first_hits(ours)}
-        for side, store_kind in BASELINES.items():  # each attack alone, as the papers measure
+        for side, store_kind in baselines(x.shape[1:]).items():  # each attack alone, as
+            # the papers measure it
             hits = []
             for s in sent:
                 store = store_kind()
@@ -236,7 +246,7 @@ def compare_honest(guard: Guard, x: torch.Tensor, folder: Path,
     rows = {}
     for kind in kinds:
         watch = Watch(guard, folder / kind)
-        stores = {side: store_kind() for side, store_kind in BASELINES.items()}
+        stores = {side: store_kind() for side, store_kind in baselines(x.shape[1:]).items()}
         counts: dict[str, list[int]] = {side: [0] * CLIENTS for side in ("watch", *stores)}
         sent = [[im for batch in streams(x, kind, c) for im in batch] for c in range(CLIENTS)]
         codes = [watch.codes(s) for s in sent]
@@ -272,6 +282,10 @@ def main() -> None:
     if only is not None and only - {*ATTACKS, *KINDS}:
         parser.error(f"--only: unknown {sorted(only - {*ATTACKS, *KINDS})}; "
                      f"of {', '.join([*ATTACKS, *KINDS])}")
+    try:
+        baselines(x.shape[1:])  # PIHA's hash, before an hour of attacks
+    except ImportError as exc:
+        parser.error(f"PIHA needs OpenCV and scikit-image ({exc}): pip install -e '.[bench]'")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for sub in [*ATTACKS, *KINDS]:
