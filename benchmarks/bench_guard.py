@@ -251,10 +251,13 @@ async def load(url: str, keys: list[str], x: torch.Tensor, *, generator: str = "
     over asyncio streams (the load generator shares the machine's cores with the service, and
     its own CPU time a request is measured and reported); ``"httpx"`` encodes each request
     and posts it with httpx, as the benchmark did first."""
+    if generator not in ("raw", "httpx"):
+        raise ValueError(f"unknown load generator {generator!r}: raw or httpx")
     latencies: list[float] = []
     errors = 0
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    requests = predict_requests(host, keys, x[torch.arange(LOAD_REQUESTS) % len(x)], clients)
+    requests = predict_requests(host, keys, x[torch.arange(LOAD_REQUESTS) % len(x)],
+                                clients) if generator == "raw" else []
 
     async def raw(k: int) -> None:
         nonlocal errors
@@ -286,10 +289,8 @@ async def load(url: str, keys: list[str], x: torch.Tensor, *, generator: str = "
         t0 = time.perf_counter()
         if generator == "raw":
             await asyncio.gather(*(raw(k) for k in range(clients)))
-        elif generator == "httpx":
-            await asyncio.gather(*(with_httpx(k, c) for k in range(clients)))
         else:
-            raise ValueError(f"unknown load generator {generator!r}: raw or httpx")
+            await asyncio.gather(*(with_httpx(k, c) for k in range(clients)))
         wall = time.perf_counter() - t0
         generator_cpu = time.process_time() - cpu0
         server_cpu = cpu_seconds(server_pid) - server0 if server_pid else None

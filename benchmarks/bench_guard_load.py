@@ -121,12 +121,12 @@ def main() -> None:
     generators = args.generators.split(",")
     for name in args.settings.split(","):
         extra = SETTINGS[name]
-        for generator in generators:
-            ids = [f"load-{name}-{k}" for k in range(args.clients)]
-            keys = read_keys(args.guard_dir / KEYS)
-            keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
-            write_keys(args.guard_dir / KEYS, keys)
-            key_of = {c.id: k for k, c in keys.items()}
+        ids = [f"load-{name}-{k}" for k in range(args.clients)]
+        keys = read_keys(args.guard_dir / KEYS)
+        keys.update({f"{c}-key-{'x' * 16}": Client(c) for c in ids})
+        write_keys(args.guard_dir / KEYS, keys)
+        key_of = {c.id: k for k, c in keys.items()}
+        for generator in generators:  # each against a fresh service and state file
             proc = start_server(args.guard_dir, args.port, args.guard_dir / "load-clients.db",
                                 *extra)
             try:

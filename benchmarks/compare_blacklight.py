@@ -9,15 +9,15 @@ largest distinct hashes kept; a query is *detected* when it shares at least 25 o
 hashes with one query already stored — one store over every account.
 
 **PIHA** as the OARS authors' code configures it for CIFAR-10 (no setting chosen here): the
-image blurred (3 × 3 Gaussian, σ 1, OpenCV's default border), its hue (HSV, degrees) cut into blocks
-of 7 × 7 (the image padded with zeros on the right and bottom by 7 − side mod 7), each block
-summed, and the local binary pattern (8 neighbours at radius 1, interpolated, zero outside)
-of that block-sum matrix is the hash; a query is *detected* when its nearest stored hash
-differs in at most 5% of its entries and is not the black image's hash OARS begins its store
-with. A grey image has no hue (every hash alike): on MNIST the grey value takes the hue's
-place, the one change made. Computed with OpenCV and
-scikit-image (``cv2.GaussianBlur``, ``cv2.cvtColor``, ``skimage.feature.local_binary_pattern``:
-``pip install -e ".[bench]"``), as the OARS code computes it.
+image blurred (3 × 3 Gaussian, σ 1, OpenCV's default border), its hue (HSV, degrees) cut into
+blocks of 7 × 7 (the image padded with zeros on the right and bottom by 7 − side mod 7), each
+block summed, and the local binary pattern (8 neighbours at radius 1, interpolated, zero
+outside) of that block-sum matrix is the hash; a query is *detected* when its nearest stored
+hash differs in at most 5% of its entries and is not the black image's hash OARS begins its
+store with. A grey image has no hue (every hash alike): on MNIST the grey value takes the
+hue's place, the one change made. Computed with OpenCV and scikit-image (``cv2.GaussianBlur``,
+``cv2.cvtColor``, ``skimage.feature.local_binary_pattern``: ``pip install -e ".[bench]"``), as
+the OARS code computes it.
 
 **The query watch**: the guard folder's calibrated watch run as the service runs it (a SQLite
 store, the per-key history and the global index), under a policy that denies nobody, so every
@@ -229,8 +229,8 @@ def compare_attacks(guard: Guard, x: torch.Tensor, y: torch.Tensor, eps: float,
         ours = [[watch.query(f"{name}-{i}", q) for q in watch.codes(s)]
                 for i, s in enumerate(sent)]
         rows[name] = {"watch": first_hits(ours)}
-        for side, store_kind in baselines(x.shape[1:]).items():  # each attack alone, as
-            # the papers measure it
+        # each attack alone on a store of its own, as the papers measure it
+        for side, store_kind in baselines(x.shape[1:]).items():
             hits = []
             for s in sent:
                 store = store_kind()
