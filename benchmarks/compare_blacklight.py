@@ -55,7 +55,7 @@ from common import save
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy
-from advguard.serve.queries import encode, moves
+from advguard.serve.queries import encode
 from advguard.serve.state import kept
 from advguard.serve.stores import SQLiteStore
 
@@ -148,7 +148,7 @@ class Watch:
         watch = guard.config.watch()
         assert watch is not None, "the guard folder has no calibrated query watch"
         self.store = SQLiteStore(folder / "compare.db", QUIET, watch)
-        self.now, self.shift = 0.0, watch.shift
+        self.now, self.watch = 0.0, watch
 
     def codes(self, images: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Each image's query code and, for a pooled (colour) view, its moved windows (the
@@ -158,7 +158,7 @@ class Watch:
         for i in range(0, len(images), 256):
             batch = torch.stack(images[i:i + 256])
             codes = encode(batch)
-            moved = moves(batch, self.shift) if self.shift else None
+            moved = self.watch.windows(batch)
             out += [(codes[j:j + 1], None if moved is None else moved[j:j + 1])
                     for j in range(len(batch))]
         return out

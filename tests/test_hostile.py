@@ -283,6 +283,8 @@ CLI_ROWS = [
      "query_global (3) must be 0 (off) or at least query_k (5)"),
     ("guard-fit-query-shift-3", "guard fit {d}/mlp.safetensors --out {d}/g --query-shift 3",
      "query_shift can be at most 2 (pixels), got 3"),
+    ("guard-fit-query-crop-3", "guard fit {d}/mlp.safetensors --out {d}/g --query-crop 3",
+     "query_crop can be at most 2 (pixels), got 3"),
     ("guard-fit-query-shift-negative",
      "guard fit {d}/mlp.safetensors --out {d}/g --query-shift -1",
      "query_shift must be an integer ≥ 0"),

@@ -30,7 +30,7 @@ from advguard.serve.limits import Limits
 from advguard.serve.matching import prepare
 from advguard.serve.metrics import Metrics
 from advguard.serve.policy import Policy
-from advguard.serve.queries import encode, moves
+from advguard.serve.queries import encode
 from advguard.serve.reveal import Reveal
 from advguard.serve.routes import Service, api_router, site_router
 from advguard.serve.runtime import Batcher, Judged, RateLimiter
@@ -100,8 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
     def judge(x: torch.Tensor) -> Judged:  # one batch on the inference thread
         if watch is None:
             return Judged(guard.verdicts(x))
-        return Judged(guard.verdicts(x), prepare(encode(x), watch.shift,
-                                                 moves(x, watch.shift) if watch.shift else None))
+        return Judged(guard.verdicts(x), prepare(encode(x), watch.shift, watch.windows(x),
+                                                 watch.crop))
 
     service = Service(
         settings=settings, guard=guard, info=guard.info,

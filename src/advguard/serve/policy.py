@@ -273,7 +273,7 @@ class CheckedStore:
         if len(codes) != n:
             raise InputError(f"{len(codes)} query codes for {n} verdicts")
         return prepare(codes if isinstance(codes, Bank) else np.asarray(codes, np.float16),
-                       self.watch.shift, moved)
+                       self.watch.shift, moved, self.watch.crop)
 
     def probe(self) -> None:
         """A cheap read that fails while the store is unusable (decorated with

@@ -49,6 +49,7 @@ SIDE = 32  # images larger than SIDE × SIDE are average-pooled to it before enc
 DIMS = 256  # the random projection's size: a code's first DIMS float16 numbers
 VIEW = 1024  # the pixel view's most values (32×32 grey; colour is pooled to 18×18×3)
 SHIFT = 2  # the most pixels a query is aligned by (QueryWatch.query_shift)
+CROP = 2  # the most pixels a side a query is cropped by to align it (QueryWatch.query_crop)
 # the encoding's name, with a fingerprint of the projection's random stream (a numpy whose
 # generator drew other numbers would encode otherwise): a watch calibrated for another
 # encoding is not used
@@ -87,6 +88,14 @@ class QueryWatch:
         2, "pixels a query is moved by, both ways on both axes, to align it with its client's "
            "earlier queries before the ε-ball test (of the image pooled to at most 32×32; "
            "with query_eps; at most 2; 0: off)")
+    # crops of the query resized back (a zoom, which no shift undoes: a blinded attacker that
+    # crops every query, a camera that zooms), beside the shifts; chosen on validation traffic
+    # (benchmarks/choose_query_shift.py)
+    query_crop: int = option(
+        2, "pixels a query is cropped by on each side (0 to this many on each of its four "
+           "sides) and resized back, to align it with its client's earlier queries before the "
+           "ε-ball test, beside the shifts (of the image pooled to at most 32×32; with "
+           "query_eps; at most 2; 0: off)")
     query_global: int = option(5000, "newest queries of every client kept in the account-"
                                      "oblivious index (a query near-copying another key's "
                                      "links the keys); 0: off")
@@ -109,10 +118,11 @@ class QueryWatch:
         if max(self.query_k, self.view_k) > self.query_history:
             raise InputError(f"query_k ({self.query_k}) and query_view_k ({self.view_k}) "
                              f"cannot exceed the history ({self.query_history})")
-        check_at_least(self, 0, "query_global", "query_shift")
-        if self.query_shift > SHIFT:
-            raise InputError(f"query_shift can be at most {SHIFT} (pixels), got "
-                             f"{self.query_shift}")
+        check_at_least(self, 0, "query_global", "query_shift", "query_crop")
+        for name, most in (("query_shift", SHIFT), ("query_crop", CROP)):
+            if getattr(self, name) > most:
+                raise InputError(f"{name} can be at most {most} (pixels), got "
+                                 f"{getattr(self, name)}")
         if 0 < self.query_global < self.query_k:
             raise InputError(f"query_global ({self.query_global}) must be 0 (off) or at least "
                              f"query_k ({self.query_k})")
@@ -143,6 +153,16 @@ class QueryWatch:
     def shift(self) -> int:
         """Pixels a query is aligned by against its client's history (0 without query_eps)."""
         return self.query_shift if self.query_eps is not None else 0
+
+    @property
+    def crop(self) -> int:
+        """Pixels a side a query is cropped by to align it (0 without query_eps)."""
+        return self.query_crop if self.query_eps is not None else 0
+
+    def windows(self, x: torch.Tensor) -> np.ndarray | None:
+        """The images' moved windows the alignment compares (:func:`moves`; None where it is
+        off or their views are their pixels)."""
+        return moves(x, self.shift, self.crop) if self.shift or self.crop else None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,31 +202,89 @@ def encode(x: torch.Tensor) -> np.ndarray:
     return np.concatenate([proj, _view(z).flatten(1).numpy()], axis=1).astype(np.float16)
 
 
-def moves(x: torch.Tensor, most: int = SHIFT) -> np.ndarray | None:
+def moves(x: torch.Tensor, most: int = SHIFT, crop: int = 0) -> np.ndarray | None:
     """For images whose pixel view is pooled (colour, or larger than 32×32 grey): the interior
-    of the pixel view (``SHIFT`` cells in from every side) of each image moved by each shift of
-    up to ``most`` pixels — of the image pooled to at most ``SIDE`` × ``SIDE`` — both ways on
-    both axes, as float16 numbers in float32: ``(N, (2 most + 1)², I)``, in the order of
-    :func:`shifts`. A move of a pixel is a fraction of a pooled view's cell, so the query is
-    moved before it is pooled; None where the view is its pixels (its cells are the pixels:
-    the scan moves the view itself, the same numbers) or not a square grid."""
+    of the pixel view (``SHIFT`` cells in from every side) of each image moved by each move of
+    :func:`axis_moves` — shifts of up to ``most`` pixels and crops of up to ``crop`` pixels a
+    side resized back, of the image pooled to at most ``SIDE`` × ``SIDE``, on both axes — as
+    float16 numbers in float32: ``(N, moves, I)``, unmoved first. A move of a pixel is a
+    fraction of a pooled view's cell, so the query is moved before it is pooled; None where
+    the view is its pixels (its cells are the pixels: :func:`view_moves` moves the view
+    itself, the same numbers) or not a square grid."""
     z = _pooled(x)
     view = _view(z)
     c, h, w = view.shape[1:]
     if view.shape[-2:] == z.shape[-2:] or view_grid(c * h * w) is None:
         return None
-    padded = F.pad(z, (most,) * 4, mode="replicate")
-    rows, cols = z.shape[-2:]
-    out = [_view(padded[..., most + dy:most + dy + rows, most + dx:most + dx + cols])
-           [:, :, SHIFT:h - SHIFT, SHIFT:w - SHIFT].flatten(1)
-           for dy, dx in shifts(most)]
-    return torch.stack(out, 1).numpy().astype(np.float16).astype(np.float32)
+    return _moved(z.numpy(), (h, w), most, crop).astype(np.float16).astype(np.float32)
+
+
+def view_moves(views: np.ndarray, most: int, crop: int = 0) -> np.ndarray:
+    """Pixel views (``(N, V)``, a square grid) moved as :func:`moves` moves an image, their
+    cells taken for pixels: ``(N, moves, I)`` — for a view that is its image's pixels, the
+    very numbers :func:`moves` would give."""
+    grid = view_grid(views.shape[1])
+    assert grid is not None
+    c, h, w = grid
+    return _moved(np.asarray(views, np.float32).reshape(len(views), c, h, w), (h, w), most,
+                  crop)
+
+
+def axis_moves(most: int, crop: int = 0) -> list[tuple[int, int, int]]:
+    """The moves of one axis, unmoved first: ``(d, 0, 0)`` a shift by ``d`` pixels (``d`` as
+    :func:`shifts` orders them), then ``(0, t, b)`` a crop of ``t`` pixels before and ``b``
+    after, resized back (every ``t, b`` up to ``crop``, not both 0). A query's moves are every
+    pair of them, one per axis (rows first): shifts and crops of each axis alone, and a crop
+    of one axis with a shift of the other (a zoom off centre)."""
+    steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
+    return ([(d, 0, 0) for d in steps]
+            + [(0, t, b) for t in range(crop + 1) for b in range(crop + 1) if t or b])
 
 
 def shifts(most: int) -> list[tuple[int, int]]:
     """The moves of up to ``most`` cells (or pixels) each way on each axis, unmoved first."""
     steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
     return [(dy, dx) for dy in steps for dx in steps]
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_operators(n: int, cells: int, most: int, crop: int) -> np.ndarray:
+    """One axis's moves (:func:`axis_moves`) of ``n`` pixels, each followed by the pooling to
+    ``cells`` (the pixel view's) and cut to the view's interior, as matrices: ``(moves,
+    cells - 2 SHIFT, n)``. A shift repeats the edge; a crop is resized back as torch's
+    bilinear resize (``align_corners=False``) does, one axis at a time (bilinear is a
+    product of two linear ones), and so is the pooling (the mean over a product of
+    intervals)."""
+    eye = torch.eye(n, dtype=torch.float64)[None]
+    pool = F.adaptive_avg_pool1d(eye, cells)[0].T.numpy()[SHIFT:cells - SHIFT]  # (I, n)
+    out = []
+    for d, t, b in axis_moves(most, crop):
+        if t or b:  # [j, i]: input pixel j's weight in output pixel i
+            m = F.interpolate(eye[:, :, t:n - b], size=n, mode="linear",
+                              align_corners=False)[0].T.numpy()
+        else:
+            m = np.zeros((n, n))
+            m[np.arange(n), np.clip(np.arange(n) + d, 0, n - 1)] = 1
+        out.append(pool @ m)
+    return np.stack(out).astype(np.float32)
+
+
+def _moved(z: np.ndarray, cells: tuple[int, int], most: int, crop: int) -> np.ndarray:
+    """Images ``(N, C, H, W)`` moved each way (every pair of the axes' moves, rows first),
+    pooled to ``cells`` and cut to the interior: ``(N, moves, C · I)``. Two matrix products
+    for the whole batch (each axis's operators stacked), not one resize per move."""
+    n, c, hh, ww = z.shape
+    rows = _axis_operators(hh, cells[0], most, crop)  # (My, h', H)
+    cols = _axis_operators(ww, cells[1], most, crop)  # (Mx, w', W)
+    my, h, _ = rows.shape
+    mx, w, _ = cols.shape
+    # rows: (My·h', H) @ (H, N·C·W) → (My, h', N, C, W)
+    a = (rows.reshape(my * h, hh) @ z.transpose(2, 0, 1, 3).reshape(hh, n * c * ww))
+    a = a.reshape(my, h, n, c, ww).transpose(2, 0, 3, 1, 4)  # (N, My, C, h', W)
+    # columns: (N·My·C·h', W) @ (W, Mx·w') → (N, My, C, h', Mx, w')
+    b = (a.reshape(-1, ww) @ cols.transpose(2, 0, 1).reshape(ww, mx * w)).reshape(
+        n, my, c, h, mx, w)
+    return np.ascontiguousarray(b.transpose(0, 1, 4, 2, 3, 5)).reshape(n, my * mx, c * h * w)
 
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:
@@ -310,5 +388,6 @@ def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
             None if view is None else float(np.nanquantile(vstats, q)))
 
 
-__all__ = ["DIMS", "ENCODING", "SHIFT", "SIDE", "VIEW", "QueryWatch", "calibrate", "distances",
-           "encode", "mean_knn", "moves", "shifts", "split", "view_grid"]
+__all__ = ["CROP", "DIMS", "ENCODING", "SHIFT", "SIDE", "VIEW", "QueryWatch", "axis_moves",
+           "calibrate", "distances", "encode", "mean_knn", "moves", "shifts", "split",
+           "view_grid", "view_moves"]
