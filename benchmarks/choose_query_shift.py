@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import guard_parser, save, validation_images
+from threadpoolctl import threadpool_limits
 
 from advguard.serve import Guard
 from advguard.serve.matching import Bank, scan
@@ -91,6 +92,7 @@ def main() -> None:
     ap = guard_parser("query-shift-choice")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")  # as the service runs the scans (serve.app)
     guard = Guard.load(args.guard_dir)
     watch = guard.config.watch()
     assert watch is not None and watch.query_eps is not None, "a guard fitted with --query-eps"

@@ -3,8 +3,9 @@ images (the training images the guard held out of its bank, as ``choose_policy.p
 them), never the test images the guard benchmarks report.
 
 The rule (``state.watched``): a query the model gives another class than an earlier query
-inside its pixel view's ball (2ε in L∞, aligned by up to ``query_shift`` pixels against its
-client's history, unmoved against the global index) is told flagged. It has no setting of its
+inside its pixel view's ball (2ε in L∞, aligned by shifts of up to ``query_shift`` pixels and
+crops of up to ``query_crop`` against its client's history, unmoved against the global index)
+is told flagged. It has no setting of its
 own; this measures what it costs:
 
 * **distinct images**: each of 1,000 validation images against 100 and 1,000 others drawn at
@@ -16,7 +17,7 @@ own; this measures what it costs:
   on the frames the rule flags: a frame the watch answers as an earlier one is told flagged
   only where its class differs from that one's).
 
-    python benchmarks/flip_beside_validation.py --guard-dir runs/guard-mnist-eps
+    python benchmarks/flip_beside_validation.py --guard-dir runs/guard-mnist
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from common import guard_parser, save, validation_images
 
 from advguard.serve import Guard
 from advguard.serve.matching import Bank
-from advguard.serve.queries import QueryWatch, encode, moves
+from advguard.serve.queries import QueryWatch, encode
 
 
-def inside(bank: Bank, query: Bank, watch: QueryWatch, shift: int,
+def inside(bank: Bank, query: Bank, watch: QueryWatch, aligned: bool,
            windows: np.ndarray | None) -> np.ndarray:
-    """The rows of ``bank`` inside ``query``'s ball (aligned by up to ``shift`` pixels)."""
+    """The rows of ``bank`` inside ``query``'s ball (``aligned``: by the watch's moves)."""
     assert watch.view_threshold is not None
     rows = np.arange(len(bank))
     dv = bank.linf(query, 0, rows, watch.view_threshold)
-    if shift:
-        dv = np.minimum(dv, bank.aligned(query, 0, rows, watch.view_threshold, shift, windows))
+    if aligned and (watch.shift or watch.crop):
+        dv = np.minimum(dv, bank.aligned(query, 0, rows, watch.view_threshold, watch.shift,
+                                         windows, watch.crop))
     return rows[dv < watch.view_threshold]
 
 
@@ -50,17 +52,16 @@ def classes(guard: Guard, x: torch.Tensor) -> np.ndarray:
 
 def distinct(guard: Guard, x: torch.Tensor, watch: QueryWatch) -> dict[str, Any]:
     codes, c = encode(x), classes(guard, x)
-    windows = moves(x[:1000], watch.shift)
+    windows = watch.windows(x[:1000])
     rng = np.random.default_rng(0)
     out = {}
-    for name, size, shift in (("history-100", 100, watch.shift),
-                              ("history-1000", 1000, watch.shift),
-                              ("global-5000", min(5000, len(x) - 1), 0)):
+    for name, size, aligned in (("history-100", 100, True), ("history-1000", 1000, True),
+                                ("global-5000", min(5000, len(x) - 1), False)):
         near = other = 0
         for r in range(1000):
             picked = rng.choice(len(codes) - 1, size=size, replace=False)
             picked = picked + (picked >= r)  # any image but r itself
-            rows = inside(Bank.of(codes[picked]), Bank.of(codes[r:r + 1]), watch, shift,
+            rows = inside(Bank.of(codes[picked]), Bank.of(codes[r:r + 1]), watch, aligned,
                           None if windows is None else windows[r])
             near += len(rows) > 0
             other += bool((c[picked[rows]] != c[r]).any())
@@ -80,9 +81,9 @@ def cameras(guard: Guard, x: torch.Tensor, watch: QueryWatch) -> dict[str, Any]:
                                 + SIGMA * torch.randn(scene.shape, generator=gen)).clamp(0, 1)
                                for _ in range(100)])
             codes, c = encode(shots), classes(guard, shots)
-            windows = moves(shots, watch.shift)
+            windows = watch.windows(shots)
             for i in range(1, len(shots)):
-                rows = inside(Bank.of(codes[:i]), Bank.of(codes[i:i + 1]), watch, watch.shift,
+                rows = inside(Bank.of(codes[:i]), Bank.of(codes[i:i + 1]), watch, True,
                               None if windows is None else windows[i])
                 flips += bool((c[rows] != c[i]).any())
                 frames += 1
@@ -104,7 +105,8 @@ def main() -> None:
     save(args.out, {"guard": str(args.guard_dir),
                     "images": f"{guard.config.dataset} training images held out of the bank: "
                               "the first 5,001 of the validation split",
-                    "eps": watch.query_eps, "shift": watch.shift, **result}, args.guard_dir)
+                    "eps": watch.query_eps, "shift": watch.shift, "crop": watch.crop,
+                    **result}, args.guard_dir)
 
 
 if __name__ == "__main__":
