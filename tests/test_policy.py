@@ -552,7 +552,7 @@ def test_a_jittering_colour_camera_is_aligned_through_the_store(watched):
     import torch
 
     from advguard.data import load_dataset
-    from advguard.serve.queries import QueryWatch, calibrate, encode, moves
+    from advguard.serve.queries import QueryWatch, calibrate, encode
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
     scene = load_dataset("cifar10", "test", limit=5, data_dir=shared).x[4:5]
@@ -563,10 +563,11 @@ def test_a_jittering_colour_camera_is_aligned_through_the_store(watched):
         frames.append((torch.roll(scene, (dy, dx), dims=(2, 3))
                        + 0.02 * torch.randn(scene.shape, generator=gen)).clamp(0, 1))
     x = torch.cat(frames)
-    codes, moved = encode(x), moves(x)
+    codes = encode(x)
     policy = Policy(window=50, min_requests=20, flagged_limit=0.6, max_flagged=15,
                     max_repeats=0, window_s=1000, cooldown_s=0)
     w = calibrate(codes[:10], QueryWatch(query_eps=8 / 255, query_history=100, query_global=0))
+    moved = w.windows(x)  # as the service's inference thread computes them
     s = watched(policy, w)
     served = {name: sum(s.admit(name, [True], [0.0], codes[i:i + 1], now=i,
                                 answers=[_answer(4)],

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from advguard.errors import InputError
-from advguard.serve.queries import DIMS, SHIFT, QueryWatch, split, view_grid, view_moves
+from advguard.serve.queries import DIMS, SHIFT, QueryWatch, axis_moves, split, view_grid, view_moves
 
 # pixel-view values whose maximum is one number of the cheap L∞ bound (a chunk's maximum moves
 # by at most the L∞ distance, as its mean does). On 200 × 2,800 validation digits (MNIST
@@ -26,7 +26,7 @@ from advguard.serve.queries import DIMS, SHIFT, QueryWatch, split, view_grid, vi
 # at 0.064 / 0.32, 0.00% / 0.45% against 0.00% / 0.14%. Half the numbers read per query: the
 # index's scan is bound by memory, not arithmetic.
 CHUNK = 8
-ALIGN_BLOCK = 256  # rows whose bound is taken for every move at once (≈ 1.8 MB on MNIST)
+ALIGN_BLOCK = 256  # rows whose bound is taken for a group of moves at once (≈ 1 MB on MNIST)
 # the newest rows a query is aligned with by moves (older ones are compared unmoved): a moved
 # attack's or a camera's near-copies are its client's recent queries; aligning with all
 # 1,000 cost 2.3 ms a query against 0.4 ms for 128 (MNIST, one thread), and the load
@@ -47,7 +47,7 @@ class Bank:
     view: np.ndarray | None  # (n, V) float32
     chunks: np.ndarray | None  # (n, V // CHUNK) float32: maxima
     # (n, I // CHUNK) float32: the chunk maxima of each view's interior (SHIFT cells in from
-    # every side), the same bound for queries aligned by shifts (None: a view not a square)
+    # every side), the same bound for queries aligned by moves (None: a view not a square)
     inner: np.ndarray | None = None
     # a request's queries only (:func:`prepare`): each one's interior moved each way, (n,
     # moves, I), unmoved first (``queries.moves``), and those windows' chunk maxima
@@ -204,6 +204,10 @@ def prepare(codes: np.ndarray | Bank, shift: int = 0,
         return bank
     windows = (view_moves(bank.view, shift, crop) if moved is None
                else np.asarray(moved, np.float32))
+    if windows.shape[1] != len(axis_moves(shift, crop)) ** 2:
+        raise InputError(f"{windows.shape[1]} moved windows a query for shifts of {shift} and "
+                         f"crops of {crop} ({len(axis_moves(shift, crop)) ** 2} moves): "
+                         "compute them with the same watch (QueryWatch.windows)")
     n, m, size = windows.shape
     maxima = _maxima(windows.reshape(n * m, size)).reshape(n, m, -1)
     return dataclasses.replace(bank, moved=windows, moved_maxima=maxima)

@@ -12,6 +12,9 @@ cannot move a query out of it). A query is a detection (:func:`scan`) when the m
 of its projection to its ``k`` nearest earlier queries falls below ``threshold``, or when ``k``
 earlier queries lie within ``view_threshold`` of it in L∞ in the pixel view; both thresholds are
 calibrated by :func:`calibrate` on distinct held-out images to a stated false-alarm rate.
+With ``query_eps``, a query is also aligned with its client's newest queries by the move that
+brings it nearest (:func:`moves`: shifts of up to 2 pixels and crops of up to 2 pixels a side
+resized back, each axis), so moving or cropping every query does not leave the ball.
 
 Queries are compared with their client's bounded history (``query_history`` queries,
 ``query_ttl_s`` seconds) and, account-obliviously (Li et al. 2022, "Blacklight"), with the
@@ -216,13 +219,16 @@ def moves(x: torch.Tensor, most: int = SHIFT, crop: int = 0) -> np.ndarray | Non
     c, h, w = view.shape[1:]
     if view.shape[-2:] == z.shape[-2:] or view_grid(c * h * w) is None:
         return None
-    return _moved(z.numpy(), (h, w), most, crop).astype(np.float16).astype(np.float32)
+    out = _moved(z.numpy(), (h, w), most, crop)
+    # unmoved: the stored view's own interior to the bit (the products round otherwise)
+    out[:, 0] = view[:, :, SHIFT:h - SHIFT, SHIFT:w - SHIFT].flatten(1).numpy()
+    return out.astype(np.float16).astype(np.float32)
 
 
 def view_moves(views: np.ndarray, most: int, crop: int = 0) -> np.ndarray:
     """Pixel views (``(N, V)``, a square grid) moved as :func:`moves` moves an image, their
-    cells taken for pixels: ``(N, moves, I)`` — for a view that is its image's pixels, the
-    very numbers :func:`moves` would give."""
+    cells taken for pixels: ``(N, moves, I)`` — for a view that is its image's pixels (where
+    :func:`moves` gives None), the image's moves themselves."""
     grid = view_grid(views.shape[1])
     assert grid is not None
     c, h, w = grid
