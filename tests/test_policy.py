@@ -618,6 +618,30 @@ def test_a_query_that_flips_a_neighbour_inside_its_ball_is_told_flagged(watched)
     assert other.status.recent_flips == 0
 
 
+def test_a_near_copy_beside_an_earlier_query_of_another_class_is_told_flagged():
+    """A crop search's cash-in is a near-copy of the cropped query that tempted it (the model
+    gave that query the wrong class the cash-in now gets too), so the vouching rule alone
+    trusts it; but the earlier queries inside its ball — the image itself, the search's
+    earlier crops — were answered with the true class. A near-copy beside any earlier answer
+    of another class than the model gives it is told flagged and counted as a flip; among
+    answers of its own class it is told its nearest's answer as it was; with
+    ``flag_beside`` off it is counted, not flagged."""
+    import numpy as np
+
+    from advguard.serve.matching import Found
+    from advguard.serve.state import watched as settle_watched
+
+    tempting, image = _answer(3, "crop"), _answer(7, "image")
+    found = Found(np.array([True, True]), [tempting, tempting], [(), ()],
+                  [(tempting, image, tempting), (tempting, tempting)])
+    out = settle_watched(found, [_answer(3, "cash-in"), _answer(3, "again")])
+    assert out.told[0] is not None and json.loads(out.told[0])["verdict"] == "flagged"
+    assert json_note(out.told[0]) == "crop" and out.kept[0] == out.told[0]
+    assert out.told[1] == tempting and out.flips == 1 and out.as_before == [True, True]
+    counted = settle_watched(found, [_answer(3), _answer(3)], flag_beside=False)
+    assert counted.told == [tempting, tempting] and counted.flips == 1
+
+
 def test_an_operator_can_have_flips_beside_counted_but_not_flagged(watched):
     """``--no-flag-beside``: the crossing is answered as the model answers it, and still
     counted as a flip (``--max-flips`` can deny on it)."""

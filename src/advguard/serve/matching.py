@@ -544,8 +544,9 @@ class Found:
     """The watch's findings on one request: which queries are attack-process detections, the
     answer each query is to be given instead of a fresh one (a near-copy or a resend is
     answered as its nearest earlier query was; None: answered fresh), and the other clients
-    each detection linked it to; for a query answered fresh, the answers of the earlier
-    queries inside its ball (too few for a detection: the queries it lies beside)."""
+    each detection linked it to; for each query, the answers of the earlier queries inside
+    its ball — those that detected it, or (too few for a detection) those it lies beside —
+    whose classes say whether it flipped one."""
 
     detections: np.ndarray  # (n,) bool
     answers: list[str | None]
@@ -562,9 +563,9 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
     clients' recent queries (the global index, its own thresholds; a detection there names
     the clients of the queries that detected it). A query the watch matches is answered as
     the query it matched was — the client's own first, else another client's — so a
-    near-copy tells an attacker nothing the earlier answer did not. A query answered fresh
-    keeps the answers of the earlier queries inside its ball, its client's and the index's
-    (``Found.beside``)."""
+    near-copy tells an attacker nothing the earlier answer did not. Each query keeps the
+    answers of the earlier queries inside its ball, its client's and the index's
+    (``Found.beside``): those that detected it, else those it lies beside."""
     codes = prepare(codes, watch.shift, moved, watch.crop)  # once, for both scans
     mine = own(history, codes, watch)
     given: list[str] = list(history_answers)
@@ -573,7 +574,8 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
     for i in range(len(codes)):  # in order: a request's near-copies answer as its earlier ones
         m = int(mine.match[i])
         out.append(None if m < 0 else given[m])
-        beside.append(tuple(given[r] for r in mine.ball[i]))
+        inside = mine.near[i] if mine.found[i] else mine.ball[i]
+        beside.append(tuple(given[r] for r in inside))
         given.append(out[-1] if out[-1] is not None else answers[i])
     found = mine.found.copy()
     linked: list[tuple[str, ...]] = [() for _ in range(len(codes))]
@@ -588,7 +590,8 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
             linked[i] = tuple(sorted(set(ring.clients[cross.near[i]].tolist())))
         if out[i] is None and cross.match[i] >= 0:
             out[i] = ring.answers[cross.match[i]]
-        beside[i] = () if out[i] is not None else beside[i] + tuple(ring.answers[cross.ball[i]])
+        inside = cross.near[i] if cross.found[i] else cross.ball[i]
+        beside[i] = beside[i] + tuple(ring.answers[inside])
     return Found(found, out, linked, beside)
 
 

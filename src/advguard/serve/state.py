@@ -238,13 +238,15 @@ class Watched:
 def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> Watched:
     """The findings ``found`` on a request whose fresh answers are ``answers``. A *flip* is a
     query the model gives another class than an earlier query it is taken for (a near-copy
-    answered as before) or lies beside (inside its ball, too few for a detection): an image
+    answered as before) or than any earlier query inside its ball (those that detected it, or
+    too few for a detection: those it lies beside): an image
     within an attack's ball answered with another class than its neighbour is what an
     attack's success looks like, and an honest client's distinct images are almost never
     that close (on validation images, none of 1,000 MNIST or CIFAR-10 images had another
-    class's image within the ball among 5,000 others). A flip answered fresh is told flagged
-    and kept so (with ``flag_beside``, the policy's): an attack's first in-ball success is not
-    vouched for, nor its near-copies after it, whichever key sends them."""
+    class's image within the ball among 5,000 others). A flip beside a query of another class
+    is told flagged and kept so (with ``flag_beside``, the policy's) — answered fresh or as
+    its nearest: an attack's first in-ball success is not vouched for, nor its near-copies
+    after it, whichever key sends them."""
     beside = found.beside or [()] * len(answers)
     told: list[str | None] = []
     flips: list[bool] = []
@@ -254,12 +256,16 @@ def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> W
             told.append(None)
             continue
         c = answer_class(fresh)
-        if given is not None:
-            flips.append(answer_class(given) not in (None, c))
-            told.append(given)
+        around = any(answer_class(a) not in (None, c) for a in near)
+        if given is not None:  # a near-copy: answered as its nearest was
+            flips.append(around or answer_class(given) not in (None, c))
+            # beside an earlier query of another class (the image itself, or a crop search's
+            # earlier crops, around a cash-in answered as the crop that tempted it): told
+            # flagged, however like its nearest it is
+            told.append(flagged(given) if around and flag_beside else given)
             continue
-        flips.append(any(answer_class(a) not in (None, c) for a in near))
-        told.append(flagged(fresh) if flips[-1] and flag_beside else None)
+        flips.append(around)
+        told.append(flagged(fresh) if around and flag_beside else None)
     links: Counter[str] = Counter(c for names in found.linked for c in names)
     flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flips, strict=True)
                                      if f for c in names)
