@@ -622,9 +622,10 @@ def test_a_near_copy_beside_an_earlier_query_of_another_class_is_told_flagged():
     """A crop search's cash-in is a near-copy of the cropped query that tempted it (the model
     gave that query the wrong class the cash-in now gets too), so the vouching rule alone
     trusts it; but the earlier queries inside its ball — the image itself, the search's
-    earlier crops — were answered with the true class. A near-copy beside any earlier answer
-    of another class than the model gives it is told flagged and counted as a flip; among
-    answers of its own class it is told its nearest's answer as it was; with
+    earlier crops — were answered with the true class. A near-copy where most of the earlier
+    answers inside its ball name another class than the model gives it is told flagged and
+    counted as a flip; where most name its own (a camera's frame beside the odd frame the
+    model classified otherwise) it is told its nearest's answer as it was; with
     ``flag_beside`` off it is counted, not flagged."""
     import numpy as np
 
@@ -633,8 +634,8 @@ def test_a_near_copy_beside_an_earlier_query_of_another_class_is_told_flagged():
 
     tempting, image = _answer(3, "crop"), _answer(7, "image")
     found = Found(np.array([True, True]), [tempting, tempting], [(), ()],
-                  [(tempting, image, tempting), (tempting, tempting)])
-    out = settle_watched(found, [_answer(3, "cash-in"), _answer(3, "again")])
+                  [(tempting, image, image, _answer(7)), (tempting, tempting, image)])
+    out = settle_watched(found, [_answer(3, "cash-in"), _answer(3, "frame")])
     assert out.told[0] is not None and json.loads(out.told[0])["verdict"] == "flagged"
     assert json_note(out.told[0]) == "crop" and out.kept[0] == out.told[0]
     assert out.told[1] == tempting and out.flips == 1 and out.as_before == [True, True]

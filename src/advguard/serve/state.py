@@ -238,8 +238,8 @@ class Watched:
 def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> Watched:
     """The findings ``found`` on a request whose fresh answers are ``answers``. A *flip* is a
     query the model gives another class than an earlier query it is taken for (a near-copy
-    answered as before) or than any earlier query inside its ball (those that detected it, or
-    too few for a detection: those it lies beside): an image
+    answered as before) or than most of the earlier queries that detected it, or — too few
+    for a detection — than any earlier query it lies beside (inside its ball): an image
     within an attack's ball answered with another class than its neighbour is what an
     attack's success looks like, and an honest client's distinct images are almost never
     that close (on validation images, none of 1,000 MNIST or CIFAR-10 images had another
@@ -256,16 +256,20 @@ def watched(found: Found, answers: Sequence[str], flag_beside: bool = True) -> W
             told.append(None)
             continue
         c = answer_class(fresh)
-        around = any(answer_class(a) not in (None, c) for a in near)
+        others = [answer_class(a) not in (None, c) for a in near]
         if given is not None:  # a near-copy: answered as its nearest was
-            flips.append(around or answer_class(given) not in (None, c))
-            # beside an earlier query of another class (the image itself, or a crop search's
-            # earlier crops, around a cash-in answered as the crop that tempted it): told
-            # flagged, however like its nearest it is
-            told.append(flagged(given) if around and flag_beside else given)
+            # most of the earlier queries inside its ball answered with another class than
+            # the model gives it (the image itself and a crop search's earlier crops, around
+            # a cash-in answered as the crop that tempted it): told flagged, however like its
+            # nearest it is. Most, not any: a jittering camera's detected frames lie beside
+            # the odd frame the model classified otherwise (on the mixed-MAT guard, any
+            # such frame took its flips from 0.83% to 1.51% of the frames)
+            against = sum(others) > len(others) / 2
+            flips.append(against or answer_class(given) not in (None, c))
+            told.append(flagged(given) if against and flag_beside else given)
             continue
-        flips.append(around)
-        told.append(flagged(fresh) if around and flag_beside else None)
+        flips.append(any(others))
+        told.append(flagged(fresh) if flips[-1] and flag_beside else None)
     links: Counter[str] = Counter(c for names in found.linked for c in names)
     flips_of: Counter[str] = Counter(c for names, f in zip(found.linked, flips, strict=True)
                                      if f for c in names)
