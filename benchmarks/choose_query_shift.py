@@ -40,7 +40,7 @@ from common import guard_parser, save, validation_images
 from threadpoolctl import threadpool_limits
 
 from advguard.serve import Guard
-from advguard.serve.matching import Bank, scan
+from advguard.serve.matching import Bank, own
 from advguard.serve.queries import CROP, SHIFT, QueryWatch, encode
 
 SIGMA = 0.02
@@ -71,9 +71,8 @@ def stream_rate(images: torch.Tensor, watch: QueryWatch) -> tuple[float, float]:
     found, spent = 0, 0.0
     for i in range(watch.view_k, len(codes)):
         t = time.perf_counter()
-        s = scan(Bank.of(codes[:i]), codes[i:i + 1], watch.query_k, watch.query_history,
-                 None, watch.view_threshold, view_k=watch.view_k, shift=watch.shift,
-                 moved=None if moved is None else moved[i:i + 1], crop=watch.crop)
+        s = own(Bank.of(codes[:i]), codes[i:i + 1], watch,
+                None if moved is None else moved[i:i + 1])
         spent += time.perf_counter() - t
         found += int(s.match[0] >= 0)
     n = len(codes) - watch.view_k
@@ -83,9 +82,7 @@ def stream_rate(images: torch.Tensor, watch: QueryWatch) -> tuple[float, float]:
 def last(images: torch.Tensor, watch: QueryWatch) -> Any:
     """The scan of a stream's last query (a cash-in) against the ones before it."""
     codes, moved = encode(images), watch.windows(images[-1:])
-    return scan(Bank.of(codes[:-1]), codes[-1:], watch.query_k, watch.query_history, None,
-                watch.view_threshold, view_k=watch.view_k, shift=watch.shift, moved=moved,
-                crop=watch.crop)
+    return own(Bank.of(codes[:-1]), codes[-1:], watch, moved)
 
 
 def main() -> None:
@@ -130,9 +127,7 @@ def main() -> None:
             others = rng.choice(len(codes) - 1, size=1000, replace=False)
             bank = Bank.of(codes[others + (others >= r)])  # any digit but r itself
             t = time.perf_counter()
-            s = scan(bank, codes[r:r + 1], w.query_k, w.query_history, None, w.view_threshold,
-                     view_k=w.view_k, shift=shift, crop=crop,
-                     moved=None if moved_x is None else moved_x[r:r + 1])
+            s = own(bank, codes[r:r + 1], w, None if moved_x is None else moved_x[r:r + 1])
             spent += time.perf_counter() - t
             hits += int(s.found[0])
         cam = [stream_rate(c, w) for c in cams]

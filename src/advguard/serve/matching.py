@@ -204,10 +204,11 @@ def prepare(codes: np.ndarray | Bank, shift: int = 0,
         return bank
     windows = (view_moves(bank.view, shift, crop) if moved is None
                else np.asarray(moved, np.float32))
-    if windows.shape[1] != len(axis_moves(shift, crop)) ** 2:
+    expected = len(axis_moves(shift, crop)) ** 2
+    if windows.shape[1] != expected:
         raise InputError(f"{windows.shape[1]} moved windows a query for shifts of {shift} and "
-                         f"crops of {crop} ({len(axis_moves(shift, crop)) ** 2} moves): "
-                         "compute them with the same watch (QueryWatch.windows)")
+                         f"crops of {crop} ({expected} moves): compute them with the same "
+                         "watch (QueryWatch.windows)")
     n, m, size = windows.shape
     maxima = _maxima(windows.reshape(n * m, size)).reshape(n, m, -1)
     return dataclasses.replace(bank, moved=windows, moved_maxima=maxima)
@@ -233,6 +234,11 @@ class Scan:
     # per query not detected, the rows inside its pixel view's ball (fewer than view_k): the
     # earlier queries it lies beside, whose classes say whether it flipped one
     ball: list[np.ndarray]
+
+    def around(self, i: int) -> np.ndarray:
+        """The earlier rows inside query ``i``'s ball whose classes say whether it flipped one:
+        those that detected it, else those it lies beside."""
+        return self.near[i] if self.found[i] else self.ball[i]
 
 
 def scan(bank: Bank, codes: np.ndarray | Bank, k: int, window: int, threshold: float | None,
@@ -574,8 +580,7 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
     for i in range(len(codes)):  # in order: a request's near-copies answer as its earlier ones
         m = int(mine.match[i])
         out.append(None if m < 0 else given[m])
-        inside = mine.near[i] if mine.found[i] else mine.ball[i]
-        beside.append(tuple(given[r] for r in inside))
+        beside.append(tuple(given[r] for r in mine.around(i)))
         given.append(out[-1] if out[-1] is not None else answers[i])
     found = mine.found.copy()
     linked: list[tuple[str, ...]] = [() for _ in range(len(codes))]
@@ -590,8 +595,7 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
             linked[i] = tuple(sorted(set(ring.clients[cross.near[i]].tolist())))
         if out[i] is None and cross.match[i] >= 0:
             out[i] = ring.answers[cross.match[i]]
-        inside = cross.near[i] if cross.found[i] else cross.ball[i]
-        beside[i] = beside[i] + tuple(ring.answers[inside])
+        beside[i] = beside[i] + tuple(ring.answers[cross.around(i)])
     return Found(found, out, linked, beside)
 
 

@@ -237,20 +237,14 @@ def view_moves(views: np.ndarray, most: int, crop: int = 0) -> np.ndarray:
 
 
 def axis_moves(most: int, crop: int = 0) -> list[tuple[int, int, int]]:
-    """The moves of one axis, unmoved first: ``(d, 0, 0)`` a shift by ``d`` pixels (``d`` as
-    :func:`shifts` orders them), then ``(0, t, b)`` a crop of ``t`` pixels before and ``b``
+    """The moves of one axis, unmoved first: ``(d, 0, 0)`` a shift by ``d`` pixels (0, −1, 1,
+    −2, 2, …, up to ``most``), then ``(0, t, b)`` a crop of ``t`` pixels before and ``b``
     after, resized back (every ``t, b`` up to ``crop``, not both 0). A query's moves are every
     pair of them, one per axis (rows first): shifts and crops of each axis alone, and a crop
     of one axis with a shift of the other (a zoom off centre)."""
     steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
     return ([(d, 0, 0) for d in steps]
             + [(0, t, b) for t in range(crop + 1) for b in range(crop + 1) if t or b])
-
-
-def shifts(most: int) -> list[tuple[int, int]]:
-    """The moves of up to ``most`` cells (or pixels) each way on each axis, unmoved first."""
-    steps = [0, *[d for m in range(1, most + 1) for d in (-m, m)]]
-    return [(dy, dx) for dy in steps for dx in steps]
 
 
 @functools.lru_cache(maxsize=32)
@@ -395,5 +389,5 @@ def _quantiles(codes: np.ndarray, size: int, watch: QueryWatch, seed: int
 
 
 __all__ = ["CROP", "DIMS", "ENCODING", "SHIFT", "SIDE", "VIEW", "QueryWatch", "axis_moves",
-           "calibrate", "distances", "encode", "mean_knn", "moves", "shifts", "split",
+           "calibrate", "distances", "encode", "mean_knn", "moves", "split",
            "view_grid", "view_moves"]
