@@ -303,6 +303,54 @@ def test_an_attack_spread_over_keys_is_linked_and_every_key_is_denied(watched):
     assert sum(spread) < sum(alone)
 
 
+def test_moved_queries_spread_over_keys_are_aligned_with_the_global_index(watched):
+    """A colour image searched with every query cropped (blinding by moves) and the
+    queries sent by turns from three keys: the global index aligns each query with the other
+    keys' newest ones as a client's history does, so the keys are linked once view_k of the
+    other keys' queries are in — the eighth query — where, compared unmoved, the same stream
+    goes on unlinked."""
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    from advguard.data import load_dataset
+    from advguard.serve.queries import QueryWatch, calibrate, encode
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10"
+    x = load_dataset("cifar10", "test", limit=30, data_dir=shared).x
+    gen = torch.Generator().manual_seed(12)
+    sent = []
+    for _ in range(18):
+        noise = 8 / 255 * torch.sign(torch.randn(x[:1].shape, generator=gen))
+        q = (x[:1] + noise).clamp(0, 1)
+        top, left = (int(v) for v in torch.randint(0, 3, (2,), generator=gen))
+        sent.append(F.interpolate(q[..., top:30 + top, left:30 + left], size=(32, 32),
+                                  mode="bilinear", align_corners=False))
+    stream = torch.cat(sent)
+    codes_ = encode(stream)
+    quiet = Policy(max_repeats=0, max_flagged=0, flagged_limit=0, max_flips=0)
+
+    def first_linked(w: QueryWatch, tag: str, start: float) -> int | None:
+        s = watched(quiet, w)
+        windows = w.windows(stream)
+        for i in range(len(stream)):
+            got = s.admit(f"{tag}{i % 3}", [False], [0.9], codes_[i:i + 1], now=start + i,
+                          answers=[_answer(3)],
+                          moved=None if windows is None else windows[i:i + 1])
+            if got.status.linked:
+                return i
+        return None
+
+    held = encode(x[1:30])
+    settings = dict(query_eps=8 / 255, query_history=100, query_global=100, query_ttl_s=100.0)
+    aligned = calibrate(held, QueryWatch(**settings))
+    unaligned = calibrate(held, QueryWatch(**settings, query_shift=0, query_crop=0))
+    # the other keys' view_k = 5 queries: k1's third (k0 and k2 sent 0, 2, 3, 5, 6)
+    assert first_linked(aligned, "a", 0) == 7
+    assert first_linked(unaligned, "u", 1000) is None  # the first run's queries expired
+
+
 def test_linked_keys_are_named_and_denied_at_their_next_request(watched):
     """k2's detections link it to k1; they count on k1 once k1 has one of its own, and k1's
     then count on k2: the request that denies k1 denies k2 with it (k2's next is refused)."""

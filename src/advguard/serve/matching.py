@@ -27,8 +27,9 @@ from advguard.serve.queries import DIMS, SHIFT, QueryWatch, axis_moves, split, v
 # index's scan is bound by memory, not arithmetic.
 CHUNK = 8
 ALIGN_BLOCK = 256  # rows whose bound is taken for a group of moves at once (≈ 1 MB on MNIST)
-# the newest rows a query is aligned with by moves (older ones are compared unmoved): a moved
-# attack's or a camera's near-copies are its client's recent queries; aligning with all
+# the newest rows a query is aligned with by moves, of its client's history and of the other
+# clients' queries in the global index (older ones are compared unmoved): a moved attack's or
+# a camera's near-copies are recent queries; aligning with all
 # 1,000 cost 2.3 ms a query against 0.4 ms for 128 (MNIST, one thread), and the load
 # benchmark's service lost 9% of its requests a second to the alignment over histories of 250
 # (both measured with the 25 shifts alone; with the crops' 169 moves a scan against 1,000
@@ -55,6 +56,10 @@ class Bank:
     # moves, I), unmoved first (``queries.moves``), and those windows' chunk maxima
     moved: np.ndarray | None = None
     moved_maxima: np.ndarray | None = None
+    # and the middle and half-width of the range of those maxima over each group of moves
+    # (:func:`_groups`), (n, groups, I // CHUNK) each: the bounds :meth:`aligned` takes first
+    moved_mid: np.ndarray | None = None
+    moved_half: np.ndarray | None = None
 
     @classmethod
     def of(cls, codes: np.ndarray | Bank) -> Bank:
@@ -87,7 +92,7 @@ class Bank:
 
         return Bank(self.raw[keep], self.proj[keep], self.norms[keep], pick(self.view),
                     pick(self.chunks), pick(self.inner), pick(self.moved),
-                    pick(self.moved_maxima))
+                    pick(self.moved_maxima), pick(self.moved_mid), pick(self.moved_half))
 
     def l2(self, q: Bank) -> np.ndarray:
         """L2 distances ``(len(q), len(self))`` between projections."""
@@ -125,29 +130,30 @@ class Bank:
         out = np.full(len(rows), np.inf, dtype=np.float32)
         if not len(rows):
             return out
-        if windows is None and q.moved is not None and q.moved_maxima is not None:
+        if (windows is None and q.moved is not None and q.moved_maxima is not None
+                and q.moved_mid is not None and q.moved_half is not None):
             windows, maxima = q.moved[i], q.moved_maxima[i]
+            mid, half = q.moved_mid[i], q.moved_half[i]
         else:
             if windows is None:  # (moves, I): the query's interior, moved
                 windows = view_moves(q.view[i][None], most, crop)[0]
             maxima = _maxima(windows)
+            mid, half = (a[0] for a in _groups(maxima[None]))
         # first one bound for every move at once: a row whose chunk maximum lies above the
         # largest of the moves' (or below the smallest) by more than ``below`` is that far
         # from every move (each move's bound is at least this one); most rows end here
         inner = self.inner[rows]
-        envelope = np.maximum(inner - maxima.max(0), maxima.min(0) - inner).max(1)
-        left = np.flatnonzero(envelope <= below)  # positions in ``rows`` still in question
+        top, bottom = (mid + half).max(0), (mid - half).min(0)
+        left = np.flatnonzero(_outside(inner, (top + bottom) / 2, (top - bottom) / 2)
+                              <= below)  # positions in ``rows`` still in question
         if not len(left):
             return out
-        # then the same for each group of moves (√moves consecutive ones) on the rows left: one
-        # envelope over 169 moves (crops) lets many of MNIST's digits through (their empty
-        # chunks), a group's far fewer
-        size = max(1, math.isqrt(len(maxima)))
+        # then the same for each group of moves on the rows left: one envelope over 169 moves
+        # (crops) lets many of MNIST's digits through (their empty chunks), a group's far fewer
+        size = _group_size(len(maxima))
         starts = np.arange(0, len(maxima), size)
-        hi = np.maximum.reduceat(maxima, starts, axis=0)[:, None]
-        lo = np.minimum.reduceat(maxima, starts, axis=0)[:, None]
-        kept = inner[left][None]
-        through = np.maximum(kept - hi, lo - kept).max(2) <= below  # (groups, rows left)
+        through = (_outside(inner[left][None], mid[:, None], half[:, None])
+                   <= below)  # (groups, rows left)
         shift, near = [], []  # the (move, row) pairs the bounds let through
         for group in np.flatnonzero(through.any(1)):
             first = int(starts[group])
@@ -182,6 +188,35 @@ def _maxima(view: np.ndarray) -> np.ndarray:
     return out
 
 
+def _group_size(moves: int) -> int:
+    """Consecutive moves bounded together (√moves: 13 of 169, 5 of 25)."""
+    return max(1, math.isqrt(moves))
+
+
+def _groups(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The range of the chunk maxima ``(n, moves, C)`` over each group of :func:`_group_size`
+    consecutive moves, as its middle and half-width: ``(n, groups, C)`` each. The moves are
+    one axis's by the other's (a square count: ``queries.moves``), so the groups are the rows
+    of that square (a reshape; ``reduceat`` over the moves' axis took three times as long)."""
+    n, count, chunks = maxima.shape
+    size = _group_size(count)
+    if size * size != count:
+        raise InputError(f"{count} moves a query are not one axis's moves by the other's")
+    square = maxima.reshape(n, size, size, chunks)
+    hi, lo = square.max(2), square.min(2)
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def _outside(maxima: np.ndarray, mid: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """How far rows' chunk maxima (``(..., C)``) lie outside the range ``mid ± half`` at the
+    farthest chunk (≤ 0: inside it everywhere) — max(x − hi, lo − x) as |x − mid| − half, one
+    temporary where the two sides took three (the alignment's costliest line)."""
+    d = maxima - mid
+    np.abs(d, out=d)
+    d -= half
+    return d.max(-1)
+
+
 def _interior(view: np.ndarray) -> np.ndarray | None:
     """Pixel views' interiors, ``SHIFT`` cells in from every side, flattened (None for views
     that are not a square grid, or too small to have one)."""
@@ -213,7 +248,9 @@ def prepare(codes: np.ndarray | Bank, shift: int = 0,
                          "watch (QueryWatch.windows)")
     n, m, size = windows.shape
     maxima = _maxima(windows.reshape(n * m, size)).reshape(n, m, -1)
-    return dataclasses.replace(bank, moved=windows, moved_maxima=maxima)
+    mid, half = _groups(maxima)
+    return dataclasses.replace(bank, moved=windows, moved_maxima=maxima, moved_mid=mid,
+                               moved_half=half)
 
 
 def _largest(diff: np.ndarray) -> np.ndarray:
@@ -535,9 +572,7 @@ class Ring(Stored):
                          clients=np.array([r[1] for r in rows], dtype=object),
                          times=np.array([r[2] for r in rows], dtype=np.float64),
                          answers=np.array([r[4] for r in rows], dtype=object),
-                         # no interior maxima: the index is compared unmoved (aligning a
-                         # query with every key's queries would cost the shifts over again)
-                         **{**bank_columns(bank), "inner": None})
+                         **bank_columns(bank))
 
     def trim(self, now: float, ttl_s: float) -> None:
         self.keep_newest(self.size, self.times > now - ttl_s)
@@ -588,9 +623,11 @@ def detect(history: np.ndarray | Bank, history_answers: Sequence[str],
     linked: list[tuple[str, ...]] = [() for _ in range(len(codes))]
     if ring is None or not watch.linking or not len(ring.ids):
         return Found(found, out, linked, beside)
+    # aligned by moves with the newest ``ALIGN_ROWS`` of the other clients' queries, as with
+    # the client's own: an attack that moves its queries over many keys sends them in a run
     cross = scan(ring.bank, codes, watch.query_k, len(ring.bank), watch.global_threshold,
                  watch.global_view_threshold, within=False, skip=ring.clients == client,
-                 view_k=watch.view_k)
+                 view_k=watch.view_k, shift=watch.shift, crop=watch.crop)
     for i in range(len(codes)):
         if cross.found[i]:
             found[i] = True
