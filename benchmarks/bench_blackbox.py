@@ -401,8 +401,8 @@ def main() -> None:
             done_as = {"shift": "shifted", "crop": "cropped"}[kind]
             for where in ("unguarded", "guarded"):
                 settings.append((f"{name}/{where}/{done_as}-{size}", name, {kind: int(size)}))
-            # moved over 10 keys: each key's history holds a tenth of the moved queries, and
-            # the global index compares them unmoved
+            # moved over 10 keys: each key's history holds a tenth of the moved queries; the
+            # global index aligns them with the other keys' newest
             settings.append((f"{name}/guarded/keys-10/{done_as}-{size}", name,
                              {kind: int(size), "spread": 10}))
         if name != "hopskipjump":  # OARS-style adaptive blinding, alone and over 10 keys

@@ -4,12 +4,13 @@ them), never the test images the guard benchmarks report.
 
 The rule (``state.watched``): a query the model gives another class than an earlier query
 inside its pixel view's ball (2ε in L∞, aligned by shifts of up to ``query_shift`` pixels and
-crops of up to ``query_crop`` against its client's history, unmoved against the global index)
-is told flagged. It has no setting of its
-own; this measures what it costs:
+crops of up to ``query_crop`` against the newest 128 of its client's history and of the global
+index, unmoved against the rest) is told flagged. It has no setting of its own; this measures
+what it costs:
 
 * **distinct images**: each of 1,000 validation images against 100 and 1,000 others drawn at
-  random (a client's history, aligned) and against 5,000 (the global index, unmoved): the share
+  random (a client's history, aligned with all of them: more than the service aligns) and
+  against 5,000 (the global index, unmoved): the share
   with any image inside its ball, and with one of another class (the rule's false positives);
 * **cameras**: 50 validation scenes, 100 frames each, fixed (sensor noise σ 0.02) or jittering
   (shifted by up to 2 pixels, zeros in, as ``bench_honest.py``'s camera): the share of frames
