@@ -12,9 +12,10 @@ cannot move a query out of it). A query is a detection (:func:`scan`) when the m
 of its projection to its ``k`` nearest earlier queries falls below ``threshold``, or when ``k``
 earlier queries lie within ``view_threshold`` of it in L∞ in the pixel view; both thresholds are
 calibrated by :func:`calibrate` on distinct held-out images to a stated false-alarm rate.
-With ``query_eps``, a query is also aligned with its client's newest queries by the move that
-brings it nearest (:func:`moves`: shifts of up to 2 pixels and crops of up to 2 pixels a side
-resized back, each axis), so moving or cropping every query does not leave the ball.
+With ``query_eps``, a query is also aligned with the newest queries of its client and of the
+global index by the move that brings it nearest (:func:`moves`: shifts of up to 2 pixels and
+crops of up to 2 pixels a side resized back, each axis), so moving or cropping every query
+does not leave the ball.
 
 Queries are compared with their client's bounded history (``query_history`` queries,
 ``query_ttl_s`` seconds) and, account-obliviously (Li et al. 2022, "Blacklight"), with the
