@@ -279,3 +279,58 @@ def test_a_weight_average_does_not_make_fresh_batchnorm_look_stale(mnist_train):
                    progress=False)
     assert int(net[1].num_batches_tracked) < 64  # the average's count, as saved
     assert result.refreshed_batchnorm == []
+
+
+def test_near_copy_moves_each_image_with_a_black_or_mirrored_edge_and_adds_noise():
+    from advguard.data import near_copy
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    moved = near_copy(x, most=2, sigma=0.0)
+    fills = set()
+    for i in range(16):  # each copy is a window of its image padded black or mirrored
+        windows = {(fill, dy, dx): torch.nn.functional.pad(
+            x[i:i + 1], (2, 2, 2, 2), **({"mode": "reflect"} if fill == "mirrored" else {})
+        )[0, :, dy:dy + 8, dx:dx + 8] for fill in ("black", "mirrored")
+            for dy in range(5) for dx in range(5)}
+        match = [k for k, w in windows.items() if torch.equal(moved[i], w)]
+        assert match, f"copy {i} is no move of its image by up to 2 pixels"
+        fills.update(k[0] for k in match if (k[1], k[2]) != (2, 2))
+    assert fills == {"black", "mirrored"}
+    noisy = near_copy(x, most=0, sigma=0.05)
+    assert 0 <= float(noisy.min()) and float(noisy.max()) <= 1
+    assert 0.03 < float((noisy - x).std()) < 0.06
+
+
+def test_stability_training_holds_the_class_over_near_copies(mnist_train, mnist_test):
+    from advguard.data import near_copy
+
+    data = mnist_train.subset(slice(0, 2000))
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    torch.manual_seed(1)
+    copies = [near_copy(x, most=2, sigma=0.1) for _ in range(4)]
+    flips, right = {}, {}
+    for stability in (0.0, 4.0):
+        torch.manual_seed(0)
+        model = build_model("mlp3", "mnist")
+        train(model, data, StrengthMix(()), None,
+              TrainConfig(epochs=3, batch_size=64, stability=stability, stability_noise=0.1),
+              progress=False)
+        with torch.no_grad():
+            own = model(x).argmax(1)
+            flips[stability] = sum(float((model(c).argmax(1) != own).float().mean())
+                                   for c in copies) / len(copies)
+        right[stability] = accuracy(model, x, y)
+    # an MLP has no shift invariance of its own: its class moves with the digit, unless
+    # trained to hold it
+    assert flips[4.0] < 0.6 * flips[0.0], flips
+    assert right[4.0] > 0.8, right  # still a digit classifier (0.93 without)
+
+
+@pytest.mark.parametrize("field, value", [("stability", -1.0), ("stability_noise", float("nan")),
+                                          ("stability_move", -1)])
+def test_stability_options_are_checked(field, value):
+    from advguard.errors import InputError
+
+    with pytest.raises(InputError, match=field):
+        TrainConfig(**{field: value})

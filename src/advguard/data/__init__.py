@@ -1,7 +1,7 @@
 """Datasets (named ones in memory, image folders streamed, any torch Dataset), their facts,
 seeded splits, batched reading and input validation."""
 
-from advguard.data.augment import FlipCrop
+from advguard.data.augment import FlipCrop, near_copy
 from advguard.data.checks import check_images, check_labels
 from advguard.data.datasets import (
     DATASETS,
@@ -32,6 +32,6 @@ __all__ = [
     "DATASETS", "VAL_SIZE", "DataOptions", "DatasetInfo", "FlipCrop", "FolderImages",
     "ImageDataset", "ImageSet", "Split", "as_dataset", "batches", "check_images",
     "check_labels", "custom_info", "data_info", "dataset_info", "fitting_batch", "info_of",
-    "load_data", "load_dataset", "load_folder", "materialise", "read_cifar_binary",
+    "load_data", "load_dataset", "load_folder", "materialise", "near_copy", "read_cifar_binary",
     "read_idx", "strength_grid", "subset", "train_val_split", "with_info",
 ]

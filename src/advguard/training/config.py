@@ -19,7 +19,8 @@ RECIPE = "the recipe's"  # where a training command takes the fields a recipe se
 
 # TrainConfig fields added later: a state names them only when they differ from the default
 OPTIONAL = ("ramp", "average", "augment", "label_smoothing", "channels_last", "optimizer",
-            "momentum", "nesterov", "amp", "clip_grad", "trades_beta", "mart_beta")
+            "momentum", "nesterov", "amp", "clip_grad", "trades_beta", "mart_beta",
+            "stability", "stability_move", "stability_noise")
 
 
 class Optimizer(str, Enum):
@@ -73,6 +74,14 @@ class TrainConfig:
     mart_beta: float = options.option(
         0.0, "MART loss: boosted cross-entropy on the adversarial images + β·KL(clean ‖ "
         "adversarial)·(1 − p_y(clean)); 0: off", fallback=RECIPE)
+    stability: float = options.option(
+        0.0, "stability training (Zheng et al. 2016): the loss + α·KL(f(x) ‖ f(x′)), x′ a "
+        "near-copy of each clean image x (moved, with sensor noise), so that the model holds "
+        "its class over a camera's frames of one scene; 0: off")
+    stability_move: int = options.option(
+        2, "stability training: pixels a near-copy is moved by at most, each way")
+    stability_noise: float = options.option(
+        0.02, "stability training: the near-copy's Gaussian noise (standard deviation)")
 
     def __post_init__(self) -> None:
         options.check_at_least(self, 1, "epochs", "batch_size")
@@ -80,13 +89,14 @@ class TrainConfig:
         self.device = options.device(self.device)
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
-        for name in ("trades_beta", "mart_beta"):
+        for name in ("trades_beta", "mart_beta", "stability", "stability_noise"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise InputError(f"{name} must be a number ≥ 0, got {getattr(self, name)!r}")
         if self.trades_beta and self.mart_beta:
             raise InputError("choose one loss: trades_beta or mart_beta, not both")
         if self.mart_beta and self.label_smoothing:
             raise InputError("the MART loss has no label smoothing: set label_smoothing to 0")
+        options.check_at_least(self, 0, "stability_move")
         if not self.clip_grad >= 0:
             raise InputError(f"clip_grad must be ≥ 0, got {self.clip_grad!r}")
         for name in ("ramp", "average", "label_smoothing", "momentum"):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advguard import distributed as distributed_
-from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of
+from advguard.data import FlipCrop, ImageSet, as_dataset, batches, info_of, near_copy
 from advguard.errors import CheckpointError, InputError
 from advguard.io import load_state, save_state
 from advguard.models import accuracy
@@ -261,10 +261,13 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
         x = augment(x).contiguous(memory_format=run.layout)
     xb, yb = run.mix.batch(run.model, x, y, index, run.source, run.groups, scale=scale,
                            augment=augment)
+    near = (near_copy(x, most=config.stability_move, sigma=config.stability_noise)
+            .contiguous(memory_format=run.layout) if config.stability else None)
     with run.autocast():
         loss = batch_loss(run.net, x, y, xb, yb, trades_beta=config.trades_beta,
                           mart_beta=config.mart_beta, adversarial=bool(run.mix.strengths),
-                          label_smoothing=config.label_smoothing)
+                          label_smoothing=config.label_smoothing, near=near,
+                          stability=config.stability)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if config.clip_grad > 0:

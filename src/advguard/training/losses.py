@@ -6,6 +6,9 @@
   cross-entropy ``BCE(p, y) = −log p_y − log(1 − max_{k≠y} p_k)`` on the adversarial copy (it
   also pushes the strongest wrong class down), and the KL weighted by how *mis*classified the
   clean image is — the clean images the model gets wrong weigh most.
+* Stability training (Zheng et al. 2016): any of them ``+ α · KL(f(x) ‖ f(x̃)) / N``, ``x̃`` a
+  near-copy of each clean image (:func:`advguard.data.near_copy`) — the model pulled to give a
+  scene's moved, noisy frames the answer it gives the scene.
 """
 
 from __future__ import annotations
@@ -39,12 +42,22 @@ def mart_loss(clean: torch.Tensor, adversarial: torch.Tensor, y: torch.Tensor,
 
 def batch_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xb: torch.Tensor,
                yb: torch.Tensor, *, trades_beta: float = 0.0, mart_beta: float = 0.0,
-               adversarial: bool = True, label_smoothing: float = 0.0) -> torch.Tensor:
+               adversarial: bool = True, label_smoothing: float = 0.0,
+               near: torch.Tensor | None = None, stability: float = 0.0) -> torch.Tensor:
     """The recipe's loss of one step: TRADES or MART on the clean images ``x`` and their
     copies ``xb`` (one each, in order) when the recipe pairs them and there are adversarial
-    copies, else cross-entropy on the mixed batch ``(xb, yb)``."""
-    if trades_beta and adversarial:
-        return trades_loss(net(x), net(xb), y, trades_beta, label_smoothing)
-    if mart_beta and adversarial:
-        return mart_loss(net(x), net(xb), y, mart_beta)
-    return F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
+    copies, else cross-entropy on the mixed batch ``(xb, yb)``; with ``stability`` > 0, plus
+    ``stability`` times the mean KL divergence of the near-copies ``near`` (one per clean
+    image) from their images."""
+    stable = stability > 0 and near is not None
+    if (trades_beta or mart_beta) and adversarial:
+        clean, adv = net(x), net(xb)
+        loss = (trades_loss(clean, adv, y, trades_beta, label_smoothing) if trades_beta
+                else mart_loss(clean, adv, y, mart_beta))
+        return loss + stability * trades_kl(net(near), clean) / len(y) if stable else loss
+    if not stable:
+        return F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
+    assert near is not None
+    mixed, clean, moved = net(torch.cat([xb, x, near])).split([len(xb), len(x), len(x)])
+    return (F.cross_entropy(mixed, yb, label_smoothing=label_smoothing)
+            + stability * trades_kl(moved, clean) / len(x))
