@@ -54,7 +54,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from common import RESULTS, save, start_server
+from common import RESULTS, hold, save, start_server
 from torch import nn
 
 from advguard.data import load_data
@@ -373,6 +373,7 @@ def main() -> None:
     parser.add_argument("--out", default="blackbox")
     parser.add_argument("--port", type=int, default=8731)
     args = parser.parse_args()
+    hold(args.guard_dir)  # one benchmark at a time on a guard folder
     guard = Guard.load(args.guard_dir)
     info = guard.info
     test = load_data(guard.config.dataset, args.split, data_dir=args.data_dir)

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from common import redis_server, save, start_server
+from common import hold, redis_server, save, start_server
 
 from advguard.attacks import FGSM, PGD, random_targets
 from advguard.data import load_data
@@ -369,6 +369,7 @@ def main() -> None:
                         help="which of the detector's surrogates the adaptive attack descends "
                              "(default: the detector's first; see Detector.surrogates)")
     args = parser.parse_args()
+    hold(args.guard_dir)  # one benchmark at a time on a guard folder
     guard = Guard.load(args.guard_dir)
     info = guard.info
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)

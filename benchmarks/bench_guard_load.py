@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_guard import LOAD_CLIENTS, in_process, load
-from common import redis_server, save, start_server
+from common import hold, redis_server, save, start_server
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=LOAD_CLIENTS,
                         help="concurrent one-image clients")
     args = parser.parse_args()
+    hold(args.guard_dir)  # one benchmark at a time on a guard folder
     guard = Guard.load(args.guard_dir)
     test = load_data(guard.config.dataset, "test", data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(len(test))])

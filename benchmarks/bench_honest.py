@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import torch
 import torch.nn.functional as F
-from common import save, start_server
+from common import hold, save, start_server
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--out", default="honest")
     parser.add_argument("--port", type=int, default=8732)
     args = parser.parse_args()
+    hold(args.guard_dir)  # one benchmark at a time on a guard folder
     guard = Guard.load(args.guard_dir)
     test = load_data(guard.config.dataset, args.split, data_dir=args.data_dir)
     x = torch.stack([test[i][0] for i in range(args.first, min(len(test), args.first + 9900))])

@@ -57,12 +57,37 @@ def save(name: str, payload: dict, guard_dir: Path | None = None) -> Path:
     return path
 
 
+_HELD: dict[Path, int] = {}  # guard folders this process benchmarks -> their lock's descriptor
+
+
+def hold(guard_dir: Path) -> None:
+    """Claim ``guard_dir`` for this process until it exits: a benchmark deletes its state file
+    and rewrites its keys each time it starts a server, so a second benchmark on the same
+    folder would pull the first's state from under it (its service then answers 503)."""
+    import fcntl
+    import os
+
+    folder = Path(guard_dir).resolve()
+    if folder in _HELD:
+        return
+    fd = os.open(folder / ".benchmark.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"another benchmark is running on {guard_dir}: its state and keys "
+                         "would be overwritten; wait for it, or copy the guard folder") from None
+    _HELD[folder] = fd
+
+
 def start_server(guard_dir: Path, port: int, state: Path, *args: str) -> subprocess.Popen[bytes]:
     """``advguard serve GUARD_DIR`` on a loopback port with a fresh SQLite state file and the
     request and image rate limits raised (what a benchmark measures is the guard, not the
-    rate limit); returns once it answers /v1/health."""
+    rate limit); returns once it answers /v1/health. The folder is held for this process
+    (:func:`hold`)."""
     import httpx
 
+    hold(guard_dir)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{state}{suffix}").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "advguard.cli", "serve", str(guard_dir),
