@@ -15,7 +15,7 @@ of an augmented image is the augmented adversarial copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,5 +66,5 @@ def near_copy(x: torch.Tensor, *, most: int, sigma: float) -> torch.Tensor:
     plus Gaussian noise of standard deviation ``sigma``, clipped to [0, 1]."""
     if most:
         move = FlipCrop.draw(x, flip=False, pad=most)
-        x = FlipCrop(most, move.dy, move.dx, move.mirror, torch.rand(len(x)) < 0.5)(x)
+        x = replace(move, black=torch.rand(len(x)) < 0.5)(x)
     return (x + sigma * torch.randn_like(x)).clamp(0, 1) if sigma else x

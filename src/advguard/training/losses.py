@@ -49,15 +49,14 @@ def batch_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xb: torch
     copies, else cross-entropy on the mixed batch ``(xb, yb)``; with ``stability`` > 0, plus
     ``stability`` times the mean KL divergence of the near-copies ``near`` (one per clean
     image) from their images."""
-    stable = stability > 0 and near is not None
+    near = near if stability > 0 else None
     if (trades_beta or mart_beta) and adversarial:
         clean, adv = net(x), net(xb)
         loss = (trades_loss(clean, adv, y, trades_beta, label_smoothing) if trades_beta
                 else mart_loss(clean, adv, y, mart_beta))
-        return loss + stability * trades_kl(net(near), clean) / len(y) if stable else loss
-    if not stable:
+        return loss if near is None else loss + stability * trades_kl(net(near), clean) / len(y)
+    if near is None:
         return F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
-    assert near is not None
     mixed, clean, moved = net(torch.cat([xb, x, near])).split([len(xb), len(x), len(x)])
     return (F.cross_entropy(mixed, yb, label_smoothing=label_smoothing)
             + stability * trades_kl(moved, clean) / len(x))
