@@ -255,6 +255,23 @@ def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, streng
     assert net.checked == recipe.checks(strengths, 2) * len(data) + 1
 
 
+@pytest.mark.parametrize("recipe, strengths", [
+    (get_recipe("fgsm"), ()),  # clean training: + the clean image again and its near-copy
+    (get_recipe("fgsm"), (0.1, 0.2)),
+    (get_recipe("fgsm-rs"), (0.1, 0.3)),
+    (get_recipe("trades"), (0.2, 0.3)),  # the near-copy only: TRADES holds the clean output
+    (get_recipe("mart"), (0.2,)),
+])
+def test_recipe_passes_count_stability_training(mnist_train, recipe, strengths):
+    data = mnist_train.subset(slice(0, 100))
+    torch.manual_seed(0)
+    net = CountingModel(build_model("small-cnn", "mnist"))
+    train(net, data, recipe.mix(strengths), WhiteBox(recipe.attack),
+          recipe.config(epochs=1, batch_size=50, stability=1.0), progress=False)
+    assert net.seen == recipe.passes(strengths, 1, stability=True) * len(data)
+    assert recipe.passes(strengths, 1, stability=True) > recipe.passes(strengths, 1)
+
+
 def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball(trained_mlp, batch):
     from advguard.attacks import TradesKL, trades_kl
 

@@ -84,20 +84,25 @@ class Recipe:
         return TrainConfig(**{**own, **given})
 
     def passes(self, strengths: Sequence[float], epochs: int, *,
-               reduced: bool = False) -> int:
+               reduced: bool = False, stability: bool = False) -> int:
         """Forward-backward passes per training example over ``epochs`` white-box epochs:
         crafting (the attack's passes per strength, or one shared gradient) plus one training
-        pass per copy in the batch."""
+        pass per copy in the batch; with ``stability`` (``TrainConfig.stability`` > 0) the
+        near-copy's pass too, and the clean image's where the loss does not already hold it
+        (cross-entropy runs the clean image beside the near-copy; TRADES and MART reuse
+        theirs)."""
         mix = self.mix(strengths, reduced=reduced)
+        paired = bool(mix.strengths) and (self.beta > 0 or self.mart > 0)
+        near = (1 if paired else 2) if stability else 0
         if not mix.strengths:
-            return epochs
+            return epochs * (1 + near)
         if mix.reduced:
-            return epochs * (self.attack.passes + 1)
+            return epochs * (self.attack.passes + 1 + near)
         crafted = 1 if mix.sample else len(mix.strengths)
         craft = self.attack.passes * (1 if self.attack.shares_gradient
                                       else crafted)
-        clean = mix.clean or self.beta > 0 or self.mart > 0  # their losses hold the clean image
-        return epochs * (craft + crafted + int(clean))
+        clean = mix.clean or paired  # TRADES' and MART's losses hold the clean image
+        return epochs * (craft + crafted + int(clean) + near)
 
     def checks(self, strengths: Sequence[float], epochs: int, *,
                reduced: bool = False) -> int:
