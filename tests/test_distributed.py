@@ -37,9 +37,15 @@ def advguard_script() -> str:
     return str(script)
 
 
-def test_two_processes_reach_the_accuracy_of_one(tmp_path):
+@pytest.mark.parametrize("recipe", [
+    [],
+    # stability training under TRADES: the model is called three times (clean, adversarial,
+    # near-copy) before one backward pass, which DDP must reduce as one step
+    ["--recipe", "trades", "--stability", "2"],
+])
+def test_two_processes_reach_the_accuracy_of_one(tmp_path, recipe):
     args = ["train", "--model", "lenet5", "--train-limit", "2000", "--epochs", "2",
-            "--strengths", "0.1,0.2", "--quiet"]
+            "--strengths", "0.1,0.2", "--quiet", *recipe]
     two = torchrun(advguard_script(), args[0], "two.safetensors", *args[1:], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([advguard_script(), args[0], "one.safetensors", *args[1:]],
