@@ -256,8 +256,9 @@ def test_recipe_passes_are_the_passes_training_makes(mnist_train, recipe, streng
 
 
 @pytest.mark.parametrize("recipe, strengths", [
-    (get_recipe("fgsm"), ()),  # clean training: + the clean image again and its near-copy
-    (get_recipe("fgsm"), (0.1, 0.2)),
+    (get_recipe("fgsm"), ()),  # clean training: + the near-copy (the batch is the clean image)
+    (get_recipe("fgsm"), (0.1, 0.2)),  # + the near-copy: the batch keeps the clean copy
+    (get_recipe("fgsm-rs"), (0.2,)),  # + the clean image again and the near-copy
     (get_recipe("fgsm-rs"), (0.1, 0.3)),
     (get_recipe("trades"), (0.2, 0.3)),  # the near-copy only: TRADES holds the clean output
     (get_recipe("mart"), (0.2,)),

@@ -327,6 +327,23 @@ def test_stability_training_holds_the_class_over_near_copies(mnist_train, mnist_
     assert right[4.0] > 0.8, right  # still a digit classifier (0.93 without)
 
 
+def test_stability_loss_reuses_the_clean_outputs_of_a_batch_that_begins_with_them(mnist_train):
+    from advguard.data import near_copy
+    from advguard.training.losses import batch_loss
+
+    torch.manual_seed(0)
+    model = build_model("mlp3", "mnist")  # no BatchNorm: a batch's outputs are its rows'
+    x, y = mnist_train.x[:32], mnist_train.y[:32]
+    adv = fgsm(model, x, y, 0.1)
+    xb, yb = torch.cat([x, adv]), y.repeat(2)  # the paper's FGSM batch: clean copy first
+    near = near_copy(x, most=2, sigma=0.02)
+    apart = batch_loss(model, x, y, xb, yb, near=near, stability=4.0)
+    shared = batch_loss(model, x, y, xb, yb, near=near, stability=4.0, clean_first=True)
+    assert torch.allclose(apart, shared, atol=1e-6)
+    # and the KL is there: the loss without it is smaller
+    assert float(batch_loss(model, x, y, xb, yb)) < float(shared)
+
+
 @pytest.mark.parametrize("field, value", [("stability", -1.0), ("stability_noise", float("nan")),
                                           ("stability_move", -1)])
 def test_stability_options_are_checked(field, value):

@@ -267,7 +267,7 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
         loss = batch_loss(run.net, x, y, xb, yb, trades_beta=config.trades_beta,
                           mart_beta=config.mart_beta, adversarial=bool(run.mix.strengths),
                           label_smoothing=config.label_smoothing, near=near,
-                          stability=config.stability)
+                          stability=config.stability, clean_first=run.mix.clean_first)
     run.opt.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if config.clip_grad > 0:

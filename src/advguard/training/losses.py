@@ -43,12 +43,14 @@ def mart_loss(clean: torch.Tensor, adversarial: torch.Tensor, y: torch.Tensor,
 def batch_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xb: torch.Tensor,
                yb: torch.Tensor, *, trades_beta: float = 0.0, mart_beta: float = 0.0,
                adversarial: bool = True, label_smoothing: float = 0.0,
-               near: torch.Tensor | None = None, stability: float = 0.0) -> torch.Tensor:
+               near: torch.Tensor | None = None, stability: float = 0.0,
+               clean_first: bool = False) -> torch.Tensor:
     """The recipe's loss of one step: TRADES or MART on the clean images ``x`` and their
     copies ``xb`` (one each, in order) when the recipe pairs them and there are adversarial
     copies, else cross-entropy on the mixed batch ``(xb, yb)``; with ``stability`` > 0, plus
     ``stability`` times the mean KL divergence of the near-copies ``near`` (one per clean
-    image) from their images."""
+    image) from their images. ``clean_first``: the mixed batch begins with ``x`` itself (a
+    recipe that keeps the clean copy, or clean training), whose outputs the KL then reuses."""
     near = near if stability > 0 else None
     if (trades_beta or mart_beta) and adversarial:
         clean, adv = net(x), net(xb)
@@ -57,6 +59,10 @@ def batch_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xb: torch
         return loss if near is None else loss + stability * trades_kl(net(near), clean) / len(y)
     if near is None:
         return F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
-    mixed, clean, moved = net(torch.cat([xb, x, near])).split([len(xb), len(x), len(x)])
+    if clean_first:
+        mixed, moved = net(torch.cat([xb, near])).split([len(xb), len(x)])
+        clean = mixed[:len(x)]
+    else:
+        mixed, clean, moved = net(torch.cat([xb, x, near])).split([len(xb), len(x), len(x)])
     return (F.cross_entropy(mixed, yb, label_smoothing=label_smoothing)
             + stability * trades_kl(moved, clean) / len(x))

@@ -58,6 +58,12 @@ class StrengthMix:
             raise ValueError("clean=False needs strengths and full or sampled mixing")
         object.__setattr__(self, "_levels", torch.tensor((0.0, *self.strengths)))
 
+    @property
+    def clean_first(self) -> bool:
+        """Whether :meth:`batch` begins with the clean batch itself (clean training, or full
+        or sampled mixing that keeps the clean copy)."""
+        return not self.strengths or (self.clean and not self.reduced)
+
     def groups(self, n: int, seed: int) -> torch.Tensor | None:
         """Reduced size: each of ``n`` examples is fixed to one subset (0 = clean, s = ε_s),
         balanced and seeded; ``None`` for the other methods."""

@@ -88,12 +88,11 @@ class Recipe:
         """Forward-backward passes per training example over ``epochs`` white-box epochs:
         crafting (the attack's passes per strength, or one shared gradient) plus one training
         pass per copy in the batch; with ``stability`` (``TrainConfig.stability`` > 0) the
-        near-copy's pass too, and the clean image's where the loss does not already hold it
-        (cross-entropy runs the clean image beside the near-copy; TRADES and MART reuse
-        theirs)."""
+        near-copy's pass too, and the clean image's where the batch does not already hold it
+        (TRADES and MART, and batches that keep the clean copy, reuse its outputs)."""
         mix = self.mix(strengths, reduced=reduced)
         paired = bool(mix.strengths) and (self.beta > 0 or self.mart > 0)
-        near = (1 if paired else 2) if stability else 0
+        near = (1 if paired or mix.clean_first else 2) if stability else 0
         if not mix.strengths:
             return epochs * (1 + near)
         if mix.reduced:
