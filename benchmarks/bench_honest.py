@@ -14,7 +14,9 @@ global index sees every client's queries:
 Reported per kind: clients denied (the goal is 0 of 100), the attack-process detections per
 query (the false-positive rate per similar-but-benign query; goal ≤ 1%), detections per
 client, and the answers told flagged and the flips among them (a query the model gives another
-class than an earlier one it is taken for or lies beside). The digits are test images
+class than an earlier one it is taken for or lies beside), with the flips of each client and
+their rate's standard error over the clients (a camera's frames share one scene, so the
+clients, not the queries, are the samples). The digits are test images
 100 – 9,999 (the attack benchmarks use the first 100): client i sends the 100 digits from the
 100i-th on (wrapping), so on MNIST client 99 resends 99 of the digits clients 0 and 1 sent
 (users sending the same picture).
@@ -125,6 +127,11 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
     flips = [int(seen[c]["recent_flips"]) for c in ids]
     queries = sum(n for n, _, _ in outcomes)
     denied = [d for _, d, _ in outcomes if d is not None]
+    # a client's queries are not independent (a camera's frames share one scene): the
+    # standard error of the flip rate takes the clients as the samples
+    rates = torch.tensor([f / max(1, n) for f, (n, _, _) in zip(flips, outcomes, strict=True)],
+                         dtype=torch.float64)
+    se = float(rates.std() / len(rates) ** 0.5) if len(rates) > 1 else float("nan")
     return {"clients": len(keys), "queries": queries, "denied": len(denied),
             "denied_after_queries": sorted(denied),
             "detections": sum(detections),
@@ -136,6 +143,7 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
             "flagged_answers_per_query": sum(f for _, _, f in outcomes) / max(1, queries),
             "flips": sum(flips), "flips_per_query": sum(flips) / max(1, queries),
             "clients_with_a_flip": sum(f > 0 for f in flips),
+            "flips_per_query_se": se, "flips_by_client": flips,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
