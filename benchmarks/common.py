@@ -53,7 +53,9 @@ def save(name: str, payload: dict, guard_dir: Path | None = None) -> Path:
                            "python": platform.python_version()},
                **({"model_sha256": model_sha256(guard_dir)} if guard_dir else {}), **payload}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")  # a result is whole or not there
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
     return path
 
 
