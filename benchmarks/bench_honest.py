@@ -131,7 +131,7 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
     # standard error of the flip rate takes the clients as the samples
     rates = torch.tensor([f / max(1, n) for f, (n, _, _) in zip(flips, outcomes, strict=True)],
                          dtype=torch.float64)
-    se = float(rates.std() / len(rates) ** 0.5) if len(rates) > 1 else float("nan")
+    se = float(rates.std() / len(rates) ** 0.5) if len(rates) > 1 else None
     return {"clients": len(keys), "queries": queries, "denied": len(denied),
             "denied_after_queries": sorted(denied),
             "detections": sum(detections),

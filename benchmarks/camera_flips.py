@@ -9,8 +9,9 @@ answer every later frame is compared with (the service may also compare a frame 
 earlier frames inside its ball, so the served count can differ a little; with ``--served``
 the per-camera flips a ``bench_honest.py`` result recorded are set beside). Reported per kind:
 
-* flips per frame and the cameras with any, and the flip rate's standard error over the
-  cameras (a camera's frames share one scene: the cameras are the samples);
+* flips per frame (over the 99 later frames of each camera) and the cameras with any, and
+  the flip rate's standard error over the cameras (a camera's frames share one scene: the
+  cameras are the samples);
 * of the flipped frames, the share whose own class is the scene's true label (the flag lands
   on a right answer the client would have got fresh) and the share whose told class — the
   first frame's — is (the client is told the right class, flagged);
@@ -18,7 +19,7 @@ the per-camera flips a ``bench_honest.py`` result recorded are set beside). Repo
   mean margin (top softmax minus second) of the flipping and of the other scenes.
 
     python benchmarks/camera_flips.py --guard-dir runs/guard-cifar10-stab16 \\
-        --data-dir DIR --served honest-cifar10-stab16-se
+        --data-dir DIR --served honest-cifar10-stab16
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from common import RESULTS, guard_parser, save
 
 from advguard.data import load_data
 from advguard.serve import Guard
+
+CAMERAS = ("jittering-camera", "fixed-camera")
 
 
 @torch.no_grad()
@@ -74,14 +77,16 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
                                           if wrong_scene else None),
         "margin_flipping_scenes": (sum(margin_flip) / len(margin_flip) if margin_flip
                                    else None),
-        "margin_other_scenes": sum(margin_kept) / max(1, len(margin_kept)),
+        "margin_other_scenes": (sum(margin_kept) / len(margin_kept) if margin_kept
+                                else None),
         "flips_by_camera": flips,
     }
     if served is not None:
         both = torch.tensor([flips, served], dtype=torch.float64)
         out["served_flips"] = int(sum(served))
         out["served_cameras_with_a_flip"] = sum(f > 0 for f in served)
-        out["offline_served_correlation"] = float(torch.corrcoef(both)[0, 1])
+        r = float(torch.corrcoef(both)[0, 1])  # NaN where either has no flips at all
+        out["offline_served_correlation"] = None if r != r else r
     return out
 
 
@@ -89,12 +94,15 @@ def main() -> None:
     ap = guard_parser("camera-flips")
     ap.add_argument("--split", default="test", choices=("test", "train"))
     ap.add_argument("--first", type=int, default=100, help="the first image sent")
-    ap.add_argument("--kinds", default="jittering-camera,fixed-camera")
+    ap.add_argument("--kinds", default=",".join(CAMERAS))
     ap.add_argument("--fill", default="zeros", choices=("zeros", "reflect"))
     ap.add_argument("--served", default=None,
                     help="a bench_honest.py result (name under benchmarks/results) whose "
                          "per-camera flips to set beside")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= set(CAMERAS):  # one scene a client: a first frame to compare with
+        ap.error(f"--kinds: cameras only ({', '.join(CAMERAS)})")
     guard = Guard.load(args.guard_dir)
     data = load_data(guard.config.dataset, args.split, data_dir=args.data_dir)
     picked = range(args.first, min(len(data), args.first + 9900))
@@ -103,7 +111,7 @@ def main() -> None:
     served = (json.loads((RESULTS / f"{args.served}.json").read_text())["runs"]
               if args.served else {})
     runs = {}
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         by_client = served.get(kind, {}).get("flips_by_client")
         runs[kind] = measure(guard.model, x, y, kind, args.fill, by_client)
         print(kind, json.dumps({k: v for k, v in runs[kind].items()

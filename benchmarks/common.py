@@ -54,8 +54,11 @@ def save(name: str, payload: dict, guard_dir: Path | None = None) -> Path:
                **({"model_sha256": model_sha256(guard_dir)} if guard_dir else {}), **payload}
     path = RESULTS / f"{name}.json"
     partial = path.with_name(f".{path.name}.partial")  # a result is whole or not there
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    partial.replace(path)
+    try:
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -53,18 +53,19 @@ def test_two_processes_reach_the_accuracy_of_one(tmp_path):
     assert not (tmp_path / "two.state.pt").exists() and not (tmp_path / "two.lock").exists()
 
 
-
 def test_stability_training_with_trades_trains_under_torchrun(tmp_path):
     """TRADES with stability training calls the model three times (clean, adversarial,
-    near-copy) before one backward pass, which DDP must reduce as one step. (Its random
-    starts and moves are drawn per rank, so its accuracy scatters between runs as much as
-    between seeds: no comparison with one process here.)"""
+    near-copy) before one backward pass, which DDP must reduce as one step. (Each rank draws
+    its own random starts and moves, not the draws of one process, so two processes differ
+    from one as much as a change of seed does: no comparison with one process here.)"""
     run = torchrun(advguard_script(), "train", "two.safetensors", "--model", "lenet5",
                    "--train-limit", "1000", "--epochs", "1", "--strengths", "0.1,0.2",
                    "--recipe", "trades", "--stability", "2", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     meta = read_metadata(tmp_path / "two.safetensors")
-    assert meta["processes"] == 2 and meta["test_accuracy"] > 0.5  # it learned (0.63)
+    assert meta["processes"] == 2 and meta["recipe"] == "trades"
+    assert meta["train_config"]["stability"] == 2
+    assert meta["test_accuracy"] > 0.5  # it learned (0.63)
 
 
 WORKER = """

@@ -327,6 +327,29 @@ def test_stability_training_holds_the_class_over_near_copies(mnist_train, mnist_
     assert right[4.0] > 0.8, right  # still a digit classifier (0.93 without)
 
 
+@pytest.mark.parametrize("mix", [
+    StrengthMix(()),
+    StrengthMix((0.1, 0.2)),
+    StrengthMix((0.1, 0.2), sample=True),
+    StrengthMix((0.1, 0.2), sample=True, clean=False),
+    StrengthMix((0.1, 0.2, 0.3), reduced=True),
+])
+@pytest.mark.parametrize("source", ["white-box", "transfer"])
+def test_clean_first_says_whether_the_mixed_batch_begins_with_the_clean_batch(
+        mix, source, batch, trained_mlp, mnist_train):
+    """The stability loss reuses the first rows of the mixed batch as the clean images'
+    outputs where ``clean_first`` says so: it must be exactly where they are."""
+    from advguard.attacks import fgsm_directions
+
+    x, y, index = batch
+    crafter = (WhiteBox() if source == "white-box" else
+               Transfer(fgsm_directions(trained_mlp, mnist_train.x[:64], mnist_train.y[:64])))
+    groups = mix.groups(64, seed=0)
+    xb, _ = mix.batch(trained_mlp, x, y, index, crafter, groups)
+    begins = len(xb) >= len(x) and torch.equal(xb[:len(x)], x)
+    assert mix.clean_first == begins
+
+
 def test_stability_loss_reuses_the_clean_outputs_of_a_batch_that_begins_with_them(mnist_train):
     from advguard.data import near_copy
     from advguard.training.losses import batch_loss
