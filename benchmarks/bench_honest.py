@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import torch
 import torch.nn.functional as F
-from common import hold, save, start_server
+from common import hold, save, standard_error, start_server
 
 from advguard.data import load_data
 from advguard.serve import Guard, Policy, read_keys, write_keys
@@ -129,9 +129,7 @@ def run(url: str, keys: list[str], make: Callable[[int], list[torch.Tensor]], ad
     denied = [d for _, d, _ in outcomes if d is not None]
     # a client's queries are not independent (a camera's frames share one scene): the
     # standard error of the flip rate takes the clients as the samples
-    rates = torch.tensor([f / max(1, n) for f, (n, _, _) in zip(flips, outcomes, strict=True)],
-                         dtype=torch.float64)
-    se = float(rates.std() / len(rates) ** 0.5) if len(rates) > 1 else None
+    se = standard_error([f / max(1, n) for f, (n, _, _) in zip(flips, outcomes, strict=True)])
     return {"clients": len(keys), "queries": queries, "denied": len(denied),
             "denied_after_queries": sorted(denied),
             "detections": sum(detections),

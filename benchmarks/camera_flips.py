@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from bench_honest import CLIENTS, streams
-from common import RESULTS, guard_parser, save
+from common import RESULTS, guard_parser, save, standard_error
 
 from advguard.data import load_data
 from advguard.serve import Guard
@@ -47,7 +47,7 @@ def classes(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
             fill: str, served: list[int] | None) -> dict[str, Any]:
-    flips, right_fresh, right_told, n_flipped = [], 0, 0, 0
+    flips, right_fresh, right_told = [], 0, 0
     wrong_scene, margin_flip, margin_kept = [], [], []
     for i in range(CLIENTS):
         start = (100 * i) % (len(x) - 99)
@@ -56,7 +56,6 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
         told, label = int(pred[0]), int(y[start])
         flipped = pred[1:] != told
         flips.append(int(flipped.sum()))
-        n_flipped += int(flipped.sum())
         right_fresh += int((pred[1:][flipped] == label).sum())
         right_told += int(flipped.sum()) * int(told == label)
         scene, margin = classes(model, x[start:start + 1])
@@ -65,11 +64,10 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str,
             margin_flip.append(float(margin))
         else:
             margin_kept.append(float(margin))
-    frames_compared = CLIENTS * 99
-    rates = torch.tensor(flips, dtype=torch.float64) / 99
+    n_flipped = sum(flips)
     out: dict[str, Any] = {
-        "cameras": CLIENTS, "flips": sum(flips), "flips_per_frame": sum(flips) / frames_compared,
-        "flips_per_frame_se": float(rates.std() / CLIENTS ** 0.5),
+        "cameras": CLIENTS, "flips": n_flipped, "flips_per_frame": n_flipped / (CLIENTS * 99),
+        "flips_per_frame_se": standard_error([f / 99 for f in flips]),
         "cameras_with_a_flip": sum(f > 0 for f in flips),
         "flipped_frames_right": right_fresh / max(1, n_flipped),
         "flipped_frames_told_right": right_told / max(1, n_flipped),

@@ -42,6 +42,14 @@ def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
                 "ratio_to_" + baseline: statistics.median(v) / base} for k, v in times.items()}
 
 
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of the mean of ``values``, one per independent sample (a client,
+    whose queries are not independent of one another); None with fewer than 2."""
+    if len(values) < 2:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
+
+
 def model_sha256(guard_dir: Path) -> str:
     """The sha256 of a guard folder's model file: what a result measured."""
     return hashlib.sha256((Path(guard_dir) / "model.safetensors").read_bytes()).hexdigest()
